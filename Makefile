@@ -1,0 +1,36 @@
+# `make test` and `make demo` are the two commands a fresh clone needs.
+PY ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU torch wheel first, so nothing below pulls a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[train,dev]" "torch==2.13.0"
+	# Packages that drag CUDA builds of these break CPU torch imports.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not vllm and not slurm and not gpu" -q
+
+bench: $(STAMP)
+	$(VENV)/bin/rlm-train bench runtime
+
+demo: $(STAMP)
+	@echo "make demo: the end-to-end demo (generate scripted trajectories -> filter ->"
+	@echo "LoRA SFT of Gemma-3-270m on CPU -> serve with vLLM -> eval base vs tuned)"
+	@echo "is not wired yet. Today it runs one RLM episode with the scripted teacher:"
+	$(VENV)/bin/rlm-train run --context-file data/demo/haystack.txt \
+	  --query "What is the special magic number for quiet-harbor?" \
+	  --policy scripted --trajectory-out runs/demo/trajectory.jsonl
+
+clean:
+	rm -rf $(VENV) runs

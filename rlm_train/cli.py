@@ -1,0 +1,83 @@
+"""`rlm-train <command>`: one entry point, thin.
+
+Each command lives in its stage's `commands` module, which exposes
+`add_arguments(parser)` and `main(args) -> int | None`. The module is imported
+only when its command runs, so `rlm-train --help` stays fast (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rlm_train import __version__
+from rlm_train.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("rlm_train.rlm.commands", "run one RLM episode on a context file and print the answer"),
+    "tasks": ("rlm_train.tasks.commands", "make, show and score long-context task sets"),
+    "generate": ("rlm_train.rollouts.commands", "generate RLM trajectories concurrently (resumable)"),
+    "filter": ("rlm_train.rollouts.filter_commands", "filter trajectories into SFT and RL datasets"),
+    "sft": ("rlm_train.train.sft_commands", "supervised fine-tuning (TRL + PEFT) on per-turn samples"),
+    "grpo": ("rlm_train.train.grpo_commands", "GRPO with full RLM episodes in the sandbox as rollouts"),
+    "eval": ("rlm_train.eval.commands", "evaluate policies in the RLM loop on held-out tasks"),
+    "serve": ("rlm_train.serve.commands", "serve a base or tuned model (vLLM) and the RLM gateway"),
+    "view": ("rlm_train.viewer.commands", "render trajectories as a static HTML viewer"),
+    "pipeline": ("rlm_train.pipeline", "run the whole loop from one recipe"),
+    "bench": ("rlm_train.bench", "benchmarks reported as ratios against a baseline in the same run"),
+}
+
+
+def _top_level_help() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        "usage: rlm-train <command> [options]",
+        "",
+        "Train small open models to be Recursive Language Models.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `rlm-train <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0
+    if argv[0] == "--version":
+        print(f"rlm-train {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"rlm-train: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("rlm_train"):
+            print(f"rlm-train: error: command {name!r} is not available in this version", file=sys.stderr)
+            return 2
+        print(f"rlm-train: error: {name} needs the package {exc.name!r}; install it (make install)", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog=f"rlm-train {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        code = module.main(args)
+    except UserError as exc:
+        print(f"rlm-train {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlm-train {name}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

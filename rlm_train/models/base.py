@@ -1,0 +1,55 @@
+"""The one small interface every policy backend implements.
+
+A policy turns a chat (list of {"role", "content"} dicts) into a Completion. All
+backends are async so hundreds of episodes share one event loop; a blocking
+backend (in-process transformers) runs its work in a thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+Message = dict[str, str]
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    finish_reason: str | None = None
+    retries: int = 0  # transport retries spent getting this answer
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (server url, token ids, ...)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] | None = None
+    seed: int | None = None
+
+
+class PolicyError(Exception):
+    """A backend could not produce an answer (after its retries). The message says why."""
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str  # the spec string it was built from, recorded in trajectories
+
+    async def chat(
+        self,
+        messages: list[Message],
+        sampling: SamplingParams | None = None,
+        hints: dict[str, Any] | None = None,
+    ) -> Completion:
+        """Answer the chat. `hints` is side information (task family, id, sample index,
+        context description) that only the scripted teacher and test mocks read; real
+        models must ignore it."""
+        ...
+
+    async def aclose(self) -> None: ...
