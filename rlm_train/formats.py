@@ -97,3 +97,24 @@ def load_task_context(task: dict[str, Any], task_file: str | Path) -> Any:
     if path.suffix == ".json":
         return json.loads(path.read_text(encoding="utf-8"))
     return path.read_text(encoding="utf-8")
+
+
+def read_context_file(path: str | Path) -> Any:
+    """A context from disk: `.json` is parsed (str, list or dict); anything else is UTF-8 text."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: context file not found; pass an existing file to --context-file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+            "convert it to UTF-8 (e.g. iconv -t utf-8) or pass a .json file"
+        ) from None
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg}); fix it or rename to .txt") from None
+    return text

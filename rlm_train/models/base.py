@@ -53,3 +53,40 @@ class Policy(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class CallablePolicy:
+    """A policy from a plain function `fn(messages, hints) -> str` (sync or async).
+
+    For tests, benchmarks and quick experiments: a mock LM whose answers are code.
+    `latency_s` adds a non-blocking delay per call, like a served model would.
+    """
+
+    def __init__(self, fn, name: str = "callable", latency_s: float = 0.0):
+        self.fn = fn
+        self.name = name
+        self.latency_s = latency_s
+        self.calls = 0
+
+    async def chat(self, messages, sampling=None, hints=None) -> Completion:
+        import asyncio
+        import inspect
+        import time
+
+        started = time.monotonic()
+        self.calls += 1
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        text = self.fn(messages, hints or {})
+        if inspect.isawaitable(text):
+            text = await text
+        return Completion(
+            text=text,
+            prompt_tokens=sum(len(m["content"]) // 4 + 1 for m in messages),
+            completion_tokens=len(text) // 4 + 1,
+            latency_s=time.monotonic() - started,
+            finish_reason="stop",
+        )
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,186 @@
+"""`rlm-train bench <what>`: speed and memory goals as ratios against a baseline (or an
+ideal) measured in the same run. Never a timed test.
+
+    rlm-train bench runtime     REPL round trip, session start + shared memory, loop overhead
+    rlm-train bench tasks       task generation speed
+    rlm-train bench generate    trajectory generation at concurrency vs ideal
+    rlm-train bench train       SFT tokens/s, our recipe vs TRL defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "runtime": ("rlm_train.bench", "bench_runtime"),
+    "tasks": ("rlm_train.tasks.bench", "bench_tasks"),
+    "generate": ("rlm_train.rollouts.bench", "bench_generate"),
+    "train": ("rlm_train.train.bench", "bench_train"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=list(BENCHES), help="which benchmark to run")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of timed scenarios (median reported)")
+    parser.add_argument("--json-out", help="also write every number to this JSON file")
+
+
+def main(args: argparse.Namespace) -> int:
+    module_name, fn_name = BENCHES[args.what]
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    results = fn(repeats=args.repeats) if args.what == "runtime" else fn()
+    if args.json_out:
+        from rlm_train.formats import write_text_atomic
+
+        write_text_atomic(args.json_out, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+# -- runtime ----------------------------------------------------------------------------
+
+SCENARIO_CHUNKS = 32
+
+
+def _scenario_code(turn: int, finish: Callable[[str], str]) -> str:
+    """The three root turns of the runtime scenario: peek, 32 batched sub-calls, answer."""
+    if turn == 0:
+        return "print(len(context))\nprint(context[:200])"
+    if turn == 1:
+        return (
+            f"size = len(context) // {SCENARIO_CHUNKS}\n"
+            f"chunks = [context[i * size:(i + 1) * size] for i in range({SCENARIO_CHUNKS})]\n"
+            "replies = llm_query_batched(['Summarize in one word: ' + c[:2000] for c in chunks])\n"
+            "print(len(replies), replies[0])"
+        )
+    return finish("str(len(replies))")
+
+
+def scenario_responder(finish: Callable[[str], str]):
+    """Mock server replies: root conversations (they carry a system prompt) get the
+    scenario's turns; sub-calls get a one-word answer."""
+
+    def respond(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
+        if not any(m.get("role") == "system" for m in messages):
+            return "ok"
+        turn = sum(1 for m in messages if m.get("role") == "assistant")
+        return "```repl\n" + _scenario_code(turn, finish) + "\n```"
+
+    return respond
+
+
+def _ours_finish(expr: str) -> str:
+    return f"FINAL({expr})"
+
+
+def _rlms_finish(expr: str) -> str:
+    return f'answer["content"] = {expr}\nanswer["ready"] = True'
+
+
+def _time_ours(base_url: str, context: str) -> tuple[float, dict]:
+    from rlm_train.models.openai_client import OpenAIPolicy
+    from rlm_train.rlm import RLMConfig, run_episode
+
+    async def go():
+        policy = OpenAIPolicy("mock-model", [base_url], max_retries=0)
+        try:
+            started = time.perf_counter()
+            traj = await run_episode("How many chunks?", context, policy, config=RLMConfig(subcall_concurrency=32))
+            return time.perf_counter() - started, traj
+        finally:
+            await policy.aclose()
+
+    return asyncio.run(go())
+
+
+def _time_rlms(base_url: str, context: str) -> tuple[float, Any]:
+    from rlm import RLM  # the reference library, PyPI `rlms`
+
+    rlm = RLM(
+        backend="openai",
+        backend_kwargs={"model_name": "mock-model", "base_url": base_url, "api_key": "EMPTY"},
+        max_iterations=6,
+        max_concurrent_subcalls=SCENARIO_CHUNKS,
+    )
+    started = time.perf_counter()
+    result = rlm.completion(context, root_prompt="How many chunks?")
+    return time.perf_counter() - started, result
+
+
+def _rlms_available() -> bool:
+    try:
+        importlib.import_module("rlm.core.rlm")
+        return True
+    except Exception:
+        return False
+
+
+def _scenario(latency_s: float, repeats: int, context: str) -> dict[str, Any]:
+    from rlm_train.models.mock_server import MockOpenAIServer
+
+    ideal = 4 * latency_s  # 3 root calls + 1 round of parallel sub-calls
+    out: dict[str, Any] = {"latency_ms": latency_s * 1000, "ideal_s": ideal}
+    runners = [("rlm_train", _time_ours, _ours_finish)]
+    if _rlms_available():
+        runners.append(("rlms", _time_rlms, _rlms_finish))
+    for label, runner, finish in runners:
+        with MockOpenAIServer(responder=scenario_responder(finish), latency_s=latency_s) as server:
+            runner(server.base_url, context)  # warm-up: fork-server, imports, connections
+            walls = []
+            for _ in range(repeats):
+                wall, result = runner(server.base_url, context)
+                walls.append(wall)
+            if label == "rlm_train":
+                assert result["final"] == str(SCENARIO_CHUNKS), f"scenario went wrong: {result['outcome']} {result['error']}"
+        out[label] = {"median_s": statistics.median(walls), "min_s": min(walls), "runs": len(walls)}
+    return out
+
+
+def bench_runtime(repeats: int = 5) -> dict[str, Any]:
+    from rlm_train.repl.bench import bench_roundtrip, bench_session_start
+
+    results: dict[str, Any] = {}
+    print("(a) trivial cell round trip, 10 MB context", flush=True)
+    rt = bench_roundtrip(context_mb=10)
+    results["roundtrip"] = rt
+    print(f"    p50 {rt['p50_ms']:.3f} ms   p90 {rt['p90_ms']:.3f} ms   goal p50 < 1 ms  {_ok(rt['p50_ms'] < 1)}")
+
+    print("(b) new session, 50 MB context; 8 sessions sharing it", flush=True)
+    ss = bench_session_start(context_mb=50, sessions=8)
+    results["session_start"] = ss
+    print(f"    cold (ships the context) {ss['cold_ms']:.1f} ms   warm p50 {ss['warm_p50_ms']:.1f} ms   goal < 20 ms  {_ok(ss['warm_p50_ms'] < 20)}")
+    ratio = ss["memory_ratio"]
+    print(f"    memory: 1 session {ss['pss_one_mb']:.0f} MB, 8 sessions {ss['pss_eight_mb']:.0f} MB  ratio {ratio:.2f}x  goal < 2x  {_ok(ratio < 2)}")
+
+    context = ("The quick brown fox jumps over the lazy dog. " * 23_000)[: 1_000_000]
+    print("(c) 3 root turns + 32 batched sub-calls, 1 MB context, local mock server", flush=True)
+    for latency in (0.1, 0.0):
+        sc = _scenario(latency, repeats, context)
+        results[f"scenario_{int(latency * 1000)}ms"] = sc
+        ours = sc["rlm_train"]["median_s"]
+        if latency:
+            ratio = ours / sc["ideal_s"]
+            line = f"    {latency * 1000:.0f} ms latency: rlm_train {ours:.3f} s  wall/ideal {ratio:.2f} (ideal {sc['ideal_s']:.1f} s)  goal <= 1.15  {_ok(ratio <= 1.15)}"
+        else:
+            line = f"      0 ms latency: rlm_train {ours * 1000:.1f} ms (the loop's own fixed cost)  goal < 60 ms  {_ok(ours < 0.060)}"
+        if "rlms" in sc:
+            theirs = sc["rlms"]["median_s"]
+            line += f"\n                    reference rlms {theirs:.3f} s  (rlms / rlm_train = {theirs / ours:.2f}x)"
+        print(line, flush=True)
+    if not _rlms_available():
+        print("    (install the reference library `rlms` to time it side by side)")
+    return results
+
+
+def _ok(passed: bool) -> str:
+    return "ok" if passed else "MISSED"
+
+
+if __name__ == "__main__":
+    sys.exit(main(argparse.Namespace(what="runtime", repeats=5, json_out=None)))

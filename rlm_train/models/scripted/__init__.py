@@ -1,0 +1,96 @@
+"""The scripted teacher: a policy with no model that writes the REPL programs a strong
+RLM would (peek, grep, partition + llm_query_batched, aggregate, FINAL), with varied
+strategies and wording. It makes real trajectories on any machine.
+
+Each task family has a strategy module here exposing `next_turn(view) -> str`; the
+teacher picks it from hints["family"] (the loop passes the caller's hints through),
+and falls back to `generic` for unknown families and for child RLMs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import re
+import time
+from typing import Any
+
+from rlm_train.models.base import Completion, Message, SamplingParams
+from rlm_train.models.scripted.view import EpisodeView
+
+_WORD_RE = re.compile(r"[A-Za-z0-9']+")
+
+
+def approx_tokens(text: str) -> int:
+    """A stated estimate (4 characters a token) where no tokenizer is involved."""
+    return max(1, len(text) // 4)
+
+
+class ScriptedTeacher:
+    name = "scripted"
+
+    async def chat(
+        self,
+        messages: list[Message],
+        sampling: SamplingParams | None = None,
+        hints: dict[str, Any] | None = None,
+    ) -> Completion:
+        started = time.monotonic()
+        hints = hints or {}
+        if hints.get("role") == "sub":
+            text = extractive_answer(messages[-1]["content"])
+        else:
+            text = self._root_turn(messages, hints)
+        return Completion(
+            text=text,
+            prompt_tokens=sum(approx_tokens(m["content"]) for m in messages),
+            completion_tokens=approx_tokens(text),
+            latency_s=time.monotonic() - started,
+            finish_reason="stop",
+        )
+
+    def _root_turn(self, messages: list[Message], hints: dict[str, Any]) -> str:
+        user_messages = [m["content"] for m in messages if m["role"] == "user"]
+        view = EpisodeView(
+            query=hints.get("query") or user_messages[0],
+            turn=sum(1 for m in messages if m["role"] == "assistant"),
+            outputs=user_messages[1:],
+            last_turn=bool(hints.get("last_turn")),
+            rng=random.Random(f"{hints.get('task_id')}:{hints.get('sample', 0)}:{hints.get('depth', 0)}"),
+            hints=hints,
+        )
+        family = hints.get("family") if hints.get("depth", 0) == 0 else None
+        return strategy_for(family).next_turn(view)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def strategy_for(family: str | None):
+    name = family or "generic"
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        name = "generic"
+    try:
+        return importlib.import_module(f"rlm_train.models.scripted.{name}")
+    except ModuleNotFoundError:
+        return importlib.import_module("rlm_train.models.scripted.generic")
+
+
+def extractive_answer(prompt: str) -> str:
+    """The teacher as a sub-model: return the lines of the prompt that share the most
+    words with its first line (the instruction). Crude, but honest and deterministic."""
+    lines = [line.strip() for line in prompt.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    question = set(w.lower() for w in _WORD_RE.findall(lines[0]) if len(w) > 3)
+    scored = []
+    for line in lines[1:]:
+        overlap = len(question & set(w.lower() for w in _WORD_RE.findall(line)))
+        if overlap:
+            scored.append((overlap, line))
+    scored.sort(key=lambda pair: -pair[0])
+    return "\n".join(line for _, line in scored[:3]) or "NOT FOUND"
+
+
+def repl_block(code: str) -> str:
+    return f"```repl\n{code.strip()}\n```"

@@ -1,0 +1,23 @@
+"""What a scripted-teacher strategy sees when it writes its next turn."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class EpisodeView:
+    query: str
+    """The question the root RLM was asked."""
+    turn: int
+    """0-based index of the assistant turn being written."""
+    outputs: list[str]
+    """The REPL feedback (user message text) that followed each earlier assistant turn, in order."""
+    last_turn: bool
+    """True when the loop has asked for the final answer now (no more code will run)."""
+    rng: random.Random
+    """Seeded from (task id, sample index): vary strategy and wording reproducibly."""
+    hints: dict[str, Any] = field(default_factory=dict)
+    """Side information from the caller: family, task_id, sample, meta (never the answer)."""

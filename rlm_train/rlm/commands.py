@@ -1,0 +1,87 @@
+"""`rlm-train run`: one RLM episode on a context file; prints the answer, writes the trajectory."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from rlm_train.config import load_config
+from rlm_train.errors import UserError
+from rlm_train.formats import OUTCOME_FINAL, append_jsonl, read_context_file
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """--policy/--sub-policy/--base-url, shared by every command that runs episodes."""
+    parser.add_argument("--policy", required=True, help="scripted | openai:MODEL | hf:PATH[+adapter:PATH]")
+    parser.add_argument("--sub-policy", help="policy for llm_query sub-calls (default: the root policy)")
+    parser.add_argument(
+        "--base-url", action="append", default=[], help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1 (repeatable)"
+    )
+    parser.add_argument("--sub-base-url", action="append", default=[], help="server(s) for the sub-policy (default: --base-url)")
+
+
+def build_policies(args: argparse.Namespace):
+    from rlm_train.models.spec import build_policy
+
+    policy = build_policy(args.policy, base_urls=args.base_url)
+    sub_policy = None
+    if args.sub_policy:
+        sub_policy = build_policy(args.sub_policy, base_urls=args.sub_base_url or args.base_url)
+    return policy, sub_policy
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context-file", required=True, help="the context: UTF-8 text, or .json (str/list/dict)")
+    parser.add_argument("--query", required=True, help="the question to answer about the context")
+    add_policy_arguments(parser)
+    parser.add_argument("--max-depth", type=int, help="rlm_query recursion depth (default 1)")
+    parser.add_argument("--max-iterations", type=int, help="root turns before 'answer now' (default 8)")
+    parser.add_argument("--family", help="task family hint for the scripted teacher (e.g. niah)")
+    parser.add_argument("--trajectory-out", help="append the trajectory record to this JSONL file")
+    parser.add_argument("--recipe", "--config", dest="recipe", help="YAML file of RLMConfig fields")
+    parser.add_argument("overrides", nargs="*", help="RLMConfig overrides as KEY=VALUE (e.g. max_subcalls=50)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from rlm_train.rlm import RLMConfig, run_episode
+
+    overrides = list(args.overrides)
+    if args.max_depth is not None:
+        overrides.append(f"max_depth={args.max_depth}")
+    if args.max_iterations is not None:
+        overrides.append(f"max_iterations={args.max_iterations}")
+    config = load_config(RLMConfig, args.recipe, overrides)
+    context = read_context_file(args.context_file)
+    policy, sub_policy = build_policies(args)
+    hints = {"family": args.family} if args.family else {}
+
+    async def go():
+        try:
+            return await run_episode(args.query, context, policy, sub_policy, config, hints=hints)
+        finally:
+            await policy.aclose()
+            if sub_policy is not None:
+                await sub_policy.aclose()
+
+    record = asyncio.run(go())
+    if args.trajectory_out:
+        from pathlib import Path
+
+        Path(args.trajectory_out).parent.mkdir(parents=True, exist_ok=True)
+        append_jsonl(args.trajectory_out, record)
+    stats = record["stats"]
+    print(
+        f"[{record['outcome']}] {stats['turns']} turns, {stats['sub_calls']} sub-calls, "
+        f"{stats['tokens_total']} tokens, {stats['wall_s']:.2f}s"
+        + (f" -> {args.trajectory_out}" if args.trajectory_out else ""),
+        file=sys.stderr,
+    )
+    if record["final"] is not None:
+        print(record["final"])
+    if record["outcome"] == OUTCOME_FINAL:
+        return 0
+    reason = (record["error"] or "").splitlines()[0] if record["error"] else "the model never called FINAL"
+    if record["final"] is None:
+        raise UserError(f"no answer ({record['outcome']}): {reason}")
+    return 0

@@ -1,0 +1,394 @@
+"""The RLM loop: one root conversation that writes code, runs it in the sandbox, reads
+the output, and answers with FINAL. The same loop serves generation, GRPO rollouts,
+eval and serving.
+
+    traj = await run_episode(query, context, policy, sub_policy, RLMConfig(max_depth=2))
+
+Sub-model functions called from the REPL (llm_query, llm_query_batched, rlm_query)
+come back to this event loop through `_SubcallBridge`, so every episode's sub-calls
+share one loop, one concurrency bound and one budget for the whole call tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+
+from rlm_train.config import StrictModel
+from rlm_train.formats import (
+    OUTCOME_BUDGET,
+    OUTCOME_ERROR,
+    OUTCOME_FINAL,
+    OUTCOME_MAX_ITERATIONS,
+    TRAJECTORY_SCHEMA,
+)
+from rlm_train.models.base import Completion, Policy, PolicyError, SamplingParams
+from rlm_train.rlm import prompts
+from rlm_train.rlm.budget import Budget, BudgetExhausted
+from rlm_train.rlm.parsing import extract_code_blocks, find_final
+
+
+class RLMConfig(StrictModel):
+    """How one RLM episode runs."""
+
+    max_iterations: int = Field(8, ge=1)
+    """Root turns with code before the model is told to answer now (one extra, final turn)."""
+    max_depth: int = Field(1, ge=0)
+    """Recursion depth for rlm_query: the root is depth 0; at max_depth rlm_query degrades to llm_query."""
+    max_subcalls: int | None = Field(1000, ge=0)
+    """Sub-calls (llm_query + rlm_query) allowed across the whole call tree; None = unlimited."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Prompt + completion tokens allowed across the whole call tree; None = unlimited."""
+    max_wall_s: float | None = Field(900.0, gt=0)
+    """Wall-clock seconds for the whole episode; None = unlimited."""
+    subcall_concurrency: int = Field(16, ge=1)
+    """Sub-calls of one episode tree in flight at once (llm_query_batched fans out up to this)."""
+    prompt_style: str = Field("full", pattern="^(full|compact)$")
+    """System prompt variant: `full`, or `compact` for small models."""
+    sub_model_chars: int = Field(100_000, ge=1000)
+    """How much text the prompt tells the model a sub-call can read."""
+    feedback_chars: int = Field(4000, ge=200)
+    """REPL output characters fed back to the model per turn (the rest is cut with a note)."""
+    record_chars: int = Field(2000, ge=0)
+    """Sub-call prompt/response characters kept in the trajectory (lengths are always kept)."""
+    root_max_tokens: int = Field(1024, ge=1)
+    """Max new tokens per root turn."""
+    sub_max_tokens: int = Field(512, ge=1)
+    """Max new tokens per sub-call."""
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of the root model (sub-calls use sub_temperature)."""
+    sub_temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of sub-calls."""
+    timeout_s: float = Field(30.0, gt=0)
+    """Sandbox: wall seconds one cell may compute (time waiting on sub-calls not counted)."""
+    memory_mb: int = Field(2048, ge=64)
+    """Sandbox: memory a worker may use beyond the shared context."""
+    max_output_chars: int = Field(20_000, ge=100)
+    """Sandbox: output kept per cell before truncation."""
+
+
+# REPL cells block their thread while they wait for sub-calls, so the default asyncio
+# executor (a handful of threads on 2 cores) would starve at high concurrency.
+_REPL_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="rlm-repl")
+
+
+async def _in_thread(fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(_REPL_THREADS, fn, *args)
+
+
+def _clip(text: str | None, limit: int) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + f"... [{len(text) - limit:,} chars not recorded]"
+
+
+@dataclass
+class _Tree:
+    """State shared by every episode in one call tree."""
+
+    config: RLMConfig
+    policy: Policy
+    sub_policy: Policy
+    budget: Budget
+    hints: dict[str, Any]
+    semaphore: asyncio.Semaphore
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Episode:
+    tree: _Tree
+    depth: int
+    query: str
+    subcalls: list[dict[str, Any]] = field(default_factory=list)  # the current turn's sub-calls
+
+    # -- sub-calls, on the event loop ---------------------------------------------------
+    async def llm_batch(self, prompts_: list[str]) -> list[str]:
+        self.tree.budget.reserve_subcalls(len(prompts_))
+        return list(await asyncio.gather(*(self._llm_one(p) for p in prompts_)))
+
+    async def _llm_one(self, prompt: str) -> str:
+        tree = self.tree
+        sampling = SamplingParams(max_tokens=tree.config.sub_max_tokens, temperature=tree.config.sub_temperature)
+        hints = {**tree.hints, "role": "sub", "depth": self.depth + 1}
+        started = time.monotonic()
+        async with tree.semaphore:
+            tree.budget.check()
+            try:
+                completion = await tree.sub_policy.chat([{"role": "user", "content": prompt}], sampling, hints)
+            except PolicyError as exc:
+                self._record_subcall("llm", prompt, None, None, started, error=str(exc))
+                raise
+        tree.budget.add_tokens(completion.prompt_tokens + completion.completion_tokens)
+        self._record_subcall("llm", prompt, completion.text, completion, started)
+        return completion.text
+
+    async def rlm_batch(self, requests: list[tuple[str, Any]]) -> list[str]:
+        if self.depth + 1 > self.tree.config.max_depth:
+            # At the depth limit a recursive call becomes a plain sub-model call.
+            return await self.llm_batch([_inline_context(p, c) for p, c in requests])
+        self.tree.budget.reserve_subcalls(len(requests))
+        return list(await asyncio.gather(*(self._rlm_one(p, c) for p, c in requests)))
+
+    async def _rlm_one(self, prompt: str, context: Any) -> str:
+        started = time.monotonic()
+        child_context = prompt if context is None else context
+        child = await _run_tree_episode(self.tree, prompt, child_context, self.depth + 1)
+        answer = child["final"]
+        if answer is None:
+            answer = f"(the child RLM gave no answer: {child['outcome']}{': ' + child['error'] if child['error'] else ''})"
+        self._record_subcall("rlm", prompt, answer, None, started, child=child)
+        return answer
+
+    def _record_subcall(self, kind, prompt, response, completion: Completion | None, started, error=None, child=None):
+        limit = self.tree.config.record_chars
+        record = {
+            "kind": kind,
+            "depth": self.depth + 1,
+            "prompt": _clip(prompt, limit),
+            "prompt_chars": len(prompt),
+            "response": _clip(response, limit),
+            "prompt_tokens": completion.prompt_tokens if completion else 0,
+            "completion_tokens": completion.completion_tokens if completion else 0,
+            "latency_s": round(time.monotonic() - started, 4),
+            "error": error,
+        }
+        if child is not None:
+            record["child"] = child
+        self.subcalls.append(record)
+
+
+def _inline_context(prompt: str, context: Any) -> str:
+    if context is None:
+        return prompt
+    return f"{prompt}\n\nContext:\n{context}"
+
+
+class _SubcallBridge:
+    """The REPL's SubcallHandler: called from the session's thread, runs on the event loop."""
+
+    def __init__(self, episode: _Episode):
+        self.episode = episode
+
+    def _call(self, coro) -> list[str]:
+        future = asyncio.run_coroutine_threadsafe(coro, self.episode.tree.loop)
+        return future.result()
+
+    def llm_batch(self, prompts_: list[str]) -> list[str]:
+        return self._call(self.episode.llm_batch(list(prompts_)))
+
+    def rlm_batch(self, requests: list[tuple[str, Any]]) -> list[str]:
+        return self._call(self.episode.rlm_batch(list(requests)))
+
+
+async def run_episode(
+    query: str,
+    context: Any,
+    policy: Policy,
+    sub_policy: Policy | None = None,
+    config: RLMConfig | None = None,
+    hints: dict[str, Any] | None = None,
+    task_id: str | None = None,
+) -> dict[str, Any]:
+    """Run one RLM episode and return its `rlm-train/trajectory/v1` record.
+
+    Never raises for model, server or sandbox failures: they end the episode with
+    outcome `error` (or `budget_exhausted`) and are recorded in the trajectory.
+    """
+    config = config or RLMConfig()
+    sub_policy = sub_policy or policy
+    tree = _Tree(
+        config=config,
+        policy=policy,
+        sub_policy=sub_policy,
+        budget=Budget(config.max_subcalls, config.max_tokens, config.max_wall_s),
+        hints={**(hints or {}), "query": query},
+        semaphore=asyncio.Semaphore(config.subcall_concurrency),
+        loop=asyncio.get_running_loop(),
+    )
+    record = await _run_tree_episode(tree, query, context, depth=0)
+    record.update(
+        {
+            "schema": TRAJECTORY_SCHEMA,
+            "id": uuid.uuid4().hex,
+            "task_id": task_id,
+            "policy": getattr(policy, "name", str(policy)),
+            "sub_policy": getattr(sub_policy, "name", str(sub_policy)),
+            "config": config.model_dump(),
+        }
+    )
+    record["stats"].update(
+        {
+            "subcalls_total": tree.budget.subcalls,
+            "tokens_total": tree.budget.tokens,
+            "wall_s": round(tree.budget.elapsed(), 4),
+        }
+    )
+    return record
+
+
+async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -> dict[str, Any]:
+    from rlm_train.repl import REPLSession, SandboxConfig
+
+    config = tree.config
+    episode = _Episode(tree=tree, depth=depth, query=query)
+    messages = [
+        {"role": "system", "content": prompts.system_prompt(config.prompt_style, context, config.sub_model_chars)},
+        {"role": "user", "content": prompts.first_user_prompt(query, context)},
+    ]
+    turns: list[dict[str, Any]] = []
+    final: str | None = None
+    outcome = OUTCOME_MAX_ITERATIONS
+    error: str | None = None
+    started = time.monotonic()
+    sandbox = SandboxConfig(
+        timeout_s=config.timeout_s,
+        memory_mb=config.memory_mb,
+        max_output_chars=config.max_output_chars,
+        max_parallel_subcalls=config.subcall_concurrency,
+    )
+    session = None
+    try:
+        session = await _in_thread(lambda: REPLSession(context, config=sandbox, llm=_SubcallBridge(episode)))
+        for turn_index in range(config.max_iterations + 1):
+            forced = turn_index == config.max_iterations
+            if forced:
+                messages.append({"role": "user", "content": prompts.ANSWER_NOW_PROMPT})
+            turn, final = await _run_turn(tree, episode, session, messages, turn_index, forced)
+            turns.append(turn)
+            if final is not None:
+                outcome = OUTCOME_FINAL if not forced else OUTCOME_MAX_ITERATIONS
+                break
+            if tree.budget.exhausted:
+                raise BudgetExhausted(tree.budget.exhausted)
+    except BudgetExhausted as exc:
+        outcome, error = OUTCOME_BUDGET, str(exc)
+    except PolicyError as exc:
+        outcome, error = OUTCOME_ERROR, f"model call failed: {exc}"
+    except Exception as exc:  # the host must survive anything an episode does
+        outcome, error = OUTCOME_ERROR, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+    finally:
+        if session is not None:
+            await _in_thread(session.close)
+    return {
+        "query": query,
+        "depth": depth,
+        "messages": messages,
+        "turns": turns,
+        "final": final,
+        "outcome": outcome,
+        "error": error,
+        "score": None,
+        "stats": _episode_stats(turns, time.monotonic() - started),
+    }
+
+
+async def _run_turn(tree, episode, session, messages, turn_index, forced):
+    """One root turn: ask the model, run its code, feed the output back. Returns (turn, final)."""
+    config = tree.config
+    tree.budget.check()
+    sampling = SamplingParams(max_tokens=config.root_max_tokens, temperature=config.temperature)
+    hints = {**tree.hints, "role": "root", "depth": episode.depth, "turn": turn_index, "last_turn": forced}
+    if episode.depth > 0:
+        hints["query"] = episode.query
+    completion = await tree.policy.chat(list(messages), sampling, hints)
+    tree.budget.add_tokens(completion.prompt_tokens + completion.completion_tokens)
+    text = completion.text
+    messages.append({"role": "assistant", "content": text})
+    turn: dict[str, Any] = {
+        "index": turn_index,
+        "assistant": text,
+        "forced": forced,
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "latency_s": round(completion.latency_s, 4),
+        "code_blocks": extract_code_blocks(text),
+        "executions": [],
+        "sub_calls": [],
+        "final": None,
+        "parse_error": None,
+    }
+    episode.subcalls = turn["sub_calls"]
+    final = None
+    for code in turn["code_blocks"]:
+        result = await _in_thread(session.execute, code)
+        turn["executions"].append(_result_dict(code, result))
+        if result.final is not None:
+            final = result.final
+            break
+        if tree.budget.exhausted:
+            break
+    text_final = find_final(text)
+    if final is None and text_final is not None:
+        final, parse_error = await _resolve_text_final(session, text_final)
+        turn["parse_error"] = parse_error
+    if not turn["code_blocks"] and text_final is None:
+        turn["parse_error"] = "no code block and no FINAL"
+    turn["final"] = final
+    if final is None and not forced:
+        if turn["executions"]:
+            feedback = prompts.execution_feedback(turn["executions"], config.feedback_chars)
+        elif turn["parse_error"] and turn["parse_error"] != "no code block and no FINAL":
+            feedback = turn["parse_error"]
+        else:
+            feedback = prompts.NO_CODE_FEEDBACK
+        messages.append({"role": "user", "content": feedback})
+        turn["feedback"] = feedback
+    return turn, final
+
+
+async def _resolve_text_final(session, call) -> tuple[str | None, str | None]:
+    """FINAL(...) written in prose: the answer is its text. FINAL_VAR(name) in prose is
+    looked up in the REPL, since the model meant the variable."""
+    if call.kind == "FINAL":
+        return call.argument, None
+    result = await _in_thread(session.execute, f"FINAL_VAR({call.argument!r})")
+    if result.final is not None:
+        return result.final, None
+    return None, (result.error or f"FINAL_VAR({call.argument!r}) gave no value").strip().splitlines()[-1]
+
+
+def _result_dict(code: str, result) -> dict[str, Any]:
+    return {
+        "code": code,
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+        "error": result.error,
+        "timed_out": result.timed_out,
+        "final": result.final,
+        "truncated_chars": result.truncated_chars,
+        "wall_s": round(result.wall_s, 4),
+    }
+
+
+def _episode_stats(turns: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    def subcalls(turn_list):
+        n = 0
+        for turn in turn_list:
+            for call in turn["sub_calls"]:
+                n += 1
+                if "child" in call:
+                    n += subcalls(call["child"]["turns"])
+        return n
+
+    return {
+        "turns": len(turns),
+        "sub_calls": subcalls(turns),
+        "root_sub_calls": sum(len(t["sub_calls"]) for t in turns),
+        "prompt_tokens": sum(t["prompt_tokens"] for t in turns),
+        "completion_tokens": sum(t["completion_tokens"] for t in turns),
+        "episode_wall_s": round(wall_s, 4),
+    }
+
+
+def run_episode_sync(*args, **kwargs) -> dict[str, Any]:
+    """run_episode for callers without an event loop (CLI, notebooks)."""
+    return asyncio.run(run_episode(*args, **kwargs))
+
