@@ -35,6 +35,7 @@ class ExecResult:
     truncated_chars: int = 0  # output characters cut by max_output_chars
     wall_s: float = 0.0
     restarted: bool = False  # the worker died (limit, crash) and the session was restarted
+    subcall_wait_s: float = 0.0  # wall time the cell spent blocked on host sub-calls (not in timeout_s)
 
 
 class SubcallHandler(Protocol):

@@ -254,9 +254,10 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
         max_output_chars=config.max_output_chars,
         max_parallel_subcalls=config.subcall_concurrency,
     )
-    session = None
+    # The sandbox starts while the model writes its first turn: session start-up
+    # (a fork, tens of ms) hides behind the first model call instead of adding to it.
+    session = asyncio.ensure_future(_in_thread(lambda: REPLSession(context, config=sandbox, llm=_SubcallBridge(episode))))
     try:
-        session = await _in_thread(lambda: REPLSession(context, config=sandbox, llm=_SubcallBridge(episode)))
         for turn_index in range(config.max_iterations + 1):
             forced = turn_index == config.max_iterations
             if forced:
@@ -275,8 +276,7 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
     except Exception as exc:  # the host must survive anything an episode does
         outcome, error = OUTCOME_ERROR, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
     finally:
-        if session is not None:
-            await _in_thread(session.close)
+        _close_when_ready(session)
     return {
         "query": query,
         "depth": depth,
@@ -290,7 +290,18 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
     }
 
 
-async def _run_turn(tree, episode, session, messages, turn_index, forced):
+def _close_when_ready(session_future: asyncio.Future) -> None:
+    """Close the episode's sandbox in the background: reaping the worker need not delay
+    the episode's result, and a session still starting is closed once it exists."""
+
+    def close(fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            _REPL_THREADS.submit(fut.result().close)
+
+    session_future.add_done_callback(close)
+
+
+async def _run_turn(tree, episode, session_future, messages, turn_index, forced):
     """One root turn: ask the model, run its code, feed the output back. Returns (turn, final)."""
     config = tree.config
     tree.budget.check()
@@ -317,6 +328,8 @@ async def _run_turn(tree, episode, session, messages, turn_index, forced):
     }
     episode.subcalls = turn["sub_calls"]
     final = None
+    text_final = find_final(text)
+    session = await session_future if turn["code_blocks"] or text_final else None
     for code in turn["code_blocks"]:
         result = await _in_thread(session.execute, code)
         turn["executions"].append(_result_dict(code, result))
@@ -325,7 +338,6 @@ async def _run_turn(tree, episode, session, messages, turn_index, forced):
             break
         if tree.budget.exhausted:
             break
-    text_final = find_final(text)
     if final is None and text_final is not None:
         final, parse_error = await _resolve_text_final(session, text_final)
         turn["parse_error"] = parse_error

@@ -1,0 +1,344 @@
+"""A local OpenAI-compatible chat server for tests and benchmarks.
+
+Real HTTP on 127.0.0.1, served by an asyncio loop in a background thread, so a
+burst of 64+ concurrent requests costs no threads and no listen-backlog stall
+(the stdlib `http.server` default backlog of 5 makes 32 concurrent connects
+wait ~1 s for SYN retries). Endpoints: `POST /v1/chat/completions`,
+`GET /v1/models`, `GET /health`.
+
+    with MockOpenAIServer(latency_s=0.1) as srv:
+        policy = OpenAIPolicy("mock", [srv.base_url])
+
+Failure injection (`FailPlan`): 500s (or 429s) for the first N chat requests,
+a seeded random fraction of requests that fail with 500 / hang / a dropped
+connection, and `stop()` / `start()` on the same port for "server down, then
+back". A responder can raise `MockHTTPError` to answer e.g. a 400.
+
+Manual use: `python -m rlm_train.models.mock_server --port 8000 --latency-ms 100`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import random
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+Responder = Callable[[list[dict[str, Any]], dict[str, Any]], str]
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+class MockHTTPError(Exception):
+    """Raised by a responder to answer with an error status (e.g. 400 context too long)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class FailPlan:
+    """Which chat requests fail, and how. Only `POST /v1/chat/completions` counts."""
+
+    first_n: int = 0  # the first N chat requests get `first_status`
+    first_status: int = 500  # 500, 503 or 429 (with `retry_after_s`)
+    retry_after_s: float | None = None  # sent as a Retry-After header on those failures
+    p: float = 0.0  # later requests fail with this probability (seeded, reproducible)
+    mode: str = "500"  # how a random failure looks: "500" | "hang" | "drop" | "mix"
+    hang_s: float = 3600.0  # a "hang" holds the connection this long, then closes it unanswered
+    seed: int = 0
+
+
+def count_tokens(text: str) -> int:
+    """Rough token count: whitespace-separated words. Good enough for usage checks."""
+    return len(text.split())
+
+
+def echo_responder(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
+    """Deterministic default reply: echoes the start of the last user message."""
+    last = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+    if not isinstance(last, str):  # content parts list
+        last = json.dumps(last)
+    return "echo: " + last[:200]
+
+
+class MockOpenAIServer:
+    def __init__(
+        self,
+        responder: Responder | None = None,
+        latency_s: float = 0.0,
+        fail_plan: FailPlan | None = None,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        model: str = "mock-model",
+    ):
+        self.responder = responder or echo_responder
+        self.latency_s = latency_s
+        self.fail_plan = fail_plan or FailPlan()
+        self.host = host
+        self.port = port  # 0 = pick a free port on first start; kept for later restarts
+        self.model = model
+        self.requests = 0  # chat requests received (including failed ones)
+        self.counts: Counter[str] = Counter()  # outcome -> number: ok, error_500, hang, drop, ...
+        self.in_flight = 0
+        self.max_in_flight = 0  # peak concurrent chat requests seen (checks client concurrency bounds)
+        self.bodies: deque[dict[str, Any]] = deque(maxlen=1000)  # last request bodies, for assertions
+        self.headers: deque[dict[str, str]] = deque(maxlen=1000)  # their headers (lower-case names)
+        self._rng = random.Random(self.fail_plan.seed)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        return f"http://{host}:{self.port}/v1"
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    # ---- lifecycle (called from any thread) ----
+
+    def start(self) -> "MockOpenAIServer":
+        """Listen (again) on the same port. Safe to call from a timer thread."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="mock-openai", daemon=True)
+            self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=10)
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and cut every open connection: clients see the server as down."""
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._shut(), self._loop).result(timeout=10)
+
+    def close(self) -> None:
+        """Stop and end the background thread."""
+        if self._loop is None:
+            return
+        self.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+        self._loop = None
+
+    def __enter__(self) -> "MockOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def _open(self) -> None:
+        if self._server is not None:
+            return
+        # reuse_address lets a restart bind the same port while old sockets sit in TIME_WAIT.
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, backlog=1024, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _shut(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    # ---- HTTP ----
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            while await self._serve_one(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, ValueError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            self._writers.discard(writer)
+            writer.transport.abort()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Serve one request on a keep-alive connection. Returns False when the connection should end."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False  # the client closed its keep-alive connection
+        request_line, *lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = request_line.split(" ", 2)
+        headers: dict[str, str] = {}
+        for line in lines:
+            k, _, v = line.partition(":")
+            if k:
+                headers[k.strip().lower()] = v.strip()
+        length = int(headers.get("content-length") or 0)
+        raw = await reader.readexactly(length) if length else b""
+        path = target.split("?", 1)[0].rstrip("/")
+
+        reply = await self._route(method, path, raw, headers)
+        if reply is None:  # injected "drop": close without a response
+            writer.transport.abort()
+            return False
+        status, payload, extra = reply
+        data = json.dumps(payload).encode()
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+                "Content-Type: application/json", f"Content-Length: {len(data)}"]
+        head += [f"{k}: {v}" for k, v in extra.items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+        await writer.drain()
+        return headers.get("connection", "").lower() != "close"
+
+    async def _route(self, method: str, path: str, raw: bytes, headers: dict[str, str]):
+        if path == "/health":
+            return 200, {"status": "ok"}, {}
+        if path == "/v1/models":
+            return 200, {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "mock"}]}, {}
+        if path != "/v1/chat/completions":
+            return _error(404, f"no route {path}")
+        if method != "POST":
+            return _error(405, "use POST")
+        self.requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._chat(self.requests - 1, raw, headers)
+        finally:
+            self.in_flight -= 1
+
+    async def _chat(self, index: int, raw: bytes, headers: dict[str, str]):
+        plan = self.fail_plan
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if index < plan.first_n:
+            self.counts[f"error_{plan.first_status}"] += 1
+            extra = {"Retry-After": f"{plan.retry_after_s:g}"} if plan.retry_after_s is not None else {}
+            status, payload, _ = _error(plan.first_status, f"injected failure {index + 1}/{plan.first_n}")
+            return status, payload, extra
+        if plan.p and self._rng.random() < plan.p:
+            mode = self._rng.choice(["500", "hang", "drop"]) if plan.mode == "mix" else plan.mode
+            self.counts[mode if mode != "500" else "error_500"] += 1
+            if mode == "hang":
+                await asyncio.sleep(plan.hang_s)
+                return None
+            if mode == "drop":
+                return None
+            return _error(500, "injected random failure")
+
+        try:
+            body = json.loads(raw or b"{}")
+            messages = body["messages"]
+        except (ValueError, KeyError) as e:
+            self.counts["bad_request"] += 1
+            return _error(400, f"bad request body: {e}")
+        self.bodies.append(body)
+        self.headers.append(headers)
+        try:
+            text = self.responder(messages, body)
+        except MockHTTPError as e:
+            self.counts[f"error_{e.status}"] += 1
+            return _error(e.status, e.message)
+        except Exception as e:  # a responder bug shows up as a 500 with its message
+            self.counts["error_500"] += 1
+            return _error(500, f"responder failed: {type(e).__name__}: {e}")
+
+        finish = "stop"
+        words = text.split()
+        max_tokens = body.get("max_tokens")
+        if isinstance(max_tokens, int) and len(words) > max_tokens:
+            text, words, finish = " ".join(words[:max_tokens]), words[:max_tokens], "length"
+        prompt_tokens = sum(count_tokens(m.get("content") or "") for m in messages
+                            if isinstance(m.get("content"), str))
+        self.counts["ok"] += 1
+        return 200, {
+            "id": f"chatcmpl-mock-{index}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", self.model),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                      "total_tokens": prompt_tokens + len(words)},
+        }, {}
+
+
+def _error(status: int, message: str):
+    # vLLM's error shape: {"error": {"message", "type", "code"}}.
+    return status, {"error": {"message": message, "type": _REASONS.get(status, "Error"), "code": status}}, {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m rlm_train.models.mock_server",
+                                 description="Local OpenAI-compatible mock chat server.")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="delay before every chat answer")
+    ap.add_argument("--fail-first", type=int, default=0, help="answer 500 to the first N chat requests")
+    ap.add_argument("--fail-p", type=float, default=0.0, help="fraction of later requests that fail")
+    ap.add_argument("--fail-mode", default="500", choices=["500", "hang", "drop", "mix"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--responder", help="MODULE:NAME of a responder(messages, body) -> str (default: echo)")
+    args = ap.parse_args(argv)
+    responder = None
+    if args.responder:
+        module_name, _, attr = args.responder.partition(":")
+        responder = getattr(importlib.import_module(module_name), attr)
+    plan = FailPlan(first_n=args.fail_first, p=args.fail_p, mode=args.fail_mode, seed=args.seed)
+    srv = MockOpenAIServer(responder=responder, latency_s=args.latency_ms / 1000, fail_plan=plan, port=args.port, host=args.host)
+    with srv:
+        print(f"mock OpenAI server on {srv.base_url} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+@contextlib.contextmanager
+def mock_server_process(responder: str | None = None, latency_ms: float = 0.0, timeout_s: float = 30.0):
+    """Run the mock server in its own process (yields its base URL).
+
+    Benchmarks use this so the server's request handling does not share the
+    measured process's CPU and GIL.
+    """
+    cmd = [sys.executable, "-m", "rlm_train.models.mock_server", "--port", "0", "--latency-ms", str(latency_ms)]
+    if responder:
+        cmd += ["--responder", responder]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        ready = select.select([proc.stdout], [], [], timeout_s)[0]
+        line = proc.stdout.readline() if ready else ""
+        match = re.search(r"(http://\S+/v1)", line)
+        if not match:
+            raise RuntimeError(f"mock server process did not start: {line!r}")
+        yield match.group(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()

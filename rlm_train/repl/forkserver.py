@@ -1,0 +1,245 @@
+"""Fork-server, per-context zygotes and worker spawning.
+
+Process tree (the host never forks itself; it may hold torch and threads):
+
+    host --subprocess--> fork-server (warm interpreter, worker module imported)
+                           +-- zygote per context (holds the context once; fork-server child)
+                                 +-- supervisor W0 (root, tiny; unshares the namespaces)
+                                       +-- worker W1 (pid 1 of its own pid namespace,
+                                                      unprivileged uid, runs the cells)
+
+Sessions on one context share the zygote's pages copy-on-write. The host talks
+to the fork-server and to each zygote over its own socket, and to each worker
+over a socketpair it created and handed down with SCM_RIGHTS, so no frame of a
+running session passes through another process. W0 waits for W1 and writes
+W1's wait status to a pipe the host reads: that is how the host learns how a
+worker died (it is not the worker's parent).
+
+Run as `python -m rlm_train.repl.forkserver FD` with FD a Unix socket to the host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import mmap
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+
+from rlm_train.repl import protocol, sandbox, worker
+
+
+# --------------------------------------------------------------------------- W0 / W1
+def _supervise(sock_fd: int, status_fd: int, req: dict, context) -> None:
+    """Runs in W0, just forked from the zygote. Never returns."""
+    try:
+        sandbox.die_with_parent(req["zygote_pid"])
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sandbox.close_fds_except({sock_fd, status_fd})
+        report: dict = {"root": os.geteuid() == 0, "pdeathsig": True}
+        new_pidns = sandbox.enter_namespaces(report)
+        cfg = req["config"]
+        cgroups = sandbox.make_cgroups(report, f"{req['uid']}-{os.getpid()}", cfg["memory_mb"], cfg["max_processes"])
+        pid = os.fork()
+    except BaseException:
+        os._exit(70)
+    if pid == 0:
+        try:
+            os.close(status_fd)
+            sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
+            sandbox.join_cgroups(cgroups)
+            _worker_main(sock_fd, req, context, report, new_pidns)
+        finally:
+            os._exit(71)
+    os.close(sock_fd)
+    status = 0
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+    if not new_pidns:
+        _kill_uid(req["uid"])  # no pid namespace: sweep whatever the cell left behind
+    sandbox.remove_cgroups(cgroups)
+    try:
+        os.write(status_fd, struct.pack("<i", status))
+    finally:
+        os._exit(0)
+
+
+def _kill_uid(uid: int) -> None:
+    """kill(-1) as the session's own uid reaches exactly its processes."""
+    if os.geteuid() != 0:
+        return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _worker_main(sock_fd: int, req: dict, context, report: dict, new_pidns: bool) -> None:
+    """Runs in W1: lock the process down, say ready, then serve cells."""
+    cfg = req["config"]
+    uid = req["uid"]
+    os.setsid()  # own session and process group: kill(0, ...) from a cell reaches nothing else
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big write fails with EFBIG instead of killing us
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    host_pid = sandbox.outer_pid()
+    sandbox.private_mounts(report, uid, tmp_mb=max(cfg["max_file_mb"], 16), in_new_pidns=new_pidns)
+    if not report.get("private_tmp"):
+        os.makedirs(f"/tmp/rlm-{uid}", exist_ok=True)  # best effort; reported as missing
+    os.dup2(sock_fd, worker.PROTO_FD)
+    if sock_fd != worker.PROTO_FD:
+        os.close(sock_fd)
+    sandbox.close_fds_except({worker.PROTO_FD})
+    os.chdir("/tmp" if report.get("private_tmp") else f"/tmp/rlm-{uid}")
+    worker.clean_environment()
+    worker.redirect_std_fds()
+    if os.geteuid() == 0:
+        os.chown(worker.FD_OUTPUT, uid, uid)
+    sandbox.apply_rlimits(report, memory_mb=cfg["memory_mb"], max_processes=cfg["max_processes"],
+                          cpu_time_s=cfg["cpu_time_s"], max_file_mb=cfg["max_file_mb"])
+    sandbox.drop_privileges(report, uid)
+    # Changing uid clears the parent-death signal, so it is set after the drop.
+    sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
+    sock = socket.socket(fileno=worker.PROTO_FD)
+    protocol.send(sock, {"op": "ready", "pid": host_pid, "isolation": report}, plain=True)
+    worker.run(sock, context, cfg["max_output_chars"])
+
+
+# --------------------------------------------------------------------------- zygote
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _read_host_memory(pid: int, remote: int, local: int, size: int) -> None:
+    """One copy straight from the host's object into ours (process_vm_readv)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    done = 0
+    while done < size:
+        loc, rem = _Iovec(local + done, size - done), _Iovec(remote + done, size - done)
+        got = libc.process_vm_readv(pid, ctypes.byref(loc), 1, ctypes.byref(rem), 1, 0)
+        if got <= 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"process_vm_readv: {os.strerror(err)}")
+        done += got
+
+
+def _load_remote(req: dict):
+    """Copy the host's str (or pickle bytes) without any intermediate buffer.
+    The host keeps the object alive and unchanged until we say `loaded`."""
+    size = req["size"]
+    if req["kind"] == "str_remote":
+        new = ctypes.pythonapi.PyUnicode_New
+        new.restype, new.argtypes = ctypes.py_object, [ctypes.c_ssize_t, ctypes.c_uint32]
+        text = new(req["length"], req["maxchar"])  # uninitialised, canonical layout for that maxchar
+        dst = id(text) + sys.getsizeof(text) - size - req["kind_size"]  # data sits before the NUL
+        _read_host_memory(req["pid"], req["addr"], dst, size)
+        return text
+    buf = bytearray(size)
+    dst = ctypes.addressof((ctypes.c_char * size).from_buffer(buf)) if size else 0
+    _read_host_memory(req["pid"], req["addr"], dst, size)
+    return pickle.loads(buf)
+
+
+def _load_context(kind: str, fd: int, size: int):
+    if size == 0:
+        data = b""
+    else:
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+            if kind == "str":
+                data = str(mm, "utf-8", "surrogatepass")
+            else:
+                data = pickle.loads(mm)
+    os.close(fd)
+    if kind == "str" and size == 0:
+        return ""
+    return data
+
+
+def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
+    sandbox.die_with_parent(req["server_pid"])
+    if memfd < 0:
+        try:
+            context = _load_remote(req)
+        except Exception as exc:
+            protocol.send(ctl, {"op": "load_failed", "error": str(exc)})
+            os._exit(0)
+    else:
+        context = _load_context(req["kind"], memfd, req["size"])
+    gc.collect()
+    gc.freeze()  # keep the collector from touching (and so copying) shared pages in workers
+    me = os.getpid()
+    protocol.send(ctl, {"op": "loaded", "pid": me})
+    while True:
+        try:
+            msg, fds = protocol.recv(ctl, want_fds=True)
+        except (OSError, protocol.ProtocolError):
+            os._exit(0)
+        if msg.get("op") != "spawn":
+            continue
+        sock_fd, status_fd = fds
+        msg["zygote_pid"] = me
+        pid = os.fork()
+        if pid == 0:
+            ctl.close()
+            _supervise(sock_fd, status_fd, msg, context)
+        os.close(sock_fd)
+        os.close(status_fd)
+        pidfd = os.pidfd_open(pid)
+        try:
+            protocol.send(ctl, {"op": "spawned", "pid": pid}, fds=[pidfd])
+        except OSError:
+            os._exit(0)
+        os.close(pidfd)
+
+
+# --------------------------------------------------------------------------- fork-server
+def serve(host: socket.socket) -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # zygotes and W0s are reaped by the kernel
+    gc.collect()
+    gc.freeze()
+    protocol.send(host, {"op": "hello", "pid": os.getpid(), "euid": os.geteuid()})
+    while True:
+        try:
+            msg, fds = protocol.recv(host, want_fds=True)
+        except (OSError, protocol.ProtocolError):
+            break  # the host is gone: our zygotes die with us (PDEATHSIG)
+        if msg.get("op") == "zygote":
+            ctl_fd, memfd = (fds + [-1])[:2]
+            msg["server_pid"] = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                host.close()
+                try:
+                    _zygote_main(socket.socket(fileno=ctl_fd), msg, memfd)
+                finally:
+                    os._exit(0)
+            os.close(ctl_fd)
+            if memfd >= 0:
+                os.close(memfd)
+            protocol.send(host, {"op": "zygote", "pid": pid})
+        elif msg.get("op") == "exit":
+            break
+    os._exit(0)
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    serve(socket.socket(fileno=fd))
+
+
+if __name__ == "__main__":
+    main()

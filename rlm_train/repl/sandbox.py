@@ -1,0 +1,281 @@
+"""OS isolation primitives for the worker (Linux), called through ctypes.
+
+Python 3.11 has no os.unshare / mount wrappers, so these go straight to libc.
+Every layer is attempted and the outcome recorded in a dict; the host turns
+missing layers into one loud warning (see session.isolation_report).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import sys
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+# Directories every user may write on a stock Linux box; each gets a private tmpfs.
+WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), f"unshare({flags:#x})")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = lambda s: s.encode() if s is not None else None  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+
+
+def prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def die_with_parent(expected_ppid: int) -> None:
+    """SIGKILL us when the parent dies; bail out if it already has."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if expected_ppid and os.getppid() != expected_ppid:
+        os._exit(1)
+
+
+def enter_namespaces(report: dict) -> bool:
+    """unshare net+mount+ipc(+pid). Returns True when a new pid namespace was made
+    (the next fork becomes its init)."""
+    try:
+        unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID)
+        report.update(net_namespace=True, mount_namespace=True, pid_namespace=True)
+        return True
+    except OSError as exc:
+        report["namespace_error"] = str(exc)
+    # Without CAP_SYS_ADMIN try the layers one at a time so the report is exact.
+    for flag, key in ((CLONE_NEWNET, "net_namespace"), (CLONE_NEWNS, "mount_namespace"),
+                      (CLONE_NEWPID, "pid_namespace")):
+        try:
+            unshare(flag)
+            report[key] = True
+        except OSError:
+            report[key] = False
+    return bool(report.get("pid_namespace"))
+
+
+def private_mounts(report: dict, uid: int, tmp_mb: int, in_new_pidns: bool) -> None:
+    """Private tmpfs over the world-writable dirs, fresh /proc for the pid namespace."""
+    if not report.get("mount_namespace"):
+        report["private_tmp"] = False
+        return
+    try:
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        for path in WORLD_WRITABLE:
+            if os.path.isdir(path):
+                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
+                      f"size={tmp_mb}m,nr_inodes=16384,mode=1777")
+        os.chown("/tmp", uid, uid)
+        os.chmod("/tmp", 0o700)
+        report["private_tmp"] = True
+        expose_paths(report, sorted({sys.base_prefix, sys.prefix, *(p for p in sys.path if os.path.isdir(p))}))
+    except OSError as exc:
+        report["private_tmp"] = False
+        report["mount_error"] = str(exc)
+    if in_new_pidns:
+        try:  # host processes become invisible (and /proc/<host>/environ with them)
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            report["private_proc"] = True
+        except OSError as exc:
+            report["private_proc"] = False
+            report["proc_error"] = str(exc)
+
+
+def outer_pid() -> int:
+    """Our pid as the host sees it (read before /proc is remounted)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[1])
+    return os.getpid()
+
+
+def vm_size_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def apply_rlimits(report: dict, *, memory_mb: int, max_processes: int, cpu_time_s: float, max_file_mb: int) -> None:
+    # RLIMIT_AS counts the (shared, copy-on-write) context already mapped, so the
+    # budget is "what we have now + memory_mb".
+    mem = vm_size_bytes() + memory_mb * (1 << 20)
+    cpu = max(1, int(cpu_time_s))
+    limits = {
+        "RLIMIT_AS": (mem, mem),
+        "RLIMIT_NPROC": (max_processes, max_processes),
+        "RLIMIT_CPU": (cpu, cpu + 5),
+        "RLIMIT_FSIZE": (max_file_mb << 20, max_file_mb << 20),
+        "RLIMIT_CORE": (0, 0),
+        "RLIMIT_NOFILE": (256, 256),
+    }
+    applied = []
+    for name, value in limits.items():
+        try:
+            resource.setrlimit(getattr(resource, name), value)
+            applied.append(name)
+        except (OSError, ValueError) as exc:
+            report.setdefault("rlimit_errors", []).append(f"{name}: {exc}")
+    report["rlimits"] = applied
+
+
+def drop_privileges(report: dict, uid: int) -> None:
+    if os.geteuid() == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        except OSError as exc:
+            report["uid_error"] = str(exc)
+    report["uid_drop"] = os.geteuid() != 0 and os.getuid() == uid
+    report["uid"] = os.getuid()
+    try:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        report["no_new_privs"] = True
+    except OSError:
+        report["no_new_privs"] = False
+
+
+def close_fds_except(keep: set[int]) -> None:
+    for fd in sorted(int(x) for x in os.listdir("/proc/self/fd")):
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------- cgroups (v1)
+CGROUP_V1 = "/sys/fs/cgroup"
+
+
+def make_cgroups(report: dict, name: str, memory_mb: int, max_processes: int) -> list[str]:
+    """Per-worker memory and pids groups: they bound the whole process tree (RLIMIT_AS
+    is per process, RLIMIT_NPROC per uid). Created by the root supervisor; the
+    worker joins them. cgroup v2-only hosts are reported as missing."""
+    # The context pages were charged to the zygote; the group only pays for new pages
+    # (copy-on-write copies, tmpfs files included), hence memory_mb plus interpreter slack.
+    limits = {
+        "memory": {"memory.limit_in_bytes": (memory_mb + 64) << 20, "memory.memsw.limit_in_bytes": (memory_mb + 64) << 20},
+        "pids": {"pids.max": max_processes},
+    }
+    paths = []
+    for ctrl, files in limits.items():
+        _sweep_stale(os.path.join(CGROUP_V1, ctrl, "rlm_repl"))
+        path = os.path.join(CGROUP_V1, ctrl, "rlm_repl", name)
+        try:
+            os.makedirs(path)
+            for fname, value in files.items():
+                if fname.endswith("memsw.limit_in_bytes") and not os.path.exists(os.path.join(path, fname)):
+                    continue  # no swap accounting: memory.limit_in_bytes alone
+                with open(os.path.join(path, fname), "w") as f:
+                    f.write(str(value))
+            paths.append(path)
+            report[f"cgroup_{ctrl}"] = True
+        except OSError as exc:
+            report[f"cgroup_{ctrl}"] = False
+            report[f"cgroup_{ctrl}_error"] = str(exc)
+    return paths
+
+
+def _sweep_stale(parent: str) -> None:
+    """Groups named <uid>-<supervisor pid> whose supervisor is gone were left by a host
+    that exited without closing its sessions (PDEATHSIG killed the supervisor first).
+    rmdir only succeeds on an empty group, so a live one is never disturbed."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name.rpartition("-")[2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.rmdir(os.path.join(parent, name))
+            except OSError:
+                pass
+
+
+def join_cgroups(paths: list[str]) -> None:
+    for path in paths:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write("0")
+
+
+def remove_cgroups(paths: list[str]) -> None:
+    import time
+
+    for path in paths:
+        for _ in range(50):  # tasks of a just-killed tree may take a moment to leave
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- reachable interpreter
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
+
+
+def _closed_ancestor(path: str) -> str | None:
+    """The topmost directory above `path` that other users cannot traverse."""
+    parts = os.path.abspath(path).strip("/").split("/")
+    for i in range(1, len(parts)):
+        d = "/" + "/".join(parts[:i])
+        if not os.stat(d).st_mode & 0o001:
+            return d
+    return None
+
+
+def expose_paths(report: dict, paths: list[str]) -> None:
+    """Make the interpreter's own files readable after the uid drop when they sit under a
+    private dir (e.g. pyenv in /root, mode 700): cover that dir with an empty read-only
+    tmpfs and bind-mount just the needed trees back, read-only. The rest of it (keys,
+    tokens) stays invisible to the worker."""
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        if os.path.isdir(p) and (top := _closed_ancestor(p)):
+            groups.setdefault(top, []).append(p)
+    for top, targets in groups.items():
+        fds = {t: os.open(t, os.O_PATH | os.O_DIRECTORY) for t in targets}
+        try:
+            mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+            for t, fd in fds.items():
+                os.makedirs(t, mode=0o755, exist_ok=True)
+                mount(f"/proc/self/fd/{fd}", t, None, MS_BIND | MS_REC)
+                mount(None, t, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+            mount(None, top, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+            report.setdefault("hidden_dirs", []).append(top)
+        except OSError as exc:
+            report["expose_error"] = str(exc)
+        finally:
+            for fd in fds.values():
+                os.close(fd)

@@ -1,0 +1,533 @@
+"""Host side of the sandbox: REPLSession, the fork-server client and the zygote cache.
+
+Thread safety: many sessions may run `execute` at once from different threads
+(the RLM loop uses asyncio.to_thread). Each session is used by one thread at a
+time; the fork-server and each zygote channel have their own lock, held only
+for one request/reply (a few ms), never while a cell runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from rlm_train.repl import protocol
+from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig
+
+log = logging.getLogger(__name__)
+
+_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_UID_SLOTS = 256
+MAX_IDLE_ZYGOTES = 4
+START_TIMEOUT_S = 60.0
+# Layers the contract promises; any that is False in a worker's report is named in the warning.
+EXPECTED_LAYERS = ("net_namespace", "mount_namespace", "pid_namespace", "private_tmp", "private_proc",
+                   "uid_drop", "no_new_privs", "cgroup_memory", "cgroup_pids")
+
+
+class SharedContext:
+    """Wrap a list/dict context to share one zygote between sessions by identity.
+
+    Plain str/bytes contexts are shared automatically (they are immutable). Other
+    types get a private zygote per session unless wrapped, because the host could
+    mutate them between sessions. A wrapped context is snapshotted at first use.
+    """
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+# --------------------------------------------------------------------------- fork-server client
+class _ForkServer:
+    def __init__(self):
+        host_end, child_end = socket.socketpair()
+        code = (f"import sys; sys.path.insert(0, {_PKG_ROOT!r}); "
+                "from rlm_train.repl.forkserver import main; main()")
+        # A minimal environment: nothing of the host's (tokens, keys) reaches any worker.
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", code, str(child_end.fileno())],
+                                     pass_fds=[child_end.fileno()], env=env, cwd="/",
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        child_end.close()
+        self.sock = host_end
+        self.lock = threading.Lock()
+        self.owner_pid = os.getpid()
+        hello = protocol.recv(self.sock, deadline=time.monotonic() + START_TIMEOUT_S)
+        self.pid = hello["pid"]
+        self.root = hello["euid"] == 0
+        # Per-session uids: disjoint across fork-servers (pids are unique), so RLIMIT_NPROC
+        # and kill(-1) of one session never touch another's processes.
+        self.uid_base = 100_000 + (self.pid % (1 << 22)) * _UID_SLOTS
+        self.free_slots = collections.deque(range(_UID_SLOTS))
+
+    def new_zygote(self, req: dict, memfd: int | None) -> tuple[int, socket.socket]:
+        ours, theirs = socket.socketpair()
+        try:
+            with self.lock:
+                protocol.send(self.sock, {"op": "zygote", **req},
+                              fds=[theirs.fileno()] + ([memfd] if memfd is not None else []))
+                reply = protocol.recv(self.sock, deadline=time.monotonic() + START_TIMEOUT_S)
+        finally:
+            theirs.close()
+        return reply["pid"], ours
+
+    def take_uid(self) -> int:
+        with self.lock:
+            if not self.free_slots:
+                raise RuntimeError(f"more than {_UID_SLOTS} live REPL sessions in one process")
+            return self.uid_base + self.free_slots.popleft()
+
+    def give_uid(self, uid: int) -> None:
+        with self.lock:
+            self.free_slots.append(uid - self.uid_base)
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.close()  # the fork-server exits on EOF; zygotes and workers die with it
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_server: _ForkServer | None = None
+_server_lock = threading.Lock()
+
+
+def _get_server() -> _ForkServer:
+    global _server
+    with _server_lock:
+        # A forked host (e.g. a DataLoader worker) must not share its parent's channel.
+        if _server is None or _server.owner_pid != os.getpid() or _server.proc.poll() is not None:
+            _server = _ForkServer()
+        return _server
+
+
+def shutdown() -> None:
+    """Stop the fork-server and everything under it (also runs at exit)."""
+    global _server
+    with _zygote_lock:
+        for z in list(_zygotes.values()):
+            z.close()
+        _zygotes.clear()
+    with _server_lock:
+        if _server is not None and _server.owner_pid == os.getpid():
+            _server.shutdown()
+        _server = None
+
+
+atexit.register(shutdown)
+
+
+# --------------------------------------------------------------------------- zygotes
+class _Zygote:
+    def __init__(self, key, keepalive, server: _ForkServer, value):
+        self.key, self.keepalive, self.server = key, keepalive, server
+        self.lock = threading.Lock()
+        self.loaded = False
+        self.users = 0
+        self.broken = False
+        self.pinned = None  # host object the zygote copies from until it says `loaded`
+        remote = _remote_request(value) if _remote_copy_ok else None
+        if remote is not None:
+            req, self.pinned = remote
+            self.pid, self.ctl = server.new_zygote(req, None)
+            return
+        kind, data = _payload(value)
+        memfd = os.memfd_create("rlm-context", os.MFD_CLOEXEC)
+        try:
+            _write_all(memfd, data)
+            self.pid, self.ctl = server.new_zygote({"kind": kind, "size": len(data)}, memfd)
+        finally:
+            os.close(memfd)
+
+    def spawn(self, req: dict, fds: list[int]) -> tuple[int, int]:
+        with self.lock:
+            try:
+                if not self.loaded:
+                    msg = protocol.recv(self.ctl, deadline=time.monotonic() + START_TIMEOUT_S)
+                    self.pinned = None
+                    if msg.get("op") == "load_failed":
+                        _disable_remote_copy(msg.get("error"))
+                        raise protocol.ProtocolError(f"context copy failed: {msg.get('error')}")
+                    self.loaded = True
+                protocol.send(self.ctl, req, fds=fds)
+                reply, rfds = protocol.recv(self.ctl, want_fds=True, deadline=time.monotonic() + START_TIMEOUT_S)
+            except (OSError, protocol.ProtocolError) as exc:
+                self.broken = True
+                raise RuntimeError(f"REPL zygote {self.pid} failed: {exc}") from None
+        return reply["pid"], rfds[0]
+
+    def close(self) -> None:
+        self.ctl.close()  # EOF: the zygote exits (its workers die with it via PDEATHSIG)
+
+
+_zygotes: "collections.OrderedDict[Any, _Zygote]" = collections.OrderedDict()
+_zygote_lock = threading.Lock()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+_remote_copy_ok = True
+
+
+def _disable_remote_copy(why) -> None:
+    global _remote_copy_ok
+    if _remote_copy_ok:
+        _remote_copy_ok = False
+        log.warning("REPL: cannot copy contexts with process_vm_readv (%s); using a memfd (slower cold start)", why)
+
+
+def _remote_request(value) -> tuple[dict, Any] | None:
+    """Describe where the context's bytes sit in this process, so the zygote can copy
+    them in one step. Works for compact str (every str Python code makes) and,
+    through pickle, for anything else; returns (request, object to keep alive)."""
+    if isinstance(value, str) and type(value) is str:
+        n = len(value)
+        for kind_size, maxchar in ((1, 127), (1, 255), (2, 65535), (4, 0x10FFFF)):
+            header = sys.getsizeof(value) - (n + 1) * kind_size
+            if header == _ASCII_HEADER if maxchar == 127 else header == _COMPACT_HEADER:
+                if maxchar == 127 and not value.isascii():
+                    continue
+                size = n * kind_size
+                return ({"kind": "str_remote", "pid": os.getpid(), "addr": id(value) + header, "size": size,
+                         "length": n, "maxchar": maxchar, "kind_size": kind_size}, value)
+        return None
+    data = pickle.dumps(value, protocol=5)
+    addr = id(data) + sys.getsizeof(b"") - 1  # PyBytesObject data offset
+    return {"kind": "pickle_remote", "pid": os.getpid(), "addr": addr, "size": len(data)}, data
+
+
+_ASCII_HEADER = sys.getsizeof("") - 1
+_COMPACT_HEADER = sys.getsizeof("\xff") - 2
+
+
+def _payload(context) -> tuple[str, bytes]:
+    if isinstance(context, str):
+        return "str", context.encode("utf-8", "surrogatepass")
+    return "pickle", pickle.dumps(context, protocol=5)
+
+
+def _acquire_zygote(context, server: _ForkServer) -> _Zygote:
+    if isinstance(context, SharedContext):
+        key, value = ("shared", id(context)), context.value
+    elif isinstance(context, (str, bytes)):
+        key, value = ("immutable", id(context)), context
+    else:
+        key, value = None, context  # private zygote, dropped with its session
+    with _zygote_lock:
+        z = _zygotes.get(key) if key is not None else None
+        if z is not None and (z.broken or z.server is not server):
+            _zygotes.pop(key)
+            z = None
+        if z is not None:
+            _zygotes.move_to_end(key)
+            z.users += 1
+            return z
+    # Ship outside the global lock: a big context must not stall other sessions.
+    z = _Zygote(key, context, server, value)
+    z.users = 1
+    if key is not None:
+        with _zygote_lock:
+            old = _zygotes.pop(key, None)
+            _zygotes[key] = z
+        if old is not None and old.users == 0:
+            old.close()
+    return z
+
+
+def _release_zygote(z: _Zygote) -> None:
+    with _zygote_lock:
+        z.users -= 1
+        if z.key is None or z.broken:
+            if z.users == 0:
+                if z.key is not None and _zygotes.get(z.key) is z:
+                    _zygotes.pop(z.key)
+                z.close()
+            return
+        idle = [k for k, v in _zygotes.items() if v.users == 0]
+        for k in idle[: max(0, len(idle) - MAX_IDLE_ZYGOTES)]:  # least recently used first
+            _zygotes.pop(k).close()
+
+
+# --------------------------------------------------------------------------- isolation report
+_report: dict | None = None
+_report_lock = threading.Lock()
+
+
+def _note_report(report: dict) -> None:
+    global _report
+    with _report_lock:
+        if _report is not None:
+            return
+        missing = [k for k in EXPECTED_LAYERS if not report.get(k)]
+        _report = {**report, "missing": missing}
+    if missing:
+        log.warning("REPL sandbox is WEAKER than the contract on this machine: missing %s. "
+                    "Details: %s", ", ".join(missing), {k: v for k, v in report.items() if "error" in k})
+
+
+def isolation_report() -> dict:
+    """What the sandbox enforces on this machine (starts a probe session if none ran yet)."""
+    if _report is None:
+        with REPLSession("") as s:
+            s.execute("pass")
+    return dict(_report or {})
+
+
+# --------------------------------------------------------------------------- session
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+class REPLSession:
+    """A persistent sandboxed Python namespace (see DESIGN.md, "REPL sandbox").
+
+    `timeout_s` bounds the wall time of each cell *excluding* the time the cell
+    spends blocked on host sub-calls (llm_query & co.). When a cell breaks a
+    limit or kills its worker, the result says so with `restarted=True`; the
+    next `execute` runs in a fresh worker with an empty namespace.
+    """
+
+    def __init__(self, context: Any = None, config: SandboxConfig | None = None, llm: LLMArg = None):
+        self.context = context
+        self.config = config or SandboxConfig()
+        self.llm = llm
+        self.pid: int | None = None  # the worker (W1) as the host sees it
+        self.pids: list[int] = []  # supervisor + worker
+        self.zygote_pid: int | None = None
+        self.isolation: dict = {}
+        self.start_s = 0.0
+        self._sock: socket.socket | None = None
+        self._status_r = -1
+        self._pidfds: list[int] = []
+        self._uid: int | None = None
+        self._zygote: _Zygote | None = None
+        self._server: _ForkServer | None = None
+        self._closed = False
+        self._start()
+
+    # --- lifecycle -------------------------------------------------------------
+    def _start(self) -> None:
+        t0 = time.perf_counter()
+        server = _get_server()
+        self._server = server
+        for attempt in range(2):
+            self._zygote = _acquire_zygote(self.context, server)
+            try:
+                self._spawn(server)
+                break
+            except RuntimeError:
+                self._kill()
+                if attempt == 1:
+                    raise
+        self.start_s = time.perf_counter() - t0
+
+    def _spawn(self, server: _ForkServer) -> None:
+        self._uid = server.take_uid()
+        ours, theirs = socket.socketpair()
+        status_r, status_w = os.pipe()
+        self._sock, self._status_r = ours, status_r
+        try:
+            req = {"op": "spawn", "uid": self._uid, "config": dataclasses.asdict(self.config)}
+            w0, pidfd = self._zygote.spawn(req, [theirs.fileno(), status_w])
+        finally:
+            theirs.close()
+            os.close(status_w)
+        self._pidfds = [pidfd]
+        self.pids = [w0]
+        self.zygote_pid = self._zygote.pid
+        try:
+            ready = protocol.recv(ours, trusted=False, deadline=time.monotonic() + START_TIMEOUT_S)
+        except protocol.ProtocolError as exc:
+            raise RuntimeError(f"REPL worker failed to start: {exc}; {self._death_note()}") from None
+        self.pid = ready["pid"]
+        self.pids.append(self.pid)
+        self._pidfds.append(os.pidfd_open(self.pid))
+        self.isolation = ready["isolation"]
+        _note_report(self.isolation)
+
+    def _kill(self) -> None:
+        """SIGKILL the worker (its pid namespace goes with it), wait, release everything."""
+        # Worker first; the supervisor then cleans up (cgroups), reports and exits by itself.
+        for i, pidfd in enumerate(reversed(self._pidfds)):
+            if i == 1 and select.select([pidfd], [], [], 2.0)[0]:
+                break  # the supervisor exited on its own
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            select.select([pidfd], [], [], 5.0)
+        for pidfd in self._pidfds:
+            os.close(pidfd)
+        self._pidfds = []
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._status_r >= 0:
+            os.close(self._status_r)
+            self._status_r = -1
+        if self._uid is not None and self._server is not None:
+            self._server.give_uid(self._uid)
+            self._uid = None
+        if self._zygote is not None:
+            _release_zygote(self._zygote)
+            self._zygote = None
+        self.pid = None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._kill()
+
+    def __enter__(self) -> "REPLSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # --- cells ---------------------------------------------------------------
+    def execute(self, code: str) -> ExecResult:
+        if self._closed:
+            raise RuntimeError("REPLSession is closed")
+        restarted_before = False
+        if self._sock is None:  # the previous cell killed the worker: fresh namespace
+            self._start()
+            restarted_before = True
+        t0 = time.monotonic()
+        waited = 0.0
+        try:
+            protocol.send(self._sock, {"op": "exec", "code": code})
+            while True:
+                left = self.config.timeout_s - (time.monotonic() - t0 - waited)
+                msg = self._next_frame(left)
+                if msg.get("op") == "done":
+                    return self._result(msg, time.monotonic() - t0, waited, restarted_before)
+                if msg.get("op") in ("llm", "rlm"):
+                    t_sub = time.monotonic()
+                    self._serve_subcall(msg)
+                    waited += time.monotonic() - t_sub
+                    continue
+                raise protocol.ProtocolError(f"unexpected frame op {msg.get('op')!r}")
+        except protocol.FrameTimeout:
+            return self._fail(f"TimeoutError: the cell ran longer than timeout_s={self.config.timeout_s:g}s "
+                              f"(time waiting on sub-calls excluded); the worker was killed",
+                              t0, waited, timed_out=True)
+        except protocol.PeerClosed:
+            return self._fail(f"WorkerDied: the REPL worker {self._death_note()}", t0, waited)
+        except (protocol.ProtocolError, OSError) as exc:
+            return self._fail(f"ProtocolError: the worker broke the host protocol ({exc}); it was killed",
+                              t0, waited)
+
+    def _next_frame(self, left: float) -> dict:
+        if left <= 0:
+            raise protocol.FrameTimeout("cell timeout")
+        ready, _, _ = select.select([self._sock, self._status_r], [], [], left)
+        if not ready:
+            raise protocol.FrameTimeout("cell timeout")
+        if self._sock not in ready:
+            raise protocol.PeerClosed("worker exited")  # the supervisor reported its death
+        msg = protocol.recv(self._sock, trusted=False, deadline=time.monotonic() + max(left, 0.05))
+        if not isinstance(msg, dict):
+            raise protocol.ProtocolError("frame is not a dict")
+        return msg
+
+    def _death_note(self) -> str:
+        """How the worker died, from the supervisor's status pipe."""
+        if self._status_r < 0 or not select.select([self._status_r], [], [], 5.0)[0]:
+            return "stopped answering"
+        data = os.read(self._status_r, 4)
+        if len(data) != 4:
+            return "died (supervisor gone)"
+        (status,) = struct.unpack("<i", data)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            hint = {signal.SIGKILL: " (a limit or a kill)", signal.SIGXCPU: " (CPU time limit)",
+                    signal.SIGSEGV: " (crash)"}.get(sig, "")
+            return f"was killed by {_signame(sig)}{hint}"
+        return f"exited with code {os.WEXITSTATUS(status)}"
+
+    def _fail(self, why: str, t0: float, waited: float, timed_out: bool = False) -> ExecResult:
+        self._kill()
+        return ExecResult(error=f"{why}. The namespace was lost; the next execute starts a fresh worker.",
+                          timed_out=timed_out, wall_s=time.monotonic() - t0, restarted=True,
+                          subcall_wait_s=waited)
+
+    def _result(self, msg: dict, wall: float, waited: float, restarted: bool) -> ExecResult:
+        def text(key):
+            v = msg.get(key)
+            return v if isinstance(v, str) else ""
+        error = msg.get("error")
+        final = msg.get("final")
+        cut = msg.get("truncated_chars")
+        cut = cut if isinstance(cut, int) else 0
+        stdout = text("stdout")
+        if cut:
+            stdout += f"\n[... output truncated: {cut} characters cut (max_output_chars={self.config.max_output_chars})]"
+        return ExecResult(stdout=stdout, stderr=text("stderr"), error=error if isinstance(error, str) else None,
+                          final=final if isinstance(final, str) else None, truncated_chars=cut, wall_s=wall,
+                          restarted=restarted, subcall_wait_s=waited)
+
+    # --- sub-calls -------------------------------------------------------------
+    def _serve_subcall(self, msg: dict) -> None:
+        try:
+            results = self._call_handler(msg["op"], msg.get("items"))
+            reply = {"results": results, "error": None}
+        except Exception as exc:  # surfaces inside the cell as RuntimeError(message)
+            reply = {"results": None, "error": f"{type(exc).__name__}: {exc}"}
+        protocol.send(self._sock, reply)
+
+    def _call_handler(self, op: str, items) -> list[str]:
+        if not isinstance(items, list) or not items:
+            raise ValueError("empty or malformed sub-call request")
+        if op == "llm":
+            prompts = [str(p) for p in items]
+            pairs = None
+        else:
+            pairs = [(str(it[0]), it[1]) for it in items]
+            prompts = [p for p, _ in pairs]
+        if self.llm is None:
+            raise RuntimeError("no sub-model configured: this REPL session has llm=None, "
+                               "so llm_query/rlm_query cannot be used here")
+        if hasattr(self.llm, "llm_batch"):
+            results = self.llm.llm_batch(prompts) if pairs is None else self.llm.rlm_batch(pairs)
+        else:
+            results = self._map_plain(prompts)  # a plain fn: rlm_query degrades to llm_query
+        results = list(results)
+        if len(results) != len(prompts):
+            raise RuntimeError(f"sub-model handler returned {len(results)} answers for {len(prompts)} prompts")
+        return [r if isinstance(r, str) else str(r) for r in results]
+
+    def _map_plain(self, prompts: list[str]) -> list[str]:
+        if len(prompts) == 1:
+            return [self.llm(prompts[0])]
+        workers = max(1, min(len(prompts), self.config.max_parallel_subcalls))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlm-subcall") as pool:
+            return list(pool.map(self.llm, prompts))

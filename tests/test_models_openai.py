@@ -1,0 +1,293 @@
+"""OpenAIPolicy against the real local mock server (real HTTP on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from rlm_train.models.base import PolicyError, SamplingParams
+from rlm_train.models.mock_server import FailPlan, MockHTTPError, MockOpenAIServer
+from rlm_train.models.openai_client import OpenAIPolicy
+
+USER = [{"role": "user", "content": "what is two plus two"}]
+
+
+def fast_policy(urls: list[str], **kw) -> OpenAIPolicy:
+    # Tiny backoff so retry tests take milliseconds, not seconds.
+    opts = dict(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=2, max_retries=5)
+    opts.update(kw)
+    return OpenAIPolicy("mock-model", urls, **opts)
+
+
+async def call_and_close(policy: OpenAIPolicy, *args, **kw):
+    try:
+        return await policy.chat(*args, **kw)
+    finally:
+        await policy.aclose()
+
+
+def dead_url() -> str:
+    # A port nothing listens on: bind, read the port, close.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_success_captures_usage_and_maps_sampling():
+    with MockOpenAIServer(responder=lambda msgs, body: "four is the answer") as srv:
+        policy = fast_policy([srv.base_url], api_key="sk-test-key")
+        sampling = SamplingParams(max_tokens=50, temperature=0.7, top_p=0.9, stop=["\n\n"], seed=3)
+        c = asyncio.run(call_and_close(policy, USER, sampling, hints={"answer": "SECRET-HINT"}))
+
+        assert c.text == "four is the answer"
+        assert (c.prompt_tokens, c.completion_tokens) == (5, 4)
+        assert c.finish_reason == "stop" and c.retries == 0 and c.latency_s > 0
+        assert c.extra["server"] == srv.base_url
+        body = srv.bodies[-1]
+        assert body["model"] == "mock-model" and body["messages"] == USER
+        assert (body["max_tokens"], body["temperature"], body["top_p"], body["stop"], body["seed"]) == (
+            50, 0.7, 0.9, ["\n\n"], 3)
+        assert "SECRET-HINT" not in json.dumps(body) and "hints" not in body  # hints never leave the host
+        assert srv.headers[-1]["authorization"] == "Bearer sk-test-key"
+        assert "sk-test-key" not in repr(policy)
+        assert policy.stats == {"requests": 1, "retries": 0, "failures": 0,
+                                "prompt_tokens": 5, "completion_tokens": 4}
+
+
+def test_length_finish_reason_and_extra_body():
+    with MockOpenAIServer(responder=lambda msgs, body: "one two three four five six") as srv:
+        policy = fast_policy([srv.base_url], extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        c = asyncio.run(call_and_close(policy, USER, SamplingParams(max_tokens=2)))
+        assert c.text == "one two" and c.finish_reason == "length" and c.completion_tokens == 2
+        assert srv.bodies[-1]["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_500s_then_success_counts_retries():
+    with MockOpenAIServer(fail_plan=FailPlan(first_n=3)) as srv:
+        policy = fast_policy([srv.base_url])
+        c = asyncio.run(call_and_close(policy, USER))
+        assert c.text.startswith("echo: what is two")
+        assert c.retries == 3 and srv.requests == 4 and srv.counts["error_500"] == 3
+        assert policy.stats["retries"] == 3 and policy.stats["failures"] == 0
+
+
+def test_429_honors_retry_after():
+    with MockOpenAIServer(fail_plan=FailPlan(first_n=1, first_status=429, retry_after_s=0.3)) as srv:
+        policy = fast_policy([srv.base_url], backoff_max_s=1.0)
+        t0 = time.perf_counter()
+        c = asyncio.run(call_and_close(policy, USER))
+        assert c.retries == 1 and time.perf_counter() - t0 >= 0.3
+
+
+def test_server_down_then_up_on_same_port():
+    srv = MockOpenAIServer().start()
+    try:
+        policy = fast_policy([srv.base_url], max_retries=40, backoff_base_s=0.02, backoff_max_s=0.1)
+
+        async def scenario():
+            first = await policy.chat(USER)  # leaves a keep-alive connection that the outage kills
+            port = srv.port
+            srv.stop()
+            threading.Timer(0.5, srv.start).start()
+            t0 = time.perf_counter()
+            second = await policy.chat(USER)
+            await policy.aclose()
+            return first, second, port, time.perf_counter() - t0
+
+        first, second, port, waited = asyncio.run(scenario())
+        assert first.retries == 0 and second.text == first.text
+        assert second.retries >= 1 and waited >= 0.4
+        assert srv.port == port and srv.running
+    finally:
+        srv.close()
+
+
+def test_server_that_never_answers_gives_clear_policy_error():
+    with MockOpenAIServer(fail_plan=FailPlan(p=1.0, mode="hang")) as srv:
+        policy = fast_policy([srv.base_url], timeout_s=0.2, max_retries=2)
+        t0 = time.perf_counter()
+        with pytest.raises(PolicyError) as info:
+            asyncio.run(call_and_close(policy, USER))
+        assert time.perf_counter() - t0 < 2.0  # 3 attempts x 0.2 s + tiny backoff
+        msg = str(info.value)
+        assert "\n" not in msg and srv.base_url in msg and "timeout" in msg and "--base-url" in msg
+        assert "3 attempts" in msg and srv.counts["hang"] == 3
+        assert policy.stats["failures"] == 1 and policy.stats["retries"] == 2
+
+
+def test_nothing_listening_gives_clear_policy_error():
+    url = dead_url()
+    policy = fast_policy([url], max_retries=2)
+    with pytest.raises(PolicyError) as info:
+        asyncio.run(call_and_close(policy, USER))
+    msg = str(info.value)
+    assert url in msg and "Is the server running" in msg and "--base-url" in msg
+
+
+def test_dropped_connections_are_retried():
+    # Half the requests fail (500, hang past the timeout, or a cut connection); with 20
+    # retries each the chance that a call runs out is ~1e-5.
+    with MockOpenAIServer(fail_plan=FailPlan(p=0.5, mode="mix", hang_s=5, seed=7)) as srv:
+        policy = fast_policy([srv.base_url], timeout_s=0.3, max_retries=20)
+
+        async def many():
+            out = await asyncio.gather(*[policy.chat([{"role": "user", "content": f"q{i}"}]) for i in range(30)])
+            await policy.aclose()
+            return out
+
+        results = asyncio.run(many())
+        assert [r.text for r in results] == [f"echo: q{i}" for i in range(30)]
+        assert srv.counts["drop"] > 0 and srv.counts["error_500"] > 0
+        assert sum(r.retries for r in results) == policy.stats["retries"] > 0
+
+
+def test_4xx_fails_at_once_with_server_message():
+    def too_long(msgs, body):
+        raise MockHTTPError(400, "This model's maximum context length is 2048 tokens. You requested 9000.")
+
+    with MockOpenAIServer(responder=too_long) as srv:
+        policy = fast_policy([srv.base_url])
+        with pytest.raises(PolicyError, match="maximum context length is 2048") as info:
+            asyncio.run(call_and_close(policy, USER))
+        assert "HTTP 400" in str(info.value)
+        assert srv.requests == 1 and policy.stats["retries"] == 0 and policy.stats["failures"] == 1
+
+
+def test_two_servers_share_load():
+    with MockOpenAIServer(latency_s=0.05) as a, MockOpenAIServer(latency_s=0.05) as b:
+        policy = fast_policy([a.base_url, b.base_url])
+
+        async def many():
+            out = await asyncio.gather(*[policy.chat(USER) for _ in range(40)])
+            await policy.aclose()
+            return out
+
+        results = asyncio.run(many())
+        assert len(results) == 40 and a.requests + b.requests == 40
+        assert a.requests >= 15 and b.requests >= 15
+        assert {r.extra["server"] for r in results} == {a.base_url, b.base_url}
+
+
+def test_one_dead_server_does_not_break_calls():
+    with MockOpenAIServer() as live:
+        dead = dead_url()
+        policy = fast_policy([dead, live.base_url], max_retries=2, backoff_base_s=1.0, backoff_max_s=5.0)
+
+        async def many():
+            out = [await policy.chat(USER) for _ in range(10)]
+            out += await asyncio.gather(*[policy.chat(USER) for _ in range(10)])
+            await policy.aclose()
+            return out
+
+        t0 = time.perf_counter()
+        results = asyncio.run(many())
+        assert len(results) == 20 and live.requests == 20
+        assert all(r.extra["server"] == live.base_url for r in results)
+        # Failover to the live server is immediate, and the dead one is then avoided.
+        assert policy.stats["retries"] <= 2 and time.perf_counter() - t0 < 1.0
+
+
+def test_32_concurrent_calls_at_100ms_are_concurrent():
+    with MockOpenAIServer(latency_s=0.1) as srv:
+        policy = fast_policy([srv.base_url])
+
+        async def burst():
+            t0 = time.perf_counter()
+            out = await asyncio.gather(*[policy.chat([{"role": "user", "content": f"n{i}"}]) for i in range(32)])
+            wall = time.perf_counter() - t0
+            await policy.aclose()
+            return out, wall
+
+        results, wall = asyncio.run(burst())
+        assert [r.text for r in results] == [f"echo: n{i}" for i in range(32)]
+        assert wall < 0.5 and srv.max_in_flight == 32
+
+
+def test_concurrency_bound_is_respected():
+    with MockOpenAIServer(latency_s=0.05) as srv:
+        policy = fast_policy([srv.base_url], max_concurrency=4)
+
+        async def many():
+            await asyncio.gather(*[policy.chat(USER) for _ in range(16)])
+            await policy.aclose()
+
+        t0 = time.perf_counter()
+        asyncio.run(many())
+        assert srv.max_in_flight == 4 and time.perf_counter() - t0 >= 0.2  # 4 waves of 50 ms
+
+
+def test_policy_survives_a_new_event_loop():
+    with MockOpenAIServer() as srv:
+        policy = fast_policy([srv.base_url])
+        # aclose() ends a loop's connections; the next loop opens fresh ones.
+        assert asyncio.run(call_and_close(policy, USER)).text == asyncio.run(call_and_close(policy, USER)).text
+        assert policy.stats["requests"] == 2
+
+
+def test_mock_server_info_endpoints():
+    with MockOpenAIServer(model="tiny") as srv:
+        with urllib.request.urlopen(srv.base_url + "/models", timeout=5) as r:
+            assert json.load(r)["data"][0]["id"] == "tiny"
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/health", timeout=5) as r:
+            assert json.load(r) == {"status": "ok"}
+        assert srv.requests == 0  # only chat requests count
+
+
+def test_chunked_and_unframed_responses_and_server_closed_idle_connections():
+    # Other servers and proxies frame responses differently; the stdlib server covers
+    # chunked bodies, bodies that run to connection close, and closing idle keep-alives.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answer = json.dumps({"choices": [{"message": {"content": "framed"}, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 0.2  # closes idle keep-alive connections quickly, like uvicorn after 5 s
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            if self.path.startswith("/chunked"):
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for part in (answer[:10], answer[10:]):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                self.wfile.write(b"0\r\n\r\n")
+            else:  # no length, no chunking: the body ends when the connection does
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(answer)
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        policy = fast_policy([f"http://127.0.0.1:{port}/chunked/v1", f"http://127.0.0.1:{port}/plain/v1"])
+
+        async def go():
+            out = [await policy.chat(USER) for _ in range(4)]
+            await asyncio.sleep(0.4)  # the server drops our idle keep-alive connection meanwhile
+            out += [await policy.chat(USER) for _ in range(4)]
+            await policy.aclose()
+            return out
+
+        results = asyncio.run(go())
+        assert [r.text for r in results] == ["framed"] * 8
+        assert {r.extra["server"].split("/")[3] for r in results} == {"chunked", "plain"}
+        assert policy.stats["retries"] == 0  # a stale idle connection is not a server failure
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,393 @@
+"""The sandboxed REPL: real worker processes, real limits, real isolation (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import psutil
+import pytest
+
+from rlm_train.repl import REPLSession, SandboxConfig, SharedContext, isolation_report
+
+FAST = SandboxConfig(timeout_s=10, memory_mb=512, max_output_chars=20_000)
+
+
+@pytest.fixture
+def session():
+    with REPLSession("hello world", config=FAST) as s:
+        yield s
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _assert_works(s: REPLSession) -> None:
+    r = s.execute("print(40 + 2)")
+    assert r.error is None and r.stdout == "42\n"
+
+
+# --------------------------------------------------------------------------- REPL semantics
+def test_namespace_persists_and_context_is_there(session):
+    assert session.execute("x = len(context)").error is None
+    r = session.execute("print(x, context.upper(), re.sub('o', '0', context), json.dumps([1]), math.pi > 3)")
+    assert r.stdout == "11 HELLO WORLD hell0 w0rld [1] True\n"
+
+
+def test_helpers_cannot_be_clobbered(session):
+    session.execute("FINAL = None; llm_query = 3; context = 'gone'")
+    r = session.execute("FINAL(context)")
+    assert r.error is None and r.final == "hello world"
+
+
+def test_final_and_final_var(session):
+    r = session.execute("FINAL(6 * 7)\nprint('after')")  # execution continues after FINAL
+    assert r.final == "42" and r.stdout == "after\n"
+    assert session.execute("print(1)").final is None  # final is per cell
+    session.execute("answer = ['a', 1]")
+    assert session.execute("FINAL_VAR('answer')").final == "['a', 1]"
+    assert session.execute("FINAL_VAR(answer)").final == "['a', 1]"  # a value is taken as the answer
+
+
+def test_final_var_undefined_name(session):
+    r = session.execute("FINAL_VAR('nope')")
+    assert r.final is None
+    assert "NameError" in r.error and "'nope' is not defined" in r.error and "FINAL(value)" in r.error
+
+
+def test_show_vars(session):
+    session.execute("items = [1, 2]\ncount = 2")
+    out = session.execute("SHOW_VARS()").stdout
+    assert "items: list" in out and "count: int" in out and "llm_query" not in out and "re:" not in out
+
+
+def test_syntax_error_then_session_goes_on(session):
+    session.execute("y = 5")
+    r = session.execute("def broken(:\n    pass")
+    assert "SyntaxError" in r.error and "<cell" in r.error and "def broken(:" in r.error
+    assert session.execute("print(y)").stdout == "5\n"
+
+
+def test_runtime_error_traceback(session):
+    r = session.execute("def f():\n    return 1 / 0\nf()")
+    assert r.error.startswith("Traceback") and "ZeroDivisionError" in r.error and "return 1 / 0" in r.error
+    assert "worker.py" not in r.error  # the sandbox's own frames are hidden
+
+
+# --------------------------------------------------------------------------- sub-calls
+def test_subcalls_with_plain_callable():
+    with REPLSession("ctx", config=FAST, llm=lambda p: f"<{p}>") as s:
+        r = s.execute("print(llm_query('a'), llm_query_batched(['b', 'c']), rlm_query('d', context=[1]))")
+        assert r.error is None
+        assert r.stdout == "<a> ['<b>', '<c>'] <d>\n"
+
+
+class RecordingHandler:
+    def __init__(self):
+        self.calls = []
+
+    def llm_batch(self, prompts):
+        self.calls.append(("llm", prompts, threading.current_thread().name))
+        return [p[::-1] for p in prompts]
+
+    def rlm_batch(self, requests):
+        self.calls.append(("rlm", requests, threading.current_thread().name))
+        return [f"{p}:{len(c) if c is not None else 'none'}" for p, c in requests]
+
+
+def test_subcalls_with_handler_object():
+    h = RecordingHandler()
+    with REPLSession("ctx", config=FAST, llm=h) as s:
+        r = s.execute("print(llm_query_batched(['ab', 'cd']))\n"
+                      "print(rlm_query('q', context={'k': [1, 2, 3]}))\n"
+                      "print(rlm_query_batched(['x', 'y'], [None, 'abcd']))")
+        assert r.error is None, r.error
+        assert r.stdout == "['ba', 'dc']\nq:1\n['x:none', 'y:4']\n"
+    me = threading.current_thread().name
+    assert h.calls == [("llm", ["ab", "cd"], me), ("rlm", [("q", {"k": [1, 2, 3]})], me),
+                       ("rlm", [("x", None), ("y", "abcd")], me)]
+
+
+def test_non_plain_rlm_context_is_a_cell_error():
+    with REPLSession("ctx", config=FAST, llm=RecordingHandler()) as s:
+        r = s.execute("class C: pass\nrlm_query('q', context=C())")
+        assert "TypeError" in r.error and "plain data" in r.error and not r.restarted
+        _assert_works(s)
+
+
+def test_no_llm_configured(session):
+    r = session.execute("llm_query('hi')")
+    assert "RuntimeError" in r.error and "no sub-model configured" in r.error
+    _assert_works(session)
+
+
+def test_handler_exception_surfaces_in_cell():
+    def bad(prompt):
+        raise ValueError("server said no")
+
+    with REPLSession("", config=FAST, llm=bad) as s:
+        r = s.execute("try:\n    llm_query('x')\nexcept RuntimeError as e:\n    print('caught', e)")
+        assert r.stdout == "caught ValueError: server said no\n"
+        _assert_works(s)
+
+
+def test_32_batched_subcalls_run_concurrently():
+    def slow(prompt):
+        time.sleep(0.1)
+        return prompt.upper()
+
+    with REPLSession("", config=FAST, llm=slow) as s:
+        r = s.execute("out = llm_query_batched([f'p{i}' for i in range(32)])\nprint(len(out), out[31])")
+    assert r.stdout == "32 P31\n"
+    assert r.wall_s < 0.8, f"32 x 100 ms sub-calls took {r.wall_s:.2f}s: not concurrent"
+    assert r.subcall_wait_s >= 0.1
+
+
+def test_subcall_wait_does_not_count_toward_timeout():
+    def slow(prompt):
+        time.sleep(1.2)
+        return "ok"
+
+    with REPLSession("", config=SandboxConfig(timeout_s=0.8), llm=slow) as s:
+        r = s.execute("print(llm_query('x'))")
+    assert not r.timed_out and r.stdout == "ok\n" and r.subcall_wait_s >= 1.2
+
+
+# --------------------------------------------------------------------------- limits
+def test_timeout_kills_and_restarts(session):
+    session.execute("keep = 1")
+    cfg_timeout = session.config.timeout_s
+    session.config.timeout_s = 1.0
+    t0 = time.monotonic()
+    r = session.execute("while True:\n    pass")
+    session.config.timeout_s = cfg_timeout
+    assert r.timed_out and r.restarted and time.monotonic() - t0 < 5
+    assert "timeout_s=1s" in r.error and "namespace was lost" in r.error
+    r2 = session.execute("print(keep)")
+    assert r2.restarted and "NameError" in r2.error  # fresh worker, empty namespace
+    _assert_works(session)
+
+
+def test_memory_limit(session):
+    r = session.execute("x = bytearray(2 << 30)")  # 2 GiB > memory_mb=512
+    assert "MemoryError" in r.error and not r.restarted
+    r = session.execute("blocks = []\nfor _ in range(100):\n    blocks.append(bytearray(16 << 20))")
+    assert "MemoryError" in r.error
+    session.execute("del blocks")
+    _assert_works(session)
+
+
+def test_output_flood_is_truncated():
+    cfg = SandboxConfig(timeout_s=20, max_output_chars=1000)
+    with REPLSession("", config=cfg) as s:
+        r = s.execute("for i in range(300_000):\n    print('spam spam spam')")
+        assert r.error is None and r.truncated_chars == 300_000 * 15 - 1000
+        assert len(r.stdout) < 1200 and "characters cut" in r.stdout
+        r = s.execute("import os\nos.system('yes garbage | head -c 3000000')")  # fd-level output
+        assert r.truncated_chars > 2_000_000 and r.stdout.startswith("garbage\n")
+        _assert_works(s)
+
+
+def test_fork_bomb_is_stopped():
+    cfg = SandboxConfig(timeout_s=20, max_processes=16)
+    with REPLSession("", config=cfg) as s:
+        r = s.execute(
+            "import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+            "            time.sleep(120)\n            os._exit(0)\n        n += 1\n"
+            "except OSError as e:\n    print('stopped after', n, type(e).__name__)")
+        assert r.error is None and r.stdout.startswith("stopped after")
+        assert int(r.stdout.split()[2]) < 16
+        uid = psutil.Process(s.pid).uids().real
+        assert len([p for p in psutil.process_iter(["uids"]) if p.info["uids"].real == uid]) >= 10
+        _assert_works(s)
+    time.sleep(0.2)
+    assert not [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
+
+
+def test_file_size_limit(session):
+    r = session.execute("open('big', 'wb').write(b'x' * (80 << 20))")  # max_file_mb=64
+    assert "File too large" in r.error or "OSError" in r.error
+    _assert_works(session)
+
+
+# --------------------------------------------------------------------------- isolation
+def test_host_env_is_invisible(monkeypatch, session):
+    monkeypatch.setenv("RLM_TEST_SECRET", "s3cr3t-value")
+    with REPLSession("", config=FAST) as s:
+        r = s.execute(
+            "import os, glob\nprint(sorted(os.environ))\nhits = []\n"
+            f"for path in glob.glob('/proc/*/environ') + ['/proc/{os.getpid()}/environ']:\n"
+            "    try:\n        hits.append(b's3cr3t' in open(path, 'rb').read())\n"
+            "    except OSError:\n        pass\nprint(any(hits))")
+    assert r.error is None
+    assert r.stdout == "['HOME', 'LANG', 'PATH', 'TMPDIR']\nFalse\n"
+
+
+def test_no_network():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # the host can
+        with REPLSession("", config=FAST) as s:
+            r = s.execute(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
+        assert r.error is not None and ("unreachable" in r.error or "refused" in r.error), r.error
+    finally:
+        srv.close()
+
+
+def test_cannot_write_outside_private_tmp(session, tmp_path):
+    name = f"rlm-probe-{uuid.uuid4().hex}"
+    r = session.execute(
+        f"for d in ('/tmp', '/var/tmp', '/dev/shm'):\n    open(d + '/{name}', 'w').write('x')\n"
+        f"open('{name}', 'w').write('in cwd')\nimport os\nprint(os.getcwd(), os.path.exists('/tmp/{name}'))")
+    assert r.error is None and r.stdout == "/tmp True\n"
+    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+        assert not os.path.exists(f"{d}/{name}")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for target in (f"{repo}/{name}", f"{repo}/tests/{name}", f"/root/{name}", f"/etc/{name}"):
+        r = session.execute(f"open({target!r}, 'w').write('x')")
+        assert "PermissionError" in r.error or "Read-only file system" in r.error, (target, r.error)
+        assert not os.path.exists(target)
+
+
+def test_cannot_signal_the_host(session):
+    others = [os.getpid(), session.zygote_pid, session.pids[0]]  # host, zygote, supervisor
+    r = session.execute(
+        "import os, signal\nfor target in %r:\n"
+        "    try:\n        os.kill(target, signal.SIGKILL)\n        print('sent')\n"
+        "    except OSError as e:\n        print(type(e).__name__)\n"
+        "print(os.getppid())\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(-1, signal.SIGKILL)" % others)
+    # The worker is pid 1 of its own pid namespace: nothing outside it even has a pid
+    # there (getppid() is 0), and the cell runs under its own unprivileged uid.
+    assert r.stdout.split() == ["ProcessLookupError"] * 3 + ["0"], r
+    assert all(_alive(p) for p in others)
+    _assert_works(session)
+
+
+@pytest.mark.parametrize("code,expect", [
+    ("import os\nos._exit(3)", "exited with code 3"),
+    ("import ctypes\nctypes.string_at(0)", "SIGSEGV"),
+    ("import os\nos.closerange(0, 1024)", "WorkerDied"),
+    ("import os\nos.write(3, b'\\xff' * 64)", "ProtocolError"),
+    ("import os\nos.write(3, (2**62).to_bytes(8, 'little'))", "ProtocolError"),
+])
+def test_host_survives_worker_death(session, code, expect):
+    session.execute("keep = 1")
+    r = session.execute(code)
+    assert r.restarted and expect in r.error and "namespace was lost" in r.error, r.error
+    _assert_works(session)
+
+
+@pytest.mark.parametrize("code,expect", [
+    # pid 1 of a pid namespace ignores SIGKILL sent from inside it: the worker lives on.
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\nos.kill(0, signal.SIGKILL)", "nothing"),
+    ("import sys\nsys.exit(4)", "SystemExit: 4"),
+    ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+    ("class B(BaseException): pass\nraise B('x')", "B: x"),
+    ("def r(n):\n    return r(n + 1)\nr(0)", "RecursionError"),
+    ("import os\nos.write(1, b'raw fd write\\n')\nos.write(2, b'\\xff\\xfe')", None),
+])
+def test_cell_errors_keep_the_session(session, code, expect):
+    session.execute("keep = 1")
+    r = session.execute(code)
+    assert not r.restarted
+    if expect == "nothing":
+        assert r.error is None
+    elif expect:
+        assert expect in r.error
+    else:
+        assert r.error is None and "raw fd write" in r.stdout
+    assert session.execute("print(keep)").stdout == "1\n"
+
+
+def test_isolation_report_names_every_layer():
+    rep = isolation_report()
+    for layer in ("net_namespace", "mount_namespace", "pid_namespace", "private_tmp", "uid_drop",
+                  "no_new_privs", "cgroup_memory", "cgroup_pids"):
+        assert layer in rep
+    if os.geteuid() == 0:  # this project's dev machines: everything is available
+        assert rep["missing"] == [], rep
+
+
+# --------------------------------------------------------------------------- processes, sharing
+def test_close_reaps_everything():
+    s = REPLSession("abc", config=FAST)
+    s.execute("import subprocess\np = subprocess.Popen(['sleep', '100'])")
+    pids = list(s.pids)
+    uid = psutil.Process(s.pid).uids().real
+    assert all(_alive(p) for p in pids)
+    s.close()
+    assert not any(_alive(p) for p in pids)
+    assert not [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
+    zombies = [p for p in psutil.Process().children(recursive=True) if p.status() == psutil.STATUS_ZOMBIE]
+    assert zombies == []
+    assert not os.path.exists(f"/sys/fs/cgroup/pids/rlm_repl/{uid}-{pids[0]}")
+
+
+def test_concurrent_sessions_from_threads():
+    text = "x" * 1000
+    errors = []
+
+    def run(i):
+        try:
+            with REPLSession(text, config=FAST, llm=lambda p: p * 2) as s:
+                for j in range(3):
+                    r = s.execute(f"v = {i} * 10 + {j}\nprint(v, llm_query('ab'), len(context))")
+                    assert r.stdout == f"{i * 10 + j} abab 1000\n", r
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+
+
+def test_list_and_dict_contexts():
+    with REPLSession({"docs": ["a", "b"], "n": 2}, config=FAST) as s:
+        assert s.execute("print(context['docs'][1], context['n'])").stdout == "b 2\n"
+    shared = SharedContext(["p", "q"])
+    with REPLSession(shared, config=FAST) as a, REPLSession(shared, config=FAST) as b:
+        assert a.zygote_pid == b.zygote_pid
+        assert b.execute("print(context)").stdout == "['p', 'q']\n"
+
+
+def _pss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.slow
+def test_sessions_share_the_context_copy_on_write():
+    context = "abcdefghij" * (5 << 20)  # 50 MB
+    cfg = SandboxConfig(timeout_s=20, memory_mb=256)
+    one = REPLSession(context, config=cfg)
+    one.execute("n = context.count('j')")
+    pss_one = sum(_pss_kb(p) for p in [one.zygote_pid, *one.pids])
+    more = [REPLSession(context, config=cfg) for _ in range(7)]
+    try:
+        for s in more:
+            assert s.zygote_pid == one.zygote_pid
+            assert s.execute("n = context.count('j'); print(n)").stdout == f"{5 << 20}\n"
+        pids = {one.zygote_pid, *[p for s in [one, *more] for p in s.pids]}
+        pss_eight = sum(_pss_kb(p) for p in pids)
+    finally:
+        for s in [one, *more]:
+            s.close()
+    assert pss_one > 50_000  # the context is really in there
+    assert pss_eight < 2 * pss_one, (pss_one, pss_eight)
