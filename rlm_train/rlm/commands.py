@@ -19,15 +19,25 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         "--base-url", action="append", default=[], help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1 (repeatable)"
     )
     parser.add_argument("--sub-base-url", action="append", default=[], help="server(s) for the sub-policy (default: --base-url)")
+    parser.add_argument("--max-retries", type=int, help="openai: retries per request on connection errors/429/5xx (default 5)")
+    parser.add_argument("--request-timeout", type=float, help="openai: seconds per request before it is retried (default 120)")
+    parser.add_argument("--max-concurrency", type=int, help="openai: requests in flight per policy (default 64)")
 
 
 def build_policies(args: argparse.Namespace):
     from rlm_train.models.spec import build_policy
 
-    policy = build_policy(args.policy, base_urls=args.base_url)
+    def client_options(spec: str) -> dict:
+        # Transport options only mean something to HTTP backends.
+        if not spec.startswith("openai:"):
+            return {}
+        return {"max_retries": args.max_retries, "timeout_s": args.request_timeout, "max_concurrency": args.max_concurrency}
+
+    policy = build_policy(args.policy, base_urls=args.base_url, **client_options(args.policy))
     sub_policy = None
     if args.sub_policy:
-        sub_policy = build_policy(args.sub_policy, base_urls=args.sub_base_url or args.base_url)
+        sub_base_urls = args.sub_base_url or args.base_url
+        sub_policy = build_policy(args.sub_policy, base_urls=sub_base_urls, **client_options(args.sub_policy))
     return policy, sub_policy
 
 
