@@ -22,6 +22,10 @@ OUTCOME_MAX_ITERATIONS = "max_iterations"  # answered only on the forced last tu
 OUTCOME_BUDGET = "budget_exhausted"  # a call-tree budget (sub-calls, tokens, wall, ...) ran out
 OUTCOME_ERROR = "error"  # the episode could not go on (server unreachable, ...)
 
+# trajectory["error_kind"] when outcome is error: who failed.
+ERROR_MODEL = "model"  # a root model call failed after the client's retries
+ERROR_INTERNAL = "internal"  # anything else (sandbox could not start, a bug)
+
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, object) for each non-blank line; a bad line is a UserError naming it."""

@@ -23,6 +23,8 @@ from pydantic import Field
 
 from rlm_train.config import StrictModel
 from rlm_train.formats import (
+    ERROR_INTERNAL,
+    ERROR_MODEL,
     OUTCOME_BUDGET,
     OUTCOME_ERROR,
     OUTCOME_FINAL,
@@ -247,6 +249,7 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
     final: str | None = None
     outcome = OUTCOME_MAX_ITERATIONS
     error: str | None = None
+    error_kind: str | None = None
     started = time.monotonic()
     sandbox = SandboxConfig(
         timeout_s=config.timeout_s,
@@ -272,9 +275,10 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
     except BudgetExhausted as exc:
         outcome, error = OUTCOME_BUDGET, str(exc)
     except PolicyError as exc:
-        outcome, error = OUTCOME_ERROR, f"model call failed: {exc}"
+        outcome, error, error_kind = OUTCOME_ERROR, f"model call failed: {exc}", ERROR_MODEL
     except Exception as exc:  # the host must survive anything an episode does
-        outcome, error = OUTCOME_ERROR, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+        outcome, error_kind = OUTCOME_ERROR, ERROR_INTERNAL
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
     finally:
         _close_when_ready(session)
     return {
@@ -285,6 +289,7 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
         "final": final,
         "outcome": outcome,
         "error": error,
+        "error_kind": error_kind,
         "score": None,
         "stats": _episode_stats(turns, time.monotonic() - started),
     }

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 # ```repl (our format) and ```python (what small models often write instead).
-_FENCE_RE = re.compile(r"```[ \t]*(repl|python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+CODE_FENCE_RE = re.compile(r"```[ \t]*(repl|python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 _FINAL_START_RE = re.compile(r"^[ \t>*]*(FINAL_VAR|FINAL)\(", re.MULTILINE)
 
 
@@ -21,7 +21,7 @@ def extract_code_blocks(text: str) -> list[str]:
     """Code of every ```repl``` / ```python``` block, in order. An unterminated last
     block (the model hit its token limit or a stop string) still counts."""
     blocks = []
-    for match in _FENCE_RE.finditer(text):
+    for match in CODE_FENCE_RE.finditer(text):
         code = match.group(2).strip("\n")
         if code.strip():
             blocks.append(code)
@@ -29,7 +29,7 @@ def extract_code_blocks(text: str) -> list[str]:
 
 
 def strip_code_blocks(text: str) -> str:
-    return _FENCE_RE.sub("", text)
+    return CODE_FENCE_RE.sub("", text)
 
 
 def find_final(text: str) -> FinalCall | None:

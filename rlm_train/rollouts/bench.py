@@ -1,0 +1,202 @@
+"""`rlm-train bench generate`: generation throughput against a local mock server.
+
+200 episodes of 3 root turns + 8 sub-calls each, 64 at a time, against a mock
+OpenAI-compatible server answering every request in 100 ms, through the same
+`run_generate` the CLI uses (REPL sandbox, shards, scoring, summary included).
+
+Ideal wall time: the episodes run in ceil(200 / 64) = 4 waves, and one episode is 4
+sequential latencies (3 root calls + one round of parallel sub-calls): 4 x 0.4 s = 1.6 s.
+Goal: wall / ideal <= 1.3. Also reported: one episode alone (measured in the same run),
+and peak memory of this process and of the whole process tree (REPL workers included).
+
+The server runs in its own process, so its CPU time is not counted as client overhead,
+as with a real vLLM server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+EPISODES = 200
+CONCURRENCY = 64
+LATENCY_S = 0.1
+SUB_CALLS = 8
+ROOT_TURNS = 3
+
+
+def scenario_turn(turn: int, sub_calls: int = SUB_CALLS) -> str:
+    """The scenario's root turns: peek, one batch of sub-calls, answer from the context."""
+    if turn == 0:
+        return "```repl\nprint(len(context))\nprint(context[:100])\n```"
+    if turn == 1:
+        return ("```repl\n"
+                f"parts = [context[i::{sub_calls}] for i in range({sub_calls})]\n"
+                "replies = llm_query_batched(['Summarize: ' + p[:500] for p in parts])\n"
+                "print(len(replies), replies[0][:40])\n```")
+    return "```repl\nimport re\nFINAL(re.search(r'answer is: (\\w+)', context).group(1))\n```"
+
+
+def scenario_responder(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
+    """Mock server replies: root conversations (they have a system prompt) play the
+    scenario's turns; sub-calls get a short answer."""
+    if not any(m.get("role") == "system" for m in messages):
+        return "a short summary"
+    return scenario_turn(sum(1 for m in messages if m.get("role") == "assistant"))
+
+
+def write_scenario_tasks(path: Path, n: int) -> None:
+    """n small tasks whose context states the answer: the scenario's FINAL finds it."""
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            context = f"Filler sentence number {i}. " * 40 + f"The answer is: key{i}. " + "More filler. " * 40
+            fh.write(json.dumps({
+                "schema": "rlm-train/task/v1", "id": f"bench-{i}", "family": "niah",
+                "query": "What is the answer?", "context": context, "answer": [f"key{i}"],
+                "scorer": "all_strings", "meta": {"seed": i},
+            }) + "\n")
+
+
+def _serve(latency_s: float, port_out, stop) -> None:
+    from rlm_train.models.mock_server import MockOpenAIServer
+
+    with MockOpenAIServer(responder=scenario_responder, latency_s=latency_s) as server:
+        port_out.send(server.port)
+        stop.wait()
+
+
+class _PeakMemory:
+    """Samples the memory of this process and of all its descendants (REPL fork-server,
+    zygotes, workers) while a run goes on. PSS splits shared pages (the fork-server's
+    and the contexts') between the processes that share them, so the tree's PSS is what
+    the run really costs; RSS would count them once per worker."""
+
+    def __init__(self, interval_s: float = 0.5):  # reading smaps of ~150 processes costs CPU
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval_s = interval_s
+        self.peak_tree_pss = 0
+        self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> tuple[int, int]:
+        procs = [self.proc] + self.proc.children(recursive=True)
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_full_info().pss
+            except Exception:  # a REPL worker that just exited
+                pass
+        return total, len(procs)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pss, n = self._sample()
+            self.peak_tree_pss = max(self.peak_tree_pss, pss)
+            self.peak_processes = max(self.peak_processes, n)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "_PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _session_starts(n: int) -> float:
+    """Seconds to start and close n REPL sessions on distinct contexts, all at once: the
+    sandbox's share of a generation run, measured apart."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rlm_train.repl import REPLSession
+
+    def one(i: int) -> None:
+        session = REPLSession(f"context {i} " * 100)
+        session.execute("x = len(context)")
+        session.close()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one, range(n)))
+    return time.perf_counter() - started
+
+
+def _run(base_url: str, tasks: Path, out: Path, concurrency: int) -> tuple[float, dict[str, Any]]:
+    from rlm_train.models.openai_client import OpenAIPolicy
+    from rlm_train.rlm import RLMConfig
+    from rlm_train.rollouts.generate import GenerateConfig, run_generate
+
+    config = GenerateConfig(tasks=str(tasks), out=str(out), policy="openai:mock-model", concurrency=concurrency,
+                            progress=False, rlm=RLMConfig(subcall_concurrency=SUB_CALLS))
+    policy = OpenAIPolicy("mock-model", [base_url], max_concurrency=concurrency * SUB_CALLS, max_retries=0)
+    started = time.perf_counter()
+    summary = run_generate(config, policy=policy)
+    return time.perf_counter() - started, summary
+
+
+def bench_generate(episodes: int = EPISODES, concurrency: int = CONCURRENCY, latency_s: float = LATENCY_S) -> dict[str, Any]:
+    import resource
+
+    ctx = multiprocessing.get_context("spawn")
+    port_in, port_out = ctx.Pipe(duplex=False)
+    stop = ctx.Event()
+    server = ctx.Process(target=_serve, args=(latency_s, port_out, stop), daemon=True)
+    server.start()
+    try:
+        if not port_in.poll(60):
+            raise RuntimeError("the mock server did not start within 60 s")
+        base_url = f"http://127.0.0.1:{port_in.recv()}/v1"
+        with tempfile.TemporaryDirectory(prefix="rlm-bench-generate-") as tmp:
+            tmp = Path(tmp)
+            write_scenario_tasks(tmp / "one.jsonl", 1)
+            write_scenario_tasks(tmp / "tasks.jsonl", episodes)
+            _run(base_url, tmp / "one.jsonl", tmp / "warmup", 1)  # fork-server, imports, connections
+            single, _ = _run(base_url, tmp / "one.jsonl", tmp / "single", 1)
+            repl_starts = _session_starts(concurrency)
+            with _PeakMemory() as memory:
+                wall, summary = _run(base_url, tmp / "tasks.jsonl", tmp / "run", concurrency)
+    finally:
+        stop.set()
+        server.join(10)
+        if server.is_alive():
+            server.kill()
+
+    per_episode = (ROOT_TURNS + 1) * latency_s
+    ideal = math.ceil(episodes / concurrency) * per_episode
+    ratio = wall / ideal
+    peak_self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results = {
+        "episodes": episodes, "concurrency": concurrency, "latency_ms": latency_s * 1000,
+        "root_turns": ROOT_TURNS, "sub_calls_per_episode": SUB_CALLS,
+        "wall_s": round(wall, 3), "ideal_s": round(ideal, 3), "ratio": round(ratio, 3),
+        "single_episode_s": round(single, 3), "single_episode_ideal_s": per_episode,
+        "episodes_per_s": round(episodes / wall, 1),
+        "outcomes": summary["outcomes"], "mean_score": summary["mean_score"],
+        "sub_calls": summary["sub_calls"],
+        "repl_sessions_at_once": concurrency, "repl_start_close_s": round(repl_starts, 3),
+        "peak_rss_mb": round(peak_self_mb, 1), "peak_tree_pss_mb": round(memory.peak_tree_pss / 2**20, 1),
+        "peak_processes": memory.peak_processes,
+        "cpus": os.cpu_count(),
+    }
+    ok = "ok" if ratio <= 1.3 else "MISSED"
+    print(f"generate: {episodes} episodes x ({ROOT_TURNS} root turns + {SUB_CALLS} sub-calls), "
+          f"concurrency {concurrency}, mock server {latency_s * 1000:.0f} ms")
+    print(f"    wall {wall:.2f} s   ideal {ideal:.2f} s   wall/ideal {ratio:.2f}   goal <= 1.3  {ok}")
+    print(f"    one episode alone {single:.3f} s (ideal {per_episode:.1f} s); {episodes / wall:.1f} episodes/s; "
+          f"outcomes {summary['outcomes']}, mean score {summary['mean_score']}")
+    print(f"    REPL alone: {concurrency} sessions started + closed at once in {repl_starts:.2f} s "
+          f"({concurrency / repl_starts:.0f}/s); this run starts {episodes}")
+    print(f"    peak memory: this process {peak_self_mb:.0f} MB RSS; with the REPL processes "
+          f"{memory.peak_tree_pss / 2**20:.0f} MB PSS ({memory.peak_processes} processes at most)")
+    return results

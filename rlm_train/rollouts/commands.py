@@ -1,0 +1,82 @@
+"""`rlm-train generate`: RLM trajectories for a task file, concurrently and resumably.
+
+    rlm-train generate --tasks data/tasks/niah.jsonl --policy scripted --samples 4 --out runs/gen
+    rlm-train generate --recipe recipes/generate-vllm.yaml rlm.max_iterations=6
+
+Priority: recipe < command-line flags < KEY=VALUE overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rlm_train.config import apply_override, build_config, read_recipe
+from rlm_train.rlm.commands import add_policy_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", "--config", dest="recipe", help="YAML recipe of GenerateConfig fields")
+    parser.add_argument("--tasks", help="task file (rlm-train/task/v1 JSONL)")
+    parser.add_argument("--out", help="run directory; re-running the same command there resumes")
+    add_policy_arguments(parser, required=False)  # the policy may come from the recipe instead
+    parser.add_argument("--samples", type=int, help="episodes per task (default 1)")
+    parser.add_argument("--concurrency", type=int, help="episodes in flight at once (default 32)")
+    parser.add_argument("--skip-bad-lines", action="store_true", default=None,
+                        help="skip (and report) bad task lines instead of stopping at the first")
+    parser.add_argument("--shard", help="I/N: take every N-th task starting at I (e.g. a Slurm array task)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. rlm.max_iterations=6")
+
+
+def config_from_args(args: argparse.Namespace):
+    from rlm_train.rollouts.generate import GenerateConfig
+
+    data: dict[str, Any] = read_recipe(args.recipe) if args.recipe else {}
+    flags = {
+        "tasks": args.tasks,
+        "out": args.out,
+        "policy": args.policy,
+        "sub_policy": args.sub_policy,
+        "base_urls": args.base_url or None,
+        "sub_base_urls": args.sub_base_url or None,
+        # The shared policy flags, when this version of add_policy_arguments has them.
+        "max_retries": getattr(args, "max_retries", None),
+        "request_timeout_s": getattr(args, "request_timeout", None),
+        "max_requests_in_flight": getattr(args, "max_concurrency", None),
+        "samples": args.samples,
+        "concurrency": args.concurrency,
+        "skip_bad_lines": args.skip_bad_lines,
+        "progress": args.progress,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.shard:
+        index, _, count = args.shard.partition("/")
+        if not (index.isdigit() and count.isdigit()):
+            from rlm_train.errors import UserError
+
+            raise UserError(f"--shard {args.shard!r}: expected I/N, e.g. --shard 0/4")
+        data["shard_index"], data["num_shards"] = int(index), int(count)
+    for override in args.overrides:
+        apply_override(data, override)
+    return build_config(GenerateConfig, data, args.recipe or "command line")
+
+
+def main(args: argparse.Namespace) -> int:
+    from rlm_train.rollouts.generate import format_summary, run_generate
+
+    config = config_from_args(args)
+    if args.dry_run:
+        print(json.dumps(config.model_dump(), indent=2))
+        return 0
+    try:
+        summary = run_generate(config)
+    except KeyboardInterrupt:
+        print(f"stopped; finished episodes are saved in {config.out}. Re-run the same command to resume.",
+              file=sys.stderr)
+        raise
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,454 @@
+"""Trajectories -> SFT samples and an RL prompt set, the way the RLM paper built the
+RLM-Qwen3-8B training set: keep episodes that answered correctly in more than one turn,
+repair FINAL / FINAL_VAR misuse by rule, split each episode into one sample per root turn
+(history so far as input, that turn as the only trained output), drop over-long turns,
+dedupe, and split train/validation by task.
+
+Every rule is a pure function of records, so each one is tested on hand-made trajectories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+
+from rlm_train.config import StrictModel
+from rlm_train.formats import OUTCOME_FINAL
+from rlm_train.rlm.parsing import CODE_FENCE_RE, find_final
+
+
+class FilterConfig(StrictModel):
+    """`rlm-train filter`: which trajectories become training data."""
+
+    trajectories: list[str] = Field(default_factory=list)
+    """Run directories of `rlm-train generate` (or trajectory JSONL files)."""
+    out: str | None = None
+    """Output directory: sft/ and rl/ (datasets save_to_disk), *.jsonl, filter_report.json."""
+    tasks: list[str] = Field(default_factory=list)
+    """Task files for the RL prompt set and for scoring unscored records (default: each run's manifest)."""
+    keep_outcomes: list[str] = Field(default_factory=lambda: [OUTCOME_FINAL])
+    """Episode outcomes to keep; `final` = the model called FINAL by itself (not forced, no error)."""
+    min_score: float = 0.0
+    """Keep episodes whose score is strictly above this (0 drops zero-score episodes)."""
+    drop_unscored: bool = True
+    """Drop episodes without a score (no scorer ran); False keeps them for score-free data."""
+    min_turns: int = Field(2, ge=1)
+    """Drop episodes with fewer root turns (single-turn episodes never used the REPL's feedback)."""
+    repair_final: bool = True
+    """Rewrite FINAL / FINAL_VAR misuse in the answering turn into the form the prompt asks for."""
+    max_turn_chars: int = Field(16_000, ge=1)
+    """Drop samples whose trained output (one assistant turn) is longer than this."""
+    max_sample_chars: int = Field(100_000, ge=1)
+    """Drop samples whose whole conversation (history + output) is longer than this."""
+    drop_turns_without_code: bool = True
+    """Drop samples whose turn has neither a code block nor a FINAL (the loop had to nag)."""
+    drop_error_turns: bool = False
+    """Drop samples whose code raised an error (the recovery turns after them are kept)."""
+    dedupe: bool = True
+    """Drop samples whose whole conversation repeats an earlier sample exactly."""
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of tasks (never of turns) held out for validation."""
+    split_seed: int = 0
+    """Seed of the task split (a hash of seed and task id, stable when tasks are added)."""
+    rl_min_pass_rate: float = Field(0.0, ge=0.0, le=1.0)
+    """RL prompt set: keep tasks whose mean score over their episodes is at least this."""
+    rl_max_pass_rate: float = Field(1.0, ge=0.0, le=1.0)
+    """RL prompt set: keep tasks whose mean score is at most this (e.g. 0.9 drops always-solved tasks)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Episode rules
+
+
+def trajectory_drop_reason(traj: dict[str, Any], config: FilterConfig) -> str | None:
+    """The first rule an episode breaks (a report key), or None to keep it."""
+    if not _well_formed(traj):
+        return "malformed"
+    if traj.get("outcome") not in config.keep_outcomes:
+        return f"outcome_{traj.get('outcome')}"
+    score = traj.get("score")
+    if score is None:
+        return "unscored" if config.drop_unscored else None
+    if score <= config.min_score:
+        return "zero_score" if config.min_score == 0.0 else "low_score"
+    if len(traj["turns"]) < config.min_turns:
+        return "single_turn" if config.min_turns == 2 else "too_few_turns"
+    return None
+
+
+def _well_formed(traj: dict[str, Any]) -> bool:
+    """Turn i must be the i-th assistant message, or the per-turn split would be wrong."""
+    turns, messages = traj.get("turns"), traj.get("messages")
+    if not isinstance(turns, list) or not isinstance(messages, list) or not turns:
+        return False
+    assistant = [m.get("content") for m in messages if m.get("role") == "assistant"]
+    return assistant == [t.get("assistant") for t in turns]
+
+
+# ---------------------------------------------------------------------------------------
+# FINAL / FINAL_VAR repairs. Only the answering turn is rewritten, and only into a form
+# that gives the same answer: the canonical call inside a ```repl block.
+
+_FINAL_VAR_BARE_RE = re.compile(r"\bFINAL_VAR\(\s*([A-Za-z_]\w*)\s*\)")
+_PROSE_FINAL_LINE_RE = re.compile(r"^[ \t>*]*(?:FINAL_VAR|FINAL)\(", re.MULTILINE)
+
+
+def _fences(text: str) -> list[re.Match]:
+    """Code blocks the loop ran, in order (empty blocks are skipped, as the loop does)."""
+    return [m for m in CODE_FENCE_RE.finditer(text) if m.group(2).strip("\n").strip()]
+
+
+def repair_final_turn(turn: dict[str, Any]) -> tuple[str, list[str]]:
+    """(repaired assistant text, names of the repairs applied) for the turn that answered."""
+    text = turn["assistant"]
+    repairs: list[str] = []
+    answering_block = next((i for i, ex in enumerate(turn.get("executions") or []) if ex.get("final") is not None), None)
+
+    if answering_block is None and turn.get("final") is not None:
+        # FINAL(...) / FINAL_VAR(...) written in prose: the loop parsed it out of the text.
+        call = find_final(text)
+        if call is not None:
+            text = _prose_final_to_block(text, call)
+            repairs.append("final_var_outside_code" if call.kind == "FINAL_VAR" else "final_outside_code")
+            answering_block = len(_fences(text)) - 1
+
+    if answering_block is not None:
+        fences = _fences(text)
+        if answering_block < len(fences):
+            block = fences[answering_block]
+            # FINAL_VAR(answer) passes a value; the prompt asks for the name: FINAL_VAR("answer").
+            code = block.group(0)
+            fixed = _FINAL_VAR_BARE_RE.sub(lambda m: f'FINAL_VAR("{m.group(1)}")', code)
+            if fixed != code:
+                text = text[: block.start()] + fixed + text[block.end():]
+                repairs.append("final_var_unquoted")
+                block = _fences(text)[answering_block]
+            # Blocks or prose after the answering block never ran and the model never saw them.
+            if text[block.end():].strip():
+                text = text[: block.end()]
+                repairs.append("text_after_final")
+    return text, repairs
+
+
+def _prose_final_to_block(text: str, call) -> str:
+    """Cut the text at the last prose line that starts FINAL/FINAL_VAR and append the call
+    as a ```repl block; what followed it was never part of the answer."""
+    code_spans = [(m.start(), m.end()) for m in CODE_FENCE_RE.finditer(text)]
+    starts = [m.start() for m in _PROSE_FINAL_LINE_RE.finditer(text)
+              if not any(a <= m.start() < b for a, b in code_spans)]
+    head = text[: starts[-1]].rstrip() if starts else text.rstrip()
+    if call.kind == "FINAL_VAR":
+        block = f"```repl\nFINAL_VAR({call.argument!r})\n```"
+    else:
+        block = f"```repl\nFINAL({call.argument!r})\n```"
+    return f"{head}\n\n{block}" if head else block
+
+
+# ---------------------------------------------------------------------------------------
+# Per-turn samples
+
+
+@dataclass
+class Sample:
+    messages: list[dict[str, str]]  # history so far + this turn as the last (the only trained) message
+    task_id: str
+    family: str | None
+    sample: int | None
+    turn: int
+    num_turns: int
+    score: float | None
+    trajectory_id: str | None
+    policy: str | None
+    repairs: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def turn_samples(traj: dict[str, Any], config: FilterConfig, dropped: Counter) -> list[Sample]:
+    """One sample per root turn: the conversation up to that turn as input, the turn as output.
+    Turn-level drops are counted in `dropped` by reason."""
+    turns = traj["turns"]
+    messages = traj["messages"]
+    positions = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    out = []
+    for i, (turn, pos) in enumerate(zip(turns, positions)):
+        history = [{"role": m["role"], "content": m["content"]} for m in messages[:pos]]
+        output = turn["assistant"]
+        repairs: list[str] = []
+        if config.repair_final and turn.get("final") is not None:
+            output, repairs = repair_final_turn(turn)
+        reason = turn_drop_reason(turn, output, history, config)
+        if reason:
+            dropped[reason] += 1
+            continue
+        out.append(Sample(
+            messages=history + [{"role": "assistant", "content": output}],
+            task_id=traj["task_id"], family=traj.get("family"), sample=traj.get("sample"), turn=i,
+            num_turns=len(turns), score=traj.get("score"), trajectory_id=traj.get("id"),
+            policy=traj.get("policy"), repairs=repairs,
+        ))
+    return out
+
+
+def turn_drop_reason(turn: dict[str, Any], output: str, history: list[dict[str, str]], config: FilterConfig) -> str | None:
+    if turn.get("forced"):
+        return "forced_turn"  # the answer-now turn was prompted, not chosen
+    if config.drop_turns_without_code and not turn.get("code_blocks") and turn.get("final") is None:
+        return "no_code"
+    if config.drop_error_turns and any(ex.get("error") for ex in turn.get("executions") or []):
+        return "code_error"
+    if len(output) > config.max_turn_chars:
+        return "turn_too_long"
+    if len(output) + sum(len(m["content"]) for m in history) > config.max_sample_chars:
+        return "sample_too_long"
+    return None
+
+
+def sample_key(sample: Sample) -> str:
+    return hashlib.sha256(json.dumps(sample.messages, ensure_ascii=False).encode()).hexdigest()
+
+
+def dedupe(samples: list[Sample], dropped: Counter) -> list[Sample]:
+    seen: set[str] = set()
+    out = []
+    for s in samples:
+        key = sample_key(s)
+        if key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Split by task, RL prompt set
+
+
+def split_tasks(task_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """Validation task ids: the tasks with the smallest hash(seed, id), round(fraction * n) of
+    them (at least one when fraction > 0 and there are two or more tasks)."""
+    ids = sorted(set(task_ids))
+    if fraction <= 0 or len(ids) < 2:
+        return set()
+    n_val = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+    ranked = sorted(ids, key=lambda t: hashlib.sha256(f"{seed}:{t}".encode()).hexdigest())
+    return set(ranked[:n_val])
+
+
+def rl_prompts(records: list[dict[str, Any]], tasks: dict[str, tuple[dict[str, Any], str]],
+               config: FilterConfig, dropped: Counter) -> list[dict[str, Any]]:
+    """One prompt per task with what the reward needs: the task reference (file + id), its
+    answer and scorer, and the pass rate of the generating policy."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("task_id") is not None:
+            by_task[r["task_id"]].append(r)
+    rows = []
+    for task_id in sorted(by_task):
+        group = by_task[task_id]
+        if task_id not in tasks:
+            dropped["task_not_found"] += 1
+            continue
+        task, task_file = tasks[task_id]
+        scores = [r["score"] for r in group if r.get("score") is not None]
+        pass_rate = sum(scores) / len(scores) if scores else None
+        if pass_rate is not None and not (config.rl_min_pass_rate <= pass_rate <= config.rl_max_pass_rate):
+            dropped["pass_rate_out_of_range"] += 1
+            continue
+        first = next((r for r in group if len(r.get("messages") or []) >= 2), None)
+        if first is None:
+            dropped["malformed"] += 1
+            continue
+        rows.append({
+            "prompt": [{"role": m["role"], "content": m["content"]} for m in first["messages"][:2]],
+            "query": task["query"],
+            "task_id": task_id,
+            "task_file": task_file,
+            "family": task.get("family"),
+            "scorer": task.get("scorer"),
+            "answer_json": json.dumps(task.get("answer"), ensure_ascii=False),
+            "pass_rate": pass_rate,
+            "episodes": len(group),
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# The whole stage
+
+
+def load_task_index(config: FilterConfig, manifests: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], str]]:
+    """task_id -> (task, absolute task file) from --tasks, else the runs' manifests."""
+    from pathlib import Path
+
+    from rlm_train.rollouts.tasks_file import load_tasks
+
+    files = list(config.tasks) or [m["tasks_file"] for m in manifests if m.get("tasks_file")]
+    index: dict[str, tuple[dict[str, Any], str]] = {}
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            continue  # reported by the caller as a missing RL set
+        tasks, _ = load_tasks(path, skip_bad_lines=True)
+        for task in tasks:
+            index.setdefault(task["id"], (task, str(path.resolve())))
+    return index
+
+
+def run_filter(config: FilterConfig) -> dict[str, Any]:
+    """Read, filter, split and write; returns the filter report (also written as JSON)."""
+    from pathlib import Path
+
+    from rlm_train.errors import UserError
+    from rlm_train.formats import write_text_atomic
+    from rlm_train.rollouts import store
+    from rlm_train.rollouts.generate import load_scorer
+
+    if not config.trajectories:
+        raise UserError("no trajectories: pass --trajectories DIR (the --out of `rlm-train generate`)")
+    if not config.out:
+        raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
+    read = store.ReadStats()
+    records: list[dict[str, Any]] = []
+    manifests = []
+    for source in config.trajectories:
+        records += store.read_records(source, read)
+        if Path(source).is_dir() and (manifest := store.read_manifest(source)):
+            manifests.append(manifest)
+    if not records:
+        raise UserError(f"{', '.join(config.trajectories)}: no trajectory records found")
+    records.sort(key=lambda r: (str(r.get("task_id")), r.get("sample") or 0))
+    tasks = load_task_index(config, manifests)
+
+    # Records written without a scorer get scored here when their task is known.
+    scorer = load_scorer()
+    scored_here = 0
+    if scorer is not None:
+        from rlm_train.rollouts.generate import score_record
+
+        for r in records:
+            if r.get("score") is None and r.get("task_id") in tasks:
+                score_record(r, tasks[r["task_id"]][0], scorer)
+                scored_here += r.get("score") is not None
+
+    dropped_episodes: Counter = Counter()
+    dropped_turns: Counter = Counter()
+    samples: list[Sample] = []
+    kept = 0
+    for traj in records:
+        reason = trajectory_drop_reason(traj, config)
+        if reason:
+            dropped_episodes[reason] += 1
+            continue
+        kept += 1
+        samples += turn_samples(traj, config, dropped_turns)
+    if config.dedupe:
+        samples = dedupe(samples, dropped_turns)
+
+    validation = split_tasks([str(r.get("task_id")) for r in records], config.validation_fraction, config.split_seed)
+    sft = {"train": [s.row() for s in samples if s.task_id not in validation],
+           "validation": [s.row() for s in samples if s.task_id in validation]}
+    dropped_rl: Counter = Counter()
+    rl_rows = rl_prompts(records, tasks, config, dropped_rl)
+    rl = {"train": [r for r in rl_rows if r["task_id"] not in validation],
+          "validation": [r for r in rl_rows if r["task_id"] in validation]}
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_datasets(out / "sft", sft, _sft_features())
+    write_datasets(out / "rl", rl, _rl_features())
+    from rlm_train.formats import write_jsonl_atomic
+
+    for split in ("train", "validation"):
+        write_jsonl_atomic(out / f"sft-{split}.jsonl", sft[split])
+        write_jsonl_atomic(out / f"rl-{split}.jsonl", rl[split])
+
+    repairs = Counter(name for s in samples for name in s.repairs)
+    n_samples = len(samples)
+    report = {
+        "inputs": {"sources": list(config.trajectories), "files": read.files, "trajectories": len(records),
+                   "torn_lines": read.torn_lines, "bad_lines": read.bad_lines, "duplicate_records": read.duplicates,
+                   "scored_here": scored_here},
+        "episodes": {"kept": kept, "dropped": dict(sorted(dropped_episodes.items()))},
+        "turns": {"samples": n_samples, "dropped": dict(sorted(dropped_turns.items()))},
+        "repairs": {**dict(sorted(repairs.items())),
+                    "samples_repaired": sum(1 for s in samples if s.repairs),
+                    "fraction_repaired": round(sum(1 for s in samples if s.repairs) / n_samples, 4) if n_samples else 0.0},
+        "sft": {split: {"samples": len(rows), "tasks": len({r["task_id"] for r in rows})} for split, rows in sft.items()},
+        "rl": {"train": len(rl["train"]), "validation": len(rl["validation"]),
+               "dropped": dict(sorted(dropped_rl.items())),
+               "task_files": sorted({t[1] for t in tasks.values()})},
+        "outputs": {"sft": str(out / "sft"), "rl": str(out / "rl"), "jsonl": str(out)},
+        "config": config.model_dump(),
+    }
+    write_text_atomic(out / "filter_report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _message_feature():
+    from datasets import Value
+
+    return [{"role": Value("string"), "content": Value("string")}]
+
+
+def _sft_features():
+    from datasets import Features, Value
+
+    return Features({
+        "messages": _message_feature(), "task_id": Value("string"), "family": Value("string"),
+        "sample": Value("int64"), "turn": Value("int64"), "num_turns": Value("int64"),
+        "score": Value("float64"), "trajectory_id": Value("string"), "policy": Value("string"),
+        "repairs": [Value("string")],
+    })
+
+
+def _rl_features():
+    from datasets import Features, Value
+
+    return Features({
+        "prompt": _message_feature(), "query": Value("string"), "task_id": Value("string"),
+        "task_file": Value("string"), "family": Value("string"), "scorer": Value("string"),
+        "answer_json": Value("string"), "pass_rate": Value("float64"), "episodes": Value("int64"),
+    })
+
+
+def write_datasets(path, splits: dict[str, list[dict[str, Any]]], features) -> None:
+    """A DatasetDict of the splits via save_to_disk (empty splits keep their columns)."""
+    from datasets import Dataset, DatasetDict, disable_progress_bars
+
+    disable_progress_bars()  # our own report says what was written
+    DatasetDict({name: Dataset.from_list(rows, features=features) for name, rows in splits.items()}).save_to_disk(str(path))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    inputs, episodes, turns = report["inputs"], report["episodes"], report["turns"]
+    lines = [f"{inputs['trajectories']} trajectories read from {inputs['files']} files"
+             + (f" ({inputs['torn_lines']} torn lines skipped)" if inputs["torn_lines"] else "")
+             + (f" ({inputs['duplicate_records']} duplicate records skipped)" if inputs["duplicate_records"] else ""),
+             "", f"{'rule':<34}{'dropped':>9}"]
+    for reason, n in episodes["dropped"].items():
+        lines.append(f"{'episode: ' + reason:<34}{n:>9}")
+    lines.append(f"{'episodes kept':<34}{episodes['kept']:>9}")
+    for reason, n in turns["dropped"].items():
+        lines.append(f"{'turn: ' + reason:<34}{n:>9}")
+    lines.append(f"{'SFT samples (one per turn)':<34}{turns['samples']:>9}")
+    repairs = report["repairs"]
+    for name, n in repairs.items():
+        if name not in ("samples_repaired", "fraction_repaired"):
+            lines.append(f"{'repaired: ' + name:<34}{n:>9}")
+    lines.append(f"{'samples repaired':<34}{repairs['samples_repaired']:>9}  ({repairs['fraction_repaired']:.1%})")
+    sft, rl = report["sft"], report["rl"]
+    lines += ["",
+              f"SFT train {sft['train']['samples']} samples / {sft['train']['tasks']} tasks, "
+              f"validation {sft['validation']['samples']} samples / {sft['validation']['tasks']} tasks -> {report['outputs']['sft']}",
+              f"RL prompts train {rl['train']}, validation {rl['validation']} -> {report['outputs']['rl']}"
+              + ("" if rl["task_files"] else "  (no task file found: pass --tasks to build the RL set)")]
+    return "\n".join(lines)

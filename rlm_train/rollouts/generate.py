@@ -1,0 +1,393 @@
+"""Concurrent, resumable trajectory generation.
+
+    summary = run_generate(GenerateConfig(tasks="tasks.jsonl", out="runs/gen", policy="scripted", samples=4))
+
+Episodes run on one asyncio loop, `concurrency` at a time, sharing one client per policy
+(requests spread over all --base-url servers). Each finished episode is appended to this
+process's shard as one line, so a crash loses only episodes in flight, and a re-run of the
+same command skips every (task_id, sample) already recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import Field
+
+from rlm_train.config import StrictModel
+from rlm_train.errors import UserError
+from rlm_train.formats import ERROR_MODEL, OUTCOME_ERROR, append_jsonl, load_task_context, write_text_atomic
+from rlm_train.rlm.loop import RLMConfig
+from rlm_train.rollouts import store
+from rlm_train.rollouts.tasks_file import load_tasks
+
+
+
+class GenerateConfig(StrictModel):
+    """`rlm-train generate`: which tasks, which policies, how many samples, where to write."""
+
+    tasks: str | None = None
+    """Task file (rlm-train/task/v1 JSONL), e.g. from `rlm-train tasks make`."""
+    out: str | None = None
+    """Run directory: manifest.json, shard-*.jsonl, summary.json. Re-running the same command resumes."""
+    policy: str | None = None
+    """Root policy spec: scripted | openai:MODEL | hf:PATH[+adapter:PATH]."""
+    sub_policy: str | None = None
+    """Policy for sub-calls (llm_query); default: the root policy."""
+    base_urls: list[str] = Field(default_factory=list)
+    """OpenAI-compatible servers for openai: policies; requests spread over all of them."""
+    sub_base_urls: list[str] = Field(default_factory=list)
+    """Servers for the sub-policy (default: base_urls)."""
+    samples: int = Field(1, ge=1)
+    """Episodes per task (sample index 0..samples-1)."""
+    concurrency: int = Field(32, ge=1)
+    """Episodes in flight at once."""
+    skip_bad_lines: bool = False
+    """Skip task lines that are not valid tasks (each reported with its line number) instead of stopping."""
+    shard_index: int = Field(0, ge=0)
+    """This process takes tasks i with i % num_shards == shard_index (e.g. a Slurm array task)."""
+    num_shards: int = Field(1, ge=1)
+    """Processes splitting the task file between them, all writing into the same run directory."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """openai: policies: seconds to wait for one answer before retrying."""
+    max_retries: int = Field(5, ge=0)
+    """openai: policies: retries of one request (connection errors, timeouts, 5xx, 429)."""
+    max_requests_in_flight: int = Field(1024, ge=1)
+    """openai: policies: HTTP requests in flight at once per policy (root turns and sub-calls together)."""
+    max_consecutive_failures: int = Field(32, ge=1)
+    """Stop when this many episodes in a row got no answer from the server; they are not recorded,
+    so a re-run retries them. Episodes that fail between successes are recorded with their error."""
+    progress: bool = True
+    """Show a progress bar (rate, ETA, running mean score) on stderr."""
+    rlm: RLMConfig = Field(default_factory=RLMConfig)
+    """How each episode runs (turns, depth, budgets, sandbox limits)."""
+
+
+class ServerDown(UserError):
+    pass
+
+
+def run_identity(config: GenerateConfig, tasks_sha256: str) -> dict[str, Any]:
+    """The manifest: what must match for a re-run to continue this run."""
+    return {
+        "schema": store.MANIFEST_SCHEMA,
+        "tasks_sha256": tasks_sha256,
+        "tasks_file": str(Path(config.tasks).resolve()),
+        "policy": config.policy,
+        "sub_policy": config.sub_policy,
+        "samples": config.samples,
+        "rlm": config.rlm.model_dump(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _build_policy(spec: str, urls: list[str], config: GenerateConfig):
+    from rlm_train.models.spec import build_policy, parse_policy_spec
+
+    options: dict[str, Any] = {}
+    if parse_policy_spec(spec)[0] == "openai":
+        options = {
+            "timeout_s": config.request_timeout_s,
+            "max_retries": config.max_retries,
+            "max_concurrency": config.max_requests_in_flight,
+        }
+    return build_policy(spec, base_urls=urls, **options)
+
+
+def build_policies(config: GenerateConfig):
+    if not config.policy:
+        raise UserError("no policy: pass --policy (scripted | openai:MODEL | hf:PATH) or set `policy` in the recipe")
+    policy = _build_policy(config.policy, config.base_urls, config)
+    sub_policy = None
+    if config.sub_policy:
+        sub_policy = _build_policy(config.sub_policy, config.sub_base_urls or config.base_urls, config)
+    return policy, sub_policy
+
+
+def load_scorer():
+    """rlm_train.tasks.score(task, answer) when the task suite is installed, else None."""
+    try:
+        from rlm_train.tasks import score
+    except ImportError:
+        return None
+    return score
+
+
+def score_record(record: dict[str, Any], task: dict[str, Any], scorer) -> None:
+    """Fill record["score"]: the task's scorer on the final answer (0 when there is none).
+    Episodes the server failed get no score: they say nothing about the policy."""
+    if scorer is None or record["outcome"] == OUTCOME_ERROR:
+        return
+    if record["final"] is None:
+        record["score"] = 0.0
+        return
+    try:
+        record["score"] = float(scorer(task, record["final"]))
+    except Exception as exc:  # a scorer bug must not stop the run; it stays visible in the record
+        record["score_error"] = f"{type(exc).__name__}: {exc}"
+
+
+class _Contexts:
+    """Each task's context is loaded once while any of its samples runs, then dropped."""
+
+    def __init__(self, task_file: Path, samples_left: dict[str, int]):
+        self.task_file = task_file
+        self.samples_left = samples_left
+        self.loaded: dict[str, asyncio.Task] = {}
+
+    async def get(self, task: dict[str, Any]) -> Any:
+        if "context" in task:
+            return task["context"]
+        if task["id"] not in self.loaded:
+            self.loaded[task["id"]] = asyncio.create_task(asyncio.to_thread(load_task_context, task, self.task_file))
+        return await self.loaded[task["id"]]
+
+    def release(self, task: dict[str, Any]) -> None:
+        self.samples_left[task["id"]] -= 1
+        if self.samples_left[task["id"]] == 0:
+            self.loaded.pop(task["id"], None)
+
+
+class _Writer:
+    """Appends records to this process's shard; holds back a streak of episodes that got
+    no answer from the server, so that a dead server stops the run without marking those
+    (task, sample) pairs as done."""
+
+    def __init__(self, shard: Path, max_streak: int):
+        self.shard = shard
+        self.max_streak = max_streak
+        self.streak: list[dict[str, Any]] = []
+        self.written = 0
+        self.answered = 0  # episodes in this process run that were not model-call failures
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record["outcome"] == OUTCOME_ERROR and record.get("error_kind") == ERROR_MODEL:
+            self.streak.append(record)
+            if len(self.streak) >= self.max_streak:
+                raise ServerDown(self._down_message())
+            return
+        self.answered += 1
+        self.flush()
+        self._append(record)
+
+    def flush(self) -> None:
+        for record in self.streak:
+            self._append(record)
+        self.streak = []
+
+    def finish(self) -> None:
+        """End of run: a streak with no answered episode at all means the server never answered."""
+        if self.streak and self.answered == 0:
+            raise ServerDown(self._down_message())
+        self.flush()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.shard, record)
+        self.written += 1
+
+    def _down_message(self) -> str:
+        error = self.streak[-1]["error"].splitlines()[0]
+        return (
+            f"{len(self.streak)} episodes in a row got no answer from the server, stopping ({error}). "
+            f"They were not recorded: re-run the same command to retry them"
+        )
+
+
+class _Progress:
+    """tqdm bar with rate and ETA, and the running mean score of this process run."""
+
+    def __init__(self, total: int, resumed: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="generate", unit="ep", file=sys.stderr, disable=not enabled,
+                        mininterval=0.5, smoothing=0.05, dynamic_ncols=True)
+        self.scores: list[float] = []
+        self.errors = 0
+        if resumed:
+            self.bar.write(f"resuming: {resumed} episodes already recorded, {total} to go", file=sys.stderr)
+
+    def update(self, record: dict[str, Any]) -> None:
+        if record.get("score") is not None:
+            self.scores.append(record["score"])
+        if record["outcome"] == OUTCOME_ERROR:
+            self.errors += 1
+        mean = f"{statistics.fmean(self.scores):.3f}" if self.scores else "-"
+        self.bar.set_postfix_str(f"score={mean} errors={self.errors}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _jobs(tasks: list[dict[str, Any]], samples: int, done: set[tuple[str, int]]) -> list[tuple[dict[str, Any], int]]:
+    # A task's samples run next to each other, so its context is loaded once for all of them.
+    return [(task, k) for task in tasks for k in range(samples) if (task["id"], k) not in done]
+
+
+async def _run_jobs(jobs, config, policy, sub_policy, task_file, scorer, writer, progress) -> None:
+    from rlm_train.rlm import run_episode
+
+    samples_left = Counter(task["id"] for task, _ in jobs)
+    contexts = _Contexts(task_file, samples_left)
+    queue: Iterator = iter(jobs)
+
+    async def episode(task: dict[str, Any], k: int) -> None:
+        context = await contexts.get(task)
+        hints = {"family": task.get("family"), "task_id": task["id"], "sample": k, "meta": task.get("meta") or {}}
+        record = await run_episode(task["query"], context, policy, sub_policy, config.rlm, hints=hints, task_id=task["id"])
+        contexts.release(task)
+        record["sample"] = k
+        record["family"] = task.get("family")
+        score_record(record, task, scorer)
+        writer.add(record)
+        progress.update(record)
+
+    async def worker() -> None:
+        # The shared iterator hands each (task, sample) to exactly one worker.
+        for task, k in queue:
+            await episode(task, k)
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(min(config.concurrency, len(jobs))):
+            group.create_task(worker())
+
+
+def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[str, Any]:
+    """Run (or resume) a generation run and return its summary. Policies may be passed in
+    (tests, benchmarks); otherwise they are built from the config's specs."""
+    if not config.tasks:
+        raise UserError("no task file: pass --tasks FILE or set `tasks` in the recipe")
+    if not config.out:
+        raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
+    if config.shard_index >= config.num_shards:
+        raise UserError(f"shard_index {config.shard_index} must be below num_shards {config.num_shards}")
+    task_file = Path(config.tasks)
+    tasks, problems = load_tasks(task_file, config.skip_bad_lines)
+    tasks = [t for i, t in enumerate(tasks) if i % config.num_shards == config.shard_index]
+    if policy is None:
+        policy, sub_policy = build_policies(config)
+    identity = run_identity(config, store.file_sha256(task_file))
+    identity["policy"] = config.policy or getattr(policy, "name", None)
+    identity["sub_policy"] = config.sub_policy or (getattr(sub_policy, "name", None) if sub_policy else None)
+    out = Path(config.out)
+    resuming = store.open_run(out, identity)
+    slot = f"{config.shard_index}of{config.num_shards}"
+    with store.RunLock(out, slot):
+        done = store.done_pairs(out) if resuming else set()
+        jobs = _jobs(tasks, config.samples, done)
+        scorer = load_scorer()
+        if scorer is None:
+            print("note: rlm_train.tasks.score is not available; trajectories are written without scores",
+                  file=sys.stderr)
+        started = time.monotonic()
+        writer = _Writer(store.new_shard_path(out, slot), config.max_consecutive_failures)
+        progress = _Progress(len(jobs), resumed=len(tasks) * config.samples - len(jobs), enabled=config.progress)
+
+        async def go():
+            try:
+                await _run_jobs(jobs, config, policy, sub_policy, task_file, scorer, writer, progress)
+            finally:
+                await policy.aclose()
+                if sub_policy is not None and sub_policy is not policy:
+                    await sub_policy.aclose()
+
+        try:
+            asyncio.run(go())
+            writer.finish()
+        except* UserError as group:  # e.g. ServerDown, raised inside an episode task
+            raise group.exceptions[0] from None
+        finally:
+            progress.close()
+        wall = time.monotonic() - started
+    this_run = {
+        "episodes": writer.written,
+        "wall_s": round(wall, 3),
+        "episodes_per_s": round(writer.written / wall, 3) if wall > 0 else None,
+        "errors": progress.errors,
+        "retries": _retries(policy, sub_policy),
+        "bad_task_lines": problems,
+        "pid": os.getpid(),
+    }
+    summary = summarize(store.read_records(out), this_run)
+    summary["run_dir"] = str(out)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _retries(policy, sub_policy) -> int | None:
+    policies = [p for p in {id(policy): policy, id(sub_policy): sub_policy}.values() if p is not None]
+    counts = [p.stats.get("retries", 0) for p in policies if isinstance(getattr(p, "stats", None), dict)]
+    return sum(counts) if counts else None
+
+
+def summarize(records: list[dict[str, Any]], this_run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Numbers for the end-of-run table: every record in the store, plus this process run."""
+    by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_family[record.get("family") or "-"].append(record)
+    families = {}
+    for family, group in sorted(by_family.items()):
+        scores = [r["score"] for r in group if r.get("score") is not None]
+        families[family] = {
+            "episodes": len(group),
+            "scored": len(scores),
+            "mean_score": round(statistics.fmean(scores), 4) if scores else None,
+            "final_rate": round(sum(r["outcome"] == "final" for r in group) / len(group), 4),
+            "errors": sum(r["outcome"] == OUTCOME_ERROR for r in group),
+            "mean_turns": round(statistics.fmean(r["stats"]["turns"] for r in group), 2),
+            "mean_sub_calls": round(statistics.fmean(r["stats"].get("sub_calls", 0) for r in group), 2),
+        }
+    scores = [r["score"] for r in records if r.get("score") is not None]
+    walls = [r["stats"].get("wall_s", 0.0) for r in records]
+    return {
+        "records": len(records),
+        "outcomes": dict(Counter(r["outcome"] for r in records)),
+        "mean_score": round(statistics.fmean(scores), 4) if scores else None,
+        "by_family": families,
+        "tokens": {
+            "root_prompt": sum(r["stats"].get("prompt_tokens", 0) for r in records),
+            "root_completion": sum(r["stats"].get("completion_tokens", 0) for r in records),
+            "call_tree_total": sum(r["stats"].get("tokens_total", 0) for r in records),
+        },
+        "sub_calls": sum(r["stats"].get("sub_calls", 0) for r in records),
+        "episode_wall_s": {
+            "mean": round(statistics.fmean(walls), 3) if walls else None,
+            "max": round(max(walls), 3) if walls else None,
+        },
+        "this_run": this_run or {},
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    run = summary.get("this_run", {})
+    lines = [
+        f"{summary['records']} trajectories in {summary.get('run_dir', '')}  "
+        f"(this run: {run.get('episodes', 0)} episodes in {run.get('wall_s', 0):.1f}s, "
+        f"{run.get('episodes_per_s') or 0:.2f} ep/s, {run.get('errors', 0)} errors, "
+        f"{run.get('retries') if run.get('retries') is not None else '-'} retries)",
+        "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["outcomes"].items())),
+        "",
+        f"{'family':<14}{'episodes':>9}{'score':>8}{'final':>7}{'errors':>7}{'turns':>7}{'sub-calls':>10}",
+    ]
+    for family, f in summary["by_family"].items():
+        score = f"{f['mean_score']:.3f}" if f["mean_score"] is not None else "-"
+        lines.append(f"{family:<14}{f['episodes']:>9}{score:>8}{f['final_rate']:>7.2f}{f['errors']:>7}"
+                     f"{f['mean_turns']:>7.1f}{f['mean_sub_calls']:>10.1f}")
+    mean = summary["mean_score"]
+    tokens = summary["tokens"]
+    lines += [
+        f"{'all':<14}{summary['records']:>9}{(f'{mean:.3f}' if mean is not None else '-'):>8}",
+        "",
+        f"tokens: root prompt {tokens['root_prompt']:,}, root completion {tokens['root_completion']:,}, "
+        f"whole call tree {tokens['call_tree_total']:,}; sub-calls {summary['sub_calls']:,}; "
+        f"episode wall mean {summary['episode_wall_s']['mean'] or 0:.2f}s, max {summary['episode_wall_s']['max'] or 0:.2f}s",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""`rlm-train generate`: resumable concurrent generation against real local servers."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from rlm_train.errors import UserError
+from rlm_train.models.mock_server import FailPlan, MockHTTPError, MockOpenAIServer
+from rlm_train.models.openai_client import OpenAIPolicy
+from rlm_train.rlm import RLMConfig
+from rlm_train.rollouts import store
+from rlm_train.rollouts.bench import scenario_responder, write_scenario_tasks
+from rlm_train.rollouts.generate import GenerateConfig, run_generate
+
+
+def shard_lines(out: Path) -> list[str]:
+    return [line for path in store.shard_files(out) for line in path.read_text().splitlines()]
+
+
+def pairs(out: Path) -> Counter:
+    return Counter((json.loads(line)["task_id"], json.loads(line)["sample"]) for line in shard_lines(out))
+
+
+def config(tmp_path, tasks, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("rlm", RLMConfig(max_iterations=4))
+    return GenerateConfig(tasks=str(tasks), out=str(tmp_path / "out"), **kw)
+
+
+def test_scripted_run_scores_every_sample_and_a_rerun_adds_nothing(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    write_scenario_tasks(tasks, 4)
+    summary = run_generate(config(tmp_path, tasks, policy="scripted", samples=3, concurrency=4))
+    assert summary["records"] == 12 and summary["this_run"]["episodes"] == 12
+    assert set(pairs(tmp_path / "out")) == {(f"bench-{i}", k) for i in range(4) for k in range(3)}
+    # The scripted teacher finds "The answer is: keyN" with code; the task scorer agrees.
+    records = store.read_records(tmp_path / "out")
+    assert all(r["outcome"] == "final" and r["score"] == 1.0 for r in records), [r["final"] for r in records]
+    assert all(r["family"] == "niah" and r["stats"]["turns"] >= 2 for r in records)
+    again = run_generate(config(tmp_path, tasks, policy="scripted", samples=3, concurrency=4))
+    assert again["this_run"]["episodes"] == 0 and again["records"] == 12
+    assert max(pairs(tmp_path / "out").values()) == 1
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["by_family"]["niah"]["mean_score"] == 1.0
+
+
+def test_a_different_run_in_the_same_directory_is_refused(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    write_scenario_tasks(tasks, 2)
+    run_generate(config(tmp_path, tasks, policy="scripted"))
+    with pytest.raises(UserError, match="samples is 1 there, 2 here"):
+        run_generate(config(tmp_path, tasks, policy="scripted", samples=2))
+    with pytest.raises(UserError, match=r"rlm\.max_iterations is 4 there, 6 here"):
+        run_generate(config(tmp_path, tasks, policy="scripted", rlm=RLMConfig(max_iterations=6)))
+    write_scenario_tasks(tasks, 3)  # the task file changed
+    with pytest.raises(UserError, match="tasks_sha256"):
+        run_generate(config(tmp_path, tasks, policy="scripted"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty and has no manifest.json"):
+        run_generate(GenerateConfig(tasks=str(tasks), out=str(other), policy="scripted", progress=False))
+
+
+def test_bad_task_line_is_fatal_with_its_line_number_or_skipped_by_flag(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    write_scenario_tasks(tasks, 3)
+    lines = tasks.read_text().splitlines()
+    lines.insert(1, '{"schema": "rlm-train/task/v1", "id": "broken", "query": ')
+    lines.insert(3, json.dumps({"schema": "rlm-train/task/v1", "id": "nocontext", "query": "q"}))
+    tasks.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"tasks\.jsonl:2: not valid JSON.*--skip-bad-lines"):
+        run_generate(config(tmp_path, tasks, policy="scripted"))
+    summary = run_generate(config(tmp_path, tasks, policy="scripted", skip_bad_lines=True))
+    assert summary["records"] == 3
+    bad = summary["this_run"]["bad_task_lines"]
+    assert len(bad) == 2 and bad[0].endswith(":2: not valid JSON (Expecting value)")
+    assert ":4: task 'nocontext' has neither 'context' nor 'context_path'" in bad[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_server_that_never_answers_stops_the_run_and_records_nothing(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    write_scenario_tasks(tasks, 6)
+    port = _free_port()  # nothing listens there
+    cfg = config(tmp_path, tasks, policy="openai:mock-model", base_urls=[f"http://127.0.0.1:{port}/v1"],
+                 max_retries=1, max_consecutive_failures=4, concurrency=2)
+    with pytest.raises(UserError, match=r"in a row got no answer from the server.*no answer after 2 attempts"):
+        run_generate(cfg)
+    assert shard_lines(tmp_path / "out") == []  # nothing marked done: a re-run retries them all
+    # The server comes up on that port: the same command now finishes the run.
+    with MockOpenAIServer(responder=scenario_responder, port=port):
+        summary = run_generate(cfg)
+    assert summary["records"] == 6 and summary["outcomes"] == {"final": 6}
+    assert summary["mean_score"] == 1.0
+
+
+@pytest.mark.slow
+def test_20_percent_failing_server_completes_counts_retries_and_records_errors(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    write_scenario_tasks(tasks, 24)
+
+    def responder(messages, body):
+        # One task's root conversation always gets a 500: it can never finish.
+        if any("key7." in m["content"] for m in messages if m["role"] == "user") or "answer is: key7" in str(body):
+            raise MockHTTPError(500, "poisoned task")
+        return scenario_responder(messages, body)
+
+    # Tasks carry their answer in the context, which the first prompt does not show; mark
+    # the poisoned task by query instead.
+    lines = [json.loads(line) for line in tasks.read_text().splitlines()]
+    lines[7]["query"] = "What is the answer? key7."
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in lines))
+
+    plan = FailPlan(p=0.2, mode="mix", hang_s=5.0, seed=3)
+    with MockOpenAIServer(responder=responder, latency_s=0.02, fail_plan=plan) as server:
+        policy = OpenAIPolicy("mock-model", [server.base_url], timeout_s=0.5, max_retries=3, backoff_base_s=0.02,
+                              backoff_max_s=0.1)
+        summary = run_generate(config(tmp_path, tasks, policy="openai:mock-model", concurrency=8), policy=policy)
+        counts = dict(server.counts)
+    out = tmp_path / "out"
+    assert summary["records"] == 24 and max(pairs(out).values()) == 1
+    assert all(json.loads(line) for line in shard_lines(out))
+    # Every failure mode was hit, and retries were counted.
+    assert counts.get("error_500", 0) and counts.get("hang", 0) and counts.get("drop", 0), counts
+    # Each 500 or hang was either retried or was the last try of a request that gave up. (A drop
+    # on a reused keep-alive connection looks stale and is re-sent at once, uncounted.)
+    injected = counts["error_500"] + counts["hang"]
+    assert summary["this_run"]["retries"] == policy.stats["retries"] > 0
+    assert policy.stats["retries"] + policy.stats["failures"] >= injected
+    records = {r["task_id"]: r for r in store.read_records(out)}
+    poisoned = records["bench-7"]
+    assert poisoned["outcome"] == "error" and "model call failed" in poisoned["error"]
+    assert "no answer after 4 attempts" in poisoned["error"] and poisoned["score"] is None
+    # Everything the server eventually answered was solved.
+    for task_id, r in records.items():
+        if r["outcome"] != "error":
+            assert r["outcome"] == "final" and r["score"] == 1.0, (task_id, r["outcome"], r["error"])
+    assert summary["this_run"]["errors"] == sum(r["outcome"] == "error" for r in records.values())
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_exactly_one_valid_record_per_task_sample(tmp_path, rlm_cli):
+    tasks = tmp_path / "tasks.jsonl"
+    write_scenario_tasks(tasks, 20)
+    out = tmp_path / "out"
+    with MockOpenAIServer(responder=scenario_responder, latency_s=0.05) as server:
+        argv = rlm_cli + ["generate", "--tasks", str(tasks), "--policy", "openai:mock-model",
+                          "--base-url", server.base_url, "--samples", "2", "--concurrency", "4",
+                          "--out", str(out), "--no-progress"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(shard_lines(out) if out.exists() else []) < 8:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its REPL fork-server, mid-run
+        proc.wait()
+        first = shard_lines(out)
+        assert 8 <= len(first) < 40, "the kill should land mid-run"
+        rerun = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming:" in rerun.stderr and "40 trajectories" in rerun.stdout
+    lines = shard_lines(out)
+    assert len(store.shard_files(out)) == 2 and len(lines) == 40
+    records = [json.loads(line) for line in lines]  # every line is valid JSON
+    assert Counter((r["task_id"], r["sample"]) for r in records) == Counter(
+        {(f"bench-{i}", k): 1 for i in range(20) for k in range(2)})
+    assert all(r["schema"] == "rlm-train/trajectory/v1" and r["outcome"] == "final" for r in records)
+
+
+def test_cli_dry_run_merges_recipe_flags_and_overrides(tmp_path, rlm_cli):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# rlm-train generate --recipe r.yaml\ntasks: a.jsonl\npolicy: scripted\nsamples: 2\n"
+                      "rlm:\n  max_iterations: 5\n")
+    result = subprocess.run(rlm_cli + ["generate", "--recipe", str(recipe), "--samples", "3", "--dry-run",
+                                       "rlm.max_depth=2"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    cfg = json.loads(result.stdout)
+    assert cfg["samples"] == 3 and cfg["rlm"]["max_iterations"] == 5 and cfg["rlm"]["max_depth"] == 2
+    bad = subprocess.run(rlm_cli + ["generate", "--recipe", str(recipe), "--dry-run", "rlm.max_iteratons=2"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown key 'rlm.max_iteratons'" in bad.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[1].glob("recipes/generate-*.yaml"))
+                         + sorted(Path(__file__).resolve().parents[1].glob("recipes/filter-*.yaml")),
+                         ids=lambda p: p.name)
+def test_recipes_resolve(recipe):
+    from rlm_train.config import load_config
+    from rlm_train.rollouts.filter import FilterConfig
+
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# rlm-train "), f"{recipe.name}: the first line must be the command that runs it"
+    cls = GenerateConfig if recipe.name.startswith("generate-") else FilterConfig
+    load_config(cls, recipe)
