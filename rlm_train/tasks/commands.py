@@ -1,0 +1,147 @@
+"""`rlm-train tasks make | show | score`.
+
+    rlm-train tasks make --family niah --n 20 --context-tokens 32000 --seed 0 --out data/tasks/niah.jsonl
+    rlm-train tasks make --recipe recipes/tasks-suite.yaml [KEY=VALUE ...] [--dry-run]
+    rlm-train tasks show data/tasks/niah.jsonl
+    rlm-train tasks score --tasks data/tasks/niah.jsonl --predictions preds.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from typing import Any
+
+from rlm_train.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="{make,show,score}", required=True)
+
+    make = sub.add_parser("make", help="generate a task file, or a whole suite from a recipe")
+    make.add_argument("--family", help="niah | oolong | pairs | multihop | codeqa")
+    make.add_argument("--n", type=int, help="number of tasks")
+    make.add_argument("--context-tokens", type=int, help="context length in tokens (8000 .. 1000000+)")
+    make.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    make.add_argument("--split", default="train", choices=["train", "heldout"],
+                      help="corpus items and keys to draw from (default train)")
+    make.add_argument("--out", help="output JSONL file")
+    make.add_argument("--tokenizer", help="Hugging Face tokenizer directory to count tokens with (default: 4 chars/token)")
+    make.add_argument("--inline-max-tokens", type=int, default=None,
+                      help="contexts this big or bigger go to files beside --out (default 256000)")
+    make.add_argument("--recipe", "--config", dest="recipe", help="suite recipe (YAML): train + held-out splits")
+    make.add_argument("--dry-run", action="store_true", help="with --recipe: check it and print the plan only")
+    make.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. seed=3")
+
+    show = sub.add_parser("show", help="summarize a task file")
+    show.add_argument("file")
+    show.add_argument("--limit", type=int, default=20, help="tasks to list (default 20)")
+    show.add_argument("--full", action="store_true", help="print queries whole")
+
+    score = sub.add_parser("score", help="score a predictions file against a task file")
+    score.add_argument("--tasks", required=True, help="task JSONL")
+    score.add_argument("--predictions", required=True, help='JSONL lines {"id": ..., "answer": ...}')
+    score.add_argument("--out", help="write per-task scores (JSONL) here")
+
+
+def main(args: argparse.Namespace) -> int:
+    return {"make": _make, "show": _show, "score": _score}[args.action](args)
+
+
+def _load_tokenizer(spec: str | None) -> Any:
+    if not spec:
+        return None
+    from rlm_train.models.loading import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def _make(args: argparse.Namespace) -> int:
+    if args.recipe:
+        return _make_suite(args)
+    if args.overrides:
+        raise UserError(f"KEY=VALUE overrides ({args.overrides[0]!r}) need --recipe; for one family use the flags")
+    missing = [flag for flag, value in (("--family", args.family), ("--n", args.n),
+               ("--context-tokens", args.context_tokens), ("--out", args.out)) if value is None]
+    if missing:
+        raise UserError(f"tasks make needs {', '.join(missing)} (or --recipe FILE for a suite)")
+    from rlm_train.tasks.generate import INLINE_MAX_TOKENS, make_tasks, write_tasks
+
+    tasks = make_tasks(args.family, args.n, args.context_tokens, args.seed,
+                       tokenizer=_load_tokenizer(args.tokenizer), split=args.split)
+    write_tasks(args.out, tasks, args.inline_max_tokens or INLINE_MAX_TOKENS)
+    print(f"wrote {len(tasks)} {args.family} tasks ({args.split}, ~{args.context_tokens:,} tokens each) to {args.out}")
+    return 0
+
+
+def _make_suite(args: argparse.Namespace) -> int:
+    from rlm_train.config import load_config
+    from rlm_train.tasks.suite import TaskSuiteConfig, build_suite, plan
+
+    if args.family or args.n or args.context_tokens or args.out:
+        raise UserError("--recipe builds a whole suite; set families/context_tokens/out_dir in the recipe, not flags")
+    config = load_config(TaskSuiteConfig, args.recipe, args.overrides)
+    batches = plan(config)
+    total = sum(n for *_, n in batches)
+    print(f"suite {args.recipe}: {total} tasks in {len(batches)} batches -> {config.out_dir}")
+    if args.dry_run:
+        for split, family, tokens, n in batches:
+            print(f"  {split:8s} {family:9s} {tokens:>9,} tokens x {n}")
+        print("dry run: nothing written")
+        return 0
+    manifest = build_suite(config, tokenizer=_load_tokenizer(config.tokenizer))
+    print(f"wrote {config.out_dir}/train.jsonl, heldout.jsonl, manifest.json: {json.dumps(manifest['counts'])}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from rlm_train.formats import iter_jsonl
+
+    by_family: dict[str, int] = defaultdict(int)
+    tokens: list[int] = []
+    shown = 0
+    for lineno, task in iter_jsonl(args.file):
+        _check_task(task, args.file, lineno)
+        by_family[task["family"]] += 1
+        meta = task.get("meta", {})
+        tokens.append(int(meta.get("context_tokens", 0)))
+        if shown < args.limit:
+            shown += 1
+            query = task["query"] if args.full else _last_line(task["query"])[:160]
+            where = "inline" if "context" in task else f"file {task['context_path']}"
+            print(f"{task['id']}  [{task['family']}, {meta.get('context_tokens', '?'):,} tokens, {where}]")
+            print(f"  query:  {query}")
+            print(f"  answer: {json.dumps(task['answer'], ensure_ascii=False)[:160]}  (scorer {task['scorer']})")
+    count = sum(by_family.values())
+    if not count:
+        raise UserError(f"{args.file}: no tasks in the file")
+    families = ", ".join(f"{f}: {n}" for f, n in sorted(by_family.items()))
+    print(f"{count} tasks ({families}); context tokens min {min(tokens):,}, max {max(tokens):,}")
+    return 0
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    question = [line for line in lines if line.startswith("Question:")]
+    return (question[0] if question else lines[-1] if lines else "").strip()
+
+
+def _check_task(task: dict, path: str, lineno: int) -> None:
+    for field in ("id", "family", "query", "answer", "scorer"):
+        if field not in task:
+            raise UserError(f"{path}:{lineno}: task has no {field!r} field; is this a rlm-train/task/v1 file?")
+
+
+def _score(args: argparse.Namespace) -> int:
+    from rlm_train.formats import write_jsonl_atomic
+    from rlm_train.tasks.scorefile import score_files
+
+    rows, summary = score_files(args.tasks, args.predictions)
+    for family, (n, mean) in sorted(summary["families"].items()):
+        print(f"{family:9s} n={n:<5d} mean score {mean:.4f}")
+    print(f"{'all':9s} n={summary['n']:<5d} mean score {summary['mean']:.4f}")
+    if args.out:
+        write_jsonl_atomic(args.out, rows)
+        print(f"per-task scores written to {args.out}")
+    return 0

@@ -1,0 +1,121 @@
+"""`niah`: RULER-style single-needle retrieval in long real prose (Paul Graham essays).
+
+Variants: one needle; several keys (ask about one); several values for one key (ask
+for all); distractor needles whose keys share a word with the asked key. Keys are
+adjective-noun pairs; each key belongs to one split, so held-out keys are never seen
+in training.
+"""
+
+from __future__ import annotations
+
+import random
+
+from rlm_train.tasks import corpora
+from rlm_train.tasks.common import insert_at_sentence
+
+FAMILY = "niah"
+SCORER = "all_strings"
+MIN_TOKENS = 500  # a needle and a few sentences of haystack
+
+VARIANTS = ("single", "multikey", "multivalue", "distractor")
+
+NEEDLES = (
+    "One of the special magic numbers for {key} is: {value}.",
+    "The special magic number for {key} is: {value}.",
+    "Remember it well: one of the special magic numbers for {key} is: {value}.",
+)
+QUERIES_ONE = (
+    "What is the special magic number for {key} mentioned in the provided text?",
+    "Find the special magic number for {key} in the text. What is it?",
+)
+QUERIES_ALL = (
+    "What are all the special magic numbers for {key} mentioned in the provided text?",
+    "List every special magic number for {key} that appears in the text.",
+)
+
+ADJECTIVES = """amber ancient bitter bold brave brisk calm clever cold crimson curious damp dark
+dusty eager early faint fierce fragile gentle gilded golden grand gray hidden hollow humble
+icy idle jolly keen lively lonely loud lucky mellow misty modest narrow noble odd pale patient
+plain polite proud quick quiet rapid rare restless rough rustic scarlet secret shallow sharp
+shy silent silver simple sleepy slow smooth soft solemn sour spare steady stern still stormy
+sturdy subtle sunny swift tame tender thin tidy tiny tranquil vast velvet vivid warm wary
+weary wild windy wise witty young zealous""".split()
+NOUNS = """anchor apple arrow badge barn beacon bell bridge brook cabin candle canyon castle
+cedar cellar chapel cliff clock cloud comet compass cottage crane creek crown desert dove
+ember falcon fern field forest fountain garden gate glacier harbor hawk hill island ivy
+jungle kettle lagoon lantern leaf lighthouse marble meadow mill mirror moon mountain oak
+orchard otter owl palace pebble pine planet pond quarry quill raven reef ridge river robin
+saddle shore spire spring star stone summit swan temple thistle tower valley violet willow
+window wolf""".split()
+
+
+def key_pool(split: str) -> list[str]:
+    """All adjective-noun keys of `split`, in a fixed order."""
+    return [f"{a}-{n}" for a in ADJECTIVES for n in NOUNS if corpora.split_of(f"niah-key:{a}-{n}") == split]
+
+
+def _value(rng: random.Random, used: set[str]) -> str:
+    while True:
+        value = str(rng.randrange(1_000_000, 10_000_000))
+        if value not in used:
+            used.add(value)
+            return value
+
+
+def generate(rng: random.Random, target_chars: int, split: str) -> dict:
+    keys = key_pool(split)
+    variant = rng.choice(VARIANTS)
+    key = rng.choice(keys)
+    used_values: set[str] = set()
+    needles: list[str] = []
+    template = rng.choice(NEEDLES)
+
+    if variant == "multivalue":
+        values = [_value(rng, used_values) for _ in range(rng.randint(2, 4))]
+        needles += [template.format(key=key, value=v) for v in values]
+        query = rng.choice(QUERIES_ALL).format(key=key)
+        answer: str | list[str] = values
+    else:
+        value = _value(rng, used_values)
+        needles.append(template.format(key=key, value=value))
+        query = rng.choice(QUERIES_ONE).format(key=key)
+        answer = value
+    others: list[str] = []
+    if variant == "multikey":
+        others = rng.sample([k for k in keys if k != key], rng.randint(2, 4))
+    elif variant == "distractor":
+        # Same adjective or same noun as the asked key: a sloppy search finds these.
+        adjective, noun = key.split("-")
+        near = [k for k in keys if k != key and (k.startswith(adjective + "-") or k.endswith("-" + noun))]
+        others = rng.sample(near, min(len(near), rng.randint(2, 3)))
+    needles += [rng.choice(NEEDLES).format(key=k, value=_value(rng, used_values)) for k in others]
+
+    haystack = _haystack(rng, target_chars - sum(len(n) + 1 for n in needles), split)
+    # Insert from the back so earlier positions stay valid; depths spread over the text.
+    positions = sorted((rng.randrange(0, max(1, len(haystack))) for _ in needles), reverse=True)
+    order = list(needles)
+    rng.shuffle(order)
+    for position, needle in zip(positions, order):
+        haystack = insert_at_sentence(haystack, position, needle)
+    return {
+        "query": query,
+        "context": haystack,
+        "answer": answer,
+        "meta": {"variant": variant, "keys": [key, *others], "needles": len(needles)},
+    }
+
+
+def _haystack(rng: random.Random, target_chars: int, split: str) -> str:
+    blocks = corpora.essay_blocks(split)
+    start = rng.randrange(len(blocks))
+    pieces: list[str] = []
+    total = 0
+    i = start
+    while total < target_chars:
+        pieces.append(blocks[i % len(blocks)])
+        total += len(pieces[-1]) + 1
+        i += 1
+    text = " ".join(pieces)
+    # Cut at a sentence end so the haystack is whole sentences.
+    cut = text.rfind(". ", 0, max(target_chars, 1))
+    return text[: cut + 1] if cut > 0 else text[:target_chars]

@@ -1,0 +1,173 @@
+"""`oolong`: aggregation over thousands of records whose class must be inferred.
+
+One record a line: `Date: <date> || User: <id> || Instance: <text>`. The instance is a
+real question (SQuAD v2 dev); its class is the topic of the article it was asked
+about, one of `corpora.LABELS`, never written in the line. Counting a class, finding
+the most or least common one, per user or per date range, needs every line
+classified: partition + batched sub-calls, then aggregate in code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from rlm_train.tasks import corpora
+
+FAMILY = "oolong"
+SCORER = "oolong"
+MIN_TOKENS = 1000  # about 30 records: enough for a question with a unique answer
+
+RECORD_FORMAT = "Date: {date} || User: {user} || Instance: {text}"
+DATE_FORMAT = "%b %d, %Y"  # "Mar 04, 2023"
+# User ids of each split come from disjoint ranges, so they are keys of their split.
+USER_RANGES = {"train": (10_000, 59_999), "heldout": (60_000, 99_999)}
+
+
+@dataclass(frozen=True)
+class Record:
+    date: dt.date
+    user: int
+    text: str
+    label: str
+    line: str  # the rendered record, built once
+
+
+def make_records(rng: random.Random, target_chars: int, split: str, users_per_record: float = 1 / 10) -> list[Record]:
+    """Records filling `target_chars`, with class mix, users and dates drawn per task."""
+    pool = corpora.instances(split)
+    by_label: dict[str, list[corpora.Instance]] = {label: [] for label in corpora.LABELS}
+    for inst in pool:
+        by_label[inst.label].append(inst)
+    # A per-task class mix, so "most common" cannot be guessed from corpus priors.
+    label_cum = list(itertools.accumulate(rng.uniform(0.2, 1.0) ** 2 for _ in corpora.LABELS))
+    n_est = max(1, target_chars // 95)
+    lo, hi = USER_RANGES[split]
+    n_users = min(max(3, int(n_est * users_per_record)), (hi - lo) // 2)
+    users = rng.sample(range(lo, hi + 1), n_users)
+    # Zipf-like activity: a few busy users, many with a handful of records.
+    user_cum = list(itertools.accumulate(1.0 / (rank + 1) ** 0.8 for rank in range(n_users)))
+    start = dt.date(2019, 1, 1) + dt.timedelta(days=rng.randrange(0, 4 * 365))
+    days = [start + dt.timedelta(days=i) for i in range(rng.randrange(180, 900))]
+    day_text = [d.strftime(DATE_FORMAT) for d in days]
+
+    order = {label: rng.sample(range(len(items)), len(items)) for label, items in by_label.items()}
+    taken = Counter()
+    records: list[Record] = []
+    total = 0
+    while total < target_chars:
+        # Draw in batches (one call each) and stop at the target; batches are seeded draws too.
+        batch = max(16, n_est // 4)
+        labels = rng.choices(corpora.LABELS, cum_weights=label_cum, k=batch)
+        chosen_users = rng.choices(users, cum_weights=user_cum, k=batch)
+        chosen_days = [rng.randrange(len(days)) for _ in range(batch)]
+        for label, user, day in zip(labels, chosen_users, chosen_days):
+            items = by_label[label]
+            # Walk a shuffled order; reuse only once a label's pool is exhausted (1M+ tokens).
+            inst = items[order[label][taken[label] % len(items)]]
+            taken[label] += 1
+            line = RECORD_FORMAT.format(date=day_text[day], user=user, text=inst.text)
+            records.append(Record(days[day], user, inst.text, label, line))
+            total += len(line) + 1
+            if total >= target_chars:
+                break
+    if len(records) > 1:
+        records.pop()  # stay at or under the target
+    return records
+
+
+def render(records: list[Record]) -> str:
+    return "\n".join(r.line for r in records)
+
+
+def label_list() -> str:
+    return ", ".join(f"{label} ({corpora.LABEL_HELP[label]})" for label in corpora.LABELS)
+
+
+def describe(records: list[Record]) -> str:
+    return (
+        f"The context holds {len(records)} records, one per line, in the form "
+        "`Date: <date> || User: <user id> || Instance: <question>`. Each instance is a question "
+        f"about one of these topics: {label_list()}. The topic (its label) is not written in the "
+        "line; infer it from the question's text."
+    )
+
+
+def _unique_extreme(counts: Counter, most: bool) -> str | None:
+    """The label with the strictly highest (or lowest) count over all labels, else None."""
+    full = [(counts.get(label, 0), label) for label in corpora.LABELS]
+    full.sort(reverse=most)
+    if full[0][0] == full[1][0]:
+        return None
+    return full[0][1]
+
+
+def _fmt(day: dt.date) -> str:
+    return day.strftime(DATE_FORMAT)
+
+
+def question(rng: random.Random, records: list[Record]) -> tuple[str, str | int, str]:
+    """(question text, answer, kind), trying kinds in a random order until one has a unique answer."""
+    kinds = ["count", "most_common", "least_common", "user_count", "user_most_common", "range_count", "range_most"]
+    rng.shuffle(kinds)
+    counts = Counter(r.label for r in records)
+    per_user: dict[int, Counter] = {}
+    for r in records:
+        per_user.setdefault(r.user, Counter())[r.label] += 1
+    dates = sorted({r.date for r in records})
+    for kind in kinds:
+        if kind == "count":
+            label = rng.choice(corpora.LABELS)
+            return f"How many instances have the label '{label}'?", counts.get(label, 0), kind
+        if kind in ("most_common", "least_common"):
+            most = kind == "most_common"
+            answer = _unique_extreme(counts, most)
+            if answer is not None:
+                word = "most" if most else "least"
+                return f"Which label is the {word} common among all instances?", answer, kind
+        if kind in ("user_count", "user_most_common"):
+            busy = sorted(u for u, c in per_user.items() if sum(c.values()) >= 3)
+            if not busy:
+                continue
+            user = rng.choice(busy)
+            if kind == "user_count":
+                label = rng.choice(corpora.LABELS)
+                return (
+                    f"How many instances from user {user} have the label '{label}'?",
+                    per_user[user].get(label, 0),
+                    kind,
+                )
+            top = per_user[user].most_common(2)
+            if len(top) == 1 or top[0][1] > top[1][1]:
+                return f"Which label is the most common among the instances from user {user}?", top[0][0], kind
+        if kind in ("range_count", "range_most") and len(dates) >= 4:
+            i, j = sorted(rng.sample(range(len(dates)), 2))
+            lo, hi = dates[i], dates[j]
+            inside = Counter(r.label for r in records if lo <= r.date <= hi)
+            span = f"dated from {_fmt(lo)} to {_fmt(hi)} (inclusive)"
+            if kind == "range_count":
+                label = rng.choice(corpora.LABELS)
+                return f"How many instances {span} have the label '{label}'?", inside.get(label, 0), kind
+            if sum(inside.values()) >= 3:
+                answer = _unique_extreme(inside, True)
+                if answer is not None:
+                    return f"Which label is the most common among instances {span}?", answer, kind
+    label = corpora.LABELS[0]
+    return f"How many instances have the label '{label}'?", counts.get(label, 0), "count"
+
+
+def generate(rng: random.Random, target_chars: int, split: str) -> dict:
+    records = make_records(rng, target_chars, split)
+    text, answer, kind = question(rng, records)
+    form = "a single number" if isinstance(answer, int) else "one label from the list"
+    query = f"{describe(records)}\n\nQuestion: {text} Answer with {form}."
+    return {
+        "query": query,
+        "context": render(records),
+        "answer": answer,
+        "meta": {"question_kind": kind, "records": len(records), "users": len({r.user for r in records}),
+                 "labels": list(corpora.LABELS)},
+    }

@@ -1,0 +1,136 @@
+"""The oracle sub-policy: answers the sub-prompts a solver writes from ground truth.
+
+It stands in for a perfect sub-model, so tests can show that a task family is solvable
+by the scripted teacher's programs (any failure is then the program's, not the
+sub-model's). It never sees a task's answer; it reads what the prompt contains:
+
+- instance texts (oolong/pairs): their label, from the corpus lookup (one per line);
+- "What is the <relation> of <entity>?" over passages (multihop): the entity named by a
+  planted fact of that relation about that subject, else NONE;
+- "magic number for <key>" (niah): the values of the matching needles in the prompt;
+- a ```python snippet with one of the codeqa checks: the AST's answer.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import textwrap
+import time
+from typing import Any
+
+from rlm_train.models.base import Completion, Message, SamplingParams
+from rlm_train.tasks import corpora, multihop
+from rlm_train.tasks.codeqa import called_names, defaults
+
+_NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):\]]|\[\d+\]|[-*•])\s*")
+_INSTANCE = re.compile(r"Instance:\s*(.+?)\s*$")
+_HOP = re.compile(r"What is (the [a-z ]+? of) (.+?)\?")
+_NEEDLE_Q = re.compile(r"magic numbers? for ([\w-]+)", re.IGNORECASE)
+_CODE = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
+
+
+class OraclePolicy:
+    name = "oracle"
+
+    async def chat(
+        self,
+        messages: list[Message],
+        sampling: SamplingParams | None = None,
+        hints: dict[str, Any] | None = None,
+    ) -> Completion:
+        started = time.monotonic()
+        prompt = messages[-1]["content"] if messages else ""
+        text = answer_prompt(prompt)
+        return Completion(
+            text=text,
+            prompt_tokens=len(prompt) // 4,
+            completion_tokens=max(1, len(text) // 4),
+            latency_s=time.monotonic() - started,
+            finish_reason="stop",
+        )
+
+    async def aclose(self) -> None:
+        return None
+
+
+def answer_prompt(prompt: str) -> str:
+    """The oracle's reply to one sub-prompt (pure: the same prompt, the same reply)."""
+    code = _CODE.search(prompt)
+    if code:
+        return _code_answer(prompt, code.group(1))
+    # Instance texts first: many are themselves "What is the ... of ...?" questions.
+    labels = classify_lines(prompt)
+    if labels:
+        return "\n".join(labels)
+    hop = _HOP.search(prompt)
+    if hop:
+        return _hop_answer(prompt, hop.group(1), hop.group(2))
+    needle = _NEEDLE_Q.search(prompt)
+    if needle:
+        key = re.escape(needle.group(1))
+        values = list(dict.fromkeys(re.findall(rf"magic numbers? for {key} is:?\s*(\d+)", prompt)))
+        return ", ".join(values) if values else "NONE"
+    return "I cannot tell from this text."
+
+
+def classify_lines(prompt: str) -> list[str]:
+    """Labels for every line of the prompt that holds a known instance text, in order."""
+    lookup = corpora.label_lookup()
+    out = []
+    for line in prompt.splitlines():
+        m = _INSTANCE.search(line)
+        text = m.group(1) if m else _NUMBERING.sub("", line).strip()
+        label = lookup.get(text)
+        if label:
+            out.append(label)
+    return out
+
+
+def _hop_answer(prompt: str, phrase: str, subject: str) -> str:
+    phrase = phrase.strip().lower()
+    name = multihop.strip_article(subject)
+    for rel in multihop.RELATIONS:
+        if rel["phrase"].format(s="").strip() != phrase:
+            continue
+        for pattern in multihop.object_patterns(rel, name):
+            m = pattern.search(prompt)
+            if m:
+                return m.group("o")
+    return "NONE"
+
+
+def _code_answer(prompt: str, code: str) -> str:
+    try:
+        tree = ast.parse(textwrap.dedent(code))
+    except SyntaxError:
+        return "I cannot parse this code."
+    asked = re.search(r"`([^`\s]+)`", prompt[prompt.rfind("```") + 3 :])
+    target = asked.group(1) if asked else ""
+    if re.search(r"Does this code call", prompt):
+        return "yes" if target in _calls(tree) else "no"
+    if re.search(r"define a method named", prompt):
+        classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+        return "yes" if any(_defines(c, target) for c in classes) else "no"
+    if re.search(r"default value of the parameter", prompt):
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                table = defaults(node)
+                if target in table:
+                    return table[target]
+        return "NONE"
+    if re.search(r"direct base classes", prompt):
+        classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+        return ", ".join(ast.unparse(b) for b in classes[0].bases) if classes else "NONE"
+    if re.search(r"module-level function named", prompt):
+        names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        return "yes" if target in names else "no"
+    return "I cannot tell from this code."
+
+
+def _calls(tree: ast.AST) -> set[str]:
+    return called_names(tree)
+
+
+def _defines(cls: ast.ClassDef, name: str) -> bool:
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in cls.body)

@@ -1,0 +1,135 @@
+"""A task suite from one recipe: train and held-out splits for several families and
+context lengths, written as `train.jsonl`, `heldout.jsonl` and `manifest.json`.
+
+The splits never share corpus items (each item belongs to one split by hash), keys
+(needle keys, invented names, user ids are drawn per split) or seeds (every task seed
+is derived from its split); `check_disjoint` verifies this on what was generated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from rlm_train.config import StrictModel
+from rlm_train.errors import UserError
+from rlm_train.formats import write_text_atomic
+from rlm_train.tasks import corpora
+from rlm_train.tasks.generate import FAMILIES, INLINE_MAX_TOKENS, check_length, make_tasks, write_tasks
+
+
+class SplitCounts(StrictModel):
+    train: int = Field(0, ge=0)
+    """Training tasks of this family per context length."""
+    heldout: int = Field(0, ge=0)
+    """Held-out (evaluation) tasks of this family per context length."""
+
+
+class TaskSuiteConfig(StrictModel):
+    """`rlm-train tasks make --recipe FILE`: a whole suite with train and held-out splits."""
+
+    out_dir: str = "data/tasks/suite"
+    """Where train.jsonl, heldout.jsonl, manifest.json (and big contexts) are written."""
+    seed: int = 0
+    """Suite seed; every task's own seed is derived from it, its family, split, length and index."""
+    context_tokens: list[int] = Field(default_factory=lambda: [8000, 32000])
+    """Context lengths (tokens) to generate every family at."""
+    families: dict[str, SplitCounts] = Field(default_factory=dict)
+    """family -> tasks per split per context length."""
+    inline_max_tokens: int = Field(INLINE_MAX_TOKENS, ge=1)
+    """Contexts of this many tokens or more are written to files beside the task file."""
+    tokenizer: str | None = None
+    """A Hugging Face tokenizer directory to count tokens with; empty: 4 characters a token."""
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, value: dict[str, SplitCounts]) -> dict[str, SplitCounts]:
+        for name in value:
+            if name not in FAMILIES:
+                raise ValueError(f"unknown task family {name!r}; choose from {', '.join(FAMILIES)}")
+        return value
+
+
+def plan(config: TaskSuiteConfig) -> list[tuple[str, str, int, int]]:
+    """(split, family, context_tokens, n) for every batch the suite makes, checked."""
+    if not config.families:
+        raise UserError("the suite recipe lists no families; add e.g. `families: {niah: {train: 10, heldout: 5}}`")
+    if not config.context_tokens:
+        raise UserError("the suite recipe lists no context_tokens; add e.g. `context_tokens: [8000, 32000]`")
+    batches = []
+    for split in corpora.SPLITS:
+        for family, counts in config.families.items():
+            n = getattr(counts, split)
+            for tokens in config.context_tokens:
+                check_length(family, tokens)
+                if n:
+                    batches.append((split, family, tokens, n))
+    return batches
+
+
+def build_suite(config: TaskSuiteConfig, tokenizer: Any = None, progress=print) -> dict:
+    """Generate, check and write the suite; return the manifest."""
+    batches = plan(config)
+    out = Path(config.out_dir)
+    made: dict[str, list[dict]] = {split: [] for split in corpora.SPLITS}
+    for split, family, tokens, n in batches:
+        progress(f"  {split:8s} {family:9s} {tokens:>9,} tokens x {n}")
+        made[split].extend(make_tasks(family, n, tokens, config.seed, tokenizer=tokenizer, split=split))
+    check_disjoint(made["train"], made["heldout"])
+    for split, tasks in made.items():
+        write_tasks(out / f"{split}.jsonl", tasks, config.inline_max_tokens)
+    manifest = {
+        "schema": "rlm-train/task-suite/v1",
+        "config": config.model_dump(),
+        "corpora": [corpora.corpus_version(), corpora.stdlib_version()],
+        "counts": {
+            split: {
+                family: sum(1 for t in tasks if t["family"] == family) for family in config.families
+            }
+            for split, tasks in made.items()
+        },
+        "files": {split: f"{split}.jsonl" for split in corpora.SPLITS},
+    }
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+_OOLONG_TEXT = re.compile(r"\|\| Instance: (.*)$", re.MULTILINE)
+_OOLONG_USER = re.compile(r"\|\| User: (\d+) \|\|")
+_CODE_FILE = re.compile(r"^# ==== File: (.+) ====$", re.MULTILINE)
+_DOC_TITLE = re.compile(r"^### Document \d+: (.+)$", re.MULTILINE)
+
+
+def split_keys(tasks: list[dict]) -> dict[str, set]:
+    """Everything that must not cross splits, read back from the tasks themselves."""
+    keys: dict[str, set] = {name: set() for name in ("seed", "id", "niah_key", "name", "instance", "user", "file", "document")}
+    for task in tasks:
+        meta, context = task["meta"], task.get("context", "")
+        keys["seed"].add(meta["seed"])
+        keys["id"].add(task["id"])
+        family = task["family"]
+        if family == "niah":
+            keys["niah_key"].update(meta["keys"])
+        elif family in ("oolong", "pairs"):
+            keys["instance"].update(_OOLONG_TEXT.findall(context))
+            keys["user"].update(_OOLONG_USER.findall(context))
+        elif family == "multihop":
+            keys["name"].update([meta["start"], task["answer"]])
+            # A repeated title carries a "(part n)" suffix; its paragraph is the same item.
+            keys["document"].update(re.sub(r" \(part \d+\)$", "", t) for t in _DOC_TITLE.findall(context))
+        elif family == "codeqa":
+            keys["file"].update(_CODE_FILE.findall(context))
+    return keys
+
+
+def check_disjoint(train: list[dict], heldout: list[dict]) -> None:
+    a, b = split_keys(train), split_keys(heldout)
+    for name in a:
+        shared = a[name] & b[name]
+        if shared:
+            example = sorted(map(str, shared))[0]
+            raise RuntimeError(f"train and heldout share {len(shared)} {name} value(s), e.g. {example!r}")
