@@ -12,7 +12,7 @@ import uuid
 import psutil
 import pytest
 
-from rlm_train.repl import REPLSession, SandboxConfig, SharedContext, isolation_report
+from rlm_train.repl import REPLSession, SandboxConfig, SharedContext, isolation_report, shutdown
 
 FAST = SandboxConfig(timeout_s=10, memory_mb=512, max_output_chars=20_000)
 
@@ -355,6 +355,35 @@ def test_concurrent_sessions_from_threads():
     assert errors == []
 
 
+def _rlm_cgroups() -> set[str]:
+    return {f"{c}/{n}" for c in ("memory", "pids") if os.path.isdir(f"/sys/fs/cgroup/{c}/rlm_repl")
+            for n in os.listdir(f"/sys/fs/cgroup/{c}/rlm_repl")}
+
+
+def test_spare_workers_are_claimed_once_and_never_leak():
+    text = f"spare-{uuid.uuid4().hex}"
+    other = SandboxConfig(timeout_s=10, memory_mb=300)
+    with REPLSession(text, config=FAST) as a, REPLSession(text, config=FAST) as a2:
+        zygote = a.zygote_pid
+        time.sleep(0.3)  # the context is in use again: a spare was built after a2's claim
+        spare = {p.pid for p in psutil.Process(zygote).children(recursive=True)} - set(a.pids) - set(a2.pids)
+        assert len(spare) == 2  # its supervisor and worker
+        with REPLSession(text, config=FAST) as b:  # claims that spare
+            assert set(b.pids) == spare and b.execute("x = 1").error is None
+            with REPLSession(text, config=other) as c:  # other limits: not the FAST spare
+                assert not set(c.pids) & spare
+                assert "MemoryError" in c.execute("x = bytearray(400 << 20)").error
+                workers = {s.pid for s in (a, a2, b, c)}
+                uids = {psutil.Process(s.pid).uids().real for s in (a, a2, b, c)}
+                assert len(workers) == 4 and len(uids) == 4
+                assert a.execute("print(x)").error is not None  # namespaces are not shared
+    tree = psutil.Process(zygote).children(recursive=True)
+    assert len(tree) == 2  # only the next spare is left
+    shutdown()  # stops the zygotes, which stop their spares and remove their cgroups
+    assert not _alive(zygote) and not any(_alive(p.pid) for p in tree)
+    assert not [g for g in _rlm_cgroups() if g.rsplit("-", 1)[-1] in {str(p.pid) for p in tree}]
+
+
 def test_list_and_dict_contexts():
     with REPLSession({"docs": ["a", "b"], "n": 2}, config=FAST) as s:
         assert s.execute("print(context['docs'][1], context['n'])").stdout == "b 2\n"
@@ -372,20 +401,25 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+def _tree_pss_kb(root: int) -> int:
+    """The zygote, its sessions and its spare worker: everything the context costs."""
+    procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    return sum(_pss_kb(p.pid) for p in procs)
+
+
 @pytest.mark.slow
 def test_sessions_share_the_context_copy_on_write():
     context = "abcdefghij" * (5 << 20)  # 50 MB
     cfg = SandboxConfig(timeout_s=20, memory_mb=256)
     one = REPLSession(context, config=cfg)
     one.execute("n = context.count('j')")
-    pss_one = sum(_pss_kb(p) for p in [one.zygote_pid, *one.pids])
+    pss_one = _tree_pss_kb(one.zygote_pid)
     more = [REPLSession(context, config=cfg) for _ in range(7)]
     try:
         for s in more:
             assert s.zygote_pid == one.zygote_pid
             assert s.execute("n = context.count('j'); print(n)").stdout == f"{5 << 20}\n"
-        pids = {one.zygote_pid, *[p for s in [one, *more] for p in s.pids]}
-        pss_eight = sum(_pss_kb(p) for p in pids)
+        pss_eight = _tree_pss_kb(one.zygote_pid)
     finally:
         for s in [one, *more]:
             s.close()

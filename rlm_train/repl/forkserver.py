@@ -10,9 +10,15 @@ Process tree (the host never forks itself; it may hold torch and threads):
 
 Sessions on one context share the zygote's pages copy-on-write. The host talks
 to the fork-server and to each zygote over its own socket, and to each worker
-over a socketpair it created and handed down with SCM_RIGHTS, so no frame of a
-running session passes through another process. W0 waits for W1 and writes
-W1's wait status to a pipe the host reads: that is how the host learns how a
+over a socketpair the zygote made and handed up with SCM_RIGHTS (then closed),
+so no frame of a running session passes through another process.
+
+A shared zygote keeps one spare worker tree, fully isolated and already `ready`,
+built right after each claim: the next session with the same config claims it
+in one round trip. The zygote stops its spare (and waits for its cgroups to go)
+before it exits; a spare's uid is reserved by the host like a session's.
+
+W0 waits for W1 and writes W1's wait status to a pipe the host reads: that is how the host learns how a
 worker died (it is not the worker's parent).
 
 Run as `python -m rlm_train.repl.forkserver FD` with FD a Unix socket to the host.
@@ -25,6 +31,7 @@ import gc
 import mmap
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -137,6 +144,19 @@ def _read_host_memory(pid: int, remote: int, local: int, size: int) -> None:
         done += got
 
 
+MADV_HUGEPAGE = 14
+
+
+def _ask_huge_pages(addr: int, size: int) -> None:
+    """Back the context with 2 MB pages: the copy takes ~500x fewer page faults and each
+    worker fork copies a few page-table entries instead of one per 4 kB (measured: a
+    50 MB load ~1.8x faster, forks several times faster). Best effort."""
+    start, end = (addr + 4095) & ~4095, (addr + size) & ~4095
+    if end - start >= 2 << 20:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
+
+
 def _load_remote(req: dict):
     """Copy the host's str (or pickle bytes) without any intermediate buffer.
     The host keeps the object alive and unchanged until we say `loaded`."""
@@ -146,6 +166,7 @@ def _load_remote(req: dict):
         new.restype, new.argtypes = ctypes.py_object, [ctypes.c_ssize_t, ctypes.c_uint32]
         text = new(req["length"], req["maxchar"])  # uninitialised, canonical layout for that maxchar
         dst = id(text) + sys.getsizeof(text) - size - req["kind_size"]  # data sits before the NUL
+        _ask_huge_pages(dst, size)
         _read_host_memory(req["pid"], req["addr"], dst, size)
         return text
     buf = bytearray(size)
@@ -169,6 +190,40 @@ def _load_context(kind: str, fd: int, size: int):
     return data
 
 
+class _Started:
+    """A worker tree forked by the zygote, with the host's ends of its channels."""
+
+    def __init__(self, pid: int, pidfd: int, sock: socket.socket, status_r: int, uid: int, config: dict):
+        self.pid, self.pidfd, self.sock, self.status_r, self.uid, self.config = pid, pidfd, sock, status_r, uid, config
+
+    def discard(self) -> None:
+        """Stop an unclaimed spare and wait until its supervisor has removed its cgroups."""
+        self.sock.close()  # EOF: the worker exits; W0 reaps it, removes the cgroups, exits
+        os.close(self.status_r)
+        if not select.select([self.pidfd], [], [], 5.0)[0]:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            select.select([self.pidfd], [], [], 5.0)
+        os.close(self.pidfd)
+
+
+def _start_worker(uid: int, config: dict, context, me: int) -> _Started:
+    """Fork W0, which builds the whole isolated worker by itself; we only fork."""
+    ours, theirs = socket.socketpair()
+    status_r, status_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _supervise(theirs.fileno(), status_w, {"uid": uid, "config": config, "zygote_pid": me}, context)
+    theirs.close()
+    os.close(status_w)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # W0 failed and was reaped already
+        ours.close()
+        os.close(status_r)
+        raise
+    return _Started(pid, pidfd, ours, status_r, uid, config)
+
+
 def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
     sandbox.die_with_parent(req["server_pid"])
     if memfd < 0:
@@ -183,27 +238,46 @@ def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
     gc.freeze()  # keep the collector from touching (and so copying) shared pages in workers
     me = os.getpid()
     protocol.send(ctl, {"op": "loaded", "pid": me})
+    # One spare worker, already isolated, for the next session with the same config: a claim
+    # is then one round trip. It is built right after a claim, off the claimer's path.
+    spare: _Started | None = None
+    idle_uid = None  # a spare uid whose fork failed: handed back with the next reply
     while True:
         try:
-            msg, fds = protocol.recv(ctl, want_fds=True)
+            msg = protocol.recv(ctl)
         except (OSError, protocol.ProtocolError):
+            if spare is not None:
+                spare.discard()  # so no spare (or its cgroups) outlives the zygote
             os._exit(0)
         if msg.get("op") != "spawn":
             continue
-        sock_fd, status_fd = fds
-        msg["zygote_pid"] = me
-        pid = os.fork()
-        if pid == 0:
-            ctl.close()
-            _supervise(sock_fd, status_fd, msg, context)
-        os.close(sock_fd)
-        os.close(status_fd)
-        pidfd = os.pidfd_open(pid)
+        uids, config = list(msg["uids"]), msg["config"]  # fresh uids the host reserved for us
+        unused = [idle_uid] if idle_uid is not None else []
+        idle_uid = None
+        if spare is not None and spare.config != config:
+            spare.discard()
+            unused.append(spare.uid)
+            spare = None
         try:
-            protocol.send(ctl, {"op": "spawned", "pid": pid}, fds=[pidfd])
+            got = spare if spare is not None else _start_worker(uids.pop(0), config, context, me)
+        except OSError as exc:  # fork failed (EAGAIN, ENOMEM): the host reports it
+            protocol.send(ctl, {"op": "failed", "error": str(exc), "spare_uid": None, "unused": unused + uids})
+            continue
+        spare = None
+        spare_uid = uids.pop(0) if msg.get("keep_spare") and uids else None
+        try:
+            protocol.send(ctl, {"op": "spawned", "pid": got.pid, "uid": got.uid, "spare_uid": spare_uid,
+                                "unused": unused + uids}, fds=[got.sock.fileno(), got.status_r, got.pidfd])
         except OSError:
             os._exit(0)
-        os.close(pidfd)
+        got.sock.close()
+        os.close(got.status_r)
+        os.close(got.pidfd)
+        if spare_uid is not None:
+            try:
+                spare = _start_worker(spare_uid, config, context, me)
+            except OSError:
+                spare, idle_uid = None, spare_uid
 
 
 # --------------------------------------------------------------------------- fork-server
@@ -230,7 +304,13 @@ def serve(host: socket.socket) -> None:
             os.close(ctl_fd)
             if memfd >= 0:
                 os.close(memfd)
-            protocol.send(host, {"op": "zygote", "pid": pid})
+            try:  # lets the host wait for the zygote (and its spare) to exit
+                pidfds = [os.pidfd_open(pid)]
+            except OSError:  # it failed to load and exited already
+                pidfds = []
+            protocol.send(host, {"op": "zygote", "pid": pid}, fds=pidfds)
+            for fd in pidfds:
+                os.close(fd)
         elif msg.get("op") == "exit":
             break
     os._exit(0)

@@ -74,16 +74,17 @@ class _ForkServer:
         self.uid_base = 100_000 + (self.pid % (1 << 22)) * _UID_SLOTS
         self.free_slots = collections.deque(range(_UID_SLOTS))
 
-    def new_zygote(self, req: dict, memfd: int | None) -> tuple[int, socket.socket]:
+    def new_zygote(self, req: dict, memfd: int | None) -> tuple[int, int, socket.socket]:
+        """Returns the zygote's pid, a pidfd for it and our end of its control socket."""
         ours, theirs = socket.socketpair()
         try:
             with self.lock:
                 protocol.send(self.sock, {"op": "zygote", **req},
                               fds=[theirs.fileno()] + ([memfd] if memfd is not None else []))
-                reply = protocol.recv(self.sock, deadline=time.monotonic() + START_TIMEOUT_S)
+                reply, fds = protocol.recv(self.sock, want_fds=True, deadline=time.monotonic() + START_TIMEOUT_S)
         finally:
             theirs.close()
-        return reply["pid"], ours
+        return reply["pid"], (fds[0] if fds else -1), ours
 
     def take_uid(self) -> int:
         with self.lock:
@@ -142,22 +143,41 @@ class _Zygote:
         self.users = 0
         self.broken = False
         self.pinned = None  # host object the zygote copies from until it says `loaded`
+        # A shared zygote whose context is in use again keeps one spare worker ready for the
+        # next session; it holds this uid. Not after the first claim: most contexts (one per
+        # task) get one session, and a spare built then only competes with the next cold start.
+        self.claims = 0
+        self.spare_uid: int | None = None
         remote = _remote_request(value) if _remote_copy_ok else None
         if remote is not None:
             req, self.pinned = remote
-            self.pid, self.ctl = server.new_zygote(req, None)
+            self.pid, self.pidfd, self.ctl = server.new_zygote(req, None)
             return
         kind, data = _payload(value)
         memfd = os.memfd_create("rlm-context", os.MFD_CLOEXEC)
         try:
             _write_all(memfd, data)
-            self.pid, self.ctl = server.new_zygote({"kind": kind, "size": len(data)}, memfd)
+            self.pid, self.pidfd, self.ctl = server.new_zygote({"kind": kind, "size": len(data)}, memfd)
         finally:
             os.close(memfd)
 
-    def spawn(self, req: dict, fds: list[int]) -> tuple[int, int]:
-        with self.lock:
+    def spawn(self, config: dict) -> tuple[dict, list[int]]:
+        """Claim a worker (the spare when its config matches). Returns the zygote's reply
+        (W0's pid, the worker's uid) and fds: worker socket, status pipe, W0's pidfd."""
+        uids = [self.server.take_uid()]
+        self.claims += 1
+        if self.key is not None and self.claims > 1:
             try:
+                uids.append(self.server.take_uid())  # for the spare built after this claim
+            except RuntimeError:
+                pass
+        reply: dict = {"unused": uids}
+        try:
+            with self.lock:
+                # Sent before `loaded` arrives: the zygote forks the first worker as soon as
+                # the context is in, without waiting for us to wake up.
+                protocol.send(self.ctl, {"op": "spawn", "config": config, "uids": uids,
+                                         "keep_spare": len(uids) > 1})
                 if not self.loaded:
                     msg = protocol.recv(self.ctl, deadline=time.monotonic() + START_TIMEOUT_S)
                     self.pinned = None
@@ -165,15 +185,27 @@ class _Zygote:
                         _disable_remote_copy(msg.get("error"))
                         raise protocol.ProtocolError(f"context copy failed: {msg.get('error')}")
                     self.loaded = True
-                protocol.send(self.ctl, req, fds=fds)
-                reply, rfds = protocol.recv(self.ctl, want_fds=True, deadline=time.monotonic() + START_TIMEOUT_S)
-            except (OSError, protocol.ProtocolError) as exc:
-                self.broken = True
-                raise RuntimeError(f"REPL zygote {self.pid} failed: {exc}") from None
-        return reply["pid"], rfds[0]
+                reply, fds = protocol.recv(self.ctl, want_fds=True, deadline=time.monotonic() + START_TIMEOUT_S)
+                self.spare_uid = reply["spare_uid"]
+                if reply.get("op") != "spawned":
+                    raise protocol.ProtocolError(f"fork failed: {reply.get('error')}")
+        except (OSError, protocol.ProtocolError) as exc:
+            self.broken = True
+            raise RuntimeError(f"REPL zygote {self.pid} failed: {exc}") from None
+        finally:
+            for uid in reply["unused"]:
+                self.server.give_uid(uid)
+        return reply, fds
 
     def close(self) -> None:
-        self.ctl.close()  # EOF: the zygote exits (its workers die with it via PDEATHSIG)
+        self.ctl.close()  # EOF: the zygote stops its spare worker and exits
+        # Wait, so that no spare worker or cgroup outlives close() / shutdown().
+        exited = self.pidfd < 0 or bool(select.select([self.pidfd], [], [], 5.0)[0])
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+        if exited and self.spare_uid is not None:
+            self.server.give_uid(self.spare_uid)
+            self.spare_uid = None
 
 
 _zygotes: "collections.OrderedDict[Any, _Zygote]" = collections.OrderedDict()
@@ -255,17 +287,20 @@ def _acquire_zygote(context, server: _ForkServer) -> _Zygote:
 
 
 def _release_zygote(z: _Zygote) -> None:
+    doomed = []
     with _zygote_lock:
         z.users -= 1
         if z.key is None or z.broken:
             if z.users == 0:
                 if z.key is not None and _zygotes.get(z.key) is z:
                     _zygotes.pop(z.key)
-                z.close()
-            return
-        idle = [k for k, v in _zygotes.items() if v.users == 0]
-        for k in idle[: max(0, len(idle) - MAX_IDLE_ZYGOTES)]:  # least recently used first
-            _zygotes.pop(k).close()
+                doomed.append(z)
+        else:
+            idle = [k for k, v in _zygotes.items() if v.users == 0]
+            for k in idle[: max(0, len(idle) - MAX_IDLE_ZYGOTES)]:  # least recently used first
+                doomed.append(_zygotes.pop(k))
+    for old in doomed:  # outside the lock: close waits for the zygote to exit
+        old.close()
 
 
 # --------------------------------------------------------------------------- isolation report
@@ -345,21 +380,14 @@ class REPLSession:
         self.start_s = time.perf_counter() - t0
 
     def _spawn(self, server: _ForkServer) -> None:
-        self._uid = server.take_uid()
-        ours, theirs = socket.socketpair()
-        status_r, status_w = os.pipe()
-        self._sock, self._status_r = ours, status_r
-        try:
-            req = {"op": "spawn", "uid": self._uid, "config": dataclasses.asdict(self.config)}
-            w0, pidfd = self._zygote.spawn(req, [theirs.fileno(), status_w])
-        finally:
-            theirs.close()
-            os.close(status_w)
+        reply, (sock_fd, status_r, pidfd) = self._zygote.spawn(dataclasses.asdict(self.config))
+        self._uid = reply["uid"]
+        self._sock, self._status_r = socket.socket(fileno=sock_fd), status_r
         self._pidfds = [pidfd]
-        self.pids = [w0]
+        self.pids = [reply["pid"]]
         self.zygote_pid = self._zygote.pid
-        try:
-            ready = protocol.recv(ours, trusted=False, deadline=time.monotonic() + START_TIMEOUT_S)
+        try:  # a spare said `ready` long ago: this frame is already waiting
+            ready = protocol.recv(self._sock, trusted=False, deadline=time.monotonic() + START_TIMEOUT_S)
         except protocol.ProtocolError as exc:
             raise RuntimeError(f"REPL worker failed to start: {exc}; {self._death_note()}") from None
         self.pid = ready["pid"]
