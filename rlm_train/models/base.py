@@ -55,11 +55,17 @@ class Policy(Protocol):
     async def aclose(self) -> None: ...
 
 
+def approx_tokens(text: str) -> int:
+    """A stated estimate (4 characters a token) for policies that use no tokenizer."""
+    return len(text) // 4 + 1
+
+
 class CallablePolicy:
     """A policy from a plain function `fn(messages, hints) -> str` (sync or async).
 
-    For tests, benchmarks and quick experiments: a mock LM whose answers are code.
-    `latency_s` adds a non-blocking delay per call, like a served model would.
+    The scripted teacher, the oracle, baselines and test mocks are all this: a model
+    whose answers are computed. `latency_s` adds a non-blocking delay per call, like a
+    served model would. Token counts are `approx_tokens` estimates.
     """
 
     def __init__(self, fn, name: str = "callable", latency_s: float = 0.0):
@@ -82,8 +88,8 @@ class CallablePolicy:
             text = await text
         return Completion(
             text=text,
-            prompt_tokens=sum(len(m["content"]) // 4 + 1 for m in messages),
-            completion_tokens=len(text) // 4 + 1,
+            prompt_tokens=sum(approx_tokens(m["content"]) for m in messages),
+            completion_tokens=approx_tokens(text),
             latency_s=time.monotonic() - started,
             finish_reason="stop",
         )

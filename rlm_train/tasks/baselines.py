@@ -10,7 +10,7 @@ import random
 import re
 from typing import Any
 
-from rlm_train.models.base import Completion, Message, SamplingParams
+from rlm_train.models.base import CallablePolicy
 from rlm_train.tasks import corpora
 
 
@@ -32,22 +32,14 @@ def guess_from_query(query: str, rng: random.Random) -> str:
     return names[-1] if names else "unknown"
 
 
-class QueryOnlyPolicy:
+class QueryOnlyPolicy(CallablePolicy):
     """A root policy that submits `guess_from_query` on its first turn."""
 
-    name = "query-only"
+    def __init__(self):
+        super().__init__(self._answer, name="query-only")
 
-    async def chat(
-        self,
-        messages: list[Message],
-        sampling: SamplingParams | None = None,
-        hints: dict[str, Any] | None = None,
-    ) -> Completion:
-        hints = hints or {}
+    @staticmethod
+    def _answer(messages: list[dict[str, str]], hints: dict[str, Any]) -> str:
         query = hints.get("query") or messages[-1]["content"]
         rng = random.Random(f"{hints.get('task_id')}:{hints.get('sample', 0)}")
-        text = f"I will answer from the question alone.\n```repl\nFINAL({guess_from_query(query, rng)!r})\n```"
-        return Completion(text=text, completion_tokens=len(text) // 4, finish_reason="stop")
-
-    async def aclose(self) -> None:
-        return None
+        return f"I will answer from the question alone.\n```repl\nFINAL({guess_from_query(query, rng)!r})\n```"

@@ -16,10 +16,9 @@ from __future__ import annotations
 import ast
 import re
 import textwrap
-import time
 from typing import Any
 
-from rlm_train.models.base import Completion, Message, SamplingParams
+from rlm_train.models.base import CallablePolicy
 from rlm_train.tasks import corpora, multihop
 from rlm_train.tasks.codeqa import called_names, defaults
 
@@ -30,28 +29,11 @@ _NEEDLE_Q = re.compile(r"magic numbers? for ([\w-]+)", re.IGNORECASE)
 _CODE = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
 
 
-class OraclePolicy:
-    name = "oracle"
+class OraclePolicy(CallablePolicy):
+    """Answers sub-prompts from ground truth (see `answer_prompt`)."""
 
-    async def chat(
-        self,
-        messages: list[Message],
-        sampling: SamplingParams | None = None,
-        hints: dict[str, Any] | None = None,
-    ) -> Completion:
-        started = time.monotonic()
-        prompt = messages[-1]["content"] if messages else ""
-        text = answer_prompt(prompt)
-        return Completion(
-            text=text,
-            prompt_tokens=len(prompt) // 4,
-            completion_tokens=max(1, len(text) // 4),
-            latency_s=time.monotonic() - started,
-            finish_reason="stop",
-        )
-
-    async def aclose(self) -> None:
-        return None
+    def __init__(self):
+        super().__init__(lambda messages, hints: answer_prompt(messages[-1]["content"] if messages else ""), name="oracle")
 
 
 def answer_prompt(prompt: str) -> str:

@@ -12,42 +12,22 @@ from __future__ import annotations
 import importlib
 import random
 import re
-import time
 from typing import Any
 
-from rlm_train.models.base import Completion, Message, SamplingParams
+from rlm_train.models.base import CallablePolicy, Message
 from rlm_train.models.scripted.view import EpisodeView
 
 _WORD_RE = re.compile(r"[A-Za-z0-9']+")
 
 
-def approx_tokens(text: str) -> int:
-    """A stated estimate (4 characters a token) where no tokenizer is involved."""
-    return max(1, len(text) // 4)
+class ScriptedTeacher(CallablePolicy):
+    def __init__(self):
+        super().__init__(self._answer, name="scripted")
 
-
-class ScriptedTeacher:
-    name = "scripted"
-
-    async def chat(
-        self,
-        messages: list[Message],
-        sampling: SamplingParams | None = None,
-        hints: dict[str, Any] | None = None,
-    ) -> Completion:
-        started = time.monotonic()
-        hints = hints or {}
+    def _answer(self, messages: list[Message], hints: dict[str, Any]) -> str:
         if hints.get("role") == "sub":
-            text = extractive_answer(messages[-1]["content"])
-        else:
-            text = self._root_turn(messages, hints)
-        return Completion(
-            text=text,
-            prompt_tokens=sum(approx_tokens(m["content"]) for m in messages),
-            completion_tokens=approx_tokens(text),
-            latency_s=time.monotonic() - started,
-            finish_reason="stop",
-        )
+            return extractive_answer(messages[-1]["content"])
+        return self._root_turn(messages, hints)
 
     def _root_turn(self, messages: list[Message], hints: dict[str, Any]) -> str:
         user_messages = [m["content"] for m in messages if m["role"] == "user"]
@@ -61,9 +41,6 @@ class ScriptedTeacher:
         )
         family = hints.get("family") if hints.get("depth", 0) == 0 else None
         return strategy_for(family).next_turn(view)
-
-    async def aclose(self) -> None:
-        return None
 
 
 def strategy_for(family: str | None):
