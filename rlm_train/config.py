@@ -76,13 +76,16 @@ def load_config(
     recipe: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     defaults: dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> ConfigT:
-    """Defaults < recipe file < dotted overrides, validated into `cls`."""
+    """Defaults < recipe file < command-line flags < dotted KEY=VALUE overrides, validated
+    into `cls`. Flags whose value is None (not given) are skipped."""
     data: dict[str, Any] = dict(defaults or {})
-    source = "config"
+    source = "command line"
     if recipe is not None:
         data = _deep_merge(data, read_recipe(recipe))
         source = str(recipe)
+    data.update({key: value for key, value in (flags or {}).items() if value is not None})
     for override in overrides:
         apply_override(data, override)
     if overrides:

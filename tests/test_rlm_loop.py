@@ -1,7 +1,6 @@
 """The RLM loop with mock LMs (their answers are code) against the real sandbox."""
 
 import asyncio
-import re
 import time
 
 import pytest

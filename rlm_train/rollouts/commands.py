@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
-from rlm_train.config import apply_override, build_config, read_recipe
+from rlm_train.config import load_config
 from rlm_train.rlm.commands import add_policy_arguments
 
 
@@ -35,7 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from rlm_train.rollouts.generate import GenerateConfig
 
-    data: dict[str, Any] = read_recipe(args.recipe) if args.recipe else {}
     flags = {
         "tasks": args.tasks,
         "out": args.out,
@@ -52,17 +50,14 @@ def config_from_args(args: argparse.Namespace):
         "skip_bad_lines": args.skip_bad_lines,
         "progress": args.progress,
     }
-    data.update({k: v for k, v in flags.items() if v is not None})
     if args.shard:
         index, _, count = args.shard.partition("/")
         if not (index.isdigit() and count.isdigit()):
             from rlm_train.errors import UserError
 
             raise UserError(f"--shard {args.shard!r}: expected I/N, e.g. --shard 0/4")
-        data["shard_index"], data["num_shards"] = int(index), int(count)
-    for override in args.overrides:
-        apply_override(data, override)
-    return build_config(GenerateConfig, data, args.recipe or "command line")
+        flags["shard_index"], flags["num_shards"] = int(index), int(count)
+    return load_config(GenerateConfig, args.recipe, args.overrides, flags=flags)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
-from rlm_train.config import apply_override, build_config, read_recipe
+from rlm_train.config import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,16 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from rlm_train.rollouts.filter import FilterConfig
 
-    data: dict[str, Any] = read_recipe(args.recipe) if args.recipe else {}
-    if args.trajectories:
-        data["trajectories"] = args.trajectories
-    if args.tasks:
-        data["tasks"] = args.tasks
-    if args.out:
-        data["out"] = args.out
-    for override in args.overrides:
-        apply_override(data, override)
-    return build_config(FilterConfig, data, args.recipe or "command line")
+    flags = {"trajectories": args.trajectories or None, "tasks": args.tasks or None, "out": args.out}
+    return load_config(FilterConfig, args.recipe, args.overrides, flags=flags)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import re
 import textwrap
-from typing import Any
 
 from rlm_train.models.base import CallablePolicy
 from rlm_train.tasks import corpora, multihop
