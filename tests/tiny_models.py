@@ -1,0 +1,93 @@
+"""Tiny random models built in the test run (no model hub): a real Qwen3-shaped config
+with a small byte-level BPE tokenizer trained offline that has Qwen3's special tokens,
+so our qwen3 chat template applies unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+QWEN3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+_CORPUS = [
+    "You are a Recursive Language Model. The input is in the variable context.",
+    "```repl\nprint(len(context))\nhits = [l for l in context.splitlines() if 'needle' in l]\nprint(hits[:3])\n```",
+    "FINAL(answer) llm_query llm_query_batched rlm_query FINAL_VAR SHOW_VARS",
+    "What is the special magic number for quiet-harbor? The number is 7421.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 {}[]()<>=+-*/_.,:;'\"!?#%&|\\",
+]
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 400):
+    """A byte-level BPE tokenizer (every string encodes) saved as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=QWEN3_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<think>", "</think>"],
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_tiny_qwen3(out_dir: Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+    """Save a random Qwen3ForCausalLM (fp32, ~100k params) with its tokenizer into out_dir."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def rlm_sample(i: int) -> dict:
+    """One per-turn SFT sample shaped like `rlm-train filter` output: history, then ONE assistant turn."""
+    return {
+        "messages": [
+            {"role": "system", "content": "You are a Recursive Language Model. The input is in the variable context."},
+            {"role": "user", "content": f"What is the special magic number for quiet-harbor-{i}?"},
+            {"role": "assistant", "content": "```repl\nprint(len(context))\n```"},
+            {"role": "user", "content": "REPL output:\n6021"},
+            {"role": "assistant", "content": f"```repl\nhits = [l for l in context.splitlines() if 'harbor' in l]\nprint(hits[:3])\n```\nFINAL({7000 + i})"},
+        ],
+        "task_id": f"needle-{i}",
+        "turn": 1,
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+if __name__ == "__main__":
+    # `python tests/tiny_models.py runs/tiny`: the model and dataset recipes/tiny-cpu-sft.yaml expects.
+    import sys
+
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")
+    build_tiny_qwen3(root / "model")
+    write_jsonl(root / "sft.jsonl", [rlm_sample(i) for i in range(4)])
+    print(f"wrote {root}/model and {root}/sft.jsonl")
