@@ -41,43 +41,23 @@ from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
 from rlm_train.models.base import Completion, PolicyError, SamplingParams
 from rlm_train.rlm import RLMConfig
+from rlm_train.train.common import LaunchSettings, LoraSettings, OptimizerLoopSettings, Requirements
 
 # ---------------------------------------------------------------------------
 # Config
 
 
-class GRPOLoraSettings(StrictModel):
-    enabled: bool = True
-    """Train a LoRA adapter (PEFT); false trains every weight."""
-    r: int = Field(16, ge=1)
-    """LoRA rank."""
-    alpha: int = Field(32, ge=1)
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the LoRA input. 0 keeps sampling and training logprobs identical."""
-    target_modules: str | list[str] = "all-linear"
-    """Modules to adapt: 'all-linear' or a list of module names."""
-
-
-class GRPOTrainingSettings(StrictModel):
+class GRPOTrainingSettings(OptimizerLoopSettings):
     max_steps: int = Field(100, ge=1)
     """Optimizer steps to run."""
     num_generations: int = Field(8, ge=2)
     """Episodes per prompt (the GRPO group); advantages compare episodes of the same prompt."""
     batch_size: int = Field(8, ge=1)
     """Episodes per device per micro-batch; batch_size x accumulation x processes must divide by num_generations."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    """Micro-batches per optimizer step."""
     learning_rate: float = Field(1e-5, gt=0)
     """Peak learning rate (RL wants small steps: ~1e-5 for LoRA, ~1e-6 for full fine-tuning)."""
     lr_scheduler: str = "constant"
     """transformers scheduler name: constant, linear, cosine, ..."""
-    warmup_steps: int = Field(0, ge=0)
-    """Linear warmup steps."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    max_grad_norm: float = Field(1.0, gt=0)
-    """Gradient clipping norm."""
     beta: float = Field(0.0, ge=0)
     """KL coefficient against the reference model; 0 loads no reference model."""
     epsilon: float = Field(0.2, gt=0)
@@ -90,18 +70,6 @@ class GRPOTrainingSettings(StrictModel):
     """Advantage scaling: by the group's reward std, the batch's, or none (Dr. GRPO)."""
     mask_truncated_completions: bool = False
     """Leave episodes cut by rollout.max_completion_tokens mid-turn out of the loss."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward: less memory on big models, ~30% slower."""
-    logging_steps: int = Field(1, ge=1)
-    """Log metrics every N optimizer steps."""
-    save_steps: int = Field(50, ge=1)
-    """Write a checkpoint every N optimizer steps."""
-    save_total_limit: int | None = 2
-    """Keep at most this many checkpoints (null keeps all)."""
-    seed: int = 0
-    """Seed for shuffling, LoRA init and sampling."""
-    shuffle: bool = True
-    """Shuffle the prompts."""
 
     @model_validator(mode="after")
     def _groups_fit(self) -> "GRPOTrainingSettings":
@@ -154,20 +122,6 @@ class RewardSettings(StrictModel):
         return self
 
 
-class Requirements(StrictModel):
-    gpus: int = Field(0, ge=0)
-    """CUDA GPUs the training processes need visible; a real run stops at once if fewer are."""
-    vllm: bool = False
-    """Whether the job needs the vllm package importable (TRL's server mode does)."""
-
-
-class LaunchSettings(StrictModel):
-    accelerate_config: str | None = None
-    """accelerate config YAML for multi-GPU training; shown in the plan, used by the Slurm template."""
-    num_processes: int = Field(1, ge=1)
-    """Training processes (one per GPU)."""
-
-
 class GRPORLMConfig(RLMConfig):
     """The RLM loop settings for GRPO episodes: the same fields, with defaults for RL (sampled, short)."""
 
@@ -210,7 +164,7 @@ class GRPOConfig(StrictModel):
     """Attention kernel."""
     num_threads: int | None = None
     """torch CPU threads; null leaves torch's default."""
-    lora: GRPOLoraSettings = GRPOLoraSettings()
+    lora: LoraSettings = LoraSettings()
     """LoRA settings; lora.enabled=false trains all weights."""
     training: GRPOTrainingSettings = GRPOTrainingSettings()
     """GRPO optimizer, group size and loss settings."""

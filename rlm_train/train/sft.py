@@ -22,68 +22,16 @@ from pydantic import Field, model_validator
 
 from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
+from rlm_train.train.common import LaunchSettings, LoraSettings, OptimizerLoopSettings, Requirements
 
 
-class LoraSettings(StrictModel):
-    enabled: bool = True
-    """Train a LoRA adapter (PEFT); false means full fine-tuning of every weight."""
-    r: int = Field(16, ge=1)
-    """LoRA rank."""
-    alpha: int = Field(32, ge=1)
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the LoRA input; 0 is fastest and fine for short runs."""
-    target_modules: str | list[str] = "all-linear"
-    """Modules to adapt: 'all-linear' (every linear layer but the output head) or a list of names."""
-
-
-class TrainingSettings(StrictModel):
+class TrainingSettings(OptimizerLoopSettings):
     max_steps: int = -1
     """Optimizer steps to run; -1 means run `epochs` epochs."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the dataset when max_steps is -1."""
-    batch_size: int = Field(1, ge=1)
-    """Samples per device per micro-batch, packed into one padding-free row."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    """Micro-batches per optimizer step; the loss is averaged over all their trained tokens."""
-    learning_rate: float = Field(2e-4, gt=0)
-    """Peak learning rate (2e-4 suits LoRA; use ~1e-5 for full fine-tuning)."""
-    lr_scheduler: str = "linear"
-    """transformers scheduler name: linear, cosine, constant, constant_with_warmup, ..."""
-    warmup_steps: int = Field(0, ge=0)
-    """Linear warmup steps."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    max_grad_norm: float = Field(1.0, gt=0)
-    """Gradient clipping norm."""
     max_length: int = Field(4096, ge=16)
     """Longest sample in tokens; longer samples are dropped (counted in the plan), never cut mid-turn."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward: saves memory on big models, costs ~30% speed."""
-    logging_steps: int = Field(1, ge=1)
-    """Log metrics every N optimizer steps."""
-    save_steps: int = Field(50, ge=1)
-    """Write a resumable checkpoint every N optimizer steps."""
-    save_total_limit: int | None = 2
-    """Keep at most this many checkpoints (null keeps all)."""
-    seed: int = 0
-    """Seed for shuffling, LoRA init and dropout."""
-    shuffle: bool = True
-    """Shuffle the samples each epoch."""
-
-
-class Requirements(StrictModel):
-    gpus: int = Field(0, ge=0)
-    """CUDA GPUs the job needs on this node; a real run stops at once if fewer are visible."""
-    vllm: bool = False
-    """Whether the job needs the vllm package importable."""
-
-
-class LaunchSettings(StrictModel):
-    accelerate_config: str | None = None
-    """accelerate config YAML for multi-GPU runs (FSDP/DeepSpeed); shown in the plan, used by `accelerate launch`."""
-    num_processes: int = Field(1, ge=1)
-    """Training processes (one per GPU) the launch command starts."""
 
 
 class SFTConfig(StrictModel):
