@@ -190,16 +190,3 @@ def test_cli_dry_run_merges_recipe_flags_and_overrides(tmp_path, rlm_cli):
     bad = subprocess.run(rlm_cli + ["generate", "--recipe", str(recipe), "--dry-run", "rlm.max_iteratons=2"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown key 'rlm.max_iteratons'" in bad.stderr
-
-
-@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[1].glob("recipes/generate-*.yaml"))
-                         + sorted(Path(__file__).resolve().parents[1].glob("recipes/filter-*.yaml")),
-                         ids=lambda p: p.name)
-def test_recipes_resolve(recipe):
-    from rlm_train.config import load_config
-    from rlm_train.rollouts.filter import FilterConfig
-
-    first = recipe.read_text().splitlines()[0]
-    assert first.startswith("# rlm-train "), f"{recipe.name}: the first line must be the command that runs it"
-    cls = GenerateConfig if recipe.name.startswith("generate-") else FilterConfig
-    load_config(cls, recipe)
