@@ -22,10 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "filter": ("rlm_train.rollouts.filter_commands", "filter trajectories into SFT and RL datasets"),
     "sft": ("rlm_train.train.sft_commands", "supervised fine-tuning (TRL + PEFT) on per-turn samples"),
     "grpo": ("rlm_train.train.grpo_commands", "GRPO with full RLM episodes in the sandbox as rollouts"),
-    "eval": ("rlm_train.eval.commands", "evaluate policies in the RLM loop on held-out tasks"),
-    "serve": ("rlm_train.serve.commands", "serve a base or tuned model (vLLM) and the RLM gateway"),
-    "view": ("rlm_train.viewer.commands", "render trajectories as a static HTML viewer"),
-    "pipeline": ("rlm_train.pipeline", "run the whole loop from one recipe"),
     "bench": ("rlm_train.bench", "benchmarks reported as ratios against a baseline in the same run"),
 }
 
@@ -61,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("rlm_train"):
-            print(f"rlm-train: error: command {name!r} is not available in this version", file=sys.stderr)
-            return 2
+            raise
         print(f"rlm-train: error: {name} needs the package {exc.name!r}; install it (make install)", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog=f"rlm-train {name}", description=help_)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import psutil
 import pytest
 
 from rlm_train.repl import REPLSession, SandboxConfig, SharedContext, isolation_report, shutdown
+from rlm_train.repl.session import POOL_MAX_CONTEXT_BYTES
 
 FAST = SandboxConfig(timeout_s=10, memory_mb=512, max_output_chars=20_000)
 
@@ -361,7 +363,7 @@ def _rlm_cgroups() -> set[str]:
 
 
 def test_spare_workers_are_claimed_once_and_never_leak():
-    text = f"spare-{uuid.uuid4().hex}"
+    text = f"spare-{uuid.uuid4().hex}" + "x" * POOL_MAX_CONTEXT_BYTES  # big enough for a zygote
     other = SandboxConfig(timeout_s=10, memory_mb=300)
     with REPLSession(text, config=FAST) as a, REPLSession(text, config=FAST) as a2:
         zygote = a.zygote_pid
@@ -382,6 +384,43 @@ def test_spare_workers_are_claimed_once_and_never_leak():
     shutdown()  # stops the zygotes, which stop their spares and remove their cgroups
     assert not _alive(zygote) and not any(_alive(p.pid) for p in tree)
     assert not [g for g in _rlm_cgroups() if g.rsplit("-", 1)[-1] in {str(p.pid) for p in tree}]
+
+
+def test_32_concurrent_starts_on_distinct_contexts():
+    """Starts on distinct small contexts overlap (pooled workers, pipelined fork-server
+    requests); each session must still get its own context and its own worker."""
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            context = f"ctx-{i}-" + "y" * (i * 997) if i % 2 else {"i": i, "docs": [f"d{i}"] * i}
+            with REPLSession(context, config=FAST) as s:
+                r = s.execute("import hashlib\nprint(hashlib.sha1(repr(context).encode()).hexdigest())")
+                results[i] = (r.stdout, s.pid, psutil.Process(s.pid).uids().real)
+                assert r.error is None and r.stdout == hashlib.sha1(repr(context).encode()).hexdigest() + "\n", r
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(f"{i}: {exc!r}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(results) == 32
+    assert len({pid for _, pid, _ in results.values()}) == 32  # one worker each
+    assert len({uid for _, _, uid in results.values()}) == 32  # and one uid each
+
+
+def test_pooled_workers_never_leak():
+    with REPLSession("small", config=FAST) as s:
+        server = s.zygote_pid  # small contexts come from the fork-server's pool
+        assert s.execute("print(context)").stdout == "small\n"
+    time.sleep(0.3)  # the pool was refilled after the claim
+    pooled = psutil.Process(server).children(recursive=True)
+    assert pooled and all(p.name().startswith("rlm-") for p in pooled)
+    shutdown()
+    assert not _alive(server) and not any(_alive(p.pid) for p in pooled)
+    assert not [g for g in _rlm_cgroups() if g.rsplit("-", 1)[-1] in {str(p.pid) for p in pooled}]
 
 
 def test_list_and_dict_contexts():

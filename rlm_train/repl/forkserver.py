@@ -18,6 +18,12 @@ built right after each claim: the next session with the same config claims it
 in one round trip. The zygote stops its spare (and waits for its cgroups to go)
 before it exits; a spare's uid is reserved by the host like a session's.
 
+Small contexts (< 256 kB, plain data) skip the zygote: the fork-server keeps a few
+pre-isolated, context-less worker trees (POOL_SIZE) for the current config and hands
+one over per `claim`; the host then sends the context as the worker's first frame.
+The fork-server only forks and answers; every W0/W1 isolates itself in parallel and
+reports `ready` straight to the host, so concurrent starts do not queue behind it.
+
 W0 waits for W1 and writes W1's wait status to a pipe the host reads: that is how the host learns how a
 worker died (it is not the worker's parent).
 
@@ -45,6 +51,7 @@ def _supervise(sock_fd: int, status_fd: int, req: dict, context) -> None:
     """Runs in W0, just forked from the zygote. Never returns."""
     try:
         sandbox.die_with_parent(req["zygote_pid"])
+        sandbox.set_name("rlm-supervisor")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sandbox.close_fds_except({sock_fd, status_fd})
         report: dict = {"root": os.geteuid() == 0, "pdeathsig": True}
@@ -57,6 +64,7 @@ def _supervise(sock_fd: int, status_fd: int, req: dict, context) -> None:
     if pid == 0:
         try:
             os.close(status_fd)
+            sandbox.set_name("rlm-worker")
             sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
             sandbox.join_cgroups(cgroups)
             _worker_main(sock_fd, req, context, report, new_pidns)
@@ -123,6 +131,13 @@ def _worker_main(sock_fd: int, req: dict, context, report: dict, new_pidns: bool
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
     sock = socket.socket(fileno=worker.PROTO_FD)
     protocol.send(sock, {"op": "ready", "pid": host_pid, "isolation": report}, plain=True)
+    if req.get("pooled"):
+        # Built before anyone asked for it: the host sends the (small) context once it
+        # claims us. EOF here means the pool discarded us unclaimed.
+        try:
+            context = protocol.recv(sock)
+        except (OSError, protocol.ProtocolError):
+            os._exit(0)
     worker.run(sock, context, cfg["max_output_chars"])
 
 
@@ -198,21 +213,37 @@ class _Started:
 
     def discard(self) -> None:
         """Stop an unclaimed spare and wait until its supervisor has removed its cgroups."""
+        self.stop()
+        self.wait()
+
+    def stop(self) -> None:
         self.sock.close()  # EOF: the worker exits; W0 reaps it, removes the cgroups, exits
         os.close(self.status_r)
+
+    def wait(self) -> None:
         if not select.select([self.pidfd], [], [], 5.0)[0]:
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             select.select([self.pidfd], [], [], 5.0)
         os.close(self.pidfd)
 
+    def send_to_host(self, host: socket.socket, reply: dict) -> None:
+        """Hand the host our ends of the worker's channels; we keep none."""
+        try:
+            protocol.send(host, reply, fds=[self.sock.fileno(), self.status_r, self.pidfd])
+        finally:
+            self.sock.close()
+            os.close(self.status_r)
+            os.close(self.pidfd)
 
-def _start_worker(uid: int, config: dict, context, me: int) -> _Started:
+
+def _start_worker(uid: int, config: dict, context, me: int, pooled: bool = False) -> _Started:
     """Fork W0, which builds the whole isolated worker by itself; we only fork."""
     ours, theirs = socket.socketpair()
     status_r, status_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _supervise(theirs.fileno(), status_w, {"uid": uid, "config": config, "zygote_pid": me}, context)
+        _supervise(theirs.fileno(), status_w, {"uid": uid, "config": config, "zygote_pid": me, "pooled": pooled},
+                   context)
     theirs.close()
     os.close(status_w)
     try:
@@ -226,6 +257,7 @@ def _start_worker(uid: int, config: dict, context, me: int) -> _Started:
 
 def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
     sandbox.die_with_parent(req["server_pid"])
+    sandbox.set_name("rlm-zygote")
     if memfd < 0:
         try:
             context = _load_remote(req)
@@ -266,13 +298,10 @@ def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
         spare = None
         spare_uid = uids.pop(0) if msg.get("keep_spare") and uids else None
         try:
-            protocol.send(ctl, {"op": "spawned", "pid": got.pid, "uid": got.uid, "spare_uid": spare_uid,
-                                "unused": unused + uids}, fds=[got.sock.fileno(), got.status_r, got.pidfd])
+            got.send_to_host(ctl, {"op": "spawned", "pid": got.pid, "uid": got.uid, "spare_uid": spare_uid,
+                                   "unused": unused + uids})
         except OSError:
             os._exit(0)
-        got.sock.close()
-        os.close(got.status_r)
-        os.close(got.pidfd)
         if spare_uid is not None:
             try:
                 spare = _start_worker(spare_uid, config, context, me)
@@ -281,38 +310,91 @@ def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
 
 
 # --------------------------------------------------------------------------- fork-server
+POOL_SIZE = 4  # pre-isolated context-less workers kept ready for small contexts
+
+
+def _fork_zygote(host: socket.socket, msg: dict, fds: list[int], pool: list[_Started]) -> None:
+    ctl_fd, memfd = (fds + [-1])[:2]
+    msg["server_pid"] = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        host.close()
+        try:
+            # Drop our copies of the pool's channels: a discarded pool worker must see EOF.
+            sandbox.close_fds_except({ctl_fd, memfd})
+            _zygote_main(socket.socket(fileno=ctl_fd), msg, memfd)
+        finally:
+            os._exit(0)
+    os.close(ctl_fd)
+    if memfd >= 0:
+        os.close(memfd)
+    try:  # lets the host wait for the zygote (and its spare) to exit
+        pidfds = [os.pidfd_open(pid)]
+    except OSError:  # it failed to load and exited already
+        pidfds = []
+    protocol.send(host, {"op": "zygote", "pid": pid}, fds=pidfds)
+    for fd in pidfds:
+        os.close(fd)
+
+
+def _claim(host: socket.socket, msg: dict, pool: list[_Started], idle_uids: list[int]) -> None:
+    """Give the host a pooled worker built for this config, or fork one now (its isolation
+    then proceeds in W0/W1 while we answer the next request), then refill the pool."""
+    me = os.getpid()
+    uids, config = list(msg["uids"]), msg["config"]
+    unused = idle_uids[:]  # uids of refills whose fork failed: the host gets them back now
+    idle_uids.clear()
+    got = next((w for w in pool if w.config == config), None)
+    if got is not None:
+        pool.remove(got)
+    else:
+        try:
+            got = _start_worker(uids.pop(0), config, None, me, pooled=True)
+        except OSError as exc:  # fork failed (EAGAIN, ENOMEM): the host reports it
+            protocol.send(host, {"op": "failed", "error": str(exc), "unused": unused + uids})
+            return
+    if uids and len(pool) >= POOL_SIZE and pool[0].config != config:
+        stale = pool.pop(0)  # built for limits nobody asks for any more
+        stale.discard()
+        unused.append(stale.uid)
+    refill = uids.pop(0) if uids and len(pool) < POOL_SIZE else None
+    got.send_to_host(host, {"op": "claimed", "pid": got.pid, "uid": got.uid, "unused": unused + uids})
+    if refill is not None:
+        try:
+            pool.append(_start_worker(refill, config, None, me, pooled=True))
+        except OSError:
+            idle_uids.append(refill)
+
+
 def serve(host: socket.socket) -> None:
+    sandbox.set_name("rlm-forkserver")
+    if os.geteuid() == 0:
+        sandbox.sweep_stale_cgroups()  # groups left by a host that died without closing
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # zygotes and W0s are reaped by the kernel
     gc.collect()
     gc.freeze()
-    protocol.send(host, {"op": "hello", "pid": os.getpid(), "euid": os.geteuid()})
+    protocol.send(host, {"op": "hello", "pid": os.getpid(), "euid": os.geteuid(), "pool_size": POOL_SIZE})
+    pool: list[_Started] = []
+    idle_uids: list[int] = []
     while True:
         try:
             msg, fds = protocol.recv(host, want_fds=True)
         except (OSError, protocol.ProtocolError):
             break  # the host is gone: our zygotes die with us (PDEATHSIG)
-        if msg.get("op") == "zygote":
-            ctl_fd, memfd = (fds + [-1])[:2]
-            msg["server_pid"] = os.getpid()
-            pid = os.fork()
-            if pid == 0:
-                host.close()
-                try:
-                    _zygote_main(socket.socket(fileno=ctl_fd), msg, memfd)
-                finally:
-                    os._exit(0)
-            os.close(ctl_fd)
-            if memfd >= 0:
-                os.close(memfd)
-            try:  # lets the host wait for the zygote (and its spare) to exit
-                pidfds = [os.pidfd_open(pid)]
-            except OSError:  # it failed to load and exited already
-                pidfds = []
-            protocol.send(host, {"op": "zygote", "pid": pid}, fds=pidfds)
-            for fd in pidfds:
-                os.close(fd)
-        elif msg.get("op") == "exit":
-            break
+        try:
+            if msg.get("op") == "zygote":
+                _fork_zygote(host, msg, fds, pool)
+            elif msg.get("op") == "claim":
+                _claim(host, msg, pool, idle_uids)
+            elif msg.get("op") == "exit":
+                break
+        except OSError:
+            break  # the host channel broke mid-reply
+    # Stop the pool and wait for its supervisors to remove their cgroups, all at once.
+    for w in pool:
+        w.stop()
+    for w in pool:
+        w.wait()
     os._exit(0)
 
 

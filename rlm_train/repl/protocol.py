@@ -75,6 +75,12 @@ def send(sock: socket.socket, obj, fds=(), plain: bool = False) -> None:
         sock.sendall(payload)
 
 
+def send_raw(sock: socket.socket, payload: bytes) -> None:
+    """Send an already pickled payload as one frame."""
+    sock.sendall(HEADER.pack(len(payload)))
+    sock.sendall(payload)
+
+
 def _wait_readable(sock: socket.socket, deadline: float | None) -> None:
     if deadline is None:
         return

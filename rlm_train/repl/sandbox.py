@@ -27,6 +27,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
 
 # Directories every user may write on a stock Linux box; each gets a private tmpfs.
@@ -50,6 +51,11 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
 
 def prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def set_name(name: str) -> None:
+    """Name the process (ps, top, perf show it): every role in the tree is `python` otherwise."""
+    _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def die_with_parent(expected_ppid: int) -> None:
@@ -184,8 +190,12 @@ def make_cgroups(report: dict, name: str, memory_mb: int, max_processes: int) ->
         "pids": {"pids.max": max_processes},
     }
     paths = []
+    # The sweep reads every group: one supervisor in 16 does it (and each fork-server at
+    # start), so a burst of n starts costs O(n), not O(n^2), and stale groups still go.
+    sweep = os.getpid() % 16 == 0
     for ctrl, files in limits.items():
-        _sweep_stale(os.path.join(CGROUP_V1, ctrl, "rlm_repl"))
+        if sweep:
+            _sweep_stale(os.path.join(CGROUP_V1, ctrl, "rlm_repl"))
         path = os.path.join(CGROUP_V1, ctrl, "rlm_repl", name)
         try:
             os.makedirs(path)
@@ -200,6 +210,11 @@ def make_cgroups(report: dict, name: str, memory_mb: int, max_processes: int) ->
             report[f"cgroup_{ctrl}"] = False
             report[f"cgroup_{ctrl}_error"] = str(exc)
     return paths
+
+
+def sweep_stale_cgroups() -> None:
+    for ctrl in ("memory", "pids"):
+        _sweep_stale(os.path.join(CGROUP_V1, ctrl, "rlm_repl"))
 
 
 def _sweep_stale(parent: str) -> None:
