@@ -28,12 +28,15 @@ bench: $(STAMP)
 	$(VENV)/bin/rlm-train bench runtime
 
 demo: $(STAMP)
-	@echo "make demo: the end-to-end demo (generate scripted trajectories -> filter ->"
-	@echo "LoRA SFT of Gemma-3-270m on CPU -> serve with vLLM -> eval base vs tuned)"
-	@echo "is not wired yet. Today it runs one RLM episode with the scripted teacher:"
+	@echo "== rlm-train demo: tasks -> scripted-teacher trajectories -> filtered SFT/RL datasets"
+	@echo "   (the rest of the loop - LoRA SFT of Gemma-3-270m, vLLM serving, eval - is listed at the end)"
+	$(VENV)/bin/rlm-train tasks make --family niah --n 200 --context-tokens 8000 --seed 0 --out runs/tasks/niah-train.jsonl
+	$(VENV)/bin/rlm-train generate --recipe recipes/generate-scripted-cpu.yaml
+	$(VENV)/bin/rlm-train filter --recipe recipes/filter-paper.yaml
 	$(VENV)/bin/rlm-train run --context-file data/demo/haystack.txt \
 	  --query "What is the special magic number for quiet-harbor?" \
-	  --policy scripted --trajectory-out runs/demo/trajectory.jsonl
+	  --policy scripted --family niah --trajectory-out runs/demo/trajectory.jsonl
+	@echo "== next (minutes to hours on 2 CPU cores): .venv/bin/rlm-train sft --recipe recipes/gemma3-270m-cpu-sft.yaml"
 
 clean:
 	rm -rf $(VENV) runs
