@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import json
 import logging
@@ -129,6 +130,8 @@ def _time_rlms(base_url: str, context: str, repeats: int) -> tuple[list[float], 
             started = time.perf_counter()
             result = rlm.completion(context, root_prompt="How many chunks?")
             walls.append(time.perf_counter() - started)
+        del rlm
+        gc.collect()  # its clients are torn down here, while the log is quiet
     finally:
         asyncio_log.setLevel(level)
     assert str(result.response).strip() == str(SCENARIO_CHUNKS), f"rlms scenario went wrong: {result.response!r}"
