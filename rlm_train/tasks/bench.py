@@ -45,6 +45,11 @@ def bench_tasks(n: int = 100, context_tokens: int = 128_000, seed: int = 0) -> d
         "goal_s": 30.0,
         "within_goal": total_s < 30.0,
     }
+    print(f"tasks: {result['n']} tasks at {context_tokens:,} tokens ({len(gen_s)} families), "
+          f"{written / 1e6:.0f} MB written")
+    print(f"    total {total_s:.1f} s (corpus load {load_s:.1f} s, write {write_s:.1f} s)   goal < 30 s  "
+          f"{'ok' if total_s < 30 else 'MISSED'}")
+    print("    per task: " + ", ".join(f"{f} {ms:.0f} ms" for f, ms in result["per_task_ms"].items()))
     return result
 
 
