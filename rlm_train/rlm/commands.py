@@ -50,8 +50,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-iterations", type=int, help="root turns before 'answer now' (default 8)")
     parser.add_argument("--family", help="task family hint for the scripted teacher (e.g. niah)")
     parser.add_argument("--trajectory-out", help="append the trajectory record to this JSONL file")
+    parser.add_argument("--quiet", action="store_true", help="no per-turn progress lines on stderr")
     parser.add_argument("--recipe", "--config", dest="recipe", help="YAML file of RLMConfig fields")
     parser.add_argument("overrides", nargs="*", help="RLMConfig overrides as KEY=VALUE (e.g. max_subcalls=50)")
+
+
+def print_turn(turn: dict) -> None:
+    """One progress line per root turn on stderr."""
+    errors = sum(1 for e in turn["executions"] if e["error"])
+    parts = [
+        f"turn {turn['index'] + 1}{' (answer now)' if turn['forced'] else ''}:",
+        f"{len(turn['code_blocks'])} code block(s)",
+        f"{len(turn['sub_calls'])} sub-call(s)",
+        f"{turn['completion_tokens']} tokens",
+        f"{turn['latency_s'] + sum(e['wall_s'] for e in turn['executions']):.2f}s",
+    ]
+    if errors:
+        parts.append(f"{errors} cell error(s)")
+    if turn["parse_error"]:
+        parts.append(turn["parse_error"])
+    if turn["final"] is not None:
+        parts.append("FINAL")
+    print(" ".join(parts[:1]) + " " + ", ".join(parts[1:]), file=sys.stderr, flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -69,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
 
     async def go():
         try:
-            return await run_episode(args.query, context, policy, sub_policy, config, hints=hints)
+            on_turn = None if args.quiet else print_turn
+            return await run_episode(args.query, context, policy, sub_policy, config, hints=hints, on_turn=on_turn)
         finally:
             await policy.aclose()
             if sub_policy is not None:

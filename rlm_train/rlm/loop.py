@@ -17,7 +17,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import Field
 
@@ -102,6 +102,7 @@ class _Tree:
     hints: dict[str, Any]
     semaphore: asyncio.Semaphore
     loop: asyncio.AbstractEventLoop
+    on_turn: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -198,11 +199,13 @@ async def run_episode(
     config: RLMConfig | None = None,
     hints: dict[str, Any] | None = None,
     task_id: str | None = None,
+    on_turn: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run one RLM episode and return its `rlm-train/trajectory/v1` record.
 
     Never raises for model, server or sandbox failures: they end the episode with
     outcome `error` (or `budget_exhausted`) and are recorded in the trajectory.
+    `on_turn(turn)` is called after each root turn (progress display).
     """
     config = config or RLMConfig()
     sub_policy = sub_policy or policy
@@ -214,6 +217,7 @@ async def run_episode(
         hints={**(hints or {}), "query": query},
         semaphore=asyncio.Semaphore(config.subcall_concurrency),
         loop=asyncio.get_running_loop(),
+        on_turn=on_turn,
     )
     record = await _run_tree_episode(tree, query, context, depth=0)
     record.update(
@@ -267,6 +271,8 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
                 messages.append({"role": "user", "content": prompts.ANSWER_NOW_PROMPT})
             turn, final = await _run_turn(tree, episode, session, messages, turn_index, forced)
             turns.append(turn)
+            if tree.on_turn is not None and depth == 0:
+                tree.on_turn(turn)
             if final is not None:
                 outcome = OUTCOME_FINAL if not forced else OUTCOME_MAX_ITERATIONS
                 break
