@@ -4,28 +4,30 @@ Process tree (the host never forks itself; it may hold torch and threads):
 
     host --subprocess--> fork-server (warm interpreter, worker module imported)
                            +-- zygote per context (holds the context once; fork-server child)
-                                 +-- supervisor W0 (root, tiny; unshares the namespaces)
-                                       +-- worker W1 (pid 1 of its own pid namespace,
-                                                      unprivileged uid, runs the cells)
+                           |     +-- worker (pid 1 of its own pid namespace, unprivileged uid,
+                           |                 runs the cells)
+                           +-- pooled workers (small contexts, sent over the socket)
+
+Each worker is cloned straight into a new pid namespace (sandbox.fork_pid_namespace),
+so its parent, the zygote or the fork-server, supervises it directly: it reaps the
+worker, removes its cgroups and writes its wait status to a pipe the host reads.
+That is how the host learns how a worker died (it is not the worker's parent).
 
 Sessions on one context share the zygote's pages copy-on-write. The host talks
 to the fork-server and to each zygote over its own socket, and to each worker
 over a socketpair the zygote made and handed up with SCM_RIGHTS (then closed),
 so no frame of a running session passes through another process.
 
-A shared zygote keeps one spare worker tree, fully isolated and already `ready`,
+A shared zygote keeps one spare worker, fully isolated and already `ready`,
 built right after each claim: the next session with the same config claims it
-in one round trip. The zygote stops its spare (and waits for its cgroups to go)
-before it exits; a spare's uid is reserved by the host like a session's.
+in one round trip. Before it exits, a zygote kills and reaps every worker it still
+has and removes their cgroups; a spare's uid is reserved by the host like a session's.
 
 Small contexts (< 256 kB, plain data) skip the zygote: the fork-server keeps a few
-pre-isolated, context-less worker trees (POOL_SIZE) for the current config and hands
+pre-isolated, context-less workers (POOL_SIZE) for the current config and hands
 one over per `claim`; the host then sends the context as the worker's first frame.
-The fork-server only forks and answers; every W0/W1 isolates itself in parallel and
+The fork-server only clones and answers; every worker isolates itself in parallel and
 reports `ready` straight to the host, so concurrent starts do not queue behind it.
-
-W0 waits for W1 and writes W1's wait status to a pipe the host reads: that is how the host learns how a
-worker died (it is not the worker's parent).
 
 Run as `python -m rlm_train.repl.forkserver FD` with FD a Unix socket to the host.
 """
@@ -33,6 +35,7 @@ Run as `python -m rlm_train.repl.forkserver FD` with FD a Unix socket to the hos
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import mmap
 import os
@@ -46,47 +49,86 @@ import sys
 from rlm_train.repl import protocol, sandbox, worker
 
 
-# --------------------------------------------------------------------------- W0 / W1
-def _supervise(sock_fd: int, status_fd: int, req: dict, context) -> None:
-    """Runs in W0, just forked from the zygote. Never returns."""
-    try:
-        sandbox.die_with_parent(req["zygote_pid"])
-        sandbox.set_name("rlm-supervisor")
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        sandbox.close_fds_except({sock_fd, status_fd})
-        report: dict = {"root": os.geteuid() == 0, "pdeathsig": True}
-        new_pidns = sandbox.enter_namespaces(report)
-        cfg = req["config"]
-        cgroups = sandbox.make_cgroups(report, f"{req['uid']}-{os.getpid()}", cfg["memory_mb"], cfg["max_processes"])
-        pid = os.fork()
-    except BaseException:
-        os._exit(70)
-    if pid == 0:
+# --------------------------------------------------------------------------- workers
+class _Children:
+    """The workers we cloned. Each is our own child (pid 1 of its pid namespace when the
+    kernel allows), so we reap it, remove its cgroups and write its wait status to a pipe
+    the host reads: that is how the host learns how a worker died, and that close() may
+    return (the status comes after the cgroups are gone)."""
+
+    def __init__(self):
+        self.workers: dict[int, tuple[int, int, bool]] = {}  # pid -> (status pipe, uid, own pid namespace)
+        self.me = os.pidfd_open(os.getpid())  # a worker checks it to see whether we are still alive
+        self.wakeup, wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup, False)
+        os.set_blocking(wakeup_w, False)
+        signal.set_wakeup_fd(wakeup_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so SIGCHLD reaches the wakeup pipe
+
+    def add(self, pid: int, status_w: int, uid: int, own_pidns: bool) -> None:
+        self.workers[pid] = (status_w, uid, own_pidns)
+
+    def reap(self) -> None:
+        """Collect every child that exited (zygotes too: they need no report)."""
         try:
-            os.close(status_fd)
-            sandbox.set_name("rlm-worker")
-            sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
-            sandbox.join_cgroups(cgroups)
-            _worker_main(sock_fd, req, context, report, new_pidns)
-        finally:
-            os._exit(71)
-    os.close(sock_fd)
-    status = 0
-    while True:
+            while os.read(self.wakeup, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._finish(pid, status)
+
+    def wait(self, pid: int) -> None:
         try:
             _, status = os.waitpid(pid, 0)
-            break
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-    if not new_pidns:
-        _kill_uid(req["uid"])  # no pid namespace: sweep whatever the cell left behind
-    sandbox.remove_cgroups(cgroups)
+        except ChildProcessError:  # reap() collected it already
+            return
+        self._finish(pid, status)
+
+    def kill_all(self) -> None:
+        """Before we exit: no worker of ours, nor its cgroups, outlives us."""
+        for pid in self.workers:
+            os.kill(pid, signal.SIGKILL)
+        for pid in list(self.workers):
+            self.wait(pid)
+
+    def _finish(self, pid: int, status: int) -> None:
+        if pid not in self.workers:
+            return
+        status_w, uid, own_pidns = self.workers.pop(pid)
+        if not own_pidns:
+            _kill_uid(uid)  # no pid namespace: sweep whatever the cell left behind
+        sandbox.remove_cgroups(uid, pid)
+        try:
+            os.write(status_w, struct.pack("<i", status))
+        except OSError:  # nobody reads it any more (a discarded spare)
+            pass
+        os.close(status_w)
+
+
+def _worker_entry(sock_fd: int, req: dict, context, parent_pidfd: int, own_pidns: bool, report: dict) -> None:
+    """Runs in the worker, just cloned from the zygote or fork-server. Never returns."""
     try:
-        os.write(status_fd, struct.pack("<i", status))
+        sandbox.die_with_parent_pidfd(parent_pidfd)
+        sandbox.set_name("rlm-worker")
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sandbox.close_fds_except({sock_fd})
+        report.update(root=os.geteuid() == 0, pdeathsig=True, pid_namespace=own_pidns)
+        sandbox.enter_namespaces(report)
+        cfg = req["config"]
+        # Named after our pid as the parent sees it (read before /proc is remounted).
+        cgroups = sandbox.make_cgroups(report, req["uid"], sandbox.outer_pid(), cfg["memory_mb"], cfg["max_processes"])
+        sandbox.join_cgroups(cgroups)
+        _worker_main(sock_fd, req, context, report)
     finally:
-        os._exit(0)
+        os._exit(71)
 
 
 def _kill_uid(uid: int) -> None:
@@ -103,15 +145,14 @@ def _kill_uid(uid: int) -> None:
     os.waitpid(pid, 0)
 
 
-def _worker_main(sock_fd: int, req: dict, context, report: dict, new_pidns: bool) -> None:
-    """Runs in W1: lock the process down, say ready, then serve cells."""
+def _worker_main(sock_fd: int, req: dict, context, report: dict) -> None:
+    """Lock the process down, say ready, then serve cells."""
     cfg = req["config"]
     uid = req["uid"]
     os.setsid()  # own session and process group: kill(0, ...) from a cell reaches nothing else
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big write fails with EFBIG instead of killing us
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    host_pid = sandbox.outer_pid()
-    sandbox.private_mounts(report, uid, tmp_mb=max(cfg["max_file_mb"], 16), in_new_pidns=new_pidns)
+    sandbox.private_mounts(report, uid, tmp_mb=max(cfg["max_file_mb"], 16), in_new_pidns=report["pid_namespace"])
     if not report.get("private_tmp"):
         os.makedirs(f"/tmp/rlm-{uid}", exist_ok=True)  # best effort; reported as missing
     os.dup2(sock_fd, worker.PROTO_FD)
@@ -130,7 +171,7 @@ def _worker_main(sock_fd: int, req: dict, context, report: dict, new_pidns: bool
     sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
     sock = socket.socket(fileno=worker.PROTO_FD)
-    protocol.send(sock, {"op": "ready", "pid": host_pid, "isolation": report}, plain=True)
+    protocol.send(sock, {"op": "ready", "isolation": report}, plain=True)
     if req.get("pooled"):
         # Built before anyone asked for it: the host sends the (small) context once it
         # claims us. EOF here means the pool discarded us unclaimed.
@@ -206,58 +247,70 @@ def _load_context(kind: str, fd: int, size: int):
 
 
 class _Started:
-    """A worker tree forked by the zygote, with the host's ends of its channels."""
+    """A worker we cloned, with the host's ends of its channels until we hand them over."""
 
     def __init__(self, pid: int, pidfd: int, sock: socket.socket, status_r: int, uid: int, config: dict):
         self.pid, self.pidfd, self.sock, self.status_r, self.uid, self.config = pid, pidfd, sock, status_r, uid, config
 
-    def discard(self) -> None:
-        """Stop an unclaimed spare and wait until its supervisor has removed its cgroups."""
-        self.stop()
-        self.wait()
-
-    def stop(self) -> None:
-        self.sock.close()  # EOF: the worker exits; W0 reaps it, removes the cgroups, exits
-        os.close(self.status_r)
-
-    def wait(self) -> None:
-        if not select.select([self.pidfd], [], [], 5.0)[0]:
+    def discard(self, children: _Children) -> None:
+        """Kill an unclaimed spare, reap it and remove its cgroups."""
+        try:
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            select.select([self.pidfd], [], [], 5.0)
-        os.close(self.pidfd)
+        except ProcessLookupError:  # it died and was reaped already
+            pass
+        self._close()
+        children.wait(self.pid)
 
     def send_to_host(self, host: socket.socket, reply: dict) -> None:
         """Hand the host our ends of the worker's channels; we keep none."""
         try:
             protocol.send(host, reply, fds=[self.sock.fileno(), self.status_r, self.pidfd])
         finally:
-            self.sock.close()
-            os.close(self.status_r)
-            os.close(self.pidfd)
+            self._close()
+
+    def _close(self) -> None:
+        self.sock.close()
+        os.close(self.status_r)
+        os.close(self.pidfd)
 
 
-def _start_worker(uid: int, config: dict, context, me: int, pooled: bool = False) -> _Started:
-    """Fork W0, which builds the whole isolated worker by itself; we only fork."""
+# Errors that mean "this kernel or container never gives us a pid namespace" (not a passing
+# shortage such as EAGAIN): the worker then runs without one and its report says so.
+_NO_PIDNS = (errno.EPERM, errno.EINVAL, errno.ENOSYS)
+
+
+def _start_worker(children: _Children, uid: int, config: dict, context, pooled: bool = False) -> _Started:
+    """Clone the worker straight into its own pid namespace; it isolates itself in parallel
+    with us (we only clone) and says `ready` to the host."""
     ours, theirs = socket.socketpair()
     status_r, status_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        _supervise(theirs.fileno(), status_w, {"uid": uid, "config": config, "zygote_pid": me, "pooled": pooled},
-                   context)
-    theirs.close()
-    os.close(status_w)
+    report: dict = {}
     try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:  # W0 failed and was reaped already
+        try:
+            pid, own_pidns = sandbox.fork_pid_namespace(), True
+        except OSError as exc:
+            if exc.errno not in _NO_PIDNS:
+                raise
+            report["pid_namespace_error"] = str(exc)
+            pid, own_pidns = os.fork(), False
+    except OSError:
+        for fd in (status_r, status_w):
+            os.close(fd)
         ours.close()
-        os.close(status_r)
+        theirs.close()
         raise
-    return _Started(pid, pidfd, ours, status_r, uid, config)
+    if pid == 0:
+        _worker_entry(theirs.fileno(), {"uid": uid, "config": config, "pooled": pooled}, context,
+                      children.me, own_pidns, report)
+    theirs.close()
+    children.add(pid, status_w, uid, own_pidns)
+    return _Started(pid, os.pidfd_open(pid), ours, status_r, uid, config)
 
 
 def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
     sandbox.die_with_parent(req["server_pid"])
     sandbox.set_name("rlm-zygote")
+    children = _Children()
     if memfd < 0:
         try:
             context = _load_remote(req)
@@ -268,30 +321,29 @@ def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
         context = _load_context(req["kind"], memfd, req["size"])
     gc.collect()
     gc.freeze()  # keep the collector from touching (and so copying) shared pages in workers
-    me = os.getpid()
-    protocol.send(ctl, {"op": "loaded", "pid": me})
+    protocol.send(ctl, {"op": "loaded", "pid": os.getpid()})
     # One spare worker, already isolated, for the next session with the same config: a claim
     # is then one round trip. It is built right after a claim, off the claimer's path.
     spare: _Started | None = None
     idle_uid = None  # a spare uid whose fork failed: handed back with the next reply
     while True:
+        if not _next_request(ctl, children):
+            continue
         try:
             msg = protocol.recv(ctl)
         except (OSError, protocol.ProtocolError):
-            if spare is not None:
-                spare.discard()  # so no spare (or its cgroups) outlives the zygote
-            os._exit(0)
+            break
         if msg.get("op") != "spawn":
             continue
         uids, config = list(msg["uids"]), msg["config"]  # fresh uids the host reserved for us
         unused = [idle_uid] if idle_uid is not None else []
         idle_uid = None
         if spare is not None and spare.config != config:
-            spare.discard()
+            spare.discard(children)
             unused.append(spare.uid)
             spare = None
         try:
-            got = spare if spare is not None else _start_worker(uids.pop(0), config, context, me)
+            got = spare if spare is not None else _start_worker(children, uids.pop(0), config, context)
         except OSError as exc:  # fork failed (EAGAIN, ENOMEM): the host reports it
             protocol.send(ctl, {"op": "failed", "error": str(exc), "spare_uid": None, "unused": unused + uids})
             continue
@@ -301,26 +353,36 @@ def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
             got.send_to_host(ctl, {"op": "spawned", "pid": got.pid, "uid": got.uid, "spare_uid": spare_uid,
                                    "unused": unused + uids})
         except OSError:
-            os._exit(0)
+            break
         if spare_uid is not None:
             try:
-                spare = _start_worker(spare_uid, config, context, me)
+                spare = _start_worker(children, spare_uid, config, context)
             except OSError:
                 spare, idle_uid = None, spare_uid
+    children.kill_all()  # the spare, and any session the host did not close
+    os._exit(0)
+
+
+def _next_request(sock: socket.socket, children: _Children) -> bool:
+    """Wait for a request on sock, reaping workers as they exit. True when sock is readable."""
+    readable = select.select([sock, children.wakeup], [], [])[0]
+    if children.wakeup in readable:
+        children.reap()
+    return sock in readable
 
 
 # --------------------------------------------------------------------------- fork-server
 POOL_SIZE = 4  # pre-isolated context-less workers kept ready for small contexts
 
 
-def _fork_zygote(host: socket.socket, msg: dict, fds: list[int], pool: list[_Started]) -> None:
+def _fork_zygote(host: socket.socket, msg: dict, fds: list[int]) -> None:
     ctl_fd, memfd = (fds + [-1])[:2]
     msg["server_pid"] = os.getpid()
     pid = os.fork()
     if pid == 0:
         host.close()
         try:
-            # Drop our copies of the pool's channels: a discarded pool worker must see EOF.
+            # Drop our copies of the pool's channels: a worker must see EOF when the host closes its end.
             sandbox.close_fds_except({ctl_fd, memfd})
             _zygote_main(socket.socket(fileno=ctl_fd), msg, memfd)
         finally:
@@ -328,19 +390,16 @@ def _fork_zygote(host: socket.socket, msg: dict, fds: list[int], pool: list[_Sta
     os.close(ctl_fd)
     if memfd >= 0:
         os.close(memfd)
-    try:  # lets the host wait for the zygote (and its spare) to exit
-        pidfds = [os.pidfd_open(pid)]
-    except OSError:  # it failed to load and exited already
-        pidfds = []
-    protocol.send(host, {"op": "zygote", "pid": pid}, fds=pidfds)
-    for fd in pidfds:
-        os.close(fd)
+    pidfd = os.pidfd_open(pid)  # lets the host wait for the zygote (and its workers) to exit
+    try:
+        protocol.send(host, {"op": "zygote", "pid": pid}, fds=[pidfd])
+    finally:
+        os.close(pidfd)
 
 
-def _claim(host: socket.socket, msg: dict, pool: list[_Started], idle_uids: list[int]) -> None:
-    """Give the host a pooled worker built for this config, or fork one now (its isolation
-    then proceeds in W0/W1 while we answer the next request), then refill the pool."""
-    me = os.getpid()
+def _claim(host: socket.socket, msg: dict, pool: list[_Started], idle_uids: list[int], children: _Children) -> None:
+    """Give the host a pooled worker built for this config, or clone one now (it then
+    isolates itself while we answer the next request), then refill the pool."""
     uids, config = list(msg["uids"]), msg["config"]
     unused = idle_uids[:]  # uids of refills whose fork failed: the host gets them back now
     idle_uids.clear()
@@ -349,19 +408,19 @@ def _claim(host: socket.socket, msg: dict, pool: list[_Started], idle_uids: list
         pool.remove(got)
     else:
         try:
-            got = _start_worker(uids.pop(0), config, None, me, pooled=True)
+            got = _start_worker(children, uids.pop(0), config, None, pooled=True)
         except OSError as exc:  # fork failed (EAGAIN, ENOMEM): the host reports it
             protocol.send(host, {"op": "failed", "error": str(exc), "unused": unused + uids})
             return
     if uids and len(pool) >= POOL_SIZE and pool[0].config != config:
         stale = pool.pop(0)  # built for limits nobody asks for any more
-        stale.discard()
+        stale.discard(children)
         unused.append(stale.uid)
     refill = uids.pop(0) if uids and len(pool) < POOL_SIZE else None
     got.send_to_host(host, {"op": "claimed", "pid": got.pid, "uid": got.uid, "unused": unused + uids})
     if refill is not None:
         try:
-            pool.append(_start_worker(refill, config, None, me, pooled=True))
+            pool.append(_start_worker(children, refill, config, None, pooled=True))
         except OSError:
             idle_uids.append(refill)
 
@@ -369,32 +428,30 @@ def _claim(host: socket.socket, msg: dict, pool: list[_Started], idle_uids: list
 def serve(host: socket.socket) -> None:
     sandbox.set_name("rlm-forkserver")
     if os.geteuid() == 0:
-        sandbox.sweep_stale_cgroups()  # groups left by a host that died without closing
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # zygotes and W0s are reaped by the kernel
+        sandbox.sweep_stale_cgroups()  # groups left by a fork-server that was killed
+    children = _Children()
     gc.collect()
     gc.freeze()
     protocol.send(host, {"op": "hello", "pid": os.getpid(), "euid": os.geteuid(), "pool_size": POOL_SIZE})
     pool: list[_Started] = []
     idle_uids: list[int] = []
     while True:
+        if not _next_request(host, children):
+            continue
         try:
             msg, fds = protocol.recv(host, want_fds=True)
         except (OSError, protocol.ProtocolError):
             break  # the host is gone: our zygotes die with us (PDEATHSIG)
         try:
             if msg.get("op") == "zygote":
-                _fork_zygote(host, msg, fds, pool)
+                _fork_zygote(host, msg, fds)
             elif msg.get("op") == "claim":
-                _claim(host, msg, pool, idle_uids)
+                _claim(host, msg, pool, idle_uids, children)
             elif msg.get("op") == "exit":
                 break
         except OSError:
             break  # the host channel broke mid-reply
-    # Stop the pool and wait for its supervisors to remove their cgroups, all at once.
-    for w in pool:
-        w.stop()
-    for w in pool:
-        w.wait()
+    children.kill_all()  # the pool, and any session the host did not close
     os._exit(0)
 
 

@@ -8,10 +8,13 @@ missing layers into one loud warning (see session.isolation_report).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import resource
+import select
 import signal
 import sys
+import time
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -65,24 +68,54 @@ def die_with_parent(expected_ppid: int) -> None:
         os._exit(1)
 
 
-def enter_namespaces(report: dict) -> bool:
-    """unshare net+mount+ipc(+pid). Returns True when a new pid namespace was made
-    (the next fork becomes its init)."""
+def die_with_parent_pidfd(parent_pidfd: int) -> None:
+    """die_with_parent for a child in its own pid namespace, where getppid() is 0:
+    the parent's pidfd turns readable once the parent has exited."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if select.select([parent_pidfd], [], [], 0)[0]:
+        os._exit(1)
+
+
+_pyapi = ctypes.PyDLL(None, use_errno=True)  # keeps the GIL held across the call, as os.fork does
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
+
+
+def fork_pid_namespace() -> int:
+    """os.fork(), except that the child is pid 1 of a new pid namespace; the caller stays
+    its parent and reaps it. Raises OSError where the kernel refuses (no CAP_SYS_ADMIN).
+
+    A raw clone syscall skips glibc's fork handlers (malloc and stdio locks, the cached
+    thread id); that is safe because every caller is single-threaded, so no other thread
+    can hold those locks. The interpreter's own fork hooks run as in os.fork."""
+    if _SYS_CLONE is None:
+        raise OSError(errno.ENOSYS, f"no clone syscall number known for {os.uname().machine}")
+    ctypes.pythonapi.PyOS_BeforeFork()
+    pid = _pyapi.syscall(ctypes.c_long(_SYS_CLONE), ctypes.c_ulong(CLONE_NEWPID | signal.SIGCHLD), None, None, None, None)
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone(CLONE_NEWPID): {os.strerror(err)}")
+    return pid
+
+
+def enter_namespaces(report: dict) -> None:
+    """unshare net+mount+ipc (the pid namespace comes from fork_pid_namespace)."""
     try:
-        unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID)
-        report.update(net_namespace=True, mount_namespace=True, pid_namespace=True)
-        return True
+        unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC)
+        report.update(net_namespace=True, mount_namespace=True)
+        return
     except OSError as exc:
         report["namespace_error"] = str(exc)
     # Without CAP_SYS_ADMIN try the layers one at a time so the report is exact.
-    for flag, key in ((CLONE_NEWNET, "net_namespace"), (CLONE_NEWNS, "mount_namespace"),
-                      (CLONE_NEWPID, "pid_namespace")):
+    for flag, key in ((CLONE_NEWNET, "net_namespace"), (CLONE_NEWNS, "mount_namespace")):
         try:
             unshare(flag)
             report[key] = True
         except OSError:
             report[key] = False
-    return bool(report.get("pid_namespace"))
 
 
 def private_mounts(report: dict, uid: int, tmp_mb: int, in_new_pidns: bool) -> None:
@@ -167,22 +200,28 @@ def drop_privileges(report: dict, uid: int) -> None:
 
 
 def close_fds_except(keep: set[int]) -> None:
-    for fd in sorted(int(x) for x in os.listdir("/proc/self/fd")):
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    """Close every fd above 2 but `keep`: close_range(2) over the gaps, no /proc listing."""
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 # --------------------------------------------------------------------------- cgroups (v1)
 CGROUP_V1 = "/sys/fs/cgroup"
 
 
-def make_cgroups(report: dict, name: str, memory_mb: int, max_processes: int) -> list[str]:
+def _cgroup_paths(uid: int, pid: int) -> list[str]:
+    return [os.path.join(CGROUP_V1, ctrl, "rlm_repl", f"{uid}-{pid}") for ctrl in ("memory", "pids")]
+
+
+def make_cgroups(report: dict, uid: int, pid: int, memory_mb: int, max_processes: int) -> list[str]:
     """Per-worker memory and pids groups: they bound the whole process tree (RLIMIT_AS
-    is per process, RLIMIT_NPROC per uid). Created by the root supervisor; the
-    worker joins them. cgroup v2-only hosts are reported as missing."""
+    is per process, RLIMIT_NPROC per uid). Created by the worker itself while still root,
+    named after its uid and pid (as its parent sees it), which is how the parent finds
+    them to remove once it has reaped the worker. cgroup v2-only hosts are reported as missing."""
     # The context pages were charged to the zygote; the group only pays for new pages
     # (copy-on-write copies, tmpfs files included), hence memory_mb plus interpreter slack.
     limits = {
@@ -190,13 +229,12 @@ def make_cgroups(report: dict, name: str, memory_mb: int, max_processes: int) ->
         "pids": {"pids.max": max_processes},
     }
     paths = []
-    # The sweep reads every group: one supervisor in 16 does it (and each fork-server at
+    # The sweep reads every group: one worker in 16 does it (and each fork-server at
     # start), so a burst of n starts costs O(n), not O(n^2), and stale groups still go.
-    sweep = os.getpid() % 16 == 0
-    for ctrl, files in limits.items():
+    sweep = pid % 16 == 0
+    for (ctrl, files), path in zip(limits.items(), _cgroup_paths(uid, pid)):
         if sweep:
-            _sweep_stale(os.path.join(CGROUP_V1, ctrl, "rlm_repl"))
-        path = os.path.join(CGROUP_V1, ctrl, "rlm_repl", name)
+            _sweep_stale(os.path.dirname(path))
         try:
             os.makedirs(path)
             for fname, value in files.items():
@@ -218,8 +256,8 @@ def sweep_stale_cgroups() -> None:
 
 
 def _sweep_stale(parent: str) -> None:
-    """Groups named <uid>-<supervisor pid> whose supervisor is gone were left by a host
-    that exited without closing its sessions (PDEATHSIG killed the supervisor first).
+    """Groups named <uid>-<worker pid> whose worker is gone were left by a fork-server
+    or zygote killed before it could reap its workers (SIGKILL, a crash).
     rmdir only succeeds on an empty group, so a live one is never disturbed."""
     try:
         names = os.listdir(parent)
@@ -240,11 +278,11 @@ def join_cgroups(paths: list[str]) -> None:
             f.write("0")
 
 
-def remove_cgroups(paths: list[str]) -> None:
-    import time
-
-    for path in paths:
-        for _ in range(50):  # tasks of a just-killed tree may take a moment to leave
+def remove_cgroups(uid: int, pid: int) -> None:
+    """After the worker was reaped. In its own pid namespace every process of the cell
+    died before it did; without one, tasks of a just-killed tree may take a moment to leave."""
+    for path in _cgroup_paths(uid, pid):
+        for _ in range(50):
             try:
                 os.rmdir(path)
                 break

@@ -137,8 +137,8 @@ class _ForkServer:
         return reply["pid"], (fds[0] if fds else -1), ours
 
     def claim(self, config: dict) -> tuple[dict, list[int]]:
-        """A context-less worker from the fork-server's pool: reply (W0's pid, the worker's
-        uid) and fds (worker socket, status pipe, W0's pidfd)."""
+        """A context-less worker from the fork-server's pool: reply (the worker's pid and
+        uid) and fds (worker socket, status pipe, the worker's pidfd)."""
         uids = [self.take_uid()]
         try:
             uids.append(self.take_uid())  # for the pool's refill
@@ -234,7 +234,7 @@ class _Zygote:
 
     def spawn(self, config: dict) -> tuple[dict, list[int]]:
         """Claim a worker (the spare when its config matches). Returns the zygote's reply
-        (W0's pid, the worker's uid) and fds: worker socket, status pipe, W0's pidfd."""
+        (the worker's pid and uid) and fds: worker socket, status pipe, the worker's pidfd."""
         uids = [self.server.take_uid()]
         self.claims += 1
         if self.key is not None and self.claims > 1:
@@ -447,14 +447,13 @@ class REPLSession:
         self.context = context
         self.config = config or SandboxConfig()
         self.llm = llm
-        self.pid: int | None = None  # the worker (W1) as the host sees it
-        self.pids: list[int] = []  # supervisor + worker
+        self.pid: int | None = None  # the worker as the host sees it
         self.zygote_pid: int | None = None
         self.isolation: dict = {}
         self.start_s = 0.0
         self._sock: socket.socket | None = None
         self._status_r = -1
-        self._pidfds: list[int] = []
+        self._pidfd = -1
         self._uid: int | None = None
         self._zygote: _Zygote | None = None
         self._server: _ForkServer | None = None
@@ -490,39 +489,33 @@ class REPLSession:
             self.zygote_pid = self._zygote.pid
         sock_fd, status_r, pidfd = fds
         self._uid = reply["uid"]
-        self._sock, self._status_r = socket.socket(fileno=sock_fd), status_r
-        self._pidfds = [pidfd]
-        self.pids = [reply["pid"]]
+        self._sock, self._status_r, self._pidfd = socket.socket(fileno=sock_fd), status_r, pidfd
+        self.pid = reply["pid"]
         try:  # a pooled or spare worker said `ready` long ago: this frame is already waiting
             ready = protocol.recv(self._sock, trusted=False, deadline=time.monotonic() + START_TIMEOUT_S)
             if payload is not None:
                 protocol.send_raw(self._sock, payload)
         except (protocol.ProtocolError, OSError) as exc:
             raise RuntimeError(f"REPL worker failed to start: {exc}; {self._death_note()}") from None
-        self.pid = ready["pid"]
-        self.pids.append(self.pid)
-        self._pidfds.append(os.pidfd_open(self.pid))
         self.isolation = ready["isolation"]
         _note_report(self.isolation)
 
     def _kill(self) -> None:
         """SIGKILL the worker (its pid namespace goes with it), wait, release everything."""
-        # Worker first; the supervisor then cleans up (cgroups), reports and exits by itself.
-        for i, pidfd in enumerate(reversed(self._pidfds)):
-            if i == 1 and select.select([pidfd], [], [], 2.0)[0]:
-                break  # the supervisor exited on its own
+        if self._pidfd >= 0:
             try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            select.select([pidfd], [], [], 5.0)
-        for pidfd in self._pidfds:
-            os.close(pidfd)
-        self._pidfds = []
+            os.close(self._pidfd)
+            self._pidfd = -1
         if self._sock is not None:
             self._sock.close()
             self._sock = None
         if self._status_r >= 0:
+            # The worker's parent writes the status (or closes the pipe) once it has reaped the
+            # worker and removed its cgroups: after this nothing of the session is left.
+            select.select([self._status_r], [], [], 5.0)
             os.close(self._status_r)
             self._status_r = -1
         if self._uid is not None and self._server is not None:
@@ -590,19 +583,19 @@ class REPLSession:
         if not ready:
             raise protocol.FrameTimeout("cell timeout")
         if self._sock not in ready:
-            raise protocol.PeerClosed("worker exited")  # the supervisor reported its death
+            raise protocol.PeerClosed("worker exited")  # its parent reported its death
         msg = protocol.recv(self._sock, trusted=False, deadline=time.monotonic() + max(left, 0.05))
         if not isinstance(msg, dict):
             raise protocol.ProtocolError("frame is not a dict")
         return msg
 
     def _death_note(self) -> str:
-        """How the worker died, from the supervisor's status pipe."""
+        """How the worker died, from the status pipe its parent writes."""
         if self._status_r < 0 or not select.select([self._status_r], [], [], 5.0)[0]:
             return "stopped answering"
         data = os.read(self._status_r, 4)
         if len(data) != 4:
-            return "died (supervisor gone)"
+            return "died (its parent process is gone)"
         (status,) = struct.unpack("<i", data)
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
