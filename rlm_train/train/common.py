@@ -63,3 +63,31 @@ class LaunchSettings(StrictModel):
     """accelerate config YAML for multi-GPU runs (FSDP/DeepSpeed); shown in the plan, used by `accelerate launch`."""
     num_processes: int = Field(1, ge=1)
     """Training processes (one per GPU) the launch command starts."""
+
+
+def cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pick_device(device: str) -> str:
+    """'auto' -> cuda when a GPU is visible, else cpu."""
+    if device == "auto":
+        return "cuda" if cuda_count() > 0 else "cpu"
+    return device
+
+
+def hardware_problems(requires: Requirements, device: str, bf16: bool, cpu_recipe: str, slurm_hint: str) -> list[str]:
+    """What this machine lacks for a recipe's GPU and dtype needs (stages add their own checks)."""
+    problems = []
+    have = cuda_count()
+    need = max(requires.gpus, 1 if device == "cuda" else 0)
+    if need > have:
+        problems.append(
+            f"the recipe needs {need} CUDA GPU(s) (requires.gpus / device=cuda) and this machine has {have}; "
+            f"run it on a GPU node ({slurm_hint}) or use a CPU recipe ({cpu_recipe})"
+        )
+    if bf16 and need == 0 and (device == "cpu" or have == 0):
+        problems.append("bf16 on this CPU is several times slower than float32 (no native bf16); set dtype=float32")
+    return problems

