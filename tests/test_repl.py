@@ -265,6 +265,16 @@ def test_cannot_write_outside_private_tmp(session, tmp_path):
         assert not os.path.exists(target)
 
 
+def test_shared_mounts_stay_out_of_the_host(session):
+    """The fork-server hides private dirs once, in its own mount namespace: none of it
+    may propagate back to the host's."""
+    session.execute("x = 1")
+    with open("/proc/self/mountinfo") as f:
+        host_mounts = {line.split()[4] for line in f}
+    for hidden in session.isolation.get("hidden_dirs", []):
+        assert hidden not in host_mounts, hidden
+
+
 def test_cannot_signal_the_host(session):
     others = [os.getpid(), psutil.Process(session.pid).ppid(), _get_server().pid]  # host, worker's parent, fork-server
     r = session.execute(

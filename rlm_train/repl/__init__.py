@@ -1,7 +1,41 @@
-"""Sandboxed persistent Python REPL (contract in DESIGN.md, "REPL sandbox")."""
+"""Sandboxed persistent Python REPL (contract in DESIGN.md, "REPL sandbox").
 
-from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig, SubcallHandler
-from rlm_train.repl.session import REPLSession, SharedContext, isolation_report, shutdown
+The names below load on first use (PEP 562): the fork-server imports this package
+too (for forkserver, worker, sandbox, protocol), and the host-side modules
+(session: subprocess, threading, logging, concurrent.futures, dataclasses...) would
+add ~3 MB of heap to it, which every worker then maps, faults on and tears down."""
+
+from __future__ import annotations
+
+import importlib
+
+TYPE_CHECKING = False  # not `from typing import ...`: typing alone is ~0.7 MB in the fork-server
+
+_EXPORTS = {"ExecResult": "api", "LLMArg": "api", "SandboxConfig": "api", "SubcallHandler": "api",
+            "REPLSession": "session", "SharedContext": "session", "isolation_report": "session",
+            "shutdown": "session"}
 
 __all__ = ["REPLSession", "SandboxConfig", "ExecResult", "SubcallHandler", "LLMArg", "SharedContext",
            "isolation_report", "shutdown"]
+
+if TYPE_CHECKING:
+    from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig, SubcallHandler
+    from rlm_train.repl.session import (
+        REPLSession,
+        SharedContext,
+        isolation_report,
+        shutdown,
+    )
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -429,6 +429,7 @@ def serve(host: socket.socket) -> None:
     sandbox.set_name("rlm-forkserver")
     if os.geteuid() == 0:
         sandbox.sweep_stale_cgroups()  # groups left by a fork-server that was killed
+        sandbox.prepare_mount_namespace()  # mounts every worker would otherwise repeat
     children = _Children()
     gc.collect()
     gc.freeze()
