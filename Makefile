@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	# Undefined names, unused imports, syntax errors: cheap, and they catch real bugs.
+	$(VENV)/bin/ruff check --select F,E9 rlm_train tests
 	$(VENV)/bin/python -m pytest -m "not vllm and not slurm and not gpu" -q
 
 bench: $(STAMP)

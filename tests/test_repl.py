@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import socket
 import threading
 import time
@@ -14,6 +13,7 @@ import psutil
 import pytest
 
 from rlm_train.repl import REPLSession, SandboxConfig, SharedContext, isolation_report, shutdown
+from rlm_train.repl.bench import tree_pss_kb
 from rlm_train.repl.session import POOL_MAX_CONTEXT_BYTES, _get_server
 
 FAST = SandboxConfig(timeout_s=10, memory_mb=512, max_output_chars=20_000)
@@ -445,33 +445,19 @@ def test_list_and_dict_contexts():
         assert b.execute("print(context)").stdout == "['p', 'q']\n"
 
 
-def _pss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _tree_pss_kb(root: int) -> int:
-    """The zygote, its sessions and its spare worker: everything the context costs."""
-    procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
-    return sum(_pss_kb(p.pid) for p in procs)
-
-
 @pytest.mark.slow
 def test_sessions_share_the_context_copy_on_write():
     context = "abcdefghij" * (5 << 20)  # 50 MB
     cfg = SandboxConfig(timeout_s=20, memory_mb=256)
     one = REPLSession(context, config=cfg)
     one.execute("n = context.count('j')")
-    pss_one = _tree_pss_kb(one.zygote_pid)
+    pss_one = tree_pss_kb(one.zygote_pid)
     more = [REPLSession(context, config=cfg) for _ in range(7)]
     try:
         for s in more:
             assert s.zygote_pid == one.zygote_pid
             assert s.execute("n = context.count('j'); print(n)").stdout == f"{5 << 20}\n"
-        pss_eight = _tree_pss_kb(one.zygote_pid)
+        pss_eight = tree_pss_kb(one.zygote_pid)
     finally:
         for s in [one, *more]:
             s.close()

@@ -18,7 +18,8 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _pss_kb(pid: int) -> int:
+def pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages split between the processes sharing them."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             if line.startswith("Pss:"):
@@ -26,11 +27,11 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def _tree_pss_kb(root: int) -> int:
+def tree_pss_kb(root: int) -> int:
     """PSS of a zygote and every process under it: its sessions and its spare worker."""
     procs = [psutil.Process(root)]
     procs += procs[0].children(recursive=True)
-    return sum(_pss_kb(p.pid) for p in procs)
+    return sum(pss_kb(p.pid) for p in procs)
 
 
 def _make_context(mb: int, salt: str) -> str:
@@ -76,7 +77,7 @@ def bench_session_start(context_mb: int = 50, sessions: int = 8) -> dict:
         cold_s = time.perf_counter() - t0
         started.append(first)
         first.execute("n = len(context)")  # touch the context like a real first cell
-        pss_one = _tree_pss_kb(first.zygote_pid)
+        pss_one = tree_pss_kb(first.zygote_pid)
         warm = []
         for _ in range(sessions - 1):
             t0 = time.perf_counter()
@@ -84,7 +85,7 @@ def bench_session_start(context_mb: int = 50, sessions: int = 8) -> dict:
             warm.append(time.perf_counter() - t0)
             started.append(s)
             s.execute("n = len(context)")
-        pss_all = _tree_pss_kb(first.zygote_pid)
+        pss_all = tree_pss_kb(first.zygote_pid)
     finally:
         for s in started:
             s.close()

@@ -14,7 +14,6 @@ import linecache
 import os
 import socket
 import sys
-import time
 import traceback
 
 # Preimported for cells (and imported once in the fork-server, so they are shared pages).
