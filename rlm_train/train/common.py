@@ -91,3 +91,21 @@ def hardware_problems(requires: Requirements, device: str, bf16: bool, cpu_recip
     if bf16 and need == 0 and (device == "cpu" or have == 0):
         problems.append("bf16 on this CPU is several times slower than float32 (no native bf16); set dtype=float32")
     return problems
+
+
+def lora_config(lora: LoraSettings):
+    """PEFT LoraConfig for a causal LM from our settings."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none")
+
+
+def installed_reporters(wanted: list[str], stage: str) -> list[str]:
+    """The metric reporters (tensorboard, wandb, ...) that are installed; the others are named and skipped."""
+    import importlib.util
+
+    have = [r for r in wanted if importlib.util.find_spec(r) is not None]
+    for r in sorted(set(wanted) - set(have)):
+        print(f"[{stage}] report_to {r}: not installed, skipped (metrics.jsonl has everything)", flush=True)
+    return have

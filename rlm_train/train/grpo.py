@@ -48,6 +48,8 @@ from rlm_train.train.common import (
     Requirements,
     cuda_count,
     hardware_problems,
+    installed_reporters,
+    lora_config,
     pick_device,
 )
 
@@ -883,15 +885,6 @@ def plan(cfg: GRPOConfig, source: str) -> str:
     return "\n".join(lines)
 
 
-def installed_reporters(wanted: list[str]) -> list[str]:
-    import importlib.util
-
-    have = [r for r in wanted if importlib.util.find_spec(r) is not None]
-    for r in set(wanted) - set(have):
-        print(f"[grpo] report_to {r}: not installed, skipped (metrics.jsonl has everything)", flush=True)
-    return have
-
-
 def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float], reporters: list[str]) -> Any:
     """TRL GRPOConfig from ours. Generation is ours (rollout_func); TRL's sampling knobs that also shape
     the loss (temperature) are set to match what the episodes used."""
@@ -939,13 +932,6 @@ def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float], re
         log_completions=False,
         dataloader_num_workers=0,
     )
-
-
-def lora_config(cfg: GRPOConfig) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM", bias="none")
 
 
 def check_template_extends(tokenizer: Any) -> None:
@@ -1036,14 +1022,14 @@ def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None
     if cfg.adapter:
         model = load_peft_adapter(model, cfg.adapter, model_path, is_trainable=True)
     elif cfg.lora.enabled:
-        peft_config = lora_config(cfg)
+        peft_config = lora_config(cfg.lora)
     reward_funcs, weights = make_reward_funcs(cfg, prompt_set.tasks, scorer, log)
     rollout = make_rollout_func(cfg, tokenizer, prompt_set, backend_factory or default_backend_factory(cfg, tokenizer),
                                 log, make_sub)
     trainer = make_trainer_class(on_batch)(
         model=model,
         reward_funcs=reward_funcs,
-        args=build_trl_args(cfg, device, weights, installed_reporters(cfg.report_to)),
+        args=build_trl_args(cfg, device, weights, installed_reporters(cfg.report_to, "grpo")),
         train_dataset=Dataset.from_list(prompt_set.rows),
         processing_class=tokenizer,
         peft_config=peft_config,

@@ -28,6 +28,8 @@ from rlm_train.train.common import (
     OptimizerLoopSettings,
     Requirements,
     hardware_problems,
+    installed_reporters,
+    lora_config,
     pick_device,
 )
 
@@ -373,15 +375,6 @@ def find_resume_checkpoint(cfg: SFTConfig) -> str | None:
     return get_last_checkpoint(str(out)) if out.is_dir() else None
 
 
-def installed_reporters(wanted: list[str]) -> list[str]:
-    import importlib.util
-
-    have = [r for r in wanted if importlib.util.find_spec(r if r != "tensorboard" else "tensorboard") is not None]
-    for r in set(wanted) - set(have):
-        print(f"[sft] report_to {r}: not installed, skipped (metrics.jsonl has everything)", flush=True)
-    return have
-
-
 def build_trl_args(cfg: SFTConfig, device: str, reporters: list[str]) -> Any:
     """TRL SFTConfig from ours. Tokenization, packing and the loss are ours, so TRL's are switched off."""
     from trl import SFTConfig as TRLSFTConfig
@@ -418,15 +411,6 @@ def build_trl_args(cfg: SFTConfig, device: str, reporters: list[str]) -> Any:
         remove_unused_columns=True,
         save_only_model=False,
         logging_first_step=True,
-    )
-
-
-def lora_config(cfg: SFTConfig) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM", bias="none",
     )
 
 
@@ -469,11 +453,11 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
     trainer_ref: dict = {}
     trainer = trainer_cls(
         model=model,
-        args=build_trl_args(cfg, device, installed_reporters(cfg.report_to)),
+        args=build_trl_args(cfg, device, installed_reporters(cfg.report_to, "sft")),
         train_dataset=train_ds,
         processing_class=tokenizer,
         data_collator=PackedCollator(),
-        peft_config=lora_config(cfg) if cfg.lora.enabled else None,
+        peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
         callbacks=[make_metrics_callback(out / "metrics.jsonl", trainer_ref, quiet)],
     )
     trainer_ref["trainer"] = trainer
