@@ -512,14 +512,18 @@ class REPLSession:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        reaped = True
         if self._status_r >= 0:
             # The worker's parent writes the status (or closes the pipe) once it has reaped the
             # worker and removed its cgroups: after this nothing of the session is left.
-            select.select([self._status_r], [], [], 5.0)
+            reaped = bool(select.select([self._status_r], [], [], 5.0)[0])
             os.close(self._status_r)
             self._status_r = -1
         if self._uid is not None and self._server is not None:
-            self._server.give_uid(self._uid)
+            if reaped:
+                self._server.give_uid(self._uid)
+            else:  # never hand a uid to a new session while a process may still run under it
+                log.warning("REPL worker %s was not confirmed reaped within 5 s; retiring uid %s", self.pid, self._uid)
             self._uid = None
         if self._zygote is not None:
             _release_zygote(self._zygote)
