@@ -109,3 +109,20 @@ def installed_reporters(wanted: list[str], stage: str) -> list[str]:
     for r in sorted(set(wanted) - set(have)):
         print(f"[{stage}] report_to {r}: not installed, skipped (metrics.jsonl has everything)", flush=True)
     return have
+
+
+def load_train_split(path):
+    """A `datasets` save_to_disk directory (a Dataset, or a DatasetDict with a 'train' split)."""
+    from datasets import DatasetDict, load_from_disk
+
+    from rlm_train.errors import UserError
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:
+        raise UserError(f"{path}: not a `datasets` save_to_disk directory ({str(exc).splitlines()[0]})") from None
+    if isinstance(ds, DatasetDict):
+        if "train" not in ds:
+            raise UserError(f"{path}: dataset has splits {list(ds)} but no 'train' split")
+        ds = ds["train"]
+    return ds

@@ -49,6 +49,7 @@ from rlm_train.train.common import (
     cuda_count,
     hardware_problems,
     installed_reporters,
+    load_train_split,
     lora_config,
     pick_device,
 )
@@ -272,17 +273,7 @@ def _resolve_task_reference(row, base: Path, cache: dict, where: str) -> tuple[d
 
 
 def _read_dataset_dir(path: Path) -> list[dict[str, Any]]:
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        ds = load_from_disk(str(path))
-    except Exception as exc:
-        raise UserError(f"{path}: not a `datasets` save_to_disk directory ({str(exc).splitlines()[0]})") from None
-    if isinstance(ds, DatasetDict):
-        if "train" not in ds:
-            raise UserError(f"{path}: dataset has splits {list(ds)} but no 'train' split")
-        ds = ds["train"]
-    return [dict(r) for r in ds]
+    return [dict(r) for r in load_train_split(path)]
 
 
 def _task_of_row(row: dict[str, Any], where: str) -> dict[str, Any]:

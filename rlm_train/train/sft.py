@@ -29,6 +29,7 @@ from rlm_train.train.common import (
     Requirements,
     hardware_problems,
     installed_reporters,
+    load_train_split,
     lora_config,
     pick_device,
 )
@@ -96,16 +97,7 @@ def read_sft_dataset(path: str | os.PathLike) -> list[list[dict]]:
     """The `messages` column of a per-turn SFT dataset (save_to_disk dir or JSONL), validated."""
     path = Path(path).expanduser()
     if path.is_dir():
-        from datasets import DatasetDict, load_from_disk
-
-        try:
-            ds = load_from_disk(str(path))
-        except Exception as exc:
-            raise UserError(f"{path}: not a `datasets` save_to_disk directory ({exc})") from None
-        if isinstance(ds, DatasetDict):
-            if "train" not in ds:
-                raise UserError(f"{path}: dataset has splits {list(ds)} but no 'train' split")
-            ds = ds["train"]
+        ds = load_train_split(path)
         if "messages" not in ds.column_names:
             raise UserError(f"{path}: no 'messages' column (columns: {ds.column_names}); use the SFT dataset from `rlm-train filter`")
         rows = ds["messages"]
