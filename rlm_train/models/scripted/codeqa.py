@@ -125,8 +125,8 @@ for letter, reply in zip(letters, replies):
 
 def next_turn(view: EpisodeView) -> str:
     question, options = parse_question(view.query)
-    last = view.outputs[-1] if view.outputs else ""
-    seen = "\n".join(view.outputs)
+    last = view.last_output
+    seen = view.all_outputs
     if view.last_turn or "ANSWER" in last:
         fallback = "answer = answer if 'answer' in globals() else 'The correct answer is (A)'\n"
         return "Submitting the choice.\n" + repl_block(fallback + "FINAL_VAR('answer')")

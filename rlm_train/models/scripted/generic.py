@@ -24,7 +24,7 @@ def query_terms(query: str) -> list[str]:
 
 def next_turn(view: EpisodeView) -> str:
     terms = query_terms(view.query)
-    last = view.outputs[-1] if view.outputs else ""
+    last = view.last_output
     if view.last_turn or "SUBMIT" in last:
         return "Submitting what the sub-model found.\n" + repl_block(
             "FINAL(answer if 'answer' in globals() else 'unknown')"

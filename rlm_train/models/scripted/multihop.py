@@ -72,8 +72,8 @@ else:
 
 def next_turn(view: EpisodeView) -> str:
     parsed = unwind(view.query)
-    last = view.outputs[-1] if view.outputs else ""
-    seen = "\n".join(view.outputs)
+    last = view.last_output
+    seen = view.all_outputs
     if view.last_turn or "ANSWER" in last:
         return view.rng.choice(["The chain is complete.", "Submitting the last entity."]) + "\n" + repl_block(
             "FINAL_VAR('answer')" if "ANSWER" in seen else "FINAL(name if 'name' in globals() else 'unknown')"

@@ -88,8 +88,8 @@ def next_turn(view: EpisodeView) -> str:
         from rlm_train.models.scripted import generic
 
         return generic.next_turn(view)
-    seen = "\n".join(view.outputs)
-    last = view.outputs[-1] if view.outputs else ""
+    seen = view.all_outputs
+    last = view.last_output
     if view.last_turn or "RECOVERY" in last or ("FOUND" in last and "NO MATCH" not in last):
         intro = view.rng.choice(["I have the value(s); submitting.", "The search found the needle.", "Done searching."])
         return f"{intro}\n{repl_block(_final_code(view))}"

@@ -126,8 +126,8 @@ def _extreme(cond: str, labels: list[str], most: bool) -> str:
 
 def next_turn(view: EpisodeView) -> str:
     labels = query_labels(view.query)
-    last = view.outputs[-1] if view.outputs else ""
-    seen = "\n".join(view.outputs)
+    last = view.last_output
+    seen = view.all_outputs
     if view.last_turn or "ANSWER" in last:
         return view.rng.choice(["Submitting the aggregate.", "That is the answer."]) + "\n" + repl_block(
             view.rng.choice(["FINAL_VAR('answer')", "FINAL(str(answer))"])

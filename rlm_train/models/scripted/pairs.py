@@ -98,8 +98,8 @@ def pairs_code(template: dict, params: dict) -> str:
 
 def next_turn(view: EpisodeView) -> str:
     labels = oolong_strategy.query_labels(view.query)
-    last = view.outputs[-1] if view.outputs else ""
-    seen = "\n".join(view.outputs)
+    last = view.last_output
+    seen = view.all_outputs
     if view.last_turn or "PAIRS" in last:
         return view.rng.choice(["Submitting the pairs.", "The pair list is ready."]) + "\n" + repl_block("FINAL_VAR('answer')")
     if view.turn == 0 and view.rng.random() < 0.7:

@@ -21,3 +21,13 @@ class EpisodeView:
     """Seeded from (task id, sample index): vary strategy and wording reproducibly."""
     hints: dict[str, Any] = field(default_factory=dict)
     """Side information from the caller: family, task_id, sample, meta (never the answer)."""
+
+    @property
+    def last_output(self) -> str:
+        """The REPL feedback to the previous turn ("" on the first turn)."""
+        return self.outputs[-1] if self.outputs else ""
+
+    @property
+    def all_outputs(self) -> str:
+        """Every REPL feedback so far, joined: for checking what an earlier turn printed."""
+        return "\n".join(self.outputs)
