@@ -126,3 +126,12 @@ def load_train_split(path):
             raise UserError(f"{path}: dataset has splits {list(ds)} but no 'train' split")
         ds = ds["train"]
     return ds
+
+
+def plan_footer(launch: LaunchSettings, command: str, source: str, problems: list[str]) -> list[str]:
+    """The last lines of a training plan: the multi-GPU launch line, and what this machine lacks."""
+    lines = []
+    if launch.accelerate_config:
+        lines.append(f"  launch       accelerate launch --config_file {launch.accelerate_config} "
+                     f"--num_processes {launch.num_processes} -m rlm_train.cli {command} --recipe {source}")
+    return lines + ([f"  MISSING HERE {p}" for p in problems] or ["  resources    ok on this machine"])

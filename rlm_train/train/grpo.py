@@ -52,6 +52,7 @@ from rlm_train.train.common import (
     load_train_split,
     lora_config,
     pick_device,
+    plan_footer,
 )
 
 # ---------------------------------------------------------------------------
@@ -868,11 +869,7 @@ def plan(cfg: GRPOConfig, source: str) -> str:
     ]
     if r.backend == "vllm_server":
         lines.append(f"  vllm server  {vllm_serve_command(cfg)}")
-    if cfg.launch.accelerate_config:
-        lines.append(f"  launch       accelerate launch --config_file {cfg.launch.accelerate_config} "
-                     f"--num_processes {cfg.launch.num_processes} -m rlm_train.cli grpo --recipe {source}")
-    problems = resource_problems(cfg)
-    lines += [f"  MISSING HERE {p}" for p in problems] or ["  resources    ok on this machine"]
+    lines += plan_footer(cfg.launch, "grpo", source, resource_problems(cfg))
     return "\n".join(lines)
 
 

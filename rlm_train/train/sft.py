@@ -32,6 +32,7 @@ from rlm_train.train.common import (
     load_train_split,
     lora_config,
     pick_device,
+    plan_footer,
 )
 
 
@@ -342,11 +343,7 @@ def plan(cfg: SFTConfig, source: str) -> str:
         f"{', merged/' if cfg.save_merged else ''}, metrics.jsonl, sft_config.json)",
         f"  resume       {cfg.resume}",
     ]
-    if cfg.launch.accelerate_config:
-        lines.append(f"  launch       accelerate launch --config_file {cfg.launch.accelerate_config} "
-                     f"--num_processes {cfg.launch.num_processes} -m rlm_train.cli sft --recipe {source}")
-    problems = resource_problems(cfg)
-    lines += [f"  MISSING HERE {p}" for p in problems] or ["  resources    ok on this machine"]
+    lines += plan_footer(cfg.launch, "sft", source, resource_problems(cfg))
     return "\n".join(lines)
 
 
