@@ -10,7 +10,6 @@ ideal) measured in the same run. Never a timed test.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import importlib
 import json
@@ -94,6 +93,7 @@ def _time_ours(base_url: str, context: str, repeats: int) -> tuple[list[float], 
     """Episodes one after another on one event loop and one client, as `generate` runs them."""
     from rlm_train.models.openai_client import OpenAIPolicy
     from rlm_train.rlm import RLMConfig, run_episode
+    from rlm_train import eventloop
 
     async def go():
         policy = OpenAIPolicy("mock-model", [base_url], max_retries=0)
@@ -109,7 +109,7 @@ def _time_ours(base_url: str, context: str, repeats: int) -> tuple[list[float], 
         assert traj["final"] == str(SCENARIO_CHUNKS), f"scenario went wrong: {traj['outcome']} {traj['error']}"
         return walls, traj
 
-    return asyncio.run(go())
+    return eventloop.run(go())
 
 
 def _time_rlms(base_url: str, context: str, repeats: int) -> tuple[list[float], Any]:

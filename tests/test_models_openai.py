@@ -69,6 +69,20 @@ def test_length_finish_reason_and_extra_body():
         assert srv.bodies[-1]["chat_template_kwargs"] == {"enable_thinking": False}
 
 
+def test_keep_alive_connections_are_reused():
+    async def go(srv):
+        policy = fast_policy([srv.base_url])
+        for _ in range(5):
+            await policy.chat(USER)
+        await asyncio.gather(*(policy.chat(USER) for _ in range(3)))
+        await policy.aclose()
+
+    with MockOpenAIServer() as srv:
+        asyncio.run(go(srv))
+        # One connection for the 5 calls in a row, two more for the 3 at once.
+        assert srv.requests == 8 and srv.connections == 3
+
+
 def test_500s_then_success_counts_retries():
     with MockOpenAIServer(fail_plan=FailPlan(first_n=3)) as srv:
         policy = fast_policy([srv.base_url])

@@ -241,10 +241,28 @@ def test_no_network():
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()  # the host can
         with REPLSession("", config=FAST) as s:
-            r = s.execute(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
-        assert r.error is not None and ("unreachable" in r.error or "refused" in r.error), r.error
+            tcp = s.execute(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
+            udp = s.execute(f"u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nu.sendto(b'x', ('127.0.0.1', {port}))")
+        # Unreachable in a namespace of its own; denied by Landlock in the shared one.
+        assert tcp.error is not None and any(w in tcp.error for w in ("unreachable", "refused", "Permission denied")), tcp.error
+        assert udp.error is not None and "unreachable" in udp.error, udp.error
     finally:
         srv.close()
+
+
+def test_workers_cannot_reach_each_other():
+    """Two live sessions: one listens on an abstract unix socket (the kind a network
+    namespace scopes), the other must not reach it, nor bring an interface up."""
+    with REPLSession("a", config=FAST) as a, REPLSession("b", config=FAST) as b:
+        listen = a.execute("import socket\ns = socket.socket(socket.AF_UNIX)\ns.bind('\\0rlm-test')\ns.listen(1)")
+        assert listen.error is None, listen.error
+        own = a.execute("c = socket.socket(socket.AF_UNIX)\nc.connect('\\0rlm-test')")
+        assert own.error is None, own.error  # the socket is really there
+        other = b.execute("import socket\nc = socket.socket(socket.AF_UNIX)\nc.connect('\\0rlm-test')")
+        assert other.error is not None and any(w in other.error for w in ("Permission denied", "Operation not permitted",
+                                                                          "No such file", "refused")), other.error
+        lo_up = b.execute("import fcntl, struct\nfcntl.ioctl(socket.socket(), 0x8914, struct.pack('16sH14s', b'lo', 1, b''))")
+        assert lo_up.error is not None and "Operation not permitted" in lo_up.error, lo_up.error
 
 
 def test_cannot_write_outside_private_tmp(session, tmp_path):

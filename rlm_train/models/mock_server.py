@@ -35,6 +35,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from rlm_train import eventloop
+
 Responder = Callable[[list[dict[str, Any]], dict[str, Any]], str]
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -94,6 +96,7 @@ class MockOpenAIServer:
         self.model = model
         self.requests = 0  # chat requests received (including failed ones)
         self.counts: Counter[str] = Counter()  # outcome -> number: ok, error_500, hang, drop, ...
+        self.connections = 0  # connections accepted (checks that clients keep them alive)
         self.in_flight = 0
         self.max_in_flight = 0  # peak concurrent chat requests seen (checks client concurrency bounds)
         self.bodies: deque[dict[str, Any]] = deque(maxlen=1000)  # last request bodies, for assertions
@@ -102,8 +105,7 @@ class MockOpenAIServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[_Connection] = set()
 
     @property
     def base_url(self) -> str:
@@ -119,7 +121,7 @@ class MockOpenAIServer:
     def start(self) -> "MockOpenAIServer":
         """Listen (again) on the same port. Safe to call from a timer thread."""
         if self._loop is None:
-            self._loop = asyncio.new_event_loop()
+            self._loop = eventloop.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="mock-openai", daemon=True)
             self._thread.start()
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=10)
@@ -150,104 +152,51 @@ class MockOpenAIServer:
         if self._server is not None:
             return
         # reuse_address lets a restart bind the same port while old sockets sit in TIME_WAIT.
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, backlog=1024, reuse_address=True)
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self), self.host, self.port, backlog=1024, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _shut(self) -> None:
         if self._server is None:
             return
         self._server.close()
-        for w in list(self._writers):
-            w.transport.abort()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in list(self._connections):
+            conn.close()
         await self._server.wait_closed()
         self._server = None
 
     # ---- HTTP ----
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            while await self._serve_one(reader, writer):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, ValueError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            self._writers.discard(writer)
-            writer.transport.abort()
-
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Serve one request on a keep-alive connection. Returns False when the connection should end."""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return False  # the client closed its keep-alive connection
-        request_line, *lines = head.decode("latin-1").split("\r\n")
-        method, target, _ = request_line.split(" ", 2)
-        headers: dict[str, str] = {}
-        for line in lines:
-            k, _, v = line.partition(":")
-            if k:
-                headers[k.strip().lower()] = v.strip()
-        length = int(headers.get("content-length") or 0)
-        raw = await reader.readexactly(length) if length else b""
-        path = target.split("?", 1)[0].rstrip("/")
-
-        reply = await self._route(method, path, raw, headers)
-        if reply is None:  # injected "drop": close without a response
-            writer.transport.abort()
-            return False
-        status, payload, extra = reply
-        data = json.dumps(payload).encode()
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-                "Content-Type: application/json", f"Content-Length: {len(data)}"]
-        head += [f"{k}: {v}" for k, v in extra.items()]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
-        await writer.drain()
-        return headers.get("connection", "").lower() != "close"
-
-    async def _route(self, method: str, path: str, raw: bytes, headers: dict[str, str]):
+    def _route(self, method: str, path: str, raw: bytes, headers: dict[str, str]):
+        """What to do with one request: ("reply", status, payload, extra headers, delay s),
+        ("hang", seconds) or ("drop",)."""
         if path == "/health":
-            return 200, {"status": "ok"}, {}
+            return "reply", 200, {"status": "ok"}, {}, 0.0
         if path == "/v1/models":
-            return 200, {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "mock"}]}, {}
+            return "reply", 200, {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "mock"}]}, {}, 0.0
         if path != "/v1/chat/completions":
-            return _error(404, f"no route {path}")
+            return ("reply", *_error(404, f"no route {path}"), 0.0)
         if method != "POST":
-            return _error(405, "use POST")
+            return ("reply", *_error(405, "use POST"), 0.0)
         self.requests += 1
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            return await self._chat(self.requests - 1, raw, headers)
-        finally:
-            self.in_flight -= 1
-
-    async def _chat(self, index: int, raw: bytes, headers: dict[str, str]):
+        index = self.requests - 1
         plan = self.fail_plan
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
         if index < plan.first_n:
             self.counts[f"error_{plan.first_status}"] += 1
             extra = {"Retry-After": f"{plan.retry_after_s:g}"} if plan.retry_after_s is not None else {}
             status, payload, _ = _error(plan.first_status, f"injected failure {index + 1}/{plan.first_n}")
-            return status, payload, extra
+            return "reply", status, payload, extra, self.latency_s
         if plan.p and self._rng.random() < plan.p:
             mode = self._rng.choice(["500", "hang", "drop"]) if plan.mode == "mix" else plan.mode
             self.counts[mode if mode != "500" else "error_500"] += 1
             if mode == "hang":
-                await asyncio.sleep(plan.hang_s)
-                return None
+                return "hang", self.latency_s + plan.hang_s
             if mode == "drop":
-                return None
-            return _error(500, "injected random failure")
+                return ("drop",)
+            return ("reply", *_error(500, "injected random failure"), self.latency_s)
+        return ("reply", *self._chat(index, raw, headers), self.latency_s)
 
+    def _chat(self, index: int, raw: bytes, headers: dict[str, str]):
         try:
             body = json.loads(raw or b"{}")
             messages = body["messages"]
@@ -283,6 +232,107 @@ class MockOpenAIServer:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                       "total_tokens": prompt_tokens + len(words)},
         }, {}
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection, requests answered in order. A protocol with timers rather
+    than a task per connection on asyncio streams: the server shares the benchmark's two
+    cores, and this way it costs a fraction of the CPU per request, so that it stands in
+    for a remote server whose CPU is not ours."""
+
+    def __init__(self, server: MockOpenAIServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.pending: asyncio.TimerHandle | None = None  # the request being answered
+        self.chat = False  # whether that request counts as in flight
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server.connections += 1
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.server._connections.discard(self)
+        self._cancel_pending()
+
+    def close(self) -> None:
+        self._cancel_pending()
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._next_request()
+
+    def _cancel_pending(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+            self._leave()
+
+    def _leave(self) -> None:
+        if self.chat:
+            self.chat = False
+            self.server.in_flight -= 1
+
+    def _next_request(self) -> None:
+        """Start on the next complete request in the buffer, unless one is being answered."""
+        if self.pending is not None or self.transport.is_closing():
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        request_line, *lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+        headers: dict[str, str] = {}
+        for line in lines:
+            k, _, v = line.partition(":")
+            if k:
+                headers[k.strip().lower()] = v.strip()
+        try:
+            method, target, _ = request_line.split(" ", 2)
+            length = int(headers.get("content-length") or 0)
+        except ValueError:
+            self.transport.abort()
+            return
+        if len(self.buffer) < end + 4 + length:
+            return
+        raw = bytes(self.buffer[end + 4:end + 4 + length])
+        del self.buffer[:end + 4 + length]
+        path = target.split("?", 1)[0].rstrip("/")
+        srv = self.server
+        self.chat = path == "/v1/chat/completions" and method == "POST"
+        if self.chat:
+            srv.in_flight += 1
+            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+        action = srv._route(method, path, raw, headers)
+        keep = headers.get("connection", "").lower() != "close"
+        loop = srv._loop
+        if action[0] == "drop":  # injected: close without a response
+            self._leave()
+            self.transport.abort()
+        elif action[0] == "hang":  # hold the connection, then close it unanswered
+            self.pending = loop.call_later(action[1], self._hang_up)
+        else:
+            _, status, payload, extra, delay = action
+            self.pending = loop.call_later(delay, self._respond, status, payload, extra, keep)
+
+    def _hang_up(self) -> None:
+        self.pending = None
+        self._leave()
+        self.transport.abort()
+
+    def _respond(self, status: int, payload: dict[str, Any], extra: dict[str, str], keep: bool) -> None:
+        self.pending = None
+        self._leave()
+        data = json.dumps(payload).encode()
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+                "Content-Type: application/json", f"Content-Length: {len(data)}"]
+        head += [f"{k}: {v}" for k, v in extra.items()]
+        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+        if keep:
+            self._next_request()
+        else:
+            self.transport.close()
 
 
 def _error(status: int, message: str):
@@ -342,3 +392,4 @@ def mock_server_process(responder: str | None = None, latency_ms: float = 0.0, t
 
 if __name__ == "__main__":
     main()
+

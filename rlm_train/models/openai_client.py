@@ -13,7 +13,7 @@ and on the project's 2-core machines httpx 0.28 / httpcore 1.0 cost ~1.5 ms of
 CPU per call plus a connection-pool scan that grows with the square of the
 requests in flight (32 concurrent calls to a 100 ms server took ~280 ms instead
 of ~100 ms). The chat endpoint needs only plain HTTP/1.1 POSTs, so this module
-speaks it directly over asyncio streams with keep-alive connections (TLS for
+speaks it directly on asyncio protocols with keep-alive connections (TLS for
 https:// URLs; no HTTP proxies: inference servers are reached directly).
 """
 
@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import ssl
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +35,6 @@ from rlm_train.models.base import Completion, Message, PolicyError, SamplingPara
 # Besides 5xx: rate limiting and request-timeout statuses are worth retrying.
 _RETRY_STATUSES = {408, 409, 425, 429}
 _KEEPALIVE_S = 4.0  # reuse idle connections only this long: uvicorn (vLLM) closes them after 5 s
-_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter, float]  # reader, writer, last used
 
 
 class _Retryable(Exception):
@@ -66,7 +67,7 @@ class _Server:
     in_flight: int = 0
     fails: int = 0  # consecutive failures; reset by a success
     avoid_until: float = 0.0  # monotonic time before which other servers are preferred
-    idle: list[_Conn] = field(default_factory=list)
+    idle: list[_Connection] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -169,8 +170,8 @@ class OpenAIPolicy:
     async def aclose(self) -> None:
         for server in self._servers:
             idle, server.idle = server.idle, []
-            for _, writer, _ in idle:
-                writer.transport.abort()
+            for conn in idle:
+                conn.abort()
 
     def _body(self, messages: list[Message], sampling: SamplingParams | None) -> dict[str, Any]:
         s = sampling or SamplingParams()
@@ -193,7 +194,7 @@ class OpenAIPolicy:
                 resp = await self._post(server, payload)
         except TimeoutError as e:
             raise _Retryable(f"no answer within {self.timeout_s:g}s from {url} (timeout)") from e
-        except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as e:
+        except (OSError, EOFError, ValueError) as e:
             # OSError covers refused/reset connections; EOF/ValueError a cut or garbled response.
             raise _Retryable(f"{type(e).__name__} from {url}: {str(e) or 'connection closed'}") from e
         finally:
@@ -268,7 +269,7 @@ class OpenAIPolicy:
             delay = max(delay, min(retry_after, self.backoff_max_s))
         return delay
 
-    # ---- HTTP/1.1 over asyncio streams ----
+    # ---- HTTP/1.1 on asyncio protocols ----
 
     async def _post(self, server: _Server, payload: bytes) -> _Response:
         conn = self._take_idle(server)
@@ -279,27 +280,26 @@ class OpenAIPolicy:
                 pass  # the server had closed this idle connection; the request never ran
         return await self._exchange(server, await self._connect(server), payload, reused=False)
 
-    def _take_idle(self, server: _Server) -> _Conn | None:
+    def _take_idle(self, server: _Server) -> _Connection | None:
         now = time.monotonic()
         while server.idle:
             conn = server.idle.pop()  # most recent first: least likely to be stale
-            reader, writer, used = conn
-            if now - used < _KEEPALIVE_S and not reader.at_eof() and not writer.is_closing():
+            if now - conn.last_used < _KEEPALIVE_S and conn.reusable():
                 return conn
-            writer.transport.abort()
+            conn.abort()
         return None
 
-    async def _connect(self, server: _Server) -> _Conn:
+    async def _connect(self, server: _Server) -> _Connection:
         ssl_ctx = None
         if server.tls:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             ssl_ctx = self._ssl
-        reader, writer = await asyncio.open_connection(server.host, server.port, ssl=ssl_ctx, limit=2**20)
-        return reader, writer, time.monotonic()
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(_Connection, server.host, server.port, ssl=ssl_ctx)
+        return conn
 
-    async def _exchange(self, server: _Server, conn: _Conn, payload: bytes, reused: bool) -> _Response:
-        reader, writer, _ = conn
+    async def _exchange(self, server: _Server, conn: _Connection, payload: bytes, reused: bool) -> _Response:
         head = (f"POST {server.chat_path} HTTP/1.1\r\n"
                 f"Host: {server.host_header}\r\n"
                 f"Authorization: Bearer {self._api_key}\r\n"
@@ -308,34 +308,120 @@ class OpenAIPolicy:
                 f"Content-Length: {len(payload)}\r\n\r\n")
         keep = False
         try:
-            writer.write(head.encode("latin-1") + payload)
-            await writer.drain()
-            resp, keep = await _read_response(reader)
+            resp, keep = await conn.request(head.encode("latin-1") + payload)
             return resp
-        except (ConnectionError, asyncio.IncompleteReadError) as e:
-            # Nothing came back on a reused connection: the server closed it while idle.
-            nothing = not isinstance(e, asyncio.IncompleteReadError) or not e.partial
-            if reused and nothing:
+        except _NoResponse:
+            if reused:  # the server closed this idle connection before it saw our request
                 raise _StaleConnection() from None
-            if nothing:
-                raise EOFError("server closed the connection without answering") from None
-            raise
+            raise EOFError("server closed the connection without answering") from None
         finally:
             if keep:
-                server.idle.append((reader, writer, time.monotonic()))
+                conn.last_used = time.monotonic()
+                server.idle.append(conn)
             else:
-                writer.transport.abort()
+                conn.abort()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[_Response, bool]:
-    """Read one HTTP/1.1 response. Returns it and whether the connection can be reused."""
+class _NoResponse(Exception):
+    """The connection closed before a single byte of the response arrived."""
+
+
+_MAX_HEAD = 1 << 20  # a status line plus headers longer than this is not an inference server
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time. A protocol rather than
+    asyncio streams: the response is parsed straight from the bytes the loop hands us,
+    with no reader/writer objects or extra awaits per request (measured: ~100 instead of
+    ~130 us of client CPU per call with 512 calls in flight)."""
+
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.closed = False
+        self.last_used = time.monotonic()
+
+    # -- protocol callbacks
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._try_finish()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._try_finish()
+        return False  # close the transport
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._try_finish()
+
+    # -- the request
+    def reusable(self) -> bool:
+        # Bytes nobody asked for, or a half-closed socket, mean the server is done with us.
+        return not self.closed and not self.buffer and not self.transport.is_closing()
+
+    def abort(self) -> None:
+        """Close now, with a reset rather than a FIN: the closing side of a FIN keeps the
+        socket in TIME_WAIT for 60 s, and thousands of those (one generate run opens
+        hundreds of connections) made every later loopback request here ~4x slower."""
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
+
+    async def request(self, data: bytes) -> tuple[_Response, bool]:
+        self.buffer.clear()
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        self._try_finish()  # the connection may have closed already
+        try:
+            return await self.waiter
+        finally:
+            self.waiter = None
+
+    def _try_finish(self) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        try:
+            parsed = _parse_response(self.buffer, self.closed)
+        except ValueError as exc:  # garbled response: the caller retries elsewhere
+            waiter.set_exception(exc)
+            return
+        if parsed is not None:
+            response, keep, used = parsed
+            del self.buffer[:used]
+            waiter.set_result((response, keep))
+        elif self.closed:
+            waiter.set_exception(_NoResponse() if not self.buffer else
+                                 EOFError("server closed the connection mid-response"))
+
+
+def _parse_response(buf: bytearray, closed: bool) -> tuple[_Response, bool, int] | None:
+    """One complete HTTP/1.1 response from buf, or None while more bytes are needed.
+    Returns it, whether the connection can be reused and how many bytes it took."""
+    start = 0
     while True:
-        head = await reader.readuntil(b"\r\n\r\n")  # one await for the whole header block
-        status_line, *lines = head.decode("latin-1").split("\r\n")
+        end = buf.find(b"\r\n\r\n", start)
+        if end < 0:
+            if len(buf) - start > _MAX_HEAD:
+                raise ValueError(f"response headers longer than {_MAX_HEAD} bytes")
+            return None
+        status_line, *lines = bytes(buf[start:end]).decode("latin-1").split("\r\n")
         parts = status_line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/"):
             raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
         status = int(parts[1])
+        start = end + 4
         if status >= 200:
             break  # else a 1xx interim response: the real one follows
     headers: dict[str, str] = {}
@@ -345,24 +431,43 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[_Response, bool]
             headers[key.strip().lower()] = value.strip()
     keep = headers.get("connection", "").lower() != "close" and parts[0] != "HTTP/1.0"
     if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = await _read_chunked(reader)
+        chunked = _parse_chunked(buf, start)
+        if chunked is None:
+            return None
+        body, end = chunked
     elif "content-length" in headers:
-        body = await reader.readexactly(int(headers["content-length"]))
+        length = int(headers["content-length"])
+        if len(buf) - start < length:
+            return None
+        body, end = bytes(buf[start:start + length]), start + length
     else:  # no framing: the body runs to the end of the connection
-        body, keep = await reader.read(), False
-    return _Response(status, headers, body), keep
+        if not closed:
+            return None
+        body, keep, end = bytes(buf[start:]), False, len(buf)
+    return _Response(status, headers, body), keep, end
 
 
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+def _parse_chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
+    """A chunked body starting at pos: (body, end position), or None while incomplete."""
     chunks = []
     while True:
-        size = int((await reader.readline()).split(b";", 1)[0].strip() or b"x", 16)
+        line_end = buf.find(b"\r\n", pos)
+        if line_end < 0:
+            return None
+        size = int(bytes(buf[pos:line_end]).split(b";", 1)[0].strip() or b"x", 16)
+        pos = line_end + 2
         if size == 0:
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            return b"".join(chunks)
-        chunks.append(await reader.readexactly(size))
-        await reader.readexactly(2)  # CRLF after each chunk
+            while True:  # trailers, up to the empty line
+                line_end = buf.find(b"\r\n", pos)
+                if line_end < 0:
+                    return None
+                if line_end == pos:
+                    return b"".join(chunks), pos + 2
+                pos = line_end + 2
+        if len(buf) < pos + size + 2:
+            return None
+        chunks.append(bytes(buf[pos:pos + size]))
+        pos += size + 2  # CRLF after each chunk
 
 
 def _error_message(body: bytes) -> str:

@@ -430,6 +430,7 @@ def serve(host: socket.socket) -> None:
     if os.geteuid() == 0:
         sandbox.sweep_stale_cgroups()  # groups left by a fork-server that was killed
         sandbox.prepare_mount_namespace()  # mounts every worker would otherwise repeat
+        sandbox.prepare_network_namespace()  # one namespace for all workers, where Landlock allows
     children = _Children()
     gc.collect()
     gc.freeze()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
+from rlm_train import eventloop
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
 from rlm_train.formats import OUTCOME_FINAL, append_jsonl, read_context_file
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
             if sub_policy is not None:
                 await sub_policy.aclose()
 
-    record = asyncio.run(go())
+    record = eventloop.run(go())
     if args.trajectory_out:
         from pathlib import Path
 

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from pydantic import Field
 
+from rlm_train import eventloop
 from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
 from rlm_train.formats import ERROR_MODEL, OUTCOME_ERROR, append_jsonl, load_task_context, write_text_atomic
@@ -300,7 +301,7 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
                     await sub_policy.aclose()
 
         try:
-            asyncio.run(go())
+            eventloop.run(go())
             writer.finish()
         except* UserError as group:  # e.g. ServerDown, raised inside an episode task
             raise group.exceptions[0] from None
