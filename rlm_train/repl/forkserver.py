@@ -363,9 +363,10 @@ def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
     os._exit(0)
 
 
-def _next_request(sock: socket.socket, children: _Children) -> bool:
-    """Wait for a request on sock, reaping workers as they exit. True when sock is readable."""
-    readable = select.select([sock, children.wakeup], [], [])[0]
+def _next_request(sock: socket.socket, children: _Children, timeout: float | None = None) -> bool:
+    """Wait for a request on sock (at most timeout s), reaping workers as they exit.
+    True when sock is readable."""
+    readable = select.select([sock, children.wakeup], [], [], timeout)[0]
     if children.wakeup in readable:
         children.reap()
     return sock in readable
@@ -397,32 +398,49 @@ def _fork_zygote(host: socket.socket, msg: dict, fds: list[int]) -> None:
         os.close(pidfd)
 
 
-def _claim(host: socket.socket, msg: dict, pool: list[_Started], idle_uids: list[int], children: _Children) -> None:
-    """Give the host a pooled worker built for this config, or clone one now (it then
-    isolates itself while we answer the next request), then refill the pool."""
-    uids, config = list(msg["uids"]), msg["config"]
-    unused = idle_uids[:]  # uids of refills whose fork failed: the host gets them back now
-    idle_uids.clear()
-    got = next((w for w in pool if w.config == config), None)
-    if got is not None:
-        pool.remove(got)
-    else:
+class _Pool:
+    """Pre-isolated, context-less workers for the config last claimed. A claim takes one,
+    or clones one at once when none fits; refills happen only while no request waits
+    (see serve), so a burst of claims (64 episodes starting together) is served first
+    instead of each waiting behind the previous claim's refill."""
+
+    def __init__(self, children: _Children):
+        self.children = children
+        self.workers: list[_Started] = []
+        self.config: dict | None = None
+        self.refill_uids: list[int] = []  # reserved by the host for refills not built yet
+        self.returned: list[int] = []  # uids the host gets back with the next reply
+
+    def wants_refill(self) -> bool:
+        return bool(self.refill_uids) and self.config is not None and len(self.workers) < POOL_SIZE
+
+    def refill_one(self) -> None:
+        uid = self.refill_uids.pop(0)
         try:
-            got = _start_worker(children, uids.pop(0), config, None, pooled=True)
-        except OSError as exc:  # fork failed (EAGAIN, ENOMEM): the host reports it
-            protocol.send(host, {"op": "failed", "error": str(exc), "unused": unused + uids})
-            return
-    if uids and len(pool) >= POOL_SIZE and pool[0].config != config:
-        stale = pool.pop(0)  # built for limits nobody asks for any more
-        stale.discard(children)
-        unused.append(stale.uid)
-    refill = uids.pop(0) if uids and len(pool) < POOL_SIZE else None
-    got.send_to_host(host, {"op": "claimed", "pid": got.pid, "uid": got.uid, "unused": unused + uids})
-    if refill is not None:
-        try:
-            pool.append(_start_worker(children, refill, config, None, pooled=True))
-        except OSError:
-            idle_uids.append(refill)
+            self.workers.append(_start_worker(self.children, uid, self.config, None, pooled=True))
+        except OSError:  # fork failed (EAGAIN, ENOMEM): the uid goes back, the next claim retries
+            self.returned.append(uid)
+
+    def claim(self, host: socket.socket, msg: dict) -> None:
+        uids, config = list(msg["uids"]), msg["config"]
+        if config != self.config:  # built for limits nobody asks for any more
+            for stale in self.workers:
+                stale.discard(self.children)
+                self.returned.append(stale.uid)
+            self.workers, self.config = [], config
+        unused, self.returned = self.returned, []
+        if self.workers:
+            got = self.workers.pop(0)
+        else:
+            try:
+                got = _start_worker(self.children, uids.pop(0), config, None, pooled=True)
+            except OSError as exc:  # the host reports it
+                protocol.send(host, {"op": "failed", "error": str(exc), "unused": unused + uids})
+                return
+        # The claim's spare uid pays for a refill, unless enough are already on the way.
+        if uids and len(self.workers) + len(self.refill_uids) < POOL_SIZE:
+            self.refill_uids.append(uids.pop(0))
+        got.send_to_host(host, {"op": "claimed", "pid": got.pid, "uid": got.uid, "unused": unused + uids})
 
 
 def serve(host: socket.socket) -> None:
@@ -435,9 +453,11 @@ def serve(host: socket.socket) -> None:
     gc.collect()
     gc.freeze()
     protocol.send(host, {"op": "hello", "pid": os.getpid(), "euid": os.geteuid(), "pool_size": POOL_SIZE})
-    pool: list[_Started] = []
-    idle_uids: list[int] = []
+    pool = _Pool(children)
     while True:
+        if pool.wants_refill() and not _next_request(host, children, timeout=0):
+            pool.refill_one()  # nothing waits: build the next pooled worker now
+            continue
         if not _next_request(host, children):
             continue
         try:
@@ -448,7 +468,7 @@ def serve(host: socket.socket) -> None:
             if msg.get("op") == "zygote":
                 _fork_zygote(host, msg, fds)
             elif msg.get("op") == "claim":
-                _claim(host, msg, pool, idle_uids, children)
+                pool.claim(host, msg)
             elif msg.get("op") == "exit":
                 break
         except OSError:

@@ -162,9 +162,10 @@ class _Writer:
     no answer from the server, so that a dead server stops the run without marking those
     (task, sample) pairs as done."""
 
-    def __init__(self, shard: Path, max_streak: int):
+    def __init__(self, shard: Path, max_streak: int, summary: RunSummary):
         self.shard = shard
         self.max_streak = max_streak
+        self.summary = summary
         self.streak: list[dict[str, Any]] = []
         self.written = 0
         self.answered = 0  # episodes in this process run that were not model-call failures
@@ -192,6 +193,7 @@ class _Writer:
 
     def _append(self, record: dict[str, Any]) -> None:
         append_jsonl(self.shard, record)
+        self.summary.add(record)
         self.written += 1
 
     def _down_message(self) -> str:
@@ -282,14 +284,18 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
     resuming = store.open_run(out, identity)
     slot = f"{config.shard_index}of{config.num_shards}"
     with store.RunLock(out, slot):
-        done = store.done_pairs(out) if resuming else set()
+        summary = RunSummary()
+        done: set[tuple[str, int]] = set()
+        for record in store.iter_records(out) if resuming else ():
+            done.add((record.get("task_id"), record.get("sample")))
+            summary.add(record)
         jobs = _jobs(tasks, config.samples, done)
         scorer = load_scorer()
         if scorer is None:
             print("note: rlm_train.tasks.score is not available; trajectories are written without scores",
                   file=sys.stderr)
         started = time.monotonic()
-        writer = _Writer(store.new_shard_path(out, slot), config.max_consecutive_failures)
+        writer = _Writer(store.new_shard_path(out, slot), config.max_consecutive_failures, summary)
         progress = _Progress(len(jobs), resumed=len(tasks) * config.samples - len(jobs), enabled=config.progress)
 
         async def go():
@@ -317,10 +323,10 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
         "bad_task_lines": problems,
         "pid": os.getpid(),
     }
-    summary = summarize(store.read_records(out), this_run)
-    summary["run_dir"] = str(out)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    result = summary.as_dict(this_run)
+    result["run_dir"] = str(out)
+    write_text_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _retries(policy, sub_policy) -> int | None:
@@ -329,42 +335,68 @@ def _retries(policy, sub_policy) -> int | None:
     return sum(counts) if counts else None
 
 
-def summarize(records: list[dict[str, Any]], this_run: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Numbers for the end-of-run table: every record in the store, plus this process run."""
-    by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in records:
-        by_family[record.get("family") or "-"].append(record)
-    families = {}
-    for family, group in sorted(by_family.items()):
-        scores = [r["score"] for r in group if r.get("score") is not None]
-        families[family] = {
-            "episodes": len(group),
-            "scored": len(scores),
-            "mean_score": round(statistics.fmean(scores), 4) if scores else None,
-            "final_rate": round(sum(r["outcome"] == "final" for r in group) / len(group), 4),
-            "errors": sum(r["outcome"] == OUTCOME_ERROR for r in group),
-            "mean_turns": round(statistics.fmean(r["stats"]["turns"] for r in group), 2),
-            "mean_sub_calls": round(statistics.fmean(r["stats"].get("sub_calls", 0) for r in group), 2),
+class RunSummary:
+    """The end-of-run numbers, added up one record at a time as records are written (and,
+    on resume, as the earlier ones are read), so the summary never re-reads the store."""
+
+    def __init__(self):
+        self.records = 0
+        self.outcomes: Counter[str] = Counter()
+        self.scores: list[float] = []
+        self.families: dict[str, Counter[str]] = defaultdict(Counter)  # sums per family
+        self.family_scores: dict[str, list[float]] = defaultdict(list)
+        self.tokens: Counter[str] = Counter()
+        self.sub_calls = 0
+        self.wall_sum = 0.0
+        self.wall_max: float | None = None
+
+    def add(self, record: dict[str, Any]) -> None:
+        stats = record["stats"]
+        family = self.families[record.get("family") or "-"]
+        family["episodes"] += 1
+        family["final"] += record["outcome"] == "final"
+        family["errors"] += record["outcome"] == OUTCOME_ERROR
+        family["turns"] += stats["turns"]
+        family["sub_calls"] += stats.get("sub_calls", 0)
+        if record.get("score") is not None:
+            self.scores.append(record["score"])
+            self.family_scores[record.get("family") or "-"].append(record["score"])
+        self.records += 1
+        self.outcomes[record["outcome"]] += 1
+        self.tokens["root_prompt"] += stats.get("prompt_tokens", 0)
+        self.tokens["root_completion"] += stats.get("completion_tokens", 0)
+        self.tokens["call_tree_total"] += stats.get("tokens_total", 0)
+        self.sub_calls += stats.get("sub_calls", 0)
+        wall = stats.get("wall_s", 0.0)
+        self.wall_sum += wall
+        self.wall_max = wall if self.wall_max is None else max(self.wall_max, wall)
+
+    def as_dict(self, this_run: dict[str, Any] | None = None) -> dict[str, Any]:
+        families = {}
+        for name, f in sorted(self.families.items()):
+            scores = self.family_scores[name]
+            families[name] = {
+                "episodes": f["episodes"],
+                "scored": len(scores),
+                "mean_score": round(statistics.fmean(scores), 4) if scores else None,
+                "final_rate": round(f["final"] / f["episodes"], 4),
+                "errors": f["errors"],
+                "mean_turns": round(f["turns"] / f["episodes"], 2),
+                "mean_sub_calls": round(f["sub_calls"] / f["episodes"], 2),
+            }
+        return {
+            "records": self.records,
+            "outcomes": dict(self.outcomes),
+            "mean_score": round(statistics.fmean(self.scores), 4) if self.scores else None,
+            "by_family": families,
+            "tokens": {k: self.tokens[k] for k in ("root_prompt", "root_completion", "call_tree_total")},
+            "sub_calls": self.sub_calls,
+            "episode_wall_s": {
+                "mean": round(self.wall_sum / self.records, 3) if self.records else None,
+                "max": round(self.wall_max, 3) if self.wall_max is not None else None,
+            },
+            "this_run": this_run or {},
         }
-    scores = [r["score"] for r in records if r.get("score") is not None]
-    walls = [r["stats"].get("wall_s", 0.0) for r in records]
-    return {
-        "records": len(records),
-        "outcomes": dict(Counter(r["outcome"] for r in records)),
-        "mean_score": round(statistics.fmean(scores), 4) if scores else None,
-        "by_family": families,
-        "tokens": {
-            "root_prompt": sum(r["stats"].get("prompt_tokens", 0) for r in records),
-            "root_completion": sum(r["stats"].get("completion_tokens", 0) for r in records),
-            "call_tree_total": sum(r["stats"].get("tokens_total", 0) for r in records),
-        },
-        "sub_calls": sum(r["stats"].get("sub_calls", 0) for r in records),
-        "episode_wall_s": {
-            "mean": round(statistics.fmean(walls), 3) if walls else None,
-            "max": round(max(walls), 3) if walls else None,
-        },
-        "this_run": this_run or {},
-    }
 
 
 def format_summary(summary: dict[str, Any]) -> str:

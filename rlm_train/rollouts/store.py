@@ -87,8 +87,19 @@ def read_records(source: str | Path, stats: ReadStats | None = None) -> list[dic
         files = [source]
     else:
         raise UserError(f"{source}: no such trajectory directory or file; pass the --out of `rlm-train generate`")
+    out = list(_unique(files, stats))
+    stats.records = len(out)
+    return out
+
+
+def iter_records(directory: str | Path) -> Iterator[dict[str, Any]]:
+    """The records of a run directory one at a time, one per (task_id, sample): what a
+    resume skips and what the run's summary counts, without holding them all."""
+    return _unique(shard_files(directory), ReadStats())
+
+
+def _unique(files: list[Path], stats: ReadStats) -> Iterator[dict[str, Any]]:
     seen: set[tuple[Any, Any]] = set()
-    out = []
     for path in files:
         stats.files += 1
         for record in iter_shard(path, stats):
@@ -97,19 +108,7 @@ def read_records(source: str | Path, stats: ReadStats | None = None) -> list[dic
                 stats.duplicates += 1
                 continue
             seen.add(key)
-            out.append(record)
-    stats.records = len(out)
-    return out
-
-
-def done_pairs(directory: str | Path) -> set[tuple[str, int]]:
-    """(task_id, sample) pairs already recorded in the store: what a resume skips."""
-    stats = ReadStats()
-    pairs = set()
-    for path in shard_files(directory):
-        for record in iter_shard(path, stats):
-            pairs.add((record.get("task_id"), record.get("sample")))
-    return pairs
+            yield record
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
