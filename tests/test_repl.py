@@ -353,18 +353,43 @@ def test_isolation_report_names_every_layer():
 
 
 # --------------------------------------------------------------------------- processes, sharing
+def _groups_of(uid: int) -> list[str]:
+    """The session uid's cgroups: <fork-server pid>.<uid> under each controller."""
+    return [f"/sys/fs/cgroup/{c}/rlm_repl/{n}" for c in ("memory", "pids") if os.path.isdir(f"/sys/fs/cgroup/{c}/rlm_repl")
+            for n in os.listdir(f"/sys/fs/cgroup/{c}/rlm_repl") if n.endswith(f".{uid}")]
+
+
 def test_close_reaps_everything():
     s = REPLSession("abc", config=FAST)
     s.execute("import subprocess\np = subprocess.Popen(['sleep', '100'])")
     pid = s.pid
     uid = psutil.Process(pid).uids().real
-    assert all(os.path.isdir(f"/sys/fs/cgroup/{c}/rlm_repl/{uid}-{pid}") for c in ("memory", "pids"))
-    s.close()  # returns once the worker's parent has reaped it and removed its cgroups
+    groups = _groups_of(uid)
+    assert len(groups) == 2
+    assert all(str(pid) in open(f"{g}/cgroup.procs").read().split() for g in groups)
+    s.close()  # returns once the worker's parent has reaped it: its whole pid namespace is gone
     assert not _alive(pid)
     assert not [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
     zombies = [p for p in psutil.Process().children(recursive=True) if p.status() == psutil.STATUS_ZOMBIE]
     assert zombies == []
-    assert not any(os.path.exists(f"/sys/fs/cgroup/{c}/rlm_repl/{uid}-{pid}") for c in ("memory", "pids"))
+    # The uid's groups stay for its next session, empty.
+    assert all(open(f"{g}/cgroup.procs").read() == "" for g in groups)
+
+
+def test_cgroups_are_reused_and_removed_with_the_fork_server():
+    with REPLSession("a", config=FAST) as s:
+        uid, server = psutil.Process(s.pid).uids().real, s.zygote_pid
+    with REPLSession("b", config=SandboxConfig(timeout_s=10, memory_mb=300)) as s:
+        # The uid just freed is reused first, with its groups and this session's limits.
+        assert psutil.Process(s.pid).uids().real == uid
+        memory = [g for g in _groups_of(uid) if "/memory/" in g][0]
+        assert int(open(f"{memory}/memory.limit_in_bytes").read()) == (300 + 64) << 20
+        assert "MemoryError" in s.execute("x = bytearray(400 << 20)").error
+    assert _groups_of(uid)
+    shutdown()
+    assert not _alive(server)
+    assert not [g for c in ("memory", "pids") if os.path.isdir(f"/sys/fs/cgroup/{c}/rlm_repl")
+                for g in os.listdir(f"/sys/fs/cgroup/{c}/rlm_repl") if g.startswith(f"{server}.")]
 
 
 def test_concurrent_sessions_from_threads():
@@ -412,9 +437,10 @@ def test_spare_workers_are_claimed_once_and_never_leak():
                 assert a.execute("print(x)").error is not None  # namespaces are not shared
     tree = psutil.Process(zygote).children(recursive=True)
     assert len(tree) == 1  # only the next spare is left
-    shutdown()  # stops the zygotes, which stop their spares and remove their cgroups
+    server = psutil.Process(zygote).ppid()
+    shutdown()  # stops the zygotes, which stop their spares; the fork-server removes the cgroups
     assert not _alive(zygote) and not any(_alive(p.pid) for p in tree)
-    assert not [g for g in _rlm_cgroups() if g.rsplit("-", 1)[-1] in {str(p.pid) for p in tree}]
+    assert not [g for g in _rlm_cgroups() if g.split("/")[1].startswith(f"{server}.")]
 
 
 def test_32_concurrent_starts_on_distinct_contexts():
@@ -451,7 +477,7 @@ def test_pooled_workers_never_leak():
     assert pooled and all(p.name().startswith("rlm-") for p in pooled)
     shutdown()
     assert not _alive(server) and not any(_alive(p.pid) for p in pooled)
-    assert not [g for g in _rlm_cgroups() if g.rsplit("-", 1)[-1] in {str(p.pid) for p in pooled}]
+    assert not [g for g in _rlm_cgroups() if g.split("/")[1].startswith(f"{server}.")]
 
 
 def test_list_and_dict_contexts():

@@ -10,7 +10,7 @@ Process tree (the host never forks itself; it may hold torch and threads):
 
 Each worker is cloned straight into a new pid namespace (sandbox.fork_pid_namespace),
 so its parent, the zygote or the fork-server, supervises it directly: it reaps the
-worker, removes its cgroups and writes its wait status to a pipe the host reads.
+worker and writes its wait status to a pipe the host reads.
 That is how the host learns how a worker died (it is not the worker's parent).
 
 Sessions on one context share the zygote's pages copy-on-write. The host talks
@@ -21,7 +21,9 @@ so no frame of a running session passes through another process.
 A shared zygote keeps one spare worker, fully isolated and already `ready`,
 built right after each claim: the next session with the same config claims it
 in one round trip. Before it exits, a zygote kills and reaps every worker it still
-has and removes their cgroups; a spare's uid is reserved by the host like a session's.
+has; a spare's uid is reserved by the host like a session's. cgroups are per session uid
+and reused by the uid's next worker (sandbox.make_cgroups); the fork-server removes them
+all when it exits.
 
 Small contexts (< 256 kB, plain data) skip the zygote: the fork-server keeps a few
 pre-isolated, context-less workers (POOL_SIZE) for the current config and hands
@@ -52,9 +54,9 @@ from rlm_train.repl import protocol, sandbox, worker
 # --------------------------------------------------------------------------- workers
 class _Children:
     """The workers we cloned. Each is our own child (pid 1 of its pid namespace when the
-    kernel allows), so we reap it, remove its cgroups and write its wait status to a pipe
-    the host reads: that is how the host learns how a worker died, and that close() may
-    return (the status comes after the cgroups are gone)."""
+    kernel allows), so we reap it and write its wait status to a pipe the host reads: that
+    is how the host learns how a worker died, and that close() may return (the status
+    comes once the worker and every process of its pid namespace are gone)."""
 
     def __init__(self):
         self.workers: dict[int, tuple[int, int, bool]] = {}  # pid -> (status pipe, uid, own pid namespace)
@@ -92,7 +94,7 @@ class _Children:
         self._finish(pid, status)
 
     def kill_all(self) -> None:
-        """Before we exit: no worker of ours, nor its cgroups, outlives us."""
+        """Before we exit: no worker of ours outlives us."""
         for pid in self.workers:
             os.kill(pid, signal.SIGKILL)
         for pid in list(self.workers):
@@ -104,7 +106,6 @@ class _Children:
         status_w, uid, own_pidns = self.workers.pop(pid)
         if not own_pidns:
             _kill_uid(uid)  # no pid namespace: sweep whatever the cell left behind
-        sandbox.remove_cgroups(uid, pid)
         try:
             os.write(status_w, struct.pack("<i", status))
         except OSError:  # nobody reads it any more (a discarded spare)
@@ -123,8 +124,7 @@ def _worker_entry(sock_fd: int, req: dict, context, parent_pidfd: int, own_pidns
         report.update(root=os.geteuid() == 0, pdeathsig=True, pid_namespace=own_pidns)
         sandbox.enter_namespaces(report)
         cfg = req["config"]
-        # Named after our pid as the parent sees it (read before /proc is remounted).
-        cgroups = sandbox.make_cgroups(report, req["uid"], sandbox.outer_pid(), cfg["memory_mb"], cfg["max_processes"])
+        cgroups = sandbox.make_cgroups(report, req["uid"], cfg["memory_mb"], cfg["max_processes"])
         sandbox.join_cgroups(cgroups)
         _worker_main(sock_fd, req, context, report)
     finally:
@@ -253,7 +253,7 @@ class _Started:
         self.pid, self.pidfd, self.sock, self.status_r, self.uid, self.config = pid, pidfd, sock, status_r, uid, config
 
     def discard(self, children: _Children) -> None:
-        """Kill an unclaimed spare, reap it and remove its cgroups."""
+        """Kill an unclaimed spare and reap it."""
         try:
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except ProcessLookupError:  # it died and was reaped already
@@ -447,6 +447,7 @@ def serve(host: socket.socket) -> None:
     sandbox.set_name("rlm-forkserver")
     if os.geteuid() == 0:
         sandbox.sweep_stale_cgroups()  # groups left by a fork-server that was killed
+        sandbox.own_cgroups(os.getpid())
         sandbox.prepare_mount_namespace()  # mounts every worker would otherwise repeat
         sandbox.prepare_network_namespace()  # one namespace for all workers, where Landlock allows
     children = _Children()
@@ -474,6 +475,8 @@ def serve(host: socket.socket) -> None:
         except OSError:
             break  # the host channel broke mid-reply
     children.kill_all()  # the pool, and any session the host did not close
+    if os.geteuid() == 0:
+        sandbox.remove_own_cgroups()
     os._exit(0)
 
 

@@ -14,7 +14,6 @@ import resource
 import select
 import signal
 import sys
-import time
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -258,15 +257,6 @@ def private_mounts(report: dict, uid: int, tmp_mb: int, in_new_pidns: bool) -> N
             report["proc_error"] = str(exc)
 
 
-def outer_pid() -> int:
-    """Our pid as the host sees it (read before /proc is remounted)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("NSpid:"):
-                return int(line.split()[1])
-    return os.getpid()
-
-
 def vm_size_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -324,37 +314,43 @@ def close_fds_except(keep: set[int]) -> None:
 
 # --------------------------------------------------------------------------- cgroups (v1)
 CGROUP_V1 = "/sys/fs/cgroup"
+_CONTROLLERS = ("memory", "pids")
+_owner = 0  # the fork-server whose groups these are; set at its start, inherited by every worker
 
 
-def _cgroup_paths(uid: int, pid: int) -> list[str]:
-    return [os.path.join(CGROUP_V1, ctrl, "rlm_repl", f"{uid}-{pid}") for ctrl in ("memory", "pids")]
+def own_cgroups(server_pid: int) -> None:
+    """The fork-server, at start: name this tree's groups after it."""
+    global _owner
+    _owner = server_pid
 
 
-def make_cgroups(report: dict, uid: int, pid: int, memory_mb: int, max_processes: int) -> list[str]:
-    """Per-worker memory and pids groups: they bound the whole process tree (RLIMIT_AS
-    is per process, RLIMIT_NPROC per uid). Created by the worker itself while still root,
-    named after its uid and pid (as its parent sees it), which is how the parent finds
-    them to remove once it has reaped the worker. cgroup v2-only hosts are reported as missing."""
+def _cgroup_paths(uid: int) -> list[str]:
+    return [os.path.join(CGROUP_V1, ctrl, "rlm_repl", f"{_owner}.{uid}") for ctrl in _CONTROLLERS]
+
+
+def make_cgroups(report: dict, uid: int, memory_mb: int, max_processes: int) -> list[str]:
+    """Memory and pids groups for the worker's whole process tree (RLIMIT_AS is per
+    process, RLIMIT_NPROC per uid), entered by the worker itself while still root.
+    One pair per session uid, reused by the uid's next worker: a uid goes to a new
+    session only once its last worker was reaped, and in its own pid namespace every
+    process of the cell died before the worker did, so the groups are empty by then.
+    Making fresh groups per worker cost ~0.6 ms of its start plus ~0.1 ms to remove
+    them. The fork-server removes its groups when it exits. cgroup v2-only hosts are
+    reported as missing."""
     # The context pages were charged to the zygote; the group only pays for new pages
     # (copy-on-write copies, tmpfs files included), hence memory_mb plus interpreter slack.
-    limits = {
-        "memory": {"memory.limit_in_bytes": (memory_mb + 64) << 20, "memory.memsw.limit_in_bytes": (memory_mb + 64) << 20},
-        "pids": {"pids.max": max_processes},
-    }
+    limits = {"memory": (memory_mb + 64) << 20, "pids": max_processes}
     paths = []
-    # The sweep reads every group: one worker in 16 does it (and each fork-server at
-    # start), so a burst of n starts costs O(n), not O(n^2), and stale groups still go.
-    sweep = pid % 16 == 0
-    for (ctrl, files), path in zip(limits.items(), _cgroup_paths(uid, pid)):
-        if sweep:
-            _sweep_stale(os.path.dirname(path))
+    for (ctrl, value), path in zip(limits.items(), _cgroup_paths(uid)):
         try:
-            os.makedirs(path)
-            for fname, value in files.items():
-                if fname.endswith("memsw.limit_in_bytes") and not os.path.exists(os.path.join(path, fname)):
-                    continue  # no swap accounting: memory.limit_in_bytes alone
-                with open(os.path.join(path, fname), "w") as f:
-                    f.write(str(value))
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                pass  # this uid's groups from an earlier session: empty now
+            if ctrl == "memory":
+                _set_memory_limit(path, value)
+            else:
+                _write(os.path.join(path, "pids.max"), value)
             paths.append(path)
             report[f"cgroup_{ctrl}"] = True
         except OSError as exc:
@@ -363,46 +359,66 @@ def make_cgroups(report: dict, uid: int, pid: int, memory_mb: int, max_processes
     return paths
 
 
-def sweep_stale_cgroups() -> None:
-    for ctrl in ("memory", "pids"):
-        _sweep_stale(os.path.join(CGROUP_V1, ctrl, "rlm_repl"))
+def _write(path: str, value) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
 
 
-def _sweep_stale(parent: str) -> None:
-    """Groups named <uid>-<worker pid> whose worker is gone were left by a fork-server
-    or zygote killed before it could reap its workers (SIGKILL, a crash).
-    rmdir only succeeds on an empty group, so a live one is never disturbed."""
-    try:
-        names = os.listdir(parent)
-    except OSError:
+def _set_memory_limit(path: str, limit: int) -> None:
+    """memory.limit_in_bytes, and memory+swap where swap is accounted. The kernel wants
+    limit <= memsw at every step, so raising a reused group's limit writes memsw first."""
+    memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
+    if not os.path.exists(memsw):  # no swap accounting
+        _write(os.path.join(path, "memory.limit_in_bytes"), limit)
         return
-    for name in names:
-        pid = name.rpartition("-")[2]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            try:
-                os.rmdir(os.path.join(parent, name))
-            except OSError:
-                pass
+    try:
+        _write(os.path.join(path, "memory.limit_in_bytes"), limit)
+        _write(memsw, limit)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _write(memsw, limit)
+        _write(os.path.join(path, "memory.limit_in_bytes"), limit)
 
 
 def join_cgroups(paths: list[str]) -> None:
     for path in paths:
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write("0")
+        _write(os.path.join(path, "cgroup.procs"), 0)
 
 
-def remove_cgroups(uid: int, pid: int) -> None:
-    """After the worker was reaped. In its own pid namespace every process of the cell
-    died before it did; without one, tasks of a just-killed tree may take a moment to leave."""
-    for path in _cgroup_paths(uid, pid):
-        for _ in range(50):
-            try:
-                os.rmdir(path)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.01)
+def remove_own_cgroups() -> None:
+    """The fork-server, when it exits (its workers reaped): every group it named."""
+    for ctrl in _CONTROLLERS:
+        parent = os.path.join(CGROUP_V1, ctrl, "rlm_repl")
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            if name.partition(".")[0] == str(_owner):
+                try:
+                    os.rmdir(os.path.join(parent, name))
+                except OSError:  # a worker of a zygote that has not exited yet
+                    pass
+
+
+def sweep_stale_cgroups() -> None:
+    """Groups whose fork-server is gone were left by one killed before it could clean up
+    (SIGKILL, a crash). rmdir only succeeds on an empty group, so a live one is never
+    disturbed. Also takes the <uid>-<worker pid> groups of older versions."""
+    for ctrl in _CONTROLLERS:
+        parent = os.path.join(CGROUP_V1, ctrl, "rlm_repl")
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            owner = name.partition(".")[0] if "." in name else name.rpartition("-")[2]
+            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+                try:
+                    os.rmdir(os.path.join(parent, name))
+                except OSError:
+                    pass
 
 
 # --------------------------------------------------------------------------- reachable interpreter

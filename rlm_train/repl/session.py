@@ -80,7 +80,7 @@ class _ForkServer:
         # Per-session uids: disjoint across fork-servers (pids are unique), so RLIMIT_NPROC
         # and kill(-1) of one session never touch another's processes.
         self.uid_base = 100_000 + (self.pid % (1 << 22)) * _UID_SLOTS
-        self.free_slots = collections.deque(range(_UID_SLOTS))
+        self.free_slots = collections.deque(range(_UID_SLOTS - 1, -1, -1))
         self.uid_lock = threading.Lock()
         self.send_lock = threading.Lock()  # held for one send, never across a wait
         self.waiters: collections.deque[concurrent.futures.Future] = collections.deque()
@@ -158,7 +158,8 @@ class _ForkServer:
         with self.uid_lock:
             if not self.free_slots:
                 raise RuntimeError(f"more than {_UID_SLOTS} live REPL sessions in one process")
-            return self.uid_base + self.free_slots.popleft()
+            # Last freed, first reused: that uid's cgroups exist already (sandbox.make_cgroups).
+            return self.uid_base + self.free_slots.pop()
 
     def give_uid(self, uid: int) -> None:
         with self.uid_lock:
