@@ -9,6 +9,7 @@ on asyncio's selector loop and ~95 ms on uvloop; serving them costs the mock ser
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -24,6 +25,16 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run(main) on the loop above."""
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(main)
+    """asyncio.run(main) on the loop above.
+
+    The objects alive at the start (modules, the config, the task list: ~10^5 of them
+    once pydantic and friends are imported) are moved out of the collector's reach for
+    the run: a full collection then walks only what the run made. Measured on a
+    200-episode generation: 51 ms of collector pauses (one of 17 ms, stalling every
+    episode on the loop) before, ~10 ms after."""
+    gc.freeze()  # no collect() first: it would cost the full walk this avoids
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(main)
+    finally:
+        gc.unfreeze()
