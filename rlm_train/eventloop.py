@@ -30,11 +30,16 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     The objects alive at the start (modules, the config, the task list: ~10^5 of them
     once pydantic and friends are imported) are moved out of the collector's reach for
     the run: a full collection then walks only what the run made. Measured on a
-    200-episode generation: 51 ms of collector pauses (one of 17 ms, stalling every
-    episode on the loop) before, ~10 ms after."""
+    200-episode generation: ~50 ms of collector pauses, one of 17 ms that stalled every
+    episode on the loop. The young generation is also collected every 10,000 rather than
+    700 allocations: most objects of a turn die by reference count first (two young
+    collections instead of ~65 in that run, ~5 ms instead of ~40 ms)."""
+    thresholds = gc.get_threshold()
     gc.freeze()  # no collect() first: it would cost the full walk this avoids
+    gc.set_threshold(max(thresholds[0], 10_000), *thresholds[1:])
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             return runner.run(main)
     finally:
+        gc.set_threshold(*thresholds)
         gc.unfreeze()
