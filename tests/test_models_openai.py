@@ -305,3 +305,25 @@ def test_chunked_and_unframed_responses_and_server_closed_idle_connections():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_event_loop_without_uvloop_and_collector_settings_restored(monkeypatch):
+    import gc
+    import sys
+
+    from rlm_train import eventloop
+
+    async def call():
+        with MockOpenAIServer(responder=lambda msgs, body: "fine") as srv:
+            policy = fast_policy([srv.base_url])
+            try:
+                return type(asyncio.get_running_loop()).__module__, (await policy.chat(USER)).text
+            finally:
+                await policy.aclose()
+
+    before = gc.get_threshold()
+    assert eventloop.run(call())[1] == "fine"
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` now fails, as where no wheel exists
+    module, text = eventloop.run(call())
+    assert module.startswith("asyncio") and text == "fine"
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
