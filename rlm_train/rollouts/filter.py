@@ -425,7 +425,15 @@ def write_datasets(path, splits: dict[str, list[dict[str, Any]]], features) -> N
     from datasets import Dataset, DatasetDict, disable_progress_bars
 
     disable_progress_bars()  # our own report says what was written
-    DatasetDict({name: Dataset.from_list(rows, features=features) for name, rows in splits.items()}).save_to_disk(str(path))
+    def split(rows):
+        if not rows:  # from_list([]) has no columns to cast: build the empty table from the features
+            return Dataset.from_dict({column: [] for column in features}, features=features)
+        return Dataset.from_list(rows, features=features)
+
+    # An empty split saved with the default sharding writes no data file, and load_from_disk
+    # then fails on it (datasets 5.2): one shard each keeps it loadable.
+    empty = {name: 1 for name, rows in splits.items() if not rows}
+    DatasetDict({name: split(rows) for name, rows in splits.items()}).save_to_disk(str(path), num_shards=empty or None)
 
 
 def format_report(report: dict[str, Any]) -> str:
