@@ -480,6 +480,21 @@ def test_pooled_workers_never_leak():
     assert not [g for g in _rlm_cgroups() if g.split("/")[1].startswith(f"{server}.")]
 
 
+def test_pool_serves_two_configs_in_turn():
+    """Sessions with other limits in between do not empty the pool of workers built for
+    the first ones: a claim right after is served by a worker that was already there."""
+    other = SandboxConfig(timeout_s=10, memory_mb=300)
+    with REPLSession("a", config=FAST) as s:
+        server = s.zygote_pid
+    time.sleep(0.5)  # refilled for FAST while idle
+    with REPLSession("b", config=other) as s:
+        assert s.execute("x = bytearray(400 << 20)").error  # it got the other limits
+    time.sleep(0.5)  # a refill for `other` took the place of one FAST worker
+    before = {p.pid for p in psutil.Process(server).children()}
+    with REPLSession("c", config=FAST) as s:
+        assert s.pid in before and s.execute("print(context)").stdout == "c\n"
+
+
 def test_list_and_dict_contexts():
     with REPLSession({"docs": ["a", "b"], "n": 2}, config=FAST) as s:
         assert s.execute("print(context['docs'][1], context['n'])").stdout == "b 2\n"

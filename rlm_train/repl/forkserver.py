@@ -399,10 +399,11 @@ def _fork_zygote(host: socket.socket, msg: dict, fds: list[int]) -> None:
 
 
 class _Pool:
-    """Pre-isolated, context-less workers for the config last claimed. A claim takes one,
-    or clones one at once when none fits; refills happen only while no request waits
-    (see serve), so a burst of claims (64 episodes starting together) is served first
-    instead of each waiting behind the previous claim's refill."""
+    """Pre-isolated, context-less workers, built for the config last claimed. A claim takes
+    one built for its config, or clones one at once when there is none; refills happen
+    only while no request waits (see serve), so a burst of claims (64 episodes starting
+    together) is served first instead of each waiting behind the previous claim's refill.
+    Workers built for other limits stay until a refill needs their place."""
 
     def __init__(self, children: _Children):
         self.children = children
@@ -411,10 +412,18 @@ class _Pool:
         self.refill_uids: list[int] = []  # reserved by the host for refills not built yet
         self.returned: list[int] = []  # uids the host gets back with the next reply
 
+    def _ready(self) -> int:
+        return sum(w.config == self.config for w in self.workers)
+
     def wants_refill(self) -> bool:
-        return bool(self.refill_uids) and self.config is not None and len(self.workers) < POOL_SIZE
+        return bool(self.refill_uids) and self.config is not None and self._ready() < POOL_SIZE
 
     def refill_one(self) -> None:
+        if len(self.workers) >= POOL_SIZE:  # make room: the oldest one built for other limits
+            stale = next(w for w in self.workers if w.config != self.config)
+            self.workers.remove(stale)
+            stale.discard(self.children)
+            self.returned.append(stale.uid)
         uid = self.refill_uids.pop(0)
         try:
             self.workers.append(_start_worker(self.children, uid, self.config, None, pooled=True))
@@ -423,14 +432,11 @@ class _Pool:
 
     def claim(self, host: socket.socket, msg: dict) -> None:
         uids, config = list(msg["uids"]), msg["config"]
-        if config != self.config:  # built for limits nobody asks for any more
-            for stale in self.workers:
-                stale.discard(self.children)
-                self.returned.append(stale.uid)
-            self.workers, self.config = [], config
+        self.config = config
         unused, self.returned = self.returned, []
-        if self.workers:
-            got = self.workers.pop(0)
+        got = next((w for w in self.workers if w.config == config), None)
+        if got is not None:
+            self.workers.remove(got)
         else:
             try:
                 got = _start_worker(self.children, uids.pop(0), config, None, pooled=True)
@@ -438,7 +444,7 @@ class _Pool:
                 protocol.send(host, {"op": "failed", "error": str(exc), "unused": unused + uids})
                 return
         # The claim's spare uid pays for a refill, unless enough are already on the way.
-        if uids and len(self.workers) + len(self.refill_uids) < POOL_SIZE:
+        if uids and self._ready() + len(self.refill_uids) < POOL_SIZE:
             self.refill_uids.append(uids.pop(0))
         got.send_to_host(host, {"op": "claimed", "pid": got.pid, "uid": got.uid, "unused": unused + uids})
 
