@@ -388,24 +388,22 @@ def join_cgroups(paths: list[str]) -> None:
 
 def remove_own_cgroups() -> None:
     """The fork-server, when it exits (its workers reaped): every group it named."""
-    for ctrl in _CONTROLLERS:
-        parent = os.path.join(CGROUP_V1, ctrl, "rlm_repl")
-        try:
-            names = os.listdir(parent)
-        except OSError:
-            continue
-        for name in names:
-            if name.partition(".")[0] == str(_owner):
-                try:
-                    os.rmdir(os.path.join(parent, name))
-                except OSError:  # a worker of a zygote that has not exited yet
-                    pass
+    _remove_groups(lambda name: name.partition(".")[0] == str(_owner))
 
 
 def sweep_stale_cgroups() -> None:
     """Groups whose fork-server is gone were left by one killed before it could clean up
-    (SIGKILL, a crash). rmdir only succeeds on an empty group, so a live one is never
-    disturbed. Also takes the <uid>-<worker pid> groups of older versions."""
+    (SIGKILL, a crash). Also takes the <uid>-<worker pid> groups of older versions."""
+    def stale(name: str) -> bool:
+        owner = name.partition(".")[0] if "." in name else name.rpartition("-")[2]
+        return owner.isdigit() and not os.path.exists(f"/proc/{owner}")
+
+    _remove_groups(stale)
+
+
+def _remove_groups(selected) -> None:
+    """rmdir the selected groups under rlm_repl. rmdir only succeeds on an empty group, so
+    a live one (say a worker of a zygote that has not exited yet) is never disturbed."""
     for ctrl in _CONTROLLERS:
         parent = os.path.join(CGROUP_V1, ctrl, "rlm_repl")
         try:
@@ -413,8 +411,7 @@ def sweep_stale_cgroups() -> None:
         except OSError:
             continue
         for name in names:
-            owner = name.partition(".")[0] if "." in name else name.rpartition("-")[2]
-            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            if selected(name):
                 try:
                     os.rmdir(os.path.join(parent, name))
                 except OSError:
