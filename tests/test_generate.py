@@ -190,3 +190,14 @@ def test_cli_dry_run_merges_recipe_flags_and_overrides(tmp_path, rlm_cli):
     bad = subprocess.run(rlm_cli + ["generate", "--recipe", str(recipe), "--dry-run", "rlm.max_iteratons=2"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown key 'rlm.max_iteratons'" in bad.stderr
+
+
+def test_shards_split_the_tasks_and_share_one_run_directory(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    write_scenario_tasks(tasks, 5)
+    first = run_generate(config(tmp_path, tasks, policy="scripted", num_shards=2, shard_index=0))
+    assert first["this_run"]["episodes"] == 3 and first["records"] == 3  # tasks 0, 2, 4
+    second = run_generate(config(tmp_path, tasks, policy="scripted", num_shards=2, shard_index=1))
+    assert second["this_run"]["episodes"] == 2 and second["records"] == 5  # the whole store
+    assert set(pairs(tmp_path / "out")) == {(f"bench-{i}", 0) for i in range(5)}
+    assert len(store.shard_files(tmp_path / "out")) == 2

@@ -323,6 +323,11 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
         "bad_task_lines": problems,
         "pid": os.getpid(),
     }
+    if config.num_shards > 1:
+        # Other shards append to the same store meanwhile: count what is there now.
+        summary = RunSummary()
+        for record in store.iter_records(out):
+            summary.add(record)
     result = summary.as_dict(this_run)
     result["run_dir"] = str(out)
     write_text_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
