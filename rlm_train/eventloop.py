@@ -33,7 +33,8 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     200-episode generation: ~50 ms of collector pauses, one of 17 ms that stalled every
     episode on the loop. The young generation is also collected every 10,000 rather than
     700 allocations: most objects of a turn die by reference count first (two young
-    collections instead of ~65 in that run, ~5 ms instead of ~40 ms)."""
+    collections instead of ~65 in that run, ~5 ms instead of ~40 ms). Those settings are
+    process-wide: one run() at a time per process (the CLI commands are)."""
     thresholds = gc.get_threshold()
     gc.freeze()  # no collect() first: it would cost the full walk this avoids
     gc.set_threshold(max(thresholds[0], 10_000), *thresholds[1:])
