@@ -35,6 +35,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import orjson
+
 from rlm_train import eventloop
 
 Responder = Callable[[list[dict[str, Any]], dict[str, Any]], str]
@@ -198,7 +200,7 @@ class MockOpenAIServer:
 
     def _chat(self, index: int, raw: bytes, headers: dict[str, str]):
         try:
-            body = json.loads(raw or b"{}")
+            body = orjson.loads(raw or b"{}")
             messages = body["messages"]
         except (ValueError, KeyError) as e:
             self.counts["bad_request"] += 1
@@ -324,7 +326,7 @@ class _Connection(asyncio.Protocol):
     def _respond(self, status: int, payload: dict[str, Any], extra: dict[str, str], keep: bool) -> None:
         self.pending = None
         self._leave()
-        data = json.dumps(payload).encode()
+        data = orjson.dumps(payload)
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
                 "Content-Type: application/json", f"Content-Length: {len(data)}"]
         head += [f"{k}: {v}" for k, v in extra.items()]

@@ -20,7 +20,6 @@ https:// URLs; no HTTP proxies: inference servers are reached directly).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import socket
 import ssl
@@ -29,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+import orjson
 
 from rlm_train.models.base import Completion, Message, PolicyError, SamplingParams
 
@@ -129,7 +130,7 @@ class OpenAIPolicy:
         hints: dict[str, Any] | None = None,  # side information for scripted policies; never sent
     ) -> Completion:
         self._bind_loop()
-        payload = json.dumps(self._body(messages, sampling)).encode()
+        payload = orjson.dumps(self._body(messages, sampling))
         self.stats["requests"] += 1
         server: _Server | None = None
         last_error = ""
@@ -207,7 +208,7 @@ class OpenAIPolicy:
                 raise _Retryable(message, _retry_after(resp.headers.get("retry-after")))
             raise PolicyError(f"{self.name}: {message}")
         try:
-            data = json.loads(resp.body)
+            data = orjson.loads(resp.body)
             choice = data["choices"][0]
             message_obj = choice["message"]
             text = message_obj.get("content") or ""
@@ -473,7 +474,7 @@ def _parse_chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
 def _error_message(body: bytes) -> str:
     """The server's own error text: vLLM/OpenAI put it at error.message (older vLLM: message)."""
     try:
-        data = json.loads(body)
+        data = orjson.loads(body)
     except ValueError:
         return body[:500].decode("utf-8", "replace").replace("\n", " ").strip() or "(empty body)"
     if isinstance(data, dict):
