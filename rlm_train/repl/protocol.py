@@ -94,8 +94,14 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytearra
     view = memoryview(buf)
     got = 0
     while got < n:
-        _wait_readable(sock, deadline)
-        k = sock.recv_into(view[got:], min(n - got, 1 << 24))
+        if deadline is None:
+            k = sock.recv_into(view[got:], min(n - got, 1 << 24))
+        else:  # what already arrived is read without a select first (a frame is usually all there)
+            try:
+                k = sock.recv_into(view[got:], min(n - got, 1 << 24), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                _wait_readable(sock, deadline)
+                continue
         if k == 0:
             raise PeerClosed("peer closed the channel mid-frame" if got else "peer closed the channel")
         got += k
