@@ -366,7 +366,19 @@ def _write(path: str, value) -> None:
 
 def _set_memory_limit(path: str, limit: int) -> None:
     """memory.limit_in_bytes, and memory+swap where swap is accounted. The kernel wants
-    limit <= memsw at every step, so raising a reused group's limit writes memsw first."""
+    limit <= memsw at every step, so raising a reused group's limit writes memsw first.
+    A reused group may still be charged for page cache its earlier sessions read: when
+    that is above a lower new limit (EBUSY), it is dropped first."""
+    try:
+        _write_memory_limits(path, limit)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        _write(os.path.join(path, "memory.force_empty"), 0)
+        _write_memory_limits(path, limit)
+
+
+def _write_memory_limits(path: str, limit: int) -> None:
     memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
     if not os.path.exists(memsw):  # no swap accounting
         _write(os.path.join(path, "memory.limit_in_bytes"), limit)
