@@ -38,6 +38,7 @@ from typing import Any, Callable
 import orjson
 
 from rlm_train import eventloop
+from rlm_train.models.openai_client import parse_head
 
 Responder = Callable[[list[dict[str, Any]], dict[str, Any]], str]
 
@@ -284,12 +285,7 @@ class _Connection(asyncio.Protocol):
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             return
-        request_line, *lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
-        headers: dict[str, str] = {}
-        for line in lines:
-            k, _, v = line.partition(":")
-            if k:
-                headers[k.strip().lower()] = v.strip()
+        request_line, headers = parse_head(self.buffer[:end])
         try:
             method, target, _ = request_line.split(" ", 2)
             length = int(headers.get("content-length") or 0)

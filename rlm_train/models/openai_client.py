@@ -407,6 +407,18 @@ class _Connection(asyncio.Protocol):
                                  EOFError("server closed the connection mid-response"))
 
 
+def parse_head(head: bytes | bytearray) -> tuple[str, dict[str, str]]:
+    """An HTTP/1.1 head (without its blank line): the first line, and the headers by
+    lower-case name. The mock server parses requests with it too."""
+    first, *lines = bytes(head).decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key:
+            headers[key.strip().lower()] = value.strip()
+    return first, headers
+
+
 def _parse_response(buf: bytearray, closed: bool) -> tuple[_Response, bool, int] | None:
     """One complete HTTP/1.1 response from buf, or None while more bytes are needed.
     Returns it, whether the connection can be reused and how many bytes it took."""
@@ -417,7 +429,7 @@ def _parse_response(buf: bytearray, closed: bool) -> tuple[_Response, bool, int]
             if len(buf) - start > _MAX_HEAD:
                 raise ValueError(f"response headers longer than {_MAX_HEAD} bytes")
             return None
-        status_line, *lines = bytes(buf[start:end]).decode("latin-1").split("\r\n")
+        status_line, headers = parse_head(buf[start:end])
         parts = status_line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/"):
             raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
@@ -425,11 +437,6 @@ def _parse_response(buf: bytearray, closed: bool) -> tuple[_Response, bool, int]
         start = end + 4
         if status >= 200:
             break  # else a 1xx interim response: the real one follows
-    headers: dict[str, str] = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key:
-            headers[key.strip().lower()] = value.strip()
     keep = headers.get("connection", "").lower() != "close" and parts[0] != "HTTP/1.0"
     if "chunked" in headers.get("transfer-encoding", "").lower():
         chunked = _parse_chunked(buf, start)
