@@ -22,7 +22,7 @@ A shared zygote keeps one spare worker, fully isolated and already `ready`,
 built right after each claim: the next session with the same config claims it
 in one round trip. Before it exits, a zygote kills and reaps every worker it still
 has; a spare's uid is reserved by the host like a session's. cgroups are per session uid
-and reused by the uid's next worker (sandbox.make_cgroups); the fork-server removes them
+and reused by the uid's next worker (cgroups.make_session_groups); the fork-server removes them
 all when it exits.
 
 Small contexts (< 256 kB, plain data) skip the zygote: the fork-server keeps a few
@@ -48,7 +48,12 @@ import socket
 import struct
 import sys
 
-from rlm_train.repl import protocol, sandbox, worker
+from rlm_train.repl import cgroups, protocol, rootfs, sandbox, seccomp, worker
+
+# What the fork-server set up for every worker (minimal root, cgroup layout...), copied
+# into each worker's isolation report; and the seccomp program each worker installs.
+_server_report: dict = {}
+_seccomp_program: bytes | None = None
 
 
 # --------------------------------------------------------------------------- workers
@@ -120,12 +125,11 @@ def _worker_entry(sock_fd: int, req: dict, context, parent_pidfd: int, own_pidns
         sandbox.set_name("rlm-worker")
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        sandbox.close_fds_except({sock_fd})
         report.update(root=os.geteuid() == 0, pdeathsig=True, pid_namespace=own_pidns)
         sandbox.enter_namespaces(report)
-        cfg = req["config"]
-        cgroups = sandbox.make_cgroups(report, req["uid"], cfg["memory_mb"], cfg["max_processes"])
-        sandbox.join_cgroups(cgroups)
+        groups = cgroups.make_session_groups(report, req["uid"], req["config"])
+        cgroups.join(groups)
+        sandbox.close_fds_except({sock_fd})  # the cgroup dir fds too: nothing of /sys stays reachable
         _worker_main(sock_fd, req, context, report)
     finally:
         os._exit(71)
@@ -152,7 +156,7 @@ def _worker_main(sock_fd: int, req: dict, context, report: dict) -> None:
     os.setsid()  # own session and process group: kill(0, ...) from a cell reaches nothing else
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big write fails with EFBIG instead of killing us
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    sandbox.private_mounts(report, uid, tmp_mb=max(cfg["max_file_mb"], 16), in_new_pidns=report["pid_namespace"])
+    rootfs.private_mounts(report, uid, tmp_mb=max(cfg["max_file_mb"], 16), in_new_pidns=report["pid_namespace"])
     if not report.get("private_tmp"):
         os.makedirs(f"/tmp/rlm-{uid}", exist_ok=True)  # best effort; reported as missing
     os.dup2(sock_fd, worker.PROTO_FD)
@@ -169,9 +173,10 @@ def _worker_main(sock_fd: int, req: dict, context, report: dict) -> None:
     sandbox.drop_privileges(report, uid)
     # Changing uid clears the parent-death signal, so it is set after the drop.
     sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
+    seccomp.apply(report, _seccomp_program)  # last: it denies keyctl, mount, unshare...
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
     sock = socket.socket(fileno=worker.PROTO_FD)
-    protocol.send(sock, {"op": "ready", "isolation": report}, plain=True)
+    protocol.send_data(sock, {"op": "ready", "isolation": report})
     if req.get("pooled"):
         # Built before anyone asked for it: the host sends the (small) context once it
         # claims us. EOF here means the pool discarded us unclaimed.
@@ -179,7 +184,7 @@ def _worker_main(sock_fd: int, req: dict, context, report: dict) -> None:
             context = protocol.recv(sock)
         except (OSError, protocol.ProtocolError):
             os._exit(0)
-    worker.run(sock, context, cfg["max_output_chars"])
+    worker.run(sock, context, cfg["max_output_chars"], bool(cfg.get("allow_background")))
 
 
 # --------------------------------------------------------------------------- zygote
@@ -284,7 +289,7 @@ def _start_worker(children: _Children, uid: int, config: dict, context, pooled: 
     with us (we only clone) and says `ready` to the host."""
     ours, theirs = socket.socketpair()
     status_r, status_w = os.pipe()
-    report: dict = {}
+    report: dict = dict(_server_report)
     try:
         try:
             pid, own_pidns = sandbox.fork_pid_namespace(), True
@@ -384,7 +389,7 @@ def _fork_zygote(host: socket.socket, msg: dict, fds: list[int]) -> None:
         host.close()
         try:
             # Drop our copies of the pool's channels: a worker must see EOF when the host closes its end.
-            sandbox.close_fds_except({ctl_fd, memfd})
+            sandbox.close_fds_except({ctl_fd, memfd} | cgroups.parent_fds())
             _zygote_main(socket.socket(fileno=ctl_fd), msg, memfd)
         finally:
             os._exit(0)
@@ -449,17 +454,32 @@ class _Pool:
         got.send_to_host(host, {"op": "claimed", "pid": got.pid, "uid": got.uid, "unused": unused + uids})
 
 
-def serve(host: socket.socket) -> None:
-    sandbox.set_name("rlm-forkserver")
+def _prepare(disabled: set[str]) -> None:
+    """Once, as the fork-server starts: what every worker inherits. `disabled` names
+    layers to leave out (the runtime bench prices each layer this way)."""
+    global _seccomp_program
+    report = _server_report
     if os.geteuid() == 0:
-        sandbox.sweep_stale_cgroups()  # groups left by a fork-server that was killed
-        sandbox.own_cgroups(os.getpid())
-        sandbox.prepare_mount_namespace()  # mounts every worker would otherwise repeat
+        if "cgroups" not in disabled:
+            report.update(cgroups.setup(os.getpid()))  # before the pivot: it needs /sys
+        if "minimal_root" not in disabled:
+            sandbox.prepare_mount_namespace(report)
         sandbox.prepare_network_namespace()  # one namespace for all workers, where Landlock allows
+    if "seccomp" not in disabled:
+        _seccomp_program = seccomp.build_filter()
+        if _seccomp_program is None:
+            report["seccomp_error"] = f"no syscall table for {os.uname().machine}"
+    report["disabled_layers"] = sorted(disabled)
+
+
+def serve(host: socket.socket, disabled: set[str] = frozenset()) -> None:
+    sandbox.set_name("rlm-forkserver")
+    _prepare(set(disabled))
     children = _Children()
     gc.collect()
     gc.freeze()
-    protocol.send(host, {"op": "hello", "pid": os.getpid(), "euid": os.geteuid(), "pool_size": POOL_SIZE})
+    protocol.send(host, {"op": "hello", "pid": os.getpid(), "euid": os.geteuid(), "pool_size": POOL_SIZE,
+                         "cgroups": cgroups.host_paths(), "layers": _server_report})
     pool = _Pool(children)
     while True:
         if pool.wants_refill() and not _next_request(host, children, timeout=0):
@@ -480,15 +500,16 @@ def serve(host: socket.socket) -> None:
                 break
         except OSError:
             break  # the host channel broke mid-reply
+    cgroups.thaw_own()
     children.kill_all()  # the pool, and any session the host did not close
-    if os.geteuid() == 0:
-        sandbox.remove_own_cgroups()
+    cgroups.remove_own()
     os._exit(0)
 
 
 def main() -> None:
     fd = int(sys.argv[1])
-    serve(socket.socket(fileno=fd))
+    disabled = set(sys.argv[2].split(",")) - {""} if len(sys.argv) > 2 else set()
+    serve(socket.socket(fileno=fd), disabled)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,32 @@
 """Length-prefixed framed messages over Unix stream sockets.
 
-Frame = 8-byte little-endian payload length + pickle payload. File descriptors
-ride along with the header via SCM_RIGHTS (`socket.send_fds`).
+Frame = 8-byte little-endian payload length + payload. File descriptors ride along
+with the header via SCM_RIGHTS (`socket.send_fds`).
 
-Trust: the host only unpickles worker frames with `SafeUnpickler`, which refuses
-every global (no classes, no functions), so a hostile cell cannot run code in
-the host by writing a crafted pickle to its socket. Plain data (str, bytes,
-int, float, list, tuple, dict, set, None, bool) still round-trips, which is
-all the worker ever needs to send.
+Two directions, two encodings:
+- Trusted senders (host -> worker, fork-server/zygote <-> host): pickle, so a context
+  of any picklable type reaches the worker as it was.
+- The worker -> host: JSON (orjson), because the worker runs the cell's code and
+  everything it writes to its socket is the attacker's. The JSON decoder builds only
+  str/int/float/bool/None/list/dict, refuses nesting past 1,024 levels without
+  recursing in C, and has no shared references, so the decoded size is bounded by the
+  frame's; the frame is bounded (`max_bytes`) before a byte of it is allocated. A
+  pickle decoder would construct objects, recurse in C on deep nesting (a SIGSEGV of
+  the host) and let a small frame expand exponentially through shared references.
+
+Host-side sends to a worker are bounded in time (`deadline`): a worker that stops
+reading cannot block the host.
 """
 
 from __future__ import annotations
 
-import io
 import pickle
 import select
 import socket
 import struct
 import time
+
+import orjson
 
 HEADER = struct.Struct("<Q")
 MAX_FDS = 8
@@ -35,52 +44,85 @@ class FrameTimeout(ProtocolError):
     pass
 
 
-class SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):  # noqa: D401 - pickle hook
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed from the worker")
+# --------------------------------------------------------------------------- encodings
+def dumps(obj) -> bytes:
+    return pickle.dumps(obj, protocol=5)
 
 
-class PlainPickler(pickle.Pickler):
-    """Pickles plain data only. The C pickler calls reducer_override for everything
-    except None/bool/int/float/str/bytes/bytearray/list/tuple/dict/set/frozenset
-    (exact types), so refusing there keeps worker frames loadable by SafeUnpickler."""
-
-    def reducer_override(self, obj):
-        raise TypeError(f"cannot send {type(obj).__name__} to the host: only plain data "
-                        "(str, bytes, int, float, bool, None, list, tuple, dict, set) crosses the sandbox")
-
-
-def dumps(obj, plain: bool = False) -> bytes:
-    if not plain:
-        return pickle.dumps(obj, protocol=5)
-    buf = io.BytesIO()
-    PlainPickler(buf, protocol=5).dump(obj)
-    return buf.getvalue()
+def _scrub(obj):
+    """Lone surrogates (a cell may print '\\udcff') are not UTF-8: replace them."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(obj, dict):
+        return {_scrub(k): _scrub(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_scrub(v) for v in obj]
+    return obj
 
 
-def safe_loads(data) -> object:
-    return SafeUnpickler(io.BytesIO(data)).load()
+def dumps_data(obj) -> bytes:
+    """The worker's encoding: JSON data only. TypeError for anything else (bytes, sets,
+    objects, non-str keys, nesting past orjson's limit)."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError as exc:
+        if "surrogates" in str(exc):
+            return orjson.dumps(_scrub(obj))
+        raise TypeError(f"cannot send this to the host: only plain data (str, int, float, bool, None, "
+                        f"list, tuple, dict with str keys) crosses the sandbox ({exc})") from None
 
 
-def send(sock: socket.socket, obj, fds=(), plain: bool = False) -> None:
-    payload = dumps(obj, plain)
+def loads_data(payload) -> object:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"malformed frame: {str(exc)[:200]}") from None
+
+
+# --------------------------------------------------------------------------- sending
+def _send_until(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """sendall that gives up at `deadline` (FrameTimeout): the peer stopped reading."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [sock], [], left)[1]:
+                raise FrameTimeout("the peer stopped reading") from None
+            continue
+        view = view[sent:]
+
+
+def _send_payload(sock: socket.socket, payload: bytes, fds=(), deadline: float | None = None) -> None:
     header = HEADER.pack(len(payload))
     if fds:
         socket.send_fds(sock, [header], list(fds))
-        sock.sendall(payload)
-    elif len(payload) < 65536:
-        sock.sendall(header + payload)
-    else:  # big payloads: skip the concatenation copy
-        sock.sendall(header)
-        sock.sendall(payload)
+        data = payload
+    else:
+        data = header + payload
+    if deadline is not None:
+        _send_until(sock, data, deadline)
+    else:
+        sock.sendall(data)
 
 
-def send_raw(sock: socket.socket, payload: bytes) -> None:
+def send(sock: socket.socket, obj, fds=(), deadline: float | None = None) -> None:
+    """A trusted sender's frame (pickle)."""
+    _send_payload(sock, dumps(obj), fds, deadline)
+
+
+def send_raw(sock: socket.socket, payload: bytes, deadline: float | None = None) -> None:
     """Send an already pickled payload as one frame."""
-    sock.sendall(HEADER.pack(len(payload)))
-    sock.sendall(payload)
+    _send_payload(sock, payload, deadline=deadline)
 
 
+def send_data(sock: socket.socket, obj) -> None:
+    """The worker's frame (JSON)."""
+    _send_payload(sock, dumps_data(obj))
+
+
+# --------------------------------------------------------------------------- receiving
 def _wait_readable(sock: socket.socket, deadline: float | None) -> None:
     if deadline is None:
         return
@@ -108,9 +150,7 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytearra
     return buf
 
 
-def recv(sock: socket.socket, *, trusted: bool = True, max_bytes: int = 1 << 34,
-         deadline: float | None = None, want_fds: bool = False):
-    """Read one frame. Returns obj, or (obj, fds) when want_fds."""
+def _recv_payload(sock: socket.socket, max_bytes: int, deadline: float | None, want_fds: bool):
     fds: list[int] = []
     if want_fds:
         _wait_readable(sock, deadline)
@@ -123,11 +163,22 @@ def recv(sock: socket.socket, *, trusted: bool = True, max_bytes: int = 1 << 34,
     else:
         header = _recv_exact(sock, HEADER.size, deadline)
     (length,) = HEADER.unpack(header)
-    if length > max_bytes:
+    if length > max_bytes:  # checked before a byte of it is allocated
         raise ProtocolError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
-    payload = _recv_exact(sock, length, deadline)
+    return _recv_exact(sock, length, deadline), fds
+
+
+def recv(sock: socket.socket, *, max_bytes: int = 1 << 40, deadline: float | None = None, want_fds: bool = False):
+    """Read one frame from a trusted sender (pickle). Returns obj, or (obj, fds) when want_fds."""
+    payload, fds = _recv_payload(sock, max_bytes, deadline, want_fds)
     try:
-        obj = pickle.loads(payload) if trusted else safe_loads(payload)
+        obj = pickle.loads(payload)
     except Exception as exc:
-        raise ProtocolError(f"malformed frame: {exc}") from None
+        raise ProtocolError(f"malformed frame: {type(exc).__name__}") from None
     return (obj, fds) if want_fds else obj
+
+
+def recv_data(sock: socket.socket, *, max_bytes: int, deadline: float | None = None) -> object:
+    """Read one frame from the worker (JSON, at most max_bytes)."""
+    payload, _ = _recv_payload(sock, max_bytes, deadline, False)
+    return loads_data(payload)

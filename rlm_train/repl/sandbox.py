@@ -13,7 +13,6 @@ import os
 import resource
 import select
 import signal
-import sys
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -31,10 +30,6 @@ MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
-
-# Directories every user may write on a stock Linux box; each gets a private tmpfs.
-WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-
 
 def _check(ret: int, what: str) -> None:
     if ret != 0:
@@ -196,65 +191,20 @@ def _enter_shared_network(report: dict) -> bool:
     return True
 
 
-def _interpreter_paths() -> list[str]:
-    return sorted({sys.base_prefix, sys.prefix, *(p for p in sys.path if os.path.isdir(p))})
-
-
-# What prepare_mount_namespace did (its report entries), or None where it did not run or failed.
-_shared_mounts: dict | None = None
-
-
-def prepare_mount_namespace() -> None:
-    """The fork-server, once at start: its own private mount namespace with the private
-    dirs above the interpreter already hidden (expose_paths). Every worker's namespace
-    is a copy of it, so a worker only mounts its own tmpfs and /proc (expose_paths per
-    worker cost ~0.6 ms of CPU). Paths under the world-writable dirs are left out: each
-    worker's private tmpfs covers them anyway. Best effort: where anything fails here,
-    workers do it all themselves as before."""
-    global _shared_mounts
+def prepare_mount_namespace(report: dict) -> None:
+    """The fork-server, once at start: its own private mount namespace, then the minimal
+    root (rootfs.build_and_pivot) that every worker's namespace copies."""
     try:
         unshare(CLONE_NEWNS)
-    except OSError:
-        return
-    try:
         # Private first: nothing mounted below may propagate back to the host's namespace.
         mount(None, "/", None, MS_REC | MS_PRIVATE)
-    except OSError:
-        return
-    report: dict = {}
-    covered = tuple(d.rstrip("/") + "/" for d in WORLD_WRITABLE)
-    expose_paths(report, [p for p in _interpreter_paths() if not (p.rstrip("/") + "/").startswith(covered)])
-    _shared_mounts = report
-
-
-def private_mounts(report: dict, uid: int, tmp_mb: int, in_new_pidns: bool) -> None:
-    """Private tmpfs over the world-writable dirs, fresh /proc for the pid namespace."""
-    if not report.get("mount_namespace"):
-        report["private_tmp"] = False
-        return
-    try:
-        mount(None, "/", None, MS_REC | MS_PRIVATE)
-        for path in WORLD_WRITABLE:
-            if os.path.isdir(path):
-                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
-                      f"size={tmp_mb}m,nr_inodes=16384,mode=1777")
-        os.chown("/tmp", uid, uid)
-        os.chmod("/tmp", 0o700)
-        report["private_tmp"] = True
-        if _shared_mounts is not None:  # done once by the fork-server, inherited with its namespace
-            report.update(_shared_mounts)
-        else:
-            expose_paths(report, _interpreter_paths())
     except OSError as exc:
-        report["private_tmp"] = False
-        report["mount_error"] = str(exc)
-    if in_new_pidns:
-        try:  # host processes become invisible (and /proc/<host>/environ with them)
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-            report["private_proc"] = True
-        except OSError as exc:
-            report["private_proc"] = False
-            report["proc_error"] = str(exc)
+        report["minimal_root"] = False
+        report["minimal_root_error"] = str(exc)
+        return
+    from rlm_train.repl import rootfs
+
+    rootfs.build_and_pivot(report)
 
 
 def vm_size_bytes() -> int:
@@ -265,16 +215,19 @@ def vm_size_bytes() -> int:
 def apply_rlimits(report: dict, *, memory_mb: int, max_processes: int, cpu_time_s: float, max_file_mb: int) -> None:
     # RLIMIT_AS counts the (shared, copy-on-write) context already mapped, so the
     # budget is "what we have now + memory_mb".
-    mem = vm_size_bytes() + memory_mb * (1 << 20)
     cpu = max(1, int(cpu_time_s))
     limits = {
-        "RLIMIT_AS": (mem, mem),
         "RLIMIT_NPROC": (max_processes, max_processes),
         "RLIMIT_CPU": (cpu, cpu + 5),
         "RLIMIT_FSIZE": (max_file_mb << 20, max_file_mb << 20),
         "RLIMIT_CORE": (0, 0),
         "RLIMIT_NOFILE": (256, 256),
     }
+    try:
+        mem = vm_size_bytes() + memory_mb * (1 << 20)
+        limits["RLIMIT_AS"] = (mem, mem)
+    except OSError as exc:  # no /proc of our own: the cgroup (where there is one) still bounds memory
+        report.setdefault("rlimit_errors", []).append(f"RLIMIT_AS: {exc}")
     applied = []
     for name, value in limits.items():
         try:
@@ -312,161 +265,3 @@ def close_fds_except(keep: set[int]) -> None:
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
-# --------------------------------------------------------------------------- cgroups (v1)
-CGROUP_V1 = "/sys/fs/cgroup"
-_CONTROLLERS = ("memory", "pids")
-_owner = 0  # the fork-server whose groups these are; set at its start, inherited by every worker
-
-
-def own_cgroups(server_pid: int) -> None:
-    """The fork-server, at start: name this tree's groups after it."""
-    global _owner
-    _owner = server_pid
-
-
-def _cgroup_paths(uid: int) -> list[str]:
-    return [os.path.join(CGROUP_V1, ctrl, "rlm_repl", f"{_owner}.{uid}") for ctrl in _CONTROLLERS]
-
-
-def make_cgroups(report: dict, uid: int, memory_mb: int, max_processes: int) -> list[str]:
-    """Memory and pids groups for the worker's whole process tree (RLIMIT_AS is per
-    process, RLIMIT_NPROC per uid), entered by the worker itself while still root.
-    One pair per session uid, reused by the uid's next worker: a uid goes to a new
-    session only once its last worker was reaped, and in its own pid namespace every
-    process of the cell died before the worker did, so the groups are empty by then.
-    Making fresh groups per worker cost ~0.6 ms of its start plus ~0.1 ms to remove
-    them. The fork-server removes its groups when it exits. cgroup v2-only hosts are
-    reported as missing."""
-    # The context pages were charged to the zygote; the group only pays for new pages
-    # (copy-on-write copies, tmpfs files included), hence memory_mb plus interpreter slack.
-    limits = {"memory": (memory_mb + 64) << 20, "pids": max_processes}
-    paths = []
-    for (ctrl, value), path in zip(limits.items(), _cgroup_paths(uid)):
-        try:
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                pass  # this uid's groups from an earlier session: empty now
-            if ctrl == "memory":
-                _set_memory_limit(path, value)
-            else:
-                _write(os.path.join(path, "pids.max"), value)
-            paths.append(path)
-            report[f"cgroup_{ctrl}"] = True
-        except OSError as exc:
-            report[f"cgroup_{ctrl}"] = False
-            report[f"cgroup_{ctrl}_error"] = str(exc)
-    return paths
-
-
-def _write(path: str, value) -> None:
-    with open(path, "w") as f:
-        f.write(str(value))
-
-
-def _set_memory_limit(path: str, limit: int) -> None:
-    """memory.limit_in_bytes, and memory+swap where swap is accounted. The kernel wants
-    limit <= memsw at every step, so raising a reused group's limit writes memsw first.
-    A reused group may still be charged for page cache its earlier sessions read: when
-    that is above a lower new limit (EBUSY), it is dropped first."""
-    try:
-        _write_memory_limits(path, limit)
-    except OSError as exc:
-        if exc.errno != errno.EBUSY:
-            raise
-        _write(os.path.join(path, "memory.force_empty"), 0)
-        _write_memory_limits(path, limit)
-
-
-def _write_memory_limits(path: str, limit: int) -> None:
-    memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
-    if not os.path.exists(memsw):  # no swap accounting
-        _write(os.path.join(path, "memory.limit_in_bytes"), limit)
-        return
-    try:
-        _write(os.path.join(path, "memory.limit_in_bytes"), limit)
-        _write(memsw, limit)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        _write(memsw, limit)
-        _write(os.path.join(path, "memory.limit_in_bytes"), limit)
-
-
-def join_cgroups(paths: list[str]) -> None:
-    for path in paths:
-        _write(os.path.join(path, "cgroup.procs"), 0)
-
-
-def remove_own_cgroups() -> None:
-    """The fork-server, when it exits (its workers reaped): every group it named."""
-    _remove_groups(lambda name: name.partition(".")[0] == str(_owner))
-
-
-def sweep_stale_cgroups() -> None:
-    """Groups whose fork-server is gone were left by one killed before it could clean up
-    (SIGKILL, a crash). Also takes the <uid>-<worker pid> groups of older versions."""
-    def stale(name: str) -> bool:
-        owner = name.partition(".")[0] if "." in name else name.rpartition("-")[2]
-        return owner.isdigit() and not os.path.exists(f"/proc/{owner}")
-
-    _remove_groups(stale)
-
-
-def _remove_groups(selected) -> None:
-    """rmdir the selected groups under rlm_repl. rmdir only succeeds on an empty group, so
-    a live one (say a worker of a zygote that has not exited yet) is never disturbed."""
-    for ctrl in _CONTROLLERS:
-        parent = os.path.join(CGROUP_V1, ctrl, "rlm_repl")
-        try:
-            names = os.listdir(parent)
-        except OSError:
-            continue
-        for name in names:
-            if selected(name):
-                try:
-                    os.rmdir(os.path.join(parent, name))
-                except OSError:
-                    pass
-
-
-# --------------------------------------------------------------------------- reachable interpreter
-MS_RDONLY = 1
-MS_REMOUNT = 32
-MS_BIND = 4096
-
-
-def _closed_ancestor(path: str) -> str | None:
-    """The topmost directory above `path` that other users cannot traverse."""
-    parts = os.path.abspath(path).strip("/").split("/")
-    for i in range(1, len(parts)):
-        d = "/" + "/".join(parts[:i])
-        if not os.stat(d).st_mode & 0o001:
-            return d
-    return None
-
-
-def expose_paths(report: dict, paths: list[str]) -> None:
-    """Make the interpreter's own files readable after the uid drop when they sit under a
-    private dir (e.g. pyenv in /root, mode 700): cover that dir with an empty read-only
-    tmpfs and bind-mount just the needed trees back, read-only. The rest of it (keys,
-    tokens) stays invisible to the worker."""
-    groups: dict[str, list[str]] = {}
-    for p in paths:
-        if os.path.isdir(p) and (top := _closed_ancestor(p)):
-            groups.setdefault(top, []).append(p)
-    for top, targets in groups.items():
-        fds = {t: os.open(t, os.O_PATH | os.O_DIRECTORY) for t in targets}
-        try:
-            mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-            for t, fd in fds.items():
-                os.makedirs(t, mode=0o755, exist_ok=True)
-                mount(f"/proc/self/fd/{fd}", t, None, MS_BIND | MS_REC)
-                mount(None, t, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-            mount(None, top, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-            report.setdefault("hidden_dirs", []).append(top)
-        except OSError as exc:
-            report["expose_error"] = str(exc)
-        finally:
-            for fd in fds.values():
-                os.close(fd)

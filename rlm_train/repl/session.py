@@ -11,11 +11,11 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
-import dataclasses
 import io
 import logging
 import os
 import pickle
+import reprlib
 import select
 import signal
 import socket
@@ -26,8 +26,8 @@ import threading
 import time
 from typing import Any
 
-from rlm_train.repl import protocol
-from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig
+from rlm_train.repl import cgroups, protocol
+from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig, SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,32 @@ MAX_IDLE_ZYGOTES = 4
 # its socket (no zygote fork; ~35% less CPU per start). Above ~256 kB, pickling per session loses to the zygote.
 POOL_MAX_CONTEXT_BYTES = 256 << 10
 START_TIMEOUT_S = 60.0
-# Layers the contract promises; any that is False in a worker's report is named in the warning.
-EXPECTED_LAYERS = ("net_namespace", "mount_namespace", "pid_namespace", "private_tmp", "private_proc",
-                   "uid_drop", "no_new_privs", "cgroup_memory", "cgroup_pids")
+READY_MAX_BYTES = 1 << 20
+MAX_BATCH = 10_000  # prompts in one sub-call frame
+MAX_CONTEXT_DEPTH = 100  # nesting of an rlm_query context
+# Layers the contract promises, and what is weaker without each; a layer that is False in
+# a worker's report is named in the one-line warning.
+LAYERS = {
+    "net_namespace": "cells can reach the host's network",
+    "mount_namespace": "cells share the host's mounts",
+    "pid_namespace": "cells see host processes",
+    "minimal_root": "cells can read world-readable host files and reach host unix sockets",
+    "private_tmp": "cells write into the host's /tmp",
+    "private_dev": "cells can open host devices (/dev/ptmx)",
+    "private_proc": "cells read the host's /proc",
+    "uid_drop": "cells run as the host's user",
+    "no_new_privs": "setuid programs can raise privileges",
+    "seccomp": "cells can make namespaces, use io_uring, bpf, ptrace, any socket family",
+    "session_keyring": "kernel keys can pass between sessions",
+    "cgroup_memory": "memory is bounded per process only, tmpfs and memfd not at all",
+    "cgroup_pids": "processes are bounded per uid only",
+    "cgroup_cpu": "a session may keep every core busy",
+    "cgroup_cpu_time": "CPU time is bounded per process only",
+    "cgroup_freeze": "threads a cell leaves behind run between cells",
+}
+EXPECTED_LAYERS = tuple(LAYERS)
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlevel = 60, 60, 3
 
 
 class SharedContext:
@@ -62,13 +85,14 @@ class _ForkServer:
     another's round trip. The fork-server answers in request order; a reader thread
     hands each reply to the oldest waiter."""
 
-    def __init__(self):
+    def __init__(self, disabled_layers: tuple[str, ...] = ()):
         host_end, child_end = socket.socketpair()
         code = (f"import sys; sys.path.insert(0, {_PKG_ROOT!r}); "
                 "from rlm_train.repl.forkserver import main; main()")
         # A minimal environment: nothing of the host's (tokens, keys) reaches any worker.
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-        self.proc = subprocess.Popen([sys.executable, "-I", "-c", code, str(child_end.fileno())],
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", code, str(child_end.fileno()),
+                                      ",".join(disabled_layers)],
                                      pass_fds=[child_end.fileno()], env=env, cwd="/",
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         child_end.close()
@@ -77,6 +101,7 @@ class _ForkServer:
         hello = protocol.recv(self.sock, deadline=time.monotonic() + START_TIMEOUT_S)
         self.pid = hello["pid"]
         self.root = hello["euid"] == 0
+        self.cgroup_paths: dict = hello["cgroups"]  # where the host freezes sessions and reads their CPU time
         # Per-session uids: disjoint across fork-servers (pids are unique), so RLIMIT_NPROC
         # and kill(-1) of one session never touch another's processes.
         self.uid_base = 100_000 + (self.pid % (1 << 22)) * _UID_SLOTS
@@ -151,13 +176,13 @@ class _ForkServer:
             for uid in reply.get("unused", []):
                 self.give_uid(uid)
         if reply.get("op") != "claimed":
-            raise RuntimeError(f"REPL fork-server failed to start a worker: {reply.get('error')}")
+            raise SandboxError(f"REPL fork-server failed to start a worker: {reply.get('error')}")
         return reply, fds
 
     def take_uid(self) -> int:
         with self.uid_lock:
             if not self.free_slots:
-                raise RuntimeError(f"more than {_UID_SLOTS} live REPL sessions in one process")
+                raise SandboxError(f"more than {_UID_SLOTS} live REPL sessions in one process")
             # Last freed, first reused: that uid's cgroups exist already (sandbox.make_cgroups).
             return self.uid_base + self.free_slots.pop()
 
@@ -179,6 +204,7 @@ class _ForkServer:
 
 _server: _ForkServer | None = None
 _server_lock = threading.Lock()
+_disabled_layers: tuple[str, ...] = ()
 
 
 def _get_server() -> _ForkServer:
@@ -186,8 +212,17 @@ def _get_server() -> _ForkServer:
     with _server_lock:
         # A forked host (e.g. a DataLoader worker) must not share its parent's channel.
         if _server is None or _server.owner_pid != os.getpid() or _server.proc.poll() is not None:
-            _server = _ForkServer()
+            _server = _ForkServer(_disabled_layers)
         return _server
+
+
+def disable_layers(layers: tuple[str, ...] = ()) -> None:
+    """Benchmarks only: restart the fork-server without some layers ("cgroups",
+    "minimal_root", "seccomp") to price each; () puts every layer back."""
+    global _disabled_layers, _report
+    shutdown()
+    _disabled_layers = tuple(layers)
+    _report = None
 
 
 def shutdown() -> None:
@@ -263,7 +298,7 @@ class _Zygote:
                     raise protocol.ProtocolError(f"fork failed: {reply.get('error')}")
         except (OSError, protocol.ProtocolError) as exc:
             self.broken = True
-            raise RuntimeError(f"REPL zygote {self.pid} failed: {exc}") from None
+            raise SandboxError(f"REPL zygote {self.pid} failed: {exc}") from None
         finally:
             for uid in reply["unused"]:
                 self.server.give_uid(uid)
@@ -334,6 +369,15 @@ class _TooBig(Exception):
     pass
 
 
+class _PlainPickler(pickle.Pickler):
+    """Pickles plain data only, so a pooled worker can load it without importing anything.
+    The C pickler calls reducer_override for everything except None/bool/int/float/str/
+    bytes/bytearray/list/tuple/dict/set/frozenset (exact types)."""
+
+    def reducer_override(self, obj):
+        raise TypeError(f"{type(obj).__name__} is not plain data")
+
+
 class _BoundedBuffer(io.BytesIO):
     def write(self, data) -> int:
         if self.tell() + len(data) > POOL_MAX_CONTEXT_BYTES:
@@ -351,7 +395,7 @@ def _pool_payload(context) -> bytes | None:
         return None  # skip pickling a big string only to throw it away
     buf = _BoundedBuffer()
     try:
-        protocol.PlainPickler(buf, protocol=5).dump(context)
+        _PlainPickler(buf, protocol=5).dump(context)
     except (_TooBig, TypeError, pickle.PicklingError, RecursionError):
         return None
     return buf.getvalue()
@@ -407,16 +451,26 @@ _report: dict | None = None
 _report_lock = threading.Lock()
 
 
+def weakness_line(report: dict) -> str | None:
+    """One line naming every missing layer, what is weaker without it, and why it is
+    missing where the report says; None when nothing is."""
+    missing = [k for k in EXPECTED_LAYERS if not report.get(k)]
+    if not missing:
+        return None
+    why = "; ".join(f"{k}: {str(v)[:120]}" for k, v in report.items() if k.endswith("_error") and v)
+    parts = ", ".join(f"{k} ({LAYERS[k]})" for k in missing)
+    return f"REPL sandbox is WEAKER than the contract on this machine: missing {parts}" + (f" [{why}]" if why else "")
+
+
 def _note_report(report: dict) -> None:
     global _report
     with _report_lock:
         if _report is not None:
             return
-        missing = [k for k in EXPECTED_LAYERS if not report.get(k)]
-        _report = {**report, "missing": missing}
-    if missing:
-        log.warning("REPL sandbox is WEAKER than the contract on this machine: missing %s. "
-                    "Details: %s", ", ".join(missing), {k: v for k, v in report.items() if "error" in k})
+        _report = {**report, "missing": [k for k in EXPECTED_LAYERS if not report.get(k)]}
+    line = weakness_line(report)
+    if line:
+        log.warning("%s", line)
 
 
 def isolation_report() -> dict:
@@ -435,13 +489,34 @@ def _signame(sig: int) -> str:
         return f"signal {sig}"
 
 
+def _clip(text, limit: int) -> str:
+    """A string the worker sent, cut to what the host keeps."""
+    if not isinstance(text, str):
+        return ""
+    return text if len(text) <= limit else text[:limit] + f"\n[... {len(text) - limit} characters cut by the host]"
+
+
+def _depth_within(value, limit: int) -> bool:
+    """Nesting of decoded JSON data at most `limit` levels, without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return True
+
+
 class REPLSession:
     """A persistent sandboxed Python namespace (see DESIGN.md, "REPL sandbox").
 
     `timeout_s` bounds the wall time of each cell *excluding* the time the cell
     spends blocked on host sub-calls (llm_query & co.). When a cell breaks a
-    limit or kills its worker, the result says so with `restarted=True`; the
-    next `execute` runs in a fresh worker with an empty namespace.
+    limit, kills its worker or breaks the host protocol, the result says so with
+    `restarted=True` and `error_kind`; the next `execute` runs in a fresh worker with
+    an empty namespace. Nothing the worker sends is trusted: frames are size-capped
+    before they are read, decoded as plain data, and every string is clipped here.
     """
 
     def __init__(self, context: Any = None, config: SandboxConfig | None = None, llm: LLMArg = None):
@@ -458,6 +533,7 @@ class REPLSession:
         self._uid: int | None = None
         self._zygote: _Zygote | None = None
         self._server: _ForkServer | None = None
+        self._control: cgroups.SessionControl | None = None
         self._closed = False
         self._start()
 
@@ -480,7 +556,7 @@ class REPLSession:
     def _spawn(self, server: _ForkServer, payload: bytes | None) -> None:
         """Claim a worker (small context: from the fork-server's pool; else from the
         context's zygote) and wait for it outside every shared lock."""
-        config = dataclasses.asdict(self.config)
+        config = self.config.worker_settings()
         if payload is not None:
             reply, fds = server.claim(config)
             self.zygote_pid = server.pid  # the process this worker tree was forked from
@@ -492,14 +568,25 @@ class REPLSession:
         self._uid = reply["uid"]
         self._sock, self._status_r, self._pidfd = socket.socket(fileno=sock_fd), status_r, pidfd
         self.pid = reply["pid"]
+        deadline = time.monotonic() + START_TIMEOUT_S
         try:  # a pooled or spare worker said `ready` long ago: this frame is already waiting
-            ready = protocol.recv(self._sock, trusted=False, deadline=time.monotonic() + START_TIMEOUT_S)
+            ready = protocol.recv_data(self._sock, max_bytes=READY_MAX_BYTES, deadline=deadline)
+            if not isinstance(ready, dict) or not isinstance(ready.get("isolation"), dict):
+                raise protocol.ProtocolError("the worker's first frame is not `ready`")
             if payload is not None:
-                protocol.send_raw(self._sock, payload)
+                protocol.send_raw(self._sock, payload, deadline=deadline)
         except (protocol.ProtocolError, OSError) as exc:
-            raise RuntimeError(f"REPL worker failed to start: {exc}; {self._death_note()}") from None
+            raise SandboxError(f"REPL worker failed to start: {exc}; {self._death_note()}") from None
         self.isolation = ready["isolation"]
         _note_report(self.isolation)
+        if server.root and server.cgroup_paths:
+            self._control = cgroups.SessionControl(server.cgroup_paths, server.pid, self._uid)
+            self._freeze()
+
+    def _freeze(self) -> None:
+        """Between cells nothing of the session runs, unless background work is allowed."""
+        if self._control is not None and not self.config.allow_background:
+            self._control.freeze()
 
     def _kill(self) -> None:
         """SIGKILL the worker (its pid namespace goes with it), wait, release everything."""
@@ -510,13 +597,16 @@ class REPLSession:
                 pass
             os.close(self._pidfd)
             self._pidfd = -1
+        if self._control is not None:
+            self._control.close()  # thaws: frozen v2 tasks die on SIGKILL anyway, thawed ones sooner
+            self._control = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
         reaped = True
         if self._status_r >= 0:
             # The worker's parent writes the status (or closes the pipe) once it has reaped the
-            # worker and removed its cgroups: after this nothing of the session is left.
+            # worker: after this nothing of the session is left.
             reaped = bool(select.select([self._status_r], [], [], 5.0)[0])
             os.close(self._status_r)
             self._status_r = -1
@@ -558,28 +648,34 @@ class REPLSession:
             restarted_before = True
         t0 = time.monotonic()
         waited = 0.0
+        timeout = self.config.timeout_s
         try:
-            protocol.send(self._sock, {"op": "exec", "code": code})
+            if self._control is not None:
+                self._control.thaw()
+            protocol.send(self._sock, {"op": "exec", "code": code}, deadline=t0 + timeout)
             while True:
-                left = self.config.timeout_s - (time.monotonic() - t0 - waited)
+                left = timeout - (time.monotonic() - t0 - waited)
                 msg = self._next_frame(left)
-                if msg.get("op") == "done":
-                    return self._result(msg, time.monotonic() - t0, waited, restarted_before)
-                if msg.get("op") in ("llm", "rlm"):
+                op = msg.get("op")
+                if op == "done":
+                    return self._finish_cell(msg, t0, waited, restarted_before)
+                if op in ("llm", "rlm"):
                     t_sub = time.monotonic()
-                    self._serve_subcall(msg)
+                    reply = self._serve_subcall(op, msg.get("items"))
                     waited += time.monotonic() - t_sub
+                    left = timeout - (time.monotonic() - t0 - waited)
+                    protocol.send(self._sock, reply, deadline=time.monotonic() + max(left, 0.05))
                     continue
-                raise protocol.ProtocolError(f"unexpected frame op {msg.get('op')!r}")
+                raise protocol.ProtocolError(f"unexpected frame op {_short.repr(op)}")
         except protocol.FrameTimeout:
-            return self._fail(f"TimeoutError: the cell ran longer than timeout_s={self.config.timeout_s:g}s "
+            return self._fail(f"TimeoutError: the cell ran longer than timeout_s={timeout:g}s "
                               f"(time waiting on sub-calls excluded); the worker was killed",
-                              t0, waited, timed_out=True)
+                              t0, waited, "timeout", timed_out=True)
         except protocol.PeerClosed:
-            return self._fail(f"WorkerDied: the REPL worker {self._death_note()}", t0, waited)
+            return self._fail(f"WorkerDied: the REPL worker {self._death_note()}", t0, waited, "sandbox")
         except (protocol.ProtocolError, OSError) as exc:
-            return self._fail(f"ProtocolError: the worker broke the host protocol ({exc}); it was killed",
-                              t0, waited)
+            return self._fail(f"ProtocolError: the worker broke the host protocol ({str(exc)[:300]}); it was killed",
+                              t0, waited, "sandbox")
 
     def _next_frame(self, left: float) -> dict:
         if left <= 0:
@@ -589,10 +685,20 @@ class REPLSession:
             raise protocol.FrameTimeout("cell timeout")
         if self._sock not in ready:
             raise protocol.PeerClosed("worker exited")  # its parent reported its death
-        msg = protocol.recv(self._sock, trusted=False, deadline=time.monotonic() + max(left, 0.05))
+        msg = protocol.recv_data(self._sock, max_bytes=self.config.max_message_mb << 20,
+                                 deadline=time.monotonic() + max(left, 0.05))
         if not isinstance(msg, dict):
-            raise protocol.ProtocolError("frame is not a dict")
+            raise protocol.ProtocolError(f"frame is a {type(msg).__name__}, not an object")
         return msg
+
+    def _finish_cell(self, msg: dict, t0: float, waited: float, restarted: bool) -> ExecResult:
+        if self._control is not None:
+            used = self._control.cpu_used()
+            if used > self.config.cpu_time_s:
+                return self._fail(f"CPUTimeExceeded: the session used {used:.1f} CPU seconds, over "
+                                  f"cpu_time_s={self.config.cpu_time_s:g}; the worker was killed", t0, waited, "limit")
+        self._freeze()
+        return self._result(msg, time.monotonic() - t0, waited, restarted)
 
     def _death_note(self) -> str:
         """How the worker died, from the status pipe its parent writes."""
@@ -609,44 +715,46 @@ class REPLSession:
             return f"was killed by {_signame(sig)}{hint}"
         return f"exited with code {os.WEXITSTATUS(status)}"
 
-    def _fail(self, why: str, t0: float, waited: float, timed_out: bool = False) -> ExecResult:
+    def _fail(self, why: str, t0: float, waited: float, kind: str, timed_out: bool = False) -> ExecResult:
         self._kill()
         return ExecResult(error=f"{why}. The namespace was lost; the next execute starts a fresh worker.",
                           timed_out=timed_out, wall_s=time.monotonic() - t0, restarted=True,
-                          subcall_wait_s=waited)
+                          subcall_wait_s=waited, error_kind=kind)
 
     def _result(self, msg: dict, wall: float, waited: float, restarted: bool) -> ExecResult:
-        def text(key):
-            v = msg.get(key)
-            return v if isinstance(v, str) else ""
+        limit = self.config.max_output_chars
+        cut = msg.get("truncated_chars")
+        cut = cut if isinstance(cut, int) and 0 <= cut < 1 << 62 else 0
+        stdout = _clip(msg.get("stdout"), limit)
+        if cut:
+            stdout += f"\n[... output truncated: {cut} characters cut (max_output_chars={limit})]"
         error = msg.get("error")
         final = msg.get("final")
-        cut = msg.get("truncated_chars")
-        cut = cut if isinstance(cut, int) else 0
-        stdout = text("stdout")
-        if cut:
-            stdout += f"\n[... output truncated: {cut} characters cut (max_output_chars={self.config.max_output_chars})]"
-        return ExecResult(stdout=stdout, stderr=text("stderr"), error=error if isinstance(error, str) else None,
-                          final=final if isinstance(final, str) else None, truncated_chars=cut, wall_s=wall,
-                          restarted=restarted, subcall_wait_s=waited)
+        return ExecResult(stdout=stdout, stderr=_clip(msg.get("stderr"), limit),
+                          error=_clip(error, max(limit, 20_000)) if isinstance(error, str) else None,
+                          final=_clip(final, self.config.max_final_chars) if isinstance(final, str) else None,
+                          truncated_chars=cut, wall_s=wall, restarted=restarted, subcall_wait_s=waited)
 
     # --- sub-calls -------------------------------------------------------------
-    def _serve_subcall(self, msg: dict) -> None:
+    def _serve_subcall(self, op: str, items) -> dict:
         try:
-            results = self._call_handler(msg["op"], msg.get("items"))
-            reply = {"results": results, "error": None}
+            return {"results": self._call_handler(op, items), "error": None}
         except Exception as exc:  # surfaces inside the cell as RuntimeError(message)
-            reply = {"results": None, "error": f"{type(exc).__name__}: {exc}"}
-        protocol.send(self._sock, reply)
+            return {"results": None, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
 
     def _call_handler(self, op: str, items) -> list[str]:
-        if not isinstance(items, list) or not items:
-            raise ValueError("empty or malformed sub-call request")
+        if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
+            raise ValueError(f"a sub-call request needs 1 to {MAX_BATCH} prompts")
         if op == "llm":
-            prompts = [str(p) for p in items]
-            pairs = None
+            if not all(isinstance(p, str) for p in items):
+                raise ValueError("malformed sub-call request: prompts must be strings")
+            prompts, pairs = items, None
         else:
-            pairs = [(str(it[0]), it[1]) for it in items]
+            if not all(isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) for it in items):
+                raise ValueError("malformed rlm_query request")
+            if not all(_depth_within(it[1], MAX_CONTEXT_DEPTH) for it in items):
+                raise ValueError(f"an rlm_query context may nest at most {MAX_CONTEXT_DEPTH} levels deep")
+            pairs = [(it[0], it[1]) for it in items]
             prompts = [p for p, _ in pairs]
         if self.llm is None:
             raise RuntimeError("no sub-model configured: this REPL session has llm=None, "

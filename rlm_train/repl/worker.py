@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import linecache
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -67,10 +68,11 @@ class BoundedWriter:
 
 
 class Worker:
-    def __init__(self, sock: socket.socket, context, max_output_chars: int):
+    def __init__(self, sock: socket.socket, context, max_output_chars: int, allow_background: bool = False):
         self.sock = sock
         self.context = context
         self.max_output_chars = max_output_chars
+        self.allow_background = allow_background
         self.ns: dict = {"__name__": "__main__", "__builtins__": builtins, **PREIMPORTED}
         self.final: str | None = None
         self.cell_no = 0
@@ -81,7 +83,7 @@ class Worker:
     def _subcall(self, op: str, items: list) -> list[str]:
         if os.getpid() != self.pid:
             raise RuntimeError("sub-calls are only available in the REPL process, not in forked children")
-        payload = protocol.dumps({"op": op, "items": items}, plain=True)  # TypeError for non-plain contexts
+        payload = protocol.dumps_data({"op": op, "items": items})  # TypeError for non-plain contexts
         try:
             self.sock.sendall(protocol.HEADER.pack(len(payload)) + payload)
             reply = protocol.recv(self.sock)
@@ -161,6 +163,8 @@ class Worker:
             stdout = stdout[:budget]
         stderr = err.getvalue()[: max(0, budget - len(stdout))]
         dropped += len(err.getvalue()) - len(stderr)
+        if not self.allow_background:
+            _stop_leftover_processes()
         return {"op": "done", "stdout": stdout, "stderr": stderr, "error": error,
                 "final": self.final, "truncated_chars": dropped}
 
@@ -192,9 +196,27 @@ class Worker:
                 reply = {"op": "done", "stdout": "", "stderr": "", "final": None, "truncated_chars": 0,
                          "error": f"unknown op {msg.get('op')!r}"}
             try:
-                protocol.send(self.sock, reply, plain=True)
+                protocol.send_data(self.sock, reply)
             except OSError:
                 os._exit(0)
+
+
+def _stop_leftover_processes() -> None:
+    """Background work is off: the processes a cell started end with it. As pid 1 of its
+    pid namespace the worker reaches exactly them with kill(-1); threads it left are
+    frozen by the host between cells (cgroup freeze) where the machine allows."""
+    if os.getpid() != 1:
+        return
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        return  # nothing else is running: the common case, one syscall
+    while True:
+        try:
+            if os.waitpid(-1, 0)[0] <= 0:
+                return
+        except ChildProcessError:
+            return
 
 
 def _strip_frames(tb):
@@ -223,6 +245,6 @@ def clean_environment() -> None:
     os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME="/tmp", TMPDIR="/tmp", LANG="C.UTF-8")
 
 
-def run(sock: socket.socket, context, max_output_chars: int) -> None:
-    Worker(sock, context, max_output_chars).serve()
+def run(sock: socket.socket, context, max_output_chars: int, allow_background: bool = False) -> None:
+    Worker(sock, context, max_output_chars, allow_background).serve()
     os._exit(0)
