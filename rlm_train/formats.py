@@ -24,7 +24,8 @@ OUTCOME_ERROR = "error"  # the episode could not go on (server unreachable, ...)
 
 # trajectory["error_kind"] when outcome is error: who failed.
 ERROR_MODEL = "model"  # a root model call failed after the client's retries
-ERROR_INTERNAL = "internal"  # anything else (sandbox could not start, a bug)
+ERROR_SANDBOX = "sandbox"  # the REPL sandbox could not start or keep a worker
+ERROR_INTERNAL = "internal"  # anything else (a bug)
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -14,7 +14,7 @@ import pytest
 
 from rlm_train.repl import REPLSession, SandboxConfig, SharedContext, isolation_report, shutdown
 from rlm_train.repl.bench import tree_pss_kb
-from rlm_train.repl.session import POOL_MAX_CONTEXT_BYTES, _get_server
+from rlm_train.repl.client import POOL_MAX_CONTEXT_BYTES, get_server
 
 FAST = SandboxConfig(timeout_s=10, memory_mb=512, max_output_chars=20_000)
 
@@ -311,7 +311,7 @@ def test_shared_mounts_stay_out_of_the_host(session):
 
 
 def test_cannot_signal_the_host(session):
-    others = [os.getpid(), psutil.Process(session.pid).ppid(), _get_server().pid]  # host, worker's parent, fork-server
+    others = [os.getpid(), psutil.Process(session.pid).ppid(), get_server().pid]  # host, worker's parent, fork-server
     r = session.execute(
         "import os, signal\nfor target in %r:\n"
         "    try:\n        os.kill(target, signal.SIGKILL)\n        print('sent')\n"

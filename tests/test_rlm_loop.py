@@ -167,3 +167,13 @@ def test_scripted_teacher_finds_the_needle(sample):
     assert traj["outcome"] == OUTCOME_FINAL, traj["error"]
     assert traj["final"] == "7310294"
     assert 2 <= traj["stats"]["turns"] <= 4
+
+
+def test_a_cell_that_breaks_the_host_protocol_is_a_sandbox_error_and_the_episode_goes_on():
+    forged = "import os, struct\nos.write(3, struct.pack('<Q', 1 << 34))\nimport time\ntime.sleep(30)"
+    policy = turns_policy(block("x = 1"), block(forged), block("FINAL(len(context))"))
+    traj = run("How long?", "abcd", policy, timeout_s=5)
+    bad = traj["turns"][1]["executions"][0]
+    assert bad["error_kind"] == "sandbox" and "ProtocolError" in bad["error"]
+    assert traj["turns"][0]["executions"][0]["error_kind"] is None
+    assert traj["outcome"] == OUTCOME_FINAL and traj["final"] == "4"

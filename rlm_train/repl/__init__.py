@@ -12,20 +12,16 @@ import importlib
 TYPE_CHECKING = False  # not `from typing import ...`: typing alone is ~0.7 MB in the fork-server
 
 _EXPORTS = {"ExecResult": "api", "LLMArg": "api", "SandboxConfig": "api", "SubcallHandler": "api",
-            "REPLSession": "session", "SharedContext": "session", "isolation_report": "session",
-            "shutdown": "session"}
+            "REPLSession": "session", "SharedContext": "client", "isolation_report": "session",
+            "shutdown": "client"}
 
 __all__ = ["REPLSession", "SandboxConfig", "ExecResult", "SubcallHandler", "LLMArg", "SharedContext",
            "isolation_report", "shutdown"]
 
 if TYPE_CHECKING:
     from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig, SubcallHandler
-    from rlm_train.repl.session import (
-        REPLSession,
-        SharedContext,
-        isolation_report,
-        shutdown,
-    )
+    from rlm_train.repl.client import SharedContext, shutdown
+    from rlm_train.repl.session import REPLSession, isolation_report
 
 
 def __getattr__(name: str):

@@ -24,6 +24,7 @@ from pydantic import Field
 from rlm_train.config import StrictModel
 from rlm_train.formats import (
     ERROR_INTERNAL,
+    ERROR_SANDBOX,
     ERROR_MODEL,
     OUTCOME_BUDGET,
     OUTCOME_ERROR,
@@ -34,6 +35,7 @@ from rlm_train.formats import (
 from rlm_train.models.base import Completion, Policy, PolicyError, SamplingParams
 from rlm_train.rlm import prompts
 from rlm_train.rlm.budget import Budget, BudgetExhausted
+from rlm_train.repl.api import SandboxError
 from rlm_train.rlm.parsing import extract_code_blocks, find_final
 
 
@@ -282,6 +284,8 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
         outcome, error = OUTCOME_BUDGET, str(exc)
     except PolicyError as exc:
         outcome, error, error_kind = OUTCOME_ERROR, f"model call failed: {exc}", ERROR_MODEL
+    except SandboxError as exc:
+        outcome, error, error_kind = OUTCOME_ERROR, f"sandbox failed: {exc}", ERROR_SANDBOX
     except Exception as exc:  # the host must survive anything an episode does
         outcome, error_kind = OUTCOME_ERROR, ERROR_INTERNAL
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
@@ -388,6 +392,7 @@ def _result_dict(code: str, result) -> dict[str, Any]:
         "final": result.final,
         "truncated_chars": result.truncated_chars,
         "wall_s": round(result.wall_s, 4),
+        "error_kind": result.error_kind,  # None, or timeout / limit / sandbox: the sandbox ended the cell
     }
 
 

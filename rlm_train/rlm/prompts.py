@@ -80,7 +80,7 @@ def describe_context(context: Any) -> tuple[str, str]:
         more = ", ..." if len(context) > 12 else ""
         return (
             f"a dict with {len(context):,} keys",
-            f"a dict with {len(context):,} keys ({', '.join(map(repr, keys))}{more})",
+            f"a dict with {len(context):,} keys ({', '.join(repr(k)[:60] for k in keys)}{more})",
         )
     return type(context).__name__, f"a {type(context).__name__} object"
 
