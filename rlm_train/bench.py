@@ -207,15 +207,15 @@ LAYER_LABELS = {
     "all_on": "all layers on",
     "cgroups_off": "cgroups off",
     "minimal_root_off": "minimal root off",
-    "seccomp_off": "seccomp off (keyring stays)",
+    "seccomp_off": "seccomp + keyring off",
     "all_off": "all 3 off (baseline)",
 }
 
 
 def _print_layers(lr: dict[str, Any]) -> dict[str, Any]:
     """Table (c): each variant's medians; cost = what the layer adds (all on - it off)."""
-    print(f"(c) cost of each isolation layer: {lr['rounds']} rounds alternating the variants' order, pinned to "
-          f"CPU {lr['pinned_cpu']}; medians; cost = all on - layer off, paired per round ({lr['seconds']:.0f} s)")
+    print(f"(c) cost of each isolation layer: {lr['rounds']} rounds alternating the variants' order, round trip "
+          f"pinned to CPU {lr['pinned_cpu']}; medians; cost = all on - layer off, paired per round ({lr['seconds']:.0f} s)")
     print(f"    {'':28}{'round trip p50 ms':>19}{'warm start p50 ms':>19}{'PSS 8 vs 1':>14}")
     print(f"    {'variant':28}{'value':>10}{'cost':>9}{'value':>10}{'cost':>9}{'ratio':>7}{'cost':>7}")
     for name, label in LAYER_LABELS.items():
@@ -225,6 +225,9 @@ def _print_layers(lr: dict[str, Any]) -> dict[str, Any]:
                              f"{c['pss_ratio']:+.3f}") if c else ("", "", "")
         print(f"    {label:28}{v['roundtrip_p50_ms']:>10.4f}{rt_c:>9}{v['warm_start_p50_ms']:>10.2f}{ws_c:>9}"
               f"{v['pss_ratio']:>7.3f}{pss_c:>7}")
+    noise = {m: max(sp[m] for sp in lr["cost_spread"].values()) for m in ("roundtrip_p50_ms", "warm_start_p50_ms", "pss_ratio")}
+    print(f"    noise (largest half-IQR of the paired differences): round trip {noise['roundtrip_p50_ms']:.4f} ms, "
+          f"warm start {noise['warm_start_p50_ms']:.2f} ms, PSS ratio {noise['pss_ratio']:.3f}")
     return lr
 
 

@@ -260,7 +260,7 @@ def test_decoder_fuzz():
 
 
 # =========================================================================== 2. session
-CFG = dict(timeout_s=2, memory_mb=256, max_output_chars=1000, max_message_mb=4)
+CFG = {"timeout_s": 2, "memory_mb": 256, "max_output_chars": 1000, "max_message_mb": 4}
 NOTE = 200  # the host's own "[... N characters cut ...]" notes
 BIG_ANSWER = 20 * MB
 SLACK_S = 2.0
@@ -285,7 +285,7 @@ def _get(n):
 """
 
 WRONG = ["None", "0", "-1", "1.5", "True", "[]", "['x']", "{'a': 'b'}", "[[['deep']]]", "'short'", "'\\x00\\u2028'"]
-WRONG_CUT = ["-1", "2**62", "2**63", "2**64 - 1", "'5'", "1.5", "1e300", "True", "None", "[1]"]
+CUTS = ["5", "2**62 - 1", "-1", "2**62", "2**63", "2**64 - 1", "'5'", "1.5", "1e300", "None", "[1]"]
 BAD_ITEMS = [  # (op, items as a cell-side Python expression): the host must answer with an error
     ("llm", "None"), ("llm", "7"), ("llm", "'abc'"), ("llm", "[]"), ("llm", "[1]"), ("llm", "[None]"),
     ("llm", "[['a']]"), ("llm", "[{'p': 'a'}]"), ("llm", "['a', 2]"), ("llm", "[True]"),
@@ -309,8 +309,8 @@ def _session_cases(rng: random.Random) -> list[tuple[str, str, str]]:
     cases.append(("over-the-cap", "_put(_frame(b'\"' + b'x' * ((4 << 20) - 1) + b'\"'))", "dead"))
     for _ in range(3):
         n = rng.randrange(100, 4 << 20)
-        cases.append(("truncated-exit", f"_put(_frame(b'{{\"op\":\"done\",\"stdout\":\"' + b'x' * {rng.randrange(0, 100)}, {n}))\n"
-                                        "os._exit(0)", "dead"))
+        head = f"b'{{\"op\":\"done\",\"stdout\":\"' + b'x' * {rng.randrange(0, 100)}"
+        cases.append(("truncated-exit", f"_put(_frame({head}, {n}))\nos._exit(0)", "dead"))
     cases.append(("half-header-exit", f"_put({rng.randbytes(5)!r})\nos._exit(0)", "dead"))
     for _ in range(2):
         n = rng.randrange(100, 4 << 20)
@@ -326,7 +326,7 @@ def _session_cases(rng: random.Random) -> list[tuple[str, str, str]]:
         for f in big:
             fields[f] = f"'{f[0]}' * {rng.randrange(1001, 3_800_000 // len(big))}"
         if rng.random() < 0.7:
-            fields["truncated_chars"] = rng.choice(WRONG_CUT)
+            fields["truncated_chars"] = rng.choice(CUTS)
         d = "{'op': 'done', " + ", ".join(f"{k!r}: {v}" for k, v in fields.items()) + "}"
         cases.append(("forged-done", f"_put(_frame(json.dumps({d}).encode()))\nos._exit(0)", "forged"))
     exact = "p = b'{\"op\":\"done\",\"final\":\"' + b'f' * ((4 << 20) - 24) + b'\"}'\nassert len(p) == 4 << 20\n"
@@ -428,3 +428,13 @@ def test_session_fuzz():
             if ours or p.pid not in pool:
                 left.append(p.pid)
     assert left == [], f"processes of the session's uids {sorted(uids)} left after close: {left}"
+
+
+@pytest.mark.parametrize("close", ["os.close(3)", "import socket\nsocket.socket(fileno=3).shutdown(socket.SHUT_WR)"])
+def test_closed_channel_with_a_live_worker_ends_within_the_cell_clock(close):
+    """Found by this fuzzer: a worker that closes its channel but keeps running held
+    execute() for 5 s, waiting for an exit status that never came."""
+    with REPLSession("", config=SandboxConfig(**CFG)) as s:
+        r = _timed(s, f"import os, time\n{close}\ntime.sleep(60)")
+        assert r.restarted and r.error_kind == "sandbox" and "still running" in r.error, r
+        assert _timed(s, "print(1)").stdout == "1\n"

@@ -23,7 +23,7 @@ import pytest
 from rlm_train.repl import REPLSession, SandboxConfig, isolation_report, shutdown
 from rlm_train.repl import cgroups
 from rlm_train.repl.client import get_server
-from rlm_train.repl.session import weakness_line
+from rlm_train.repl.session import disable_layers, weakness_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = SandboxConfig(timeout_s=5, memory_mb=256, max_output_chars=2000, max_message_mb=4)
@@ -124,6 +124,24 @@ def test_weakness_line_names_each_missing_layer_in_one_line():
     assert "\n" not in line and "{" not in line
     assert "seccomp (" in line and "cgroup_memory (memory is bounded per process only" in line
     assert "Permission denied" in line and "cgroup_pids" not in line
+
+
+@needs_root
+def test_without_layers_the_report_says_what_is_weaker():
+    """A machine without cgroups, seccomp or the minimal root (here: left out on purpose):
+    sessions still work, and one line names each missing layer and its consequence."""
+    disable_layers(("cgroups", "minimal_root", "seccomp"))
+    try:
+        with REPLSession("x", config=CFG) as s:
+            assert s.execute("print(len(context))").stdout == "1\n"
+            line = weakness_line(s.isolation)
+    finally:
+        disable_layers(())
+    assert "\n" not in line and "{" not in line
+    for layer in ("minimal_root", "private_dev", "seccomp", "cgroup_memory", "cgroup_pids", "cgroup_cpu",
+                  "cgroup_cpu_time", "cgroup_freeze"):
+        assert f"{layer} (" in line, (layer, line)
+    assert "net_namespace" not in line and "uid_drop" not in line
 
 
 @pytest.mark.parametrize("field,value,minimum", [
@@ -318,6 +336,7 @@ def test_threads_left_behind_do_not_run_between_cells():
                       "for _ in range(2):\n    threading.Thread(target=spin, daemon=True).start()")
         assert r.error is None
         control = s._control
+        time.sleep(cgroups.FREEZE_DELAY_S + 0.1)
         before = control.cpu_seconds()
         time.sleep(1.0)
         assert control.cpu_seconds() - before < 0.05  # frozen: nothing ran
@@ -567,3 +586,25 @@ def test_hostile_neighbour_leaves_an_honest_session_unchanged():
     t.join(60)
     assert errors == []
     assert results == [f"{4950 + i} AB\n" for i in range(20)]
+
+
+@needs_root
+def test_a_runtime_under_the_hosts_tmp_stays_visible(tmp_path):
+    """A clone (and its venv) under /tmp: each worker's private /tmp covers it, so the
+    worker binds those trees back, read-only, and can still import from them."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site / "ours.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # orjson & co. from our venv
+    (site / "rlm_marker.py").write_text("X = 'from /tmp'\n")
+    code = ("from rlm_train.repl import REPLSession\nwith REPLSession('x') as s:\n"
+            "    r = s.execute('import rlm_marker; print(rlm_marker.X); open(rlm_marker.__file__, \"a\")')\n"
+            "    print(r.stdout.strip(), '|', r.error.strip().splitlines()[-1])")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=60,
+                         env={"PYTHONPATH": REPO, "PATH": os.environ["PATH"]})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("from /tmp | ") and ("Read-only" in out.stdout or "Permission" in out.stdout), out.stdout

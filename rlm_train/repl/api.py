@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Union
 
 
-# Below this a worker cannot start a cell: the interpreter's own pages copied on write,
-# the cell's objects, the private /tmp's first pages (measured: a trivial cell needs ~10 MB).
+# The floor for memory_mb. A fresh worker's group is charged ~1 MB (its pages are shared
+# copy-on-write) and the cgroup limit adds cgroups.MEMORY_SLACK_MB on top; below this,
+# ordinary cells (a compiled regex, a list of a few thousand strings) have no room.
 MIN_MEMORY_MB = 32
 
 
@@ -48,7 +49,7 @@ class SandboxConfig:
         checks = [
             ("timeout_s", self.timeout_s > 0, "a positive number of seconds"),
             ("memory_mb", self.memory_mb >= MIN_MEMORY_MB,
-             f"at least {MIN_MEMORY_MB} (a worker's interpreter needs that much to run a cell)"),
+             f"at least {MIN_MEMORY_MB} (MB a session needs for ordinary cells)"),
             ("max_output_chars", self.max_output_chars >= 1, "at least 1"),
             ("max_processes", self.max_processes >= 1, "at least 1 (the worker itself)"),
             ("cpu_time_s", self.cpu_time_s > 0, "a positive number of seconds"),

@@ -108,8 +108,8 @@ def bench_session_start(context_mb: int = 50, sessions: int = 8) -> dict:
     }
 
 
-# Variant -> layers the fork-server leaves out. "seccomp" drops the syscall filter only:
-# seccomp.apply still joins the fresh session keyring (one keyctl per worker).
+# Variant -> layers the fork-server leaves out. "seccomp" drops the syscall filter and the
+# fresh session keyring together (the keyring is one keyctl per worker).
 LAYER_VARIANTS: dict[str, tuple[str, ...]] = {
     "all_on": (),
     "cgroups_off": ("cgroups",),
@@ -120,8 +120,23 @@ LAYER_VARIANTS: dict[str, tuple[str, ...]] = {
 LAYER_METRICS = ("roundtrip_p50_ms", "warm_start_p50_ms", "pss_ratio")
 
 
-def _layer_run(roundtrip_n: int) -> dict:
-    rt = bench_roundtrip(context_mb=10, n=roundtrip_n)
+def _half_iqr(values: list[float]) -> float:
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / 2
+
+
+def _layer_run(layers: tuple[str, ...], roundtrip_n: int, cpu: int) -> dict:
+    """One variant once, each part on a fresh fork-server without `layers`: the round trip
+    with host and sandbox pinned to `cpu` (unpinned, where the scheduler puts the worker
+    moves it by more than the layers do), then session start unpinned."""
+    cpus = os.sched_getaffinity(0)
+    disable_layers(layers)
+    os.sched_setaffinity(0, {cpu})  # the fork-server starts with the first session: pinned
+    try:
+        rt = bench_roundtrip(context_mb=10, n=roundtrip_n)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    disable_layers(layers)
     ss = bench_session_start(context_mb=50, sessions=8)
     with REPLSession("") as probe:  # what the variant's workers really enforce
         missing = [k for k in EXPECTED_LAYERS if not probe.isolation.get(k)]
@@ -134,36 +149,30 @@ def bench_layers(rounds: int = 16, roundtrip_n: int = 300) -> dict:
     ratio of 8 sessions vs 1 (50 MB context) with every layer on, each one off, all off.
     Each round restarts the fork-server per variant, in reverse order every other round
     (A B .. B A), so drift hits all variants alike. cost = median over rounds of
-    (all on - layer off), paired within a round. Host and sandbox run pinned to one CPU:
-    unpinned, where the scheduler puts the worker moves the round trip by more than
-    the layers do."""
+    (all on - layer off), paired within a round."""
     runs: dict[str, list[dict]] = {name: [] for name in LAYER_VARIANTS}
-    cpus = os.sched_getaffinity(0)
-    pinned = max(cpus)
+    pinned = max(os.sched_getaffinity(0))
     t0 = time.perf_counter()
     try:
-        disable_layers(LAYER_VARIANTS["all_on"])  # the fork-server restarts pinned too
-        os.sched_setaffinity(0, {pinned})
         for r in range(rounds):
             names = list(LAYER_VARIANTS) if r % 2 == 0 else list(reversed(LAYER_VARIANTS))
             for name in names:
-                disable_layers(LAYER_VARIANTS[name])
-                runs[name].append(_layer_run(roundtrip_n))
+                runs[name].append(_layer_run(LAYER_VARIANTS[name], roundtrip_n, pinned))
     finally:
-        os.sched_setaffinity(0, cpus)
-        disable_layers(())  # the next session starts a fork-server with every layer, unpinned
+        disable_layers(())
     variants = {}
     for name, rs in runs.items():
         variants[name] = {"layers_off": list(LAYER_VARIANTS[name]), "missing": rs[-1]["missing"],
                           **{m: statistics.median(x[m] for x in rs) for m in LAYER_METRICS}, "runs": rs}
-    cost = {}
+    cost, spread = {}, {}  # spread: half the interquartile range of the paired differences
     for name in LAYER_VARIANTS:
         if name != "all_on":
-            pairs = list(zip(runs["all_on"], runs[name]))
-            cost[name] = {m: statistics.median(a[m] - b[m] for a, b in pairs) for m in LAYER_METRICS}
+            diffs = {m: [a[m] - b[m] for a, b in zip(runs["all_on"], runs[name])] for m in LAYER_METRICS}
+            cost[name] = {m: statistics.median(d) for m, d in diffs.items()}
+            spread[name] = {m: _half_iqr(d) for m, d in diffs.items()}
     return {"rounds": rounds, "roundtrip_n": roundtrip_n, "pinned_cpu": pinned, "roundtrip_context_mb": 10,
             "session_context_mb": 50, "sessions": 8, "seconds": time.perf_counter() - t0,
-            "variants": variants, "cost": cost}
+            "variants": variants, "cost": cost, "cost_spread": spread}
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr")
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 minimal_root = False  # set in the fork-server once the pivot succeeded; inherited by workers
+# Runtime trees under /tmp (a checkout, and its venv, cloned there): each worker's private
+# /tmp covers them, so the worker binds them back (from fds opened before its tmpfs).
+_under_tmp: list[str] = []
 
 
 def runtime_paths() -> list[str]:
@@ -109,6 +112,7 @@ def build_and_pivot(report: dict) -> None:
         sandbox.mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
         minimal_root = True
         report["minimal_root"] = True
+        _under_tmp.extend(p for p in runtime_paths() if p.startswith("/tmp/"))
     except OSError as exc:
         report["minimal_root"] = False
         report["minimal_root_error"] = str(exc)
@@ -148,6 +152,9 @@ def private_mounts(report: dict, uid: int, tmp_mb: int, in_new_pidns: bool) -> N
     if not report.get("mount_namespace"):
         report["private_tmp"] = False
         return
+    # Opened in our own namespace before the tmpfs hides them: a bind must come from a
+    # mount of the caller's namespace.
+    hidden_runtime = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in _under_tmp}
     try:
         if not minimal_root:  # the fork-server's namespace is not private: make ours so
             sandbox.mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -169,3 +176,12 @@ def private_mounts(report: dict, uid: int, tmp_mb: int, in_new_pidns: bool) -> N
         except OSError as exc:
             report["private_proc"] = False
             report["proc_error"] = str(exc)
+    try:
+        if report.get("private_tmp") and report.get("private_proc"):
+            for path, fd in hidden_runtime.items():
+                _bind(fd, _mkdirs("", path))
+    except OSError as exc:
+        report["runtime_under_tmp_error"] = str(exc)
+    finally:
+        for fd in hidden_runtime.values():
+            os.close(fd)

@@ -204,7 +204,7 @@ class REPLSession:
     def _freeze(self) -> None:
         """Between cells nothing of the session runs, unless background work is allowed."""
         if self._control is not None and not self.config.allow_background:
-            self._control.freeze()
+            self._control.freeze_soon()
 
     def _kill(self) -> None:
         """SIGKILL the worker (its pid namespace goes with it), wait, release everything."""
@@ -319,9 +319,20 @@ class REPLSession:
         return self._result(msg, time.monotonic() - t0, waited, restarted)
 
     def _death_note(self) -> str:
-        """How the worker died, from the status pipe its parent writes."""
-        if self._status_r < 0 or not select.select([self._status_r], [], [], 5.0)[0]:
+        """How the worker died, from the status pipe its parent writes. A worker that only
+        closed its end of the channel is still running: after a short grace it is killed
+        here, so the cell returns at once instead of waiting for an exit that never comes."""
+        if self._status_r < 0:
             return "stopped answering"
+        if not select.select([self._status_r], [], [], 0.2)[0]:
+            if self._pidfd >= 0:
+                try:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not select.select([self._status_r], [], [], 5.0)[0]:
+                return "stopped answering"
+            return "closed the host channel while still running (it was killed)"
         data = os.read(self._status_r, 4)
         if len(data) != 4:
             return "died (its parent process is gone)"
@@ -342,7 +353,7 @@ class REPLSession:
     def _result(self, msg: dict, wall: float, waited: float, restarted: bool) -> ExecResult:
         limit = self.config.max_output_chars
         cut = msg.get("truncated_chars")
-        cut = cut if isinstance(cut, int) and 0 <= cut < 1 << 62 else 0
+        cut = cut if type(cut) is int and 0 <= cut < 1 << 62 else 0  # not a bool, not a float
         stdout = _clip(msg.get("stdout"), limit)
         if cut:
             stdout += f"\n[... output truncated: {cut} characters cut (max_output_chars={limit})]"

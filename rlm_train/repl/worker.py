@@ -207,10 +207,14 @@ def _stop_leftover_processes() -> None:
     frozen by the host between cells (cgroup freeze) where the machine allows."""
     if os.getpid() != 1:
         return
+    try:  # every process of the namespace descends from pid 1 (orphans are reparented to it)
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return  # no child, so nothing else runs: the common case (kill(-1) walks every process of the host)
     try:
         os.kill(-1, signal.SIGKILL)
     except ProcessLookupError:
-        return  # nothing else is running: the common case, one syscall
+        return
     while True:
         try:
             if os.waitpid(-1, 0)[0] <= 0:
