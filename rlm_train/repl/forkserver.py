@@ -399,7 +399,7 @@ def _prepare(disabled: set[str]) -> None:
         if "cgroups" not in disabled:
             report.update(cgroups.setup(os.getpid()))  # before the pivot: it needs /sys
         if "minimal_root" not in disabled:
-            sandbox.prepare_mount_namespace(report)
+            rootfs.build_and_pivot(report)
         sandbox.prepare_network_namespace()  # one namespace for all workers, where Landlock allows
     if "seccomp" not in disabled:
         _seccomp_program = seccomp.build_filter()

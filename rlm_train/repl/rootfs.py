@@ -17,6 +17,7 @@ and /dev/shm are links into it) and a procfs for its own pid namespace.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -74,12 +75,16 @@ def _touch(root: str, path: str) -> str:
 
 
 def build_and_pivot(report: dict) -> None:
-    """Fork-server, as root, in its own private mount namespace: build the minimal root
-    and pivot into it. On failure the report says why and workers see the host's root
-    (with private /tmp and /proc still)."""
+    """Fork-server, as root, once at start: a private mount namespace of its own, the
+    minimal root built in it, and a pivot into it; every worker's namespace copies it.
+    On failure the report says why and workers see the host's root (with private /tmp
+    and /proc still)."""
     global minimal_root
     sources: dict[str, int] = {}
     try:
+        sandbox.unshare(sandbox.CLONE_NEWNS)
+        # Private first: nothing mounted below may propagate back to the host's namespace.
+        sandbox.mount(None, "/", None, MS_REC | MS_PRIVATE)
         # Sources are opened first: the new root's tmpfs may cover where they live (/tmp).
         wanted_dirs = [p for p in TOP_LEVEL if os.path.isdir(p) and not os.path.islink(p)] + runtime_paths()
         for path in wanted_dirs:
@@ -107,7 +112,7 @@ def build_and_pivot(report: dict) -> None:
         os.chdir(root)
         # pivot_root(".", "."): the old root ends up stacked under the new one; detach it.
         _pivot_root(".", ".")
-        sandbox._check(sandbox._libc.umount2(b".", MNT_DETACH), "umount2(old root)")
+        sandbox.check(sandbox.libc.umount2(b".", MNT_DETACH), "umount2(old root)")
         os.chdir("/")
         sandbox.mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
         minimal_root = True
@@ -138,9 +143,7 @@ def _pivot_root(new_root: str, put_old: str) -> None:
     nr = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine)
     if nr is None:
         raise OSError(38, "no pivot_root number known for this architecture")
-    import ctypes
-
-    sandbox._check(sandbox._libc.syscall(ctypes.c_long(nr), new_root.encode(), put_old.encode()), "pivot_root")
+    sandbox.check(sandbox.libc.syscall(ctypes.c_long(nr), new_root.encode(), put_old.encode()), "pivot_root")
 
 
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")

@@ -14,45 +14,40 @@ import resource
 import select
 import signal
 
-_libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
-MS_REC = 16384
-MS_PRIVATE = 1 << 18
-
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
 
-def _check(ret: int, what: str) -> None:
+
+def check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags), f"unshare({flags:#x})")
+    check(libc.unshare(flags), f"unshare({flags:#x})")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
-    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+    check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
 
 
 def prctl(option: int, arg: int) -> None:
-    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+    check(libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
 
 
 def set_name(name: str) -> None:
     """Name the process (ps, top, perf show it): every role in the tree is `python` otherwise."""
-    _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def die_with_parent(expected_ppid: int) -> None:
@@ -141,7 +136,7 @@ class _LandlockRulesetAttr(ctypes.Structure):
 
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version, 0 where Landlock is missing or disabled."""
-    version = _libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+    version = libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
                             ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
     return max(0, version)
 
@@ -153,14 +148,14 @@ def landlock_scope_network() -> None:
         handled_access_fs=0,
         handled_access_net=_LANDLOCK_ACCESS_NET_BIND_TCP | _LANDLOCK_ACCESS_NET_CONNECT_TCP,
         scoped=_LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | _LANDLOCK_SCOPE_SIGNAL)
-    fd = _libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
+    fd = libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
                        ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"landlock_create_ruleset: {os.strerror(err)}")
     try:
         # Root skips no_new_privs here: the worker sets it when it drops its uid.
-        _check(_libc.syscall(ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(fd), ctypes.c_uint32(0)),
+        check(libc.syscall(ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(fd), ctypes.c_uint32(0)),
                "landlock_restrict_self")
     finally:
         os.close(fd)
@@ -189,22 +184,6 @@ def _enter_shared_network(report: dict) -> bool:
         return False
     report.update(net_shared=True, landlock_scoped=True)
     return True
-
-
-def prepare_mount_namespace(report: dict) -> None:
-    """The fork-server, once at start: its own private mount namespace, then the minimal
-    root (rootfs.build_and_pivot) that every worker's namespace copies."""
-    try:
-        unshare(CLONE_NEWNS)
-        # Private first: nothing mounted below may propagate back to the host's namespace.
-        mount(None, "/", None, MS_REC | MS_PRIVATE)
-    except OSError as exc:
-        report["minimal_root"] = False
-        report["minimal_root_error"] = str(exc)
-        return
-    from rlm_train.repl import rootfs
-
-    rootfs.build_and_pivot(report)
 
 
 def vm_size_bytes() -> int:

@@ -6,7 +6,7 @@ OpenAI-compatible server answering every request in 100 ms, through the same
 
 Ideal wall time: the episodes run in ceil(200 / 64) = 4 waves, and one episode is 4
 sequential latencies (3 root calls + one round of parallel sub-calls): 4 x 0.4 s = 1.6 s.
-Goal: wall / ideal <= 1.3, for the median of 3 timed runs (each run's ratio is printed
+Goal: wall / ideal <= 1.2, for the median of 3 timed runs (each run's ratio is printed
 too). Also reported: one episode alone (measured in the same call), and peak memory of
 this process and of the whole process tree (REPL workers included).
 
@@ -35,6 +35,8 @@ LATENCY_S = 0.1
 SUB_CALLS = 8
 ROOT_TURNS = 3
 TIMED_RUNS = 3
+
+GOAL_RATIO = 1.2  # wall / ideal, with every sandbox layer on
 
 
 def scenario_turn(turn: int, sub_calls: int = SUB_CALLS) -> str:
@@ -205,10 +207,10 @@ def bench_generate(episodes: int = EPISODES, concurrency: int = CONCURRENCY, lat
         "peak_processes": memory.peak_processes,
         "cpus": os.cpu_count(),
     }
-    ok = "ok" if ratio <= 1.3 else "MISSED"
+    ok = "ok" if ratio <= GOAL_RATIO else "MISSED"
     print(f"generate: {episodes} episodes x ({ROOT_TURNS} root turns + {SUB_CALLS} sub-calls), "
           f"concurrency {concurrency}, mock server {latency_s * 1000:.0f} ms")
-    print(f"    wall {wall:.2f} s   ideal {ideal:.2f} s   wall/ideal {ratio:.3f}   goal <= 1.3  {ok}")
+    print(f"    wall {wall:.2f} s   ideal {ideal:.2f} s   wall/ideal {ratio:.3f}   goal <= {GOAL_RATIO}  {ok}")
     print(f"    median of {len(walls)} runs; each run's wall/ideal: {', '.join(f'{w / ideal:.2f}' for w in walls)}")
     print(f"    one episode alone {single:.3f} s (ideal {per_episode:.1f} s); {episodes / wall:.1f} episodes/s; "
           f"outcomes over all runs {outcomes}, mean score {summary['mean_score']}")
