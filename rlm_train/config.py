@@ -47,19 +47,23 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise UserError(f"override {override!r}: empty key segment")
+    _set_dotted(data, parts, yaml.safe_load(raw) if raw.strip() else "", f"override {override!r}")
+
+
+def _set_dotted(data: dict[str, Any], parts: list[str], value: Any, what: str) -> None:
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"override {override!r}: {part!r} is a value, not a section")
+            raise UserError(f"{what}: {part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = value
 
 
 def _describe_validation_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "<root>"
-    if err["type"] == "extra_forbidden":
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"{source}: unknown key '{key}'; remove it or check the spelling"
     return f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})"
 
@@ -79,13 +83,15 @@ def load_config(
     flags: dict[str, Any] | None = None,
 ) -> ConfigT:
     """Defaults < recipe file < command-line flags < dotted KEY=VALUE overrides, validated
-    into `cls`. Flags whose value is None (not given) are skipped."""
+    into `cls`. Flags whose value is None (not given) are skipped; a flag's key may be dotted."""
     data: dict[str, Any] = dict(defaults or {})
     source = "command line"
     if recipe is not None:
         data = _deep_merge(data, read_recipe(recipe))
         source = str(recipe)
-    data.update({key: value for key, value in (flags or {}).items() if value is not None})
+    for key, value in (flags or {}).items():  # a flag may set a nested key: "client.max_retries"
+        if value is not None:
+            _set_dotted(data, key.split("."), value, f"flag for {key}")
     for override in overrides:
         apply_override(data, override)
     if overrides:

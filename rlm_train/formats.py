@@ -7,47 +7,74 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rlm_train.errors import UserError
 
-TASK_SCHEMA = "rlm-train/task/v1"
-TRAJECTORY_SCHEMA = "rlm-train/trajectory/v1"
+from rlm_train.records import TASK_SCHEMA, TRAJECTORY_SCHEMA, ErrorKind, Outcome, check_task  # noqa: F401
 
-# Episode outcomes written to trajectory["outcome"].
-OUTCOME_FINAL = "final"  # the model answered with FINAL / FINAL_VAR
-OUTCOME_MAX_ITERATIONS = "max_iterations"  # answered only on the forced last turn, or not at all
-OUTCOME_BUDGET = "budget_exhausted"  # a call-tree budget (sub-calls, tokens, wall, ...) ran out
-OUTCOME_ERROR = "error"  # the episode could not go on (server unreachable, ...)
-
-# trajectory["error_kind"] when outcome is error: who failed.
-ERROR_MODEL = "model"  # a root model call failed after the client's retries
-ERROR_SANDBOX = "sandbox"  # the REPL sandbox could not start or keep a worker
-ERROR_INTERNAL = "internal"  # anything else (a bug)
+# The string constants older call sites use; the enums compare equal to them.
+OUTCOME_FINAL, OUTCOME_MAX_ITERATIONS, OUTCOME_BUDGET, OUTCOME_ERROR = (
+    Outcome.FINAL, Outcome.MAX_ITERATIONS, Outcome.BUDGET, Outcome.ERROR)
+ERROR_MODEL, ERROR_SANDBOX, ERROR_INTERNAL = ErrorKind.MODEL, ErrorKind.SANDBOX, ErrorKind.INTERNAL
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line_number, object) for each non-blank line; a bad line is a UserError naming it."""
+# --------------------------------------------------------------------------- reading JSON Lines
+FAIL, SKIP = "fail", "skip"  # what a bad line does: stop with its line number, or warn and go on
+TORN_LINE = "the last line has no newline (a write was cut off)"
+
+
+def iter_jsonl(path: str | Path, *, bad_lines: str = FAIL, check: Callable[[dict[str, Any]], str | None] | None = None,
+               problems: list[str] | None = None, fix: str = "fix or delete the line") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file: the one reader every
+    stage uses. A bad line (not JSON, not an object, refused by `check`, or a last line
+    cut off without its newline by a crash) is `path:line: why`: with bad_lines="fail" a
+    UserError that ends with `fix`; with "skip" a warning on stderr, the line is left out
+    and the message appended to `problems`."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; pass a JSONL file")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or delete the line") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    with path.open("rb") as fh:
+        data = fh.read()
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" after a final newline; anything else was cut off mid-write
+    numbered = list(enumerate(lines, 1)) + ([(len(lines) + 1, None)] if torn.strip() else [])
+    for lineno, raw in numbered:
+        if raw is not None and not raw.strip():
+            continue
+        why, obj = _parse_line(raw, check)
+        if why is None:
             yield lineno, obj
+            continue
+        problem = f"{path}:{lineno}: {why}"
+        if bad_lines == FAIL:
+            raise UserError(f"{problem}; {fix}")
+        print(f"warning: skipping {problem}", file=sys.stderr)
+        if problems is not None:
+            problems.append(problem)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [obj for _, obj in iter_jsonl(path)]
+def _parse_line(raw: bytes | None, check) -> tuple[str | None, Any]:
+    if raw is None:
+        return TORN_LINE, None
+    try:
+        obj = json.loads(raw)
+    except ValueError as exc:
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        return f"not valid JSON ({msg})", None
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}", None
+    why = check(obj) if check is not None else None
+    return why, obj
+
+
+def read_jsonl(path: str | Path, **options: Any) -> list[dict[str, Any]]:
+    return [obj for _, obj in iter_jsonl(path, **options)]
 
 
 def dumps_line(obj: dict[str, Any]) -> str:
@@ -93,12 +120,10 @@ def load_task_context(task: dict[str, Any], task_file: str | Path) -> Any:
     """A task's context: inline `context`, or `context_path` relative to the task file."""
     if "context" in task:
         return task["context"]
-    rel = task.get("context_path")
-    if not rel:
-        raise UserError(f"{task_file}: task {task.get('id')!r} has neither 'context' nor 'context_path'")
-    path = Path(task_file).parent / rel
-    if not path.is_file():
-        raise UserError(f"{task_file}: task {task.get('id')!r}: context_path {rel!r} not found at {path}")
+    why = check_task(task, task_file)
+    if why is not None:
+        raise UserError(f"{task_file}: {why}")
+    path = Path(task_file).parent / task["context_path"]
     if path.suffix == ".json":
         return json.loads(path.read_text(encoding="utf-8"))
     return path.read_text(encoding="utf-8")

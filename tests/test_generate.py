@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from rlm_train.errors import UserError
-from rlm_train.models.mock_server import FailPlan, MockHTTPError, MockOpenAIServer
+from rlm_train.testing.mock_server import FailPlan, MockHTTPError, MockOpenAIServer
 from rlm_train.models.openai_client import OpenAIPolicy
 from rlm_train.rlm import RLMConfig
 from rlm_train.rollouts import store
-from rlm_train.rollouts.bench import scenario_responder, write_scenario_tasks
+from rlm_train.bench.scenario import scenario_responder, write_scenario_tasks
 from rlm_train.rollouts.generate import GenerateConfig, run_generate
 
 
@@ -95,7 +95,7 @@ def test_a_server_that_never_answers_stops_the_run_and_records_nothing(tmp_path)
     write_scenario_tasks(tasks, 6)
     port = _free_port()  # nothing listens there
     cfg = config(tmp_path, tasks, policy="openai:mock-model", base_urls=[f"http://127.0.0.1:{port}/v1"],
-                 max_retries=1, max_consecutive_failures=4, concurrency=2)
+                 client={"max_retries": 1}, max_consecutive_failures=4, concurrency=2)
     with pytest.raises(UserError, match=r"in a row got no answer from the server.*no answer after 2 attempts"):
         run_generate(cfg)
     assert shard_lines(tmp_path / "out") == []  # nothing marked done: a re-run retries them all
@@ -125,7 +125,7 @@ def test_20_percent_failing_server_completes_counts_retries_and_records_errors(t
 
     plan = FailPlan(p=0.2, mode="mix", hang_s=5.0, seed=3)
     with MockOpenAIServer(responder=responder, latency_s=0.02, fail_plan=plan) as server:
-        policy = OpenAIPolicy("mock-model", [server.base_url], timeout_s=0.5, max_retries=3, backoff_base_s=0.02,
+        policy = OpenAIPolicy("mock-model", [server.base_url], request_timeout_s=0.5, max_retries=3, backoff_base_s=0.02,
                               backoff_max_s=0.1)
         summary = run_generate(config(tmp_path, tasks, policy="openai:mock-model", concurrency=8), policy=policy)
         counts = dict(server.counts)

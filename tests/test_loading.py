@@ -11,7 +11,7 @@ from rlm_train.errors import UserError
 from rlm_train.models import loading
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import build_tiny_qwen3, build_tokenizer  # noqa: E402
+from rlm_train.testing.tiny_models import build_tiny_qwen3, build_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

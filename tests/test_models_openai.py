@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from rlm_train.models.base import PolicyError, SamplingParams
-from rlm_train.models.mock_server import FailPlan, MockHTTPError, MockOpenAIServer
+from rlm_train.testing.mock_server import FailPlan, MockHTTPError, MockOpenAIServer
 from rlm_train.models.openai_client import OpenAIPolicy
 
 USER = [{"role": "user", "content": "what is two plus two"}]
@@ -20,7 +20,7 @@ USER = [{"role": "user", "content": "what is two plus two"}]
 
 def fast_policy(urls: list[str], **kw) -> OpenAIPolicy:
     # Tiny backoff so retry tests take milliseconds, not seconds.
-    opts = dict(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=2, max_retries=5)
+    opts = dict(backoff_base_s=0.01, backoff_max_s=0.05, request_timeout_s=2, max_retries=5)
     opts.update(kw)
     return OpenAIPolicy("mock-model", urls, **opts)
 
@@ -125,7 +125,7 @@ def test_server_down_then_up_on_same_port():
 
 def test_server_that_never_answers_gives_clear_policy_error():
     with MockOpenAIServer(fail_plan=FailPlan(p=1.0, mode="hang")) as srv:
-        policy = fast_policy([srv.base_url], timeout_s=0.2, max_retries=2)
+        policy = fast_policy([srv.base_url], request_timeout_s=0.2, max_retries=2)
         t0 = time.perf_counter()
         with pytest.raises(PolicyError) as info:
             asyncio.run(call_and_close(policy, USER))
@@ -149,7 +149,7 @@ def test_dropped_connections_are_retried():
     # Half the requests fail (500, hang past the timeout, or a cut connection); with 20
     # retries each the chance that a call runs out is ~1e-5.
     with MockOpenAIServer(fail_plan=FailPlan(p=0.5, mode="mix", hang_s=5, seed=7)) as srv:
-        policy = fast_policy([srv.base_url], timeout_s=0.3, max_retries=20)
+        policy = fast_policy([srv.base_url], request_timeout_s=0.3, max_retries=20)
 
         async def many():
             out = await asyncio.gather(*[policy.chat([{"role": "user", "content": f"q{i}"}]) for i in range(30)])
@@ -327,3 +327,32 @@ def test_event_loop_without_uvloop_and_collector_settings_restored(monkeypatch):
     module, text = eventloop.run(call())
     assert module.startswith("asyncio") and text == "fine"
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_http_module_parses_requests_and_writes_responses():
+    # The one HTTP/1.1 module: the mock server parses requests and writes responses with it,
+    # the client parses those responses with it.
+    from rlm_train.models.http import format_response, parse_request, parse_response
+
+    buf = bytearray(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                    b"GET /health HTTP/1.1\r\n\r\n")
+    method, target, headers, body, used = parse_request(buf)
+    assert (method, target, headers["host"], body) == ("POST", "/v1/chat/completions", "x", b"{}")
+    del buf[:used]
+    assert parse_request(buf)[:2] == ("GET", "/health")
+    assert parse_request(bytearray(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")) is None  # body still coming
+    with pytest.raises(ValueError):
+        parse_request(bytearray(b"garbage\r\n\r\n"))
+    response, keep, used = parse_response(bytearray(format_response(429, b"{}", {"Retry-After": "2"})), closed=False)
+    assert (response.status, response.headers["retry-after"], response.body, keep) == (429, "2", b"{}", True)
+
+
+def test_mock_server_does_not_import_the_client():
+    # Test servers live in rlm_train.testing and share only the HTTP module with the client.
+    import subprocess
+    import sys
+
+    code = ("import sys, rlm_train.testing.mock_server; "
+            "assert 'rlm_train.models.openai_client' not in sys.modules, 'mock server imports the client'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -9,10 +9,10 @@ import types
 import pytest
 
 from rlm_train.errors import UserError
-from rlm_train.models.mock_server import MockOpenAIServer
+from rlm_train.testing.mock_server import MockOpenAIServer
 from rlm_train.models.openai_client import OpenAIPolicy
-from rlm_train.models import spec as spec_module
-from rlm_train.models.spec import build_policy, parse_policy_spec
+from rlm_train.policies import spec as spec_module
+from rlm_train.policies.spec import ClientOptions, build_policies, build_policy, parse_policy_spec
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -53,10 +53,10 @@ def test_openai_builds_a_working_policy_with_env_key(monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-from-env")
     with MockOpenAIServer() as srv:
         policy = build_policy("openai:tiny", [srv.base_url, srv.base_url + "/"],
-                              api_key_env="MY_KEY", timeout_s=5, max_concurrency=None)
+                              ClientOptions(api_key_env="MY_KEY", request_timeout_s=5))
         assert isinstance(policy, OpenAIPolicy) and policy.name == "openai:tiny"
         assert policy.model == "tiny" and policy.base_urls == [srv.base_url, srv.base_url]
-        assert policy.timeout_s == 5 and policy.max_concurrency == 64  # None keeps the default
+        assert policy.request_timeout_s == 5 and policy.max_concurrency == 64
 
         async def go():
             try:
@@ -81,9 +81,23 @@ def test_openai_key_defaults_to_empty(monkeypatch):
         assert srv.headers[-1]["authorization"] == "Bearer EMPTY"
 
 
-def test_unknown_option_is_an_error():
-    with pytest.raises(UserError, match="max_concurency do not apply to policy 'openai:m'"):
-        build_policy("openai:m", ["http://127.0.0.1:1/v1"], max_concurency=8)
+def test_unknown_client_option_is_an_error_naming_it():
+    from rlm_train.config import build_config
+
+    with pytest.raises(UserError, match="unknown key 'max_concurency'"):
+        build_config(ClientOptions, {"max_concurency": 8})
+
+
+def test_one_factory_builds_root_and_sub_policies():
+    root, sub = build_policies("scripted", "oracle")
+    assert root.name == "scripted" and sub.name == "oracle"
+    root, sub = build_policies("scripted")
+    assert sub is None  # sub-calls use the root policy
+    with MockOpenAIServer() as srv:
+        root, sub = build_policies("scripted", "openai:m", [srv.base_url], client=ClientOptions(max_concurrency=3))
+        assert sub.base_urls == [srv.base_url] and sub.max_concurrency == 3  # the root's servers by default
+    with pytest.raises(UserError, match="no policy"):
+        build_policies(None)
 
 
 class _FakeBackend:
@@ -93,8 +107,8 @@ class _FakeBackend:
 
 
 @pytest.mark.parametrize("spec, module, attr, args", [
-    ("scripted", "rlm_train.models.scripted", "ScriptedTeacher", (None, None)),
-    ("oracle", "rlm_train.tasks.oracle", "OraclePolicy", (None, None)),
+    ("scripted", "rlm_train.policies.scripted", "ScriptedTeacher", (None, None)),
+    ("oracle", "rlm_train.policies.oracle", "OraclePolicy", (None, None)),
     ("hf:base", "rlm_train.models.hf", "HFPolicy", ("base", None)),
     ("hf:base+adapter:lora", "rlm_train.models.hf", "HFPolicy", ("base", "lora")),
 ])
@@ -111,10 +125,10 @@ def test_missing_third_party_package_is_a_user_error(monkeypatch, tmp_path):
     # A backend module whose own import needs a package that is not installed.
     (tmp_path / "fake_hf_backend.py").write_text("import not_installed_pkg_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(spec_module._BACKENDS, "hf", "fake_hf_backend:HFPolicy")
+    monkeypatch.setitem(spec_module._BACKENDS, "hf", lambda: __import__("fake_hf_backend").HFPolicy)
     with pytest.raises(UserError, match="needs the Python package 'not_installed_pkg_xyz'"):
         build_policy("hf:x")
     # A missing project module is a bug, not a user error: it surfaces as is.
-    monkeypatch.setitem(spec_module._BACKENDS, "hf", "rlm_train.models.no_such_module:HFPolicy")
+    monkeypatch.setitem(spec_module._BACKENDS, "hf", lambda: __import__("rlm_train.models.no_such_module"))
     with pytest.raises(ModuleNotFoundError):
         build_policy("hf:x")

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from rlm_train.repl import REPLSession, SandboxConfig, SharedContext, isolation_report, shutdown
-from rlm_train.repl.bench import tree_pss_kb
+from rlm_train.bench.sandbox import tree_pss_kb
 from rlm_train.repl.client import POOL_MAX_CONTEXT_BYTES, get_server
 
 FAST = SandboxConfig(timeout_s=10, memory_mb=512, max_output_chars=20_000)

@@ -142,14 +142,14 @@ def test_policy_failure_is_recorded_not_raised():
 
 def test_cell_timeout_is_reported_and_the_next_turn_still_runs():
     policy = turns_policy(block("while True: pass"), block("FINAL('alive')"))
-    traj = run("q", "c", policy, timeout_s=1)
+    traj = run("q", "c", policy, sandbox={"timeout_s": 1})
     assert traj["turns"][0]["executions"][0]["timed_out"] is True
     assert traj["final"] == "alive"
 
 
 @pytest.mark.parametrize("sample", [0, 1, 2, 3])
 def test_scripted_teacher_finds_the_needle(sample):
-    from rlm_train.models.scripted import ScriptedTeacher
+    from rlm_train.policies.scripted import ScriptedTeacher
 
     filler = "The quick brown fox jumps over the lazy dog near the river bank. " * 3000
     needle = "One of the special magic numbers for quiet-harbor is: 7310294."
@@ -172,7 +172,7 @@ def test_scripted_teacher_finds_the_needle(sample):
 def test_a_cell_that_breaks_the_host_protocol_is_a_sandbox_error_and_the_episode_goes_on():
     forged = "import os, struct\nos.write(3, struct.pack('<Q', 1 << 34))\nimport time\ntime.sleep(30)"
     policy = turns_policy(block("x = 1"), block(forged), block("FINAL(len(context))"))
-    traj = run("How long?", "abcd", policy, timeout_s=5)
+    traj = run("How long?", "abcd", policy, sandbox={"timeout_s": 5})
     bad = traj["turns"][1]["executions"][0]
     assert bad["error_kind"] == "sandbox" and "ProtocolError" in bad["error"]
     assert traj["turns"][0]["executions"][0]["error_kind"] is None

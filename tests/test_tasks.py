@@ -15,7 +15,7 @@ from rlm_train.errors import UserError
 from rlm_train.tasks import FAMILIES, corpora, make_tasks, score
 from rlm_train.tasks import scoring as sc
 from rlm_train.tasks.generate import write_tasks
-from rlm_train.tasks.oracle import answer_prompt
+from rlm_train.policies.oracle import answer_prompt
 from rlm_train.tasks.suite import check_disjoint, split_keys
 
 pytestmark = pytest.mark.skipif(

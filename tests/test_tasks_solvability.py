@@ -47,9 +47,9 @@ def tasks_32k():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_teacher_with_oracle_solves_family(family, tasks_32k):
-    from rlm_train.models.scripted import ScriptedTeacher
+    from rlm_train.policies.scripted import ScriptedTeacher
     from rlm_train.tasks import score
-    from rlm_train.tasks.oracle import OraclePolicy
+    from rlm_train.policies.oracle import OraclePolicy
 
     tasks = tasks_32k[family]
     trajectories = _run_all(tasks, ScriptedTeacher, OraclePolicy)
@@ -64,7 +64,7 @@ def test_teacher_with_oracle_solves_family(family, tasks_32k):
 
 def test_read_nothing_baseline_is_near_chance(tasks_32k):
     from rlm_train.tasks import score
-    from rlm_train.tasks.baselines import QueryOnlyPolicy
+    from rlm_train.policies.baselines import QueryOnlyPolicy
 
     for family, tasks in tasks_32k.items():
         trajectories = _run_all(tasks, QueryOnlyPolicy, QueryOnlyPolicy)

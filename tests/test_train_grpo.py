@@ -39,7 +39,7 @@ def _task(key: str, value: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tiny_models import build_tiny_qwen3
+    from rlm_train.testing.tiny_models import build_tiny_qwen3
 
     root = tmp_path_factory.mktemp("grpo")
     model_dir = build_tiny_qwen3(root / "model")
@@ -49,7 +49,7 @@ def tiny(tmp_path_factory):
 
 
 def _cfg(tiny, out: Path, *overrides: str):
-    from rlm_train.train.grpo import GRPOConfig
+    from rlm_train.train.grpo_config import GRPOConfig
 
     return load_config(GRPOConfig, REPO / "recipes" / "tiny-cpu-grpo.yaml",
                        [f"model={tiny['model']}", f"prompts={tiny['tasks']}", f"output_dir={out}", *overrides])
@@ -82,7 +82,7 @@ class ScriptedBackend:
         return f"```repl\nFINAL('{NEEDLES[key]}')\n```"
 
     def generate_batch(self, prompts, sampling):
-        from rlm_train.train.grpo import GenOutput
+        from rlm_train.train.grpo_backends import GenOutput
 
         outs = []
         for ids in prompts:
@@ -199,7 +199,8 @@ def test_vllm_server_backend_records_logprobs(tiny):
     """The GPU path without a GPU: a fake VLLMClient stands in for TRL's client to the vLLM server."""
     from rlm_train.models.loading import end_of_turn_ids, load_tokenizer
     from rlm_train.rlm import RLMConfig, run_episode
-    from rlm_train.train.grpo import BatchingGenerator, EpisodeRecorder, VLLMServerBackend
+    from rlm_train.train.grpo_backends import BatchingGenerator, VLLMServerBackend
+    from rlm_train.train.grpo_rollout import EpisodeRecorder
 
     tokenizer = load_tokenizer(tiny["model"])
     stop = end_of_turn_ids(tokenizer)
@@ -231,7 +232,8 @@ def test_vllm_server_backend_records_logprobs(tiny):
 def test_episode_token_budget_ends_the_episode(tiny):
     from rlm_train.models.loading import end_of_turn_ids, load_tokenizer
     from rlm_train.rlm import RLMConfig, run_episode
-    from rlm_train.train.grpo import BatchingGenerator, EpisodeRecorder, GenOutput, _is_infra_error
+    from rlm_train.train.grpo_backends import BatchingGenerator, GenOutput
+    from rlm_train.train.grpo_rollout import EpisodeRecorder, _is_infra_error
 
     tokenizer = load_tokenizer(tiny["model"])
     stop = end_of_turn_ids(tokenizer)
@@ -265,7 +267,7 @@ def test_template_that_rewrites_history_is_refused(tiny):
 def test_config_errors_name_the_fix(tiny, tmp_path):
     with pytest.raises(UserError, match="key 'rlm.temperature'.*advantage is 0"):
         _cfg(tiny, tmp_path, "rlm.temperature=0")
-    from rlm_train.train.grpo import check_config
+    from rlm_train.train.grpo_config import check_config
 
     with pytest.raises(UserError, match="rollout.backend=vllm_server"):
         check_config(_cfg(tiny, tmp_path, "launch.num_processes=2"), "r.yaml")
@@ -276,7 +278,9 @@ def test_config_errors_name_the_fix(tiny, tmp_path):
 
 
 def test_gpu_recipe_fails_fast_without_gpu_or_vllm(tiny, tmp_path):
-    from rlm_train.train.grpo import GRPOConfig, cuda_count, run_grpo
+    from rlm_train.train.grpo import run_grpo
+    from rlm_train.train.grpo_config import GRPOConfig
+    from rlm_train.train.runtime import cuda_count
 
     if cuda_count() > 0:
         pytest.skip("this machine has a GPU")
@@ -287,6 +291,24 @@ def test_gpu_recipe_fails_fast_without_gpu_or_vllm(tiny, tmp_path):
     with pytest.raises(UserError, match="vllm"):
         run_grpo(cpu_vllm, "tiny")
     assert not (tmp_path / "o").exists()  # stopped before writing anything
+
+
+def test_bf16_on_cpu_warns_in_grpo_as_in_sft(tmp_path, capsys):
+    """bf16 on a CPU is slow, not broken: GRPO warns and goes on, as SFT does (it used to refuse,
+    matching the warning by its text)."""
+    from rlm_train.train import grpo, sft
+    from rlm_train.train.grpo_config import GRPOConfig
+    from rlm_train.train.runtime import Problem, start_run
+
+    grpo_cfg = GRPOConfig(model="m", prompts="p.jsonl", output_dir=str(tmp_path), device="cpu", dtype="bfloat16")
+    sft_cfg = sft.SFTConfig(model="m", dataset="d.jsonl", output_dir=str(tmp_path), device="cpu", dtype="bfloat16")
+    problems = grpo.resource_problems(grpo_cfg)
+    assert problems == sft.resource_problems(sft_cfg)
+    assert [p.fatal for p in problems] == [False] and "bf16 on this CPU" in problems[0].message
+    assert start_run(problems, None, "cpu", "r.yaml", "grpo") == "cpu"
+    assert "[grpo] warning: bf16 on this CPU" in capsys.readouterr().out
+    with pytest.raises(UserError, match="r.yaml: needs a GPU"):
+        start_run([*problems, Problem("needs a GPU")], None, "cpu", "r.yaml", "grpo")
 
 
 @pytest.mark.parametrize("recipe", GRPO_RECIPES, ids=lambda p: p.name)
@@ -315,7 +337,7 @@ def test_slurm_template_renders_the_plan(rlm_cli):
 def test_batching_generator_groups_and_never_deadlocks():
     import time
 
-    from rlm_train.train.grpo import BatchingGenerator, GenOutput
+    from rlm_train.train.grpo_backends import BatchingGenerator, GenOutput
 
     class OneAtATime:
         max_inflight = 1
@@ -343,7 +365,8 @@ def test_prompt_set_from_filter_dataset(tmp_path):
     """The RL prompt set as `rlm-train filter` writes it: prompt + task_id + task (JSON), save_to_disk."""
     from datasets import Dataset
 
-    from rlm_train.train.grpo import GRPORLMConfig, load_context, load_prompt_set
+    from rlm_train.rollouts.rl_prompts import load_context, load_prompt_set
+    from rlm_train.train.grpo_config import GRPORLMConfig
 
     task = {**_task("harbor", "7421")}
     context = task.pop("context")
@@ -366,3 +389,24 @@ def test_prompt_set_from_filter_dataset(tmp_path):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({k: v for k, v in _task("x", "1").items() if k != "answer"}) + "\n")
         load_prompt_set(bad, GRPORLMConfig())
+
+
+def test_rl_prompt_set_round_trip(tmp_path):
+    """What `rlm-train filter` writes (rows naming their task file and id), `rlm-train grpo` reads back."""
+    from rlm_train.rollouts.rl_prompts import load_prompt_set, write_rl_prompt_set
+    from rlm_train.train.grpo_config import GRPORLMConfig
+
+    task = _task("harbor", "7421")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps(task) + "\n")
+    row = {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "query": task["query"],
+           "task_id": task["id"], "task_file": str(tasks), "family": "niah", "scorer": "all_strings",
+           "answer_json": json.dumps(task["answer"]), "pass_rate": 0.5, "episodes": 2}
+    out = tmp_path / "data"
+    out.mkdir()
+    write_rl_prompt_set(out, {"train": [row], "validation": []})
+    assert (out / "rl-validation.jsonl").read_text() == ""
+    for source in (out / "rl", out / "rl-train.jsonl"):
+        ps = load_prompt_set(source, GRPORLMConfig())
+        assert ps.rows == [{"prompt": row["prompt"], "task_id": task["id"]}]
+        assert ps.tasks == {task["id"]: task} and ps.base_dirs[task["id"]] == tmp_path

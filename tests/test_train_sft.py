@@ -22,7 +22,7 @@ from rlm_train.train.sft import (PackedCollator, SFTConfig, build_train_dataset,
                                  run_sft, tokenize_sample)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import build_tiny_qwen3, rlm_sample, write_jsonl  # noqa: E402
+from rlm_train.testing.tiny_models import build_tiny_qwen3, rlm_sample, write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "tiny-cpu-sft.yaml"
@@ -227,7 +227,7 @@ def test_saved_adapter_loads_back_and_generates(lora_run, tiny):
 
     from rlm_train.models.base import SamplingParams
     from rlm_train.models.loading import load_causal_lm
-    from rlm_train.models.spec import build_policy
+    from rlm_train.policies.spec import build_policy
 
     out = Path(lora_run["cfg"].output_dir)
     adapter = out / "adapter"

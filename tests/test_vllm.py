@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import build_tiny_qwen3  # noqa: E402
+from rlm_train.testing.tiny_models import build_tiny_qwen3  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -18,7 +18,13 @@ class SandboxError(RuntimeError):
 
 @dataclass
 class SandboxConfig:
-    timeout_s: float = 10.0
+    """The sandbox's limits. Also a recipe section (`rlm.sandbox`): pydantic validates it
+    there, and unknown keys are errors (`__pydantic_config__`, a plain dict here so the
+    worker never imports pydantic)."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    timeout_s: float = 30.0
     """Wall seconds one cell may run, not counting time spent waiting on host sub-calls
     (those are bounded by the RLM budget and the client timeouts)."""
     memory_mb: int = 2048

@@ -21,25 +21,17 @@ def add_policy_arguments(parser: argparse.ArgumentParser, required: bool = True)
     )
     parser.add_argument("--sub-base-url", action="append", default=[], help="server(s) for the sub-policy (default: --base-url)")
     parser.add_argument("--max-retries", type=int, help="openai: retries per request on connection errors/429/5xx (default 5)")
-    parser.add_argument("--request-timeout", type=float, help="openai: seconds per request before it is retried (default 120)")
+    parser.add_argument("--request-timeout-s", type=float, help="openai: seconds per request before it is retried (default 120)")
     parser.add_argument("--max-concurrency", type=int, help="openai: requests in flight per policy (default 64)")
 
 
-def build_policies(args: argparse.Namespace):
-    from rlm_train.models.spec import build_policy
+def client_options(args: argparse.Namespace, base=None):
+    """The ClientOptions the flags set, on top of `base` (a recipe's)."""
+    from rlm_train.policies.spec import ClientOptions
 
-    def client_options(spec: str) -> dict:
-        # Transport options only mean something to HTTP backends.
-        if not spec.startswith("openai:"):
-            return {}
-        return {"max_retries": args.max_retries, "timeout_s": args.request_timeout, "max_concurrency": args.max_concurrency}
-
-    policy = build_policy(args.policy, base_urls=args.base_url, **client_options(args.policy))
-    sub_policy = None
-    if args.sub_policy:
-        sub_base_urls = args.sub_base_url or args.base_url
-        sub_policy = build_policy(args.sub_policy, base_urls=sub_base_urls, **client_options(args.sub_policy))
-    return policy, sub_policy
+    flags = {"max_retries": args.max_retries, "request_timeout_s": args.request_timeout_s,
+             "max_concurrency": args.max_concurrency}
+    return (base or ClientOptions()).model_copy(update={k: v for k, v in flags.items() if v is not None})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +76,10 @@ def main(args: argparse.Namespace) -> int:
         overrides.append(f"max_iterations={args.max_iterations}")
     config = load_config(RLMConfig, args.recipe, overrides)
     context = read_context_file(args.context_file)
-    policy, sub_policy = build_policies(args)
+    from rlm_train.policies.spec import build_policies
+
+    policy, sub_policy = build_policies(args.policy, args.sub_policy, args.base_url, args.sub_base_url,
+                                        client_options(args))
     hints = {"family": args.family} if args.family else {}
 
     async def go():

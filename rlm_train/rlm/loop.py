@@ -35,7 +35,7 @@ from rlm_train.formats import (
 from rlm_train.models.base import Completion, Policy, PolicyError, SamplingParams
 from rlm_train.rlm import prompts
 from rlm_train.rlm.budget import Budget, BudgetExhausted
-from rlm_train.repl.api import SandboxError
+from rlm_train.repl.api import SandboxConfig, SandboxError
 from rlm_train.rlm.parsing import extract_code_blocks, find_final
 
 
@@ -70,12 +70,9 @@ class RLMConfig(StrictModel):
     """Sampling temperature of the root model (sub-calls use sub_temperature)."""
     sub_temperature: float = Field(0.0, ge=0)
     """Sampling temperature of sub-calls."""
-    timeout_s: float = Field(30.0, gt=0)
-    """Sandbox: wall seconds one cell may compute (time waiting on sub-calls not counted)."""
-    memory_mb: int = Field(2048, ge=64)
-    """Sandbox: memory a worker may use beyond the shared context."""
-    max_output_chars: int = Field(20_000, ge=100)
-    """Sandbox: output kept per cell before truncation."""
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    """The REPL sandbox of every episode in the tree: sandbox.timeout_s, sandbox.memory_mb,
+    sandbox.max_output_chars, ... (fields and defaults: rlm_train.repl.SandboxConfig)."""
 
 
 # REPL cells block their thread while they wait for sub-calls, so the default asyncio
@@ -243,7 +240,7 @@ async def run_episode(
 
 
 async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -> dict[str, Any]:
-    from rlm_train.repl import REPLSession, SandboxConfig
+    from rlm_train.repl import REPLSession
 
     config = tree.config
     episode = _Episode(tree=tree, depth=depth, query=query)
@@ -257,12 +254,7 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
     error: str | None = None
     error_kind: str | None = None
     started = time.monotonic()
-    sandbox = SandboxConfig(
-        timeout_s=config.timeout_s,
-        memory_mb=config.memory_mb,
-        max_output_chars=config.max_output_chars,
-        max_parallel_subcalls=config.subcall_concurrency,
-    )
+    sandbox = config.sandbox
     # The sandbox starts while the model writes its first turn: session start-up
     # (a fork, tens of ms) hides behind the first model call instead of adding to it.
     session = asyncio.ensure_future(_in_thread(lambda: REPLSession(context, config=sandbox, llm=_SubcallBridge(episode))))

@@ -41,10 +41,9 @@ def config_from_args(args: argparse.Namespace):
         "sub_policy": args.sub_policy,
         "base_urls": args.base_url or None,
         "sub_base_urls": args.sub_base_url or None,
-        # The shared policy flags, when this version of add_policy_arguments has them.
-        "max_retries": getattr(args, "max_retries", None),
-        "request_timeout_s": getattr(args, "request_timeout", None),
-        "max_requests_in_flight": getattr(args, "max_concurrency", None),
+        "client.max_retries": args.max_retries,
+        "client.request_timeout_s": args.request_timeout_s,
+        "client.max_concurrency": args.max_concurrency,
         "samples": args.samples,
         "concurrency": args.concurrency,
         "skip_bad_lines": args.skip_bad_lines,

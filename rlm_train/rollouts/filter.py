@@ -364,12 +364,12 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_datasets(out / "sft", sft, _sft_features())
-    write_datasets(out / "rl", rl, _rl_features())
     from rlm_train.formats import write_jsonl_atomic
+    from rlm_train.rollouts.rl_prompts import write_rl_prompt_set
 
     for split in ("train", "validation"):
         write_jsonl_atomic(out / f"sft-{split}.jsonl", sft[split])
-        write_jsonl_atomic(out / f"rl-{split}.jsonl", rl[split])
+    write_rl_prompt_set(out, rl)
 
     repairs = Counter(name for s in samples for name in s.repairs)
     n_samples = len(samples)
@@ -407,16 +407,6 @@ def _sft_features():
         "sample": Value("int64"), "turn": Value("int64"), "num_turns": Value("int64"),
         "score": Value("float64"), "trajectory_id": Value("string"), "policy": Value("string"),
         "repairs": [Value("string")],
-    })
-
-
-def _rl_features():
-    from datasets import Features, Value
-
-    return Features({
-        "prompt": _message_feature(), "query": Value("string"), "task_id": Value("string"),
-        "task_file": Value("string"), "family": Value("string"), "scorer": Value("string"),
-        "answer_json": Value("string"), "pass_rate": Value("float64"), "episodes": Value("int64"),
     })
 
 

@@ -26,6 +26,8 @@ from rlm_train import eventloop
 from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
 from rlm_train.formats import ERROR_MODEL, OUTCOME_ERROR, append_jsonl, load_task_context, write_text_atomic
+from rlm_train.policies.spec import ClientOptions
+from rlm_train.policies.spec import build_policies as build_policies_from_specs
 from rlm_train.rlm.loop import RLMConfig
 from rlm_train.rollouts import store
 from rlm_train.rollouts.tasks_file import load_tasks
@@ -57,12 +59,8 @@ class GenerateConfig(StrictModel):
     """This process takes tasks i with i % num_shards == shard_index (e.g. a Slurm array task)."""
     num_shards: int = Field(1, ge=1)
     """Processes splitting the task file between them, all writing into the same run directory."""
-    request_timeout_s: float = Field(120.0, gt=0)
-    """openai: policies: seconds to wait for one answer before retrying."""
-    max_retries: int = Field(5, ge=0)
-    """openai: policies: retries of one request (connection errors, timeouts, 5xx, 429)."""
-    max_requests_in_flight: int = Field(1024, ge=1)
-    """openai: policies: HTTP requests in flight at once per policy (root turns and sub-calls together)."""
+    client: ClientOptions = Field(default_factory=lambda: ClientOptions(max_concurrency=1024))
+    """How openai: policies talk to their servers (request_timeout_s, max_retries, max_concurrency)."""
     max_consecutive_failures: int = Field(32, ge=1)
     """Stop when this many episodes in a row got no answer from the server; they are not recorded,
     so a re-run retries them. Episodes that fail between successes are recorded with their error."""
@@ -90,27 +88,9 @@ def run_identity(config: GenerateConfig, tasks_sha256: str) -> dict[str, Any]:
     }
 
 
-def _build_policy(spec: str, urls: list[str], config: GenerateConfig):
-    from rlm_train.models.spec import build_policy, parse_policy_spec
-
-    options: dict[str, Any] = {}
-    if parse_policy_spec(spec)[0] == "openai":
-        options = {
-            "timeout_s": config.request_timeout_s,
-            "max_retries": config.max_retries,
-            "max_concurrency": config.max_requests_in_flight,
-        }
-    return build_policy(spec, base_urls=urls, **options)
-
-
 def build_policies(config: GenerateConfig):
-    if not config.policy:
-        raise UserError("no policy: pass --policy (scripted | openai:MODEL | hf:PATH) or set `policy` in the recipe")
-    policy = _build_policy(config.policy, config.base_urls, config)
-    sub_policy = None
-    if config.sub_policy:
-        sub_policy = _build_policy(config.sub_policy, config.sub_base_urls or config.base_urls, config)
-    return policy, sub_policy
+    return build_policies_from_specs(config.policy, config.sub_policy, config.base_urls, config.sub_base_urls,
+                                     config.client)
 
 
 def load_scorer():

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rlm_train.errors import UserError
-from rlm_train.formats import TRAJECTORY_SCHEMA, write_text_atomic
+from rlm_train.formats import SKIP, TORN_LINE, TRAJECTORY_SCHEMA, iter_jsonl, write_text_atomic
 
 MANIFEST_SCHEMA = "rlm-train/generate-run/v1"
 MANIFEST = "manifest.json"
@@ -55,26 +55,21 @@ def shard_files(directory: str | Path) -> list[Path]:
     return sorted(Path(directory).glob(SHARD_GLOB))
 
 
+def _is_trajectory(record: dict[str, Any]) -> str | None:
+    return None if record.get("schema") == TRAJECTORY_SCHEMA else f"not a trajectory (schema {record.get('schema')!r})"
+
+
 def iter_shard(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
-    """Records of one shard; a torn last line is counted and skipped, never fatal."""
-    with path.open("rb") as fh:
-        lines = fh.read().split(b"\n")
-    # split() leaves b"" after a final newline; anything else there is a torn last line.
-    last = lines.pop()
-    if last.strip():
-        stats.torn_lines += 1
-    for lineno, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            stats.bad_lines.append(f"{path}:{lineno}")
-            continue
-        if not isinstance(record, dict) or record.get("schema") != TRAJECTORY_SCHEMA:
-            stats.bad_lines.append(f"{path}:{lineno}")
-            continue
+    """Records of one shard. A bad line is reported on the console with its number and
+    skipped, never fatal; a torn last line (a crash mid-write) is counted apart."""
+    problems: list[str] = []
+    for _, record in iter_jsonl(path, bad_lines=SKIP, check=_is_trajectory, problems=problems):
         yield record
+    for problem in problems:
+        if problem.endswith(TORN_LINE):
+            stats.torn_lines += 1
+        else:
+            stats.bad_lines.append(problem.partition(": ")[0])
 
 
 def read_records(source: str | Path, stats: ReadStats | None = None) -> list[dict[str, Any]]:

@@ -4,7 +4,12 @@
     tasks = make_tasks("oolong", n=10, context_tokens=32_000, seed=0)
     score(tasks[0], tasks[0]["answer"])  # 1.0
 
-Families: niah, oolong, pairs, multihop, codeqa (see each module's docstring).
+Families: niah, oolong, pairs, multihop, codeqa (see each module's docstring). Each is
+one `Family` (generator, scorer, minimum size) in `rlm_train.tasks.registry`, where a new
+family is registered too.
+
+This package is the bottom layer for tasks: it imports nothing from `rlm_train.models`
+or `rlm_train.policies` (the scripted teacher, oracle and baselines live there, above it).
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ def make_tasks(family: str, n: int, context_tokens: int, seed: int = 0, tokenize
 
 def score(task: dict, answer: Any) -> float:
     """Score a model's answer to a task in [0, 1]; the task's own answer scores 1.0."""
-    from rlm_train.tasks.scoring import score as _score
+    from rlm_train.tasks.registry import score as _score
 
     return _score(task, answer)
 
 
-FAMILIES = ("niah", "oolong", "pairs", "multihop", "codeqa")
+FAMILIES = ("niah", "oolong", "pairs", "multihop", "codeqa")  # the built-ins (registry.BUILTIN), by name
 
 __all__ = ["FAMILIES", "make_tasks", "score"]

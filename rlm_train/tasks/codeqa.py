@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 
 from rlm_train.tasks import corpora
 from rlm_train.tasks.common import letters
+from rlm_train.tasks.family import Family
+from rlm_train.tasks.scoring import score_mcq
 
-FAMILY = "codeqa"
-SCORER = "mcq"
 MIN_TOKENS = 1000  # one small module
 
 FILE_HEADER = "# ==== File: {path} ===="
@@ -217,3 +218,19 @@ def generate(rng: random.Random, target_chars: int, split: str) -> dict:
         "answer": answer,
         "meta": {"question_kind": kind, "files": len(files), "source": corpora.stdlib_version()},
     }
+
+
+def score(task: dict, answer) -> float:
+    """The letter chosen, LongBench-v2 style."""
+    return score_mcq(task["answer"], answer)
+
+
+_FILE = re.compile(r"^# ==== File: (.+) ====$", re.MULTILINE)
+
+
+def split_keys(task: dict) -> dict:
+    return {"file": _FILE.findall(task.get("context", ""))}
+
+
+FAMILY = Family(name="codeqa", generate=generate, scorer="mcq", score=score, min_tokens=MIN_TOKENS,
+                corpus_version=corpora.stdlib_version, split_keys=split_keys)

@@ -9,28 +9,22 @@ from typing import Any
 
 from rlm_train.errors import UserError
 from rlm_train.formats import TASK_SCHEMA, dumps_line, write_text_atomic
-from rlm_train.tasks import codeqa, corpora, multihop, niah, oolong, pairs
+from rlm_train.tasks import corpora
 from rlm_train.tasks.common import CHARS_PER_TOKEN, derive_seed, token_counter
+from rlm_train.tasks.registry import get_family
 
-FAMILIES = {m.FAMILY: m for m in (niah, oolong, pairs, multihop, codeqa)}
 MAX_TOKENS = 16_000_000
 INLINE_MAX_TOKENS = 256_000  # contexts at least this big go to their own file
 
 
-def family_module(family: str):
-    if family not in FAMILIES:
-        raise UserError(f"unknown task family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return FAMILIES[family]
-
-
 def check_length(family: str, context_tokens: int) -> None:
-    module = family_module(family)
+    unit = get_family(family)
     if not isinstance(context_tokens, int) or isinstance(context_tokens, bool):
         raise UserError(f"context_tokens must be an integer, got {context_tokens!r}")
-    if context_tokens < module.MIN_TOKENS:
+    if context_tokens < unit.min_tokens:
         raise UserError(
             f"context_tokens={context_tokens} is smaller than one {family} task can be "
-            f"(at least {module.MIN_TOKENS} tokens: one record set, needle or document group); raise it"
+            f"(at least {unit.min_tokens} tokens: one record set, needle or document group); raise it"
         )
     if context_tokens > MAX_TOKENS:
         raise UserError(f"context_tokens={context_tokens} is above the supported {MAX_TOKENS:,}; lower it")
@@ -46,18 +40,18 @@ def task_seed(family: str, split: str, context_tokens: int, seed: int, index: in
 
 
 def make_task(family: str, context_tokens: int, seed: int, index: int, split: str = "train", tokenizer: Any = None) -> dict:
-    module = family_module(family)
+    unit = get_family(family)
     check_length(family, context_tokens)
     corpora.check_split(split)
     count, method = token_counter(tokenizer)
     per_task_seed = task_seed(family, split, context_tokens, seed, index)
     target_chars = context_tokens * CHARS_PER_TOKEN
-    body = module.generate(random.Random(per_task_seed), target_chars, split)
+    body = unit.generate(random.Random(per_task_seed), target_chars, split)
     tokens = count(body["context"])
     if tokenizer is not None and abs(tokens - context_tokens) > 0.03 * context_tokens and tokens > 0:
         # One rescale with the measured characters-per-token, same seed: deterministic.
         target_chars = int(target_chars * context_tokens / tokens)
-        body = module.generate(random.Random(per_task_seed), target_chars, split)
+        body = unit.generate(random.Random(per_task_seed), target_chars, split)
         tokens = count(body["context"])
     meta = {
         "context_tokens": tokens,
@@ -68,7 +62,7 @@ def make_task(family: str, context_tokens: int, seed: int, index: int, split: st
         "suite_seed": seed,
         "index": index,
         "split": split,
-        "corpus": corpora.stdlib_version() if family == "codeqa" else corpora.corpus_version(),
+        "corpus": unit.corpus_version(),
         **body["meta"],
     }
     return {
@@ -78,7 +72,7 @@ def make_task(family: str, context_tokens: int, seed: int, index: int, split: st
         "query": body["query"],
         "context": body["context"],
         "answer": body["answer"],
-        "scorer": module.SCORER,
+        "scorer": unit.scorer,
         "meta": meta,
     }
 
@@ -92,7 +86,7 @@ def make_tasks(
     The same arguments always give the same tasks. `tokenizer` (an object with
     `.encode`, or a callable) makes `meta.context_tokens` a real count; without it the
     count is the stated estimate of 4 characters a token."""
-    family_module(family)
+    get_family(family)
     check_length(family, context_tokens)
     corpora.check_split(split)
     if not isinstance(n, int) or n < 1:

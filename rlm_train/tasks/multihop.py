@@ -16,9 +16,9 @@ import re
 
 from rlm_train.tasks import corpora
 from rlm_train.tasks.common import insert_at_sentence
+from rlm_train.tasks.family import Family
+from rlm_train.tasks.scoring import score_multihop
 
-FAMILY = "multihop"
-SCORER = "multihop_f1"
 MIN_TOKENS = 1500  # a handful of documents to spread the hops over
 
 DOC_HEADER = "### Document {i}: {title}"
@@ -207,3 +207,23 @@ def _documents(rng: random.Random, target_chars: int, split: str, min_docs: int)
     if len(docs) > min_docs and total > target_chars:
         docs.pop()
     return docs
+
+
+def score(task: dict, answer) -> float:
+    """Normalized exact match, else token F1."""
+    return score_multihop(task["answer"], answer)
+
+
+_DOC_TITLE = re.compile(r"^### Document \d+: (.+)$", re.MULTILINE)
+
+
+def split_keys(task: dict) -> dict:
+    """Invented names (start and answer) and documents."""
+    # A repeated title carries a "(part n)" suffix; its paragraph is the same item.
+    titles = _DOC_TITLE.findall(task.get("context", ""))
+    return {"name": [task["meta"]["start"], task["answer"]],
+            "document": [re.sub(r" \(part \d+\)$", "", t) for t in titles]}
+
+
+FAMILY = Family(name="multihop", generate=generate, scorer="multihop_f1", score=score, min_tokens=MIN_TOKENS,
+                split_keys=split_keys)

@@ -12,9 +12,9 @@ import random
 
 from rlm_train.tasks import corpora
 from rlm_train.tasks.common import insert_at_sentence
+from rlm_train.tasks.family import Family
+from rlm_train.tasks.scoring import score_all_strings
 
-FAMILY = "niah"
-SCORER = "all_strings"
 MIN_TOKENS = 500  # a needle and a few sentences of haystack
 
 VARIANTS = ("single", "multikey", "multivalue", "distractor")
@@ -119,3 +119,16 @@ def _haystack(rng: random.Random, target_chars: int, split: str) -> str:
     # Cut at a sentence end so the haystack is whole sentences.
     cut = text.rfind(". ", 0, max(target_chars, 1))
     return text[: cut + 1] if cut > 0 else text[:target_chars]
+
+
+def score(task: dict, answer) -> float:
+    """RULER string_match_all over the needle value(s)."""
+    return score_all_strings(task["answer"], answer)
+
+
+def split_keys(task: dict) -> dict:
+    return {"niah_key": task["meta"]["keys"]}
+
+
+FAMILY = Family(name="niah", generate=generate, scorer="all_strings", score=score, min_tokens=MIN_TOKENS,
+                split_keys=split_keys)

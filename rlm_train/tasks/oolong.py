@@ -12,13 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 
 from rlm_train.tasks import corpora
+from rlm_train.tasks.family import Family
+from rlm_train.tasks.scoring import score_oolong
 
-FAMILY = "oolong"
-SCORER = "oolong"
 MIN_TOKENS = 1000  # about 30 records: enough for a question with a unique answer
 
 RECORD_FORMAT = "Date: {date} || User: {user} || Instance: {text}"
@@ -171,3 +172,22 @@ def generate(rng: random.Random, target_chars: int, split: str) -> dict:
         "meta": {"question_kind": kind, "records": len(records), "users": len({r.user for r in records}),
                  "labels": list(corpora.LABELS)},
     }
+
+
+def score(task: dict, answer) -> float:
+    """Labels: exact match; numbers: 0.75 ** |error| (see scoring.score_oolong)."""
+    return score_oolong(task["answer"], answer, task.get("meta", {}).get("labels") or [])
+
+
+_INSTANCE_TEXT = re.compile(r"\|\| Instance: (.*)$", re.MULTILINE)
+_USER = re.compile(r"\|\| User: (\d+) \|\|")
+
+
+def split_keys(task: dict) -> dict:
+    """Instance texts and user ids of the records (shared with `pairs`)."""
+    context = task.get("context", "")
+    return {"instance": _INSTANCE_TEXT.findall(context), "user": _USER.findall(context)}
+
+
+FAMILY = Family(name="oolong", generate=generate, scorer="oolong", score=score, min_tokens=MIN_TOKENS,
+                split_keys=split_keys)

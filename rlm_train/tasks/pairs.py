@@ -24,9 +24,9 @@ import random
 from collections import Counter, defaultdict
 
 from rlm_train.tasks import corpora, oolong
+from rlm_train.tasks.family import Family
+from rlm_train.tasks.scoring import score_pairs
 
-FAMILY = "pairs"
-SCORER = "pairs_f1"
 MIN_TOKENS = 1000
 MAX_PAIRS = 300  # keep answers listable; predicates are retried until one fits
 
@@ -199,3 +199,12 @@ def generate(rng: random.Random, target_chars: int, split: str) -> dict:
             "labels": list(corpora.LABELS),
         },
     }
+
+
+def score(task: dict, answer) -> float:
+    """F1 between the answer's user-id pairs and the expected ones."""
+    return score_pairs(task["answer"], answer)
+
+
+FAMILY = Family(name="pairs", generate=generate, scorer="pairs_f1", score=score, min_tokens=MIN_TOKENS,
+                split_keys=oolong.split_keys)

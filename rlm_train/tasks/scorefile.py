@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rlm_train.errors import UserError
 from rlm_train.formats import iter_jsonl
-from rlm_train.tasks.scoring import score
+from rlm_train.tasks.registry import score
 
 
 def load_predictions(path: str | Path) -> dict[str, object]:

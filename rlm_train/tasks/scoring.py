@@ -1,7 +1,9 @@
-"""Scorers: pure functions (task, answer) -> score in [0, 1], one per `task["scorer"]`.
+"""Scoring functions: pure (expected, answer) -> score in [0, 1], one per kind of answer.
 
 An answer is what a model returned (usually a string; lists and numbers are accepted
-too), and a task's own `answer` value always scores 1.0.
+too), and a task's own `answer` value always scores 1.0. Each family's `Family.score`
+applies one of these to a task; `rlm_train.tasks.registry.score` finds that by the
+task's `scorer` name.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Any, Callable
+from typing import Any
 
 from rlm_train.errors import UserError
 
@@ -166,28 +168,3 @@ def parse_choice(answer: Any) -> str | None:
 
 def score_mcq(expected: Any, answer: Any) -> float:
     return 1.0 if parse_choice(answer) == parse_choice(expected) else 0.0
-
-
-# ---------------------------------------------------------------- dispatch
-
-SCORERS: dict[str, Callable[[dict, Any], float]] = {
-    "all_strings": lambda task, answer: score_all_strings(task["answer"], answer),
-    "oolong": lambda task, answer: score_oolong(task["answer"], answer, task.get("meta", {}).get("labels") or []),
-    "pairs_f1": lambda task, answer: score_pairs(task["answer"], answer),
-    "multihop_f1": lambda task, answer: score_multihop(task["answer"], answer),
-    "mcq": lambda task, answer: score_mcq(task["answer"], answer),
-}
-
-
-def score(task: dict, answer: Any) -> float:
-    """Score one answer to one task, in [0, 1]. Unknown scorers and tasks without an
-    answer are UserErrors naming the task."""
-    name = task.get("scorer")
-    if name not in SCORERS:
-        raise UserError(
-            f"task {task.get('id')!r}: unknown scorer {name!r}; expected one of {', '.join(SCORERS)}"
-        )
-    if "answer" not in task:
-        raise UserError(f"task {task.get('id')!r}: has no 'answer' field to score against")
-    value = SCORERS[name](task, answer)
-    return min(1.0, max(0.0, float(value)))

@@ -9,7 +9,6 @@ is derived from its split); `check_disjoint` verifies this on what was generated
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
 from rlm_train.formats import write_text_atomic
 from rlm_train.tasks import corpora
-from rlm_train.tasks.generate import FAMILIES, INLINE_MAX_TOKENS, check_length, make_tasks, write_tasks
+from rlm_train.tasks.generate import INLINE_MAX_TOKENS, check_length, make_tasks, write_tasks
+from rlm_train.tasks.registry import family_names, get_family
 
 
 class SplitCounts(StrictModel):
@@ -49,8 +49,8 @@ class TaskSuiteConfig(StrictModel):
     @classmethod
     def _known_families(cls, value: dict[str, SplitCounts]) -> dict[str, SplitCounts]:
         for name in value:
-            if name not in FAMILIES:
-                raise ValueError(f"unknown task family {name!r}; choose from {', '.join(FAMILIES)}")
+            if name not in family_names():
+                raise ValueError(f"unknown task family {name!r}; choose from {', '.join(family_names())}")
         return value
 
 
@@ -98,38 +98,22 @@ def build_suite(config: TaskSuiteConfig, tokenizer: Any = None, progress=print) 
     return manifest
 
 
-_OOLONG_TEXT = re.compile(r"\|\| Instance: (.*)$", re.MULTILINE)
-_OOLONG_USER = re.compile(r"\|\| User: (\d+) \|\|")
-_CODE_FILE = re.compile(r"^# ==== File: (.+) ====$", re.MULTILINE)
-_DOC_TITLE = re.compile(r"^### Document \d+: (.+)$", re.MULTILINE)
-
-
 def split_keys(tasks: list[dict]) -> dict[str, set]:
-    """Everything that must not cross splits, read back from the tasks themselves."""
-    keys: dict[str, set] = {name: set() for name in ("seed", "id", "niah_key", "name", "instance", "user", "file", "document")}
+    """Everything that must not cross splits, read back from the tasks themselves: the
+    seed and id of every task, and what each task's family names (`Family.split_keys`)."""
+    keys: dict[str, set] = {"seed": set(), "id": set()}
     for task in tasks:
-        meta, context = task["meta"], task.get("context", "")
-        keys["seed"].add(meta["seed"])
+        keys["seed"].add(task["meta"]["seed"])
         keys["id"].add(task["id"])
-        family = task["family"]
-        if family == "niah":
-            keys["niah_key"].update(meta["keys"])
-        elif family in ("oolong", "pairs"):
-            keys["instance"].update(_OOLONG_TEXT.findall(context))
-            keys["user"].update(_OOLONG_USER.findall(context))
-        elif family == "multihop":
-            keys["name"].update([meta["start"], task["answer"]])
-            # A repeated title carries a "(part n)" suffix; its paragraph is the same item.
-            keys["document"].update(re.sub(r" \(part \d+\)$", "", t) for t in _DOC_TITLE.findall(context))
-        elif family == "codeqa":
-            keys["file"].update(_CODE_FILE.findall(context))
+        for name, values in get_family(task["family"]).split_keys(task).items():
+            keys.setdefault(name, set()).update(values)
     return keys
 
 
 def check_disjoint(train: list[dict], heldout: list[dict]) -> None:
     a, b = split_keys(train), split_keys(heldout)
     for name in a:
-        shared = a[name] & b[name]
+        shared = a[name] & b.get(name, set())
         if shared:
             example = sorted(map(str, shared))[0]
             raise RuntimeError(f"train and heldout share {len(shared)} {name} value(s), e.g. {example!r}")

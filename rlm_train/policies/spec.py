@@ -6,29 +6,52 @@
     hf:PATH[+adapter:PATH]    in-process transformers, optionally with a PEFT adapter
 
 Backends are imported only when built, so parsing a spec (and `rlm-train
---help`) never pays for torch or transformers.
+--help`) never pays for torch or transformers. This is the one composition root:
+every command and stage builds its root and sub policies with `build_policies`, from
+the specs plus one `ClientOptions` (how openai: policies talk to their servers).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 from typing import Any
 
+from pydantic import Field
+
+from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
 from rlm_train.models.base import Policy
 
 VALID_FORMS = ("scripted | oracle | openai:MODEL (with --base-url http://HOST:PORT/v1, repeatable) "
                "| hf:PATH[+adapter:PATH]")
 
-# kind -> "module:Class", imported lazily.
-_BACKENDS = {
-    "scripted": "rlm_train.models.scripted:ScriptedTeacher",
-    "oracle": "rlm_train.tasks.oracle:OraclePolicy",
-    "openai": "rlm_train.models.openai_client:OpenAIPolicy",
-    "hf": "rlm_train.models.hf:HFPolicy",
-}
+
+def _scripted() -> type:
+    from rlm_train.policies.scripted import ScriptedTeacher
+
+    return ScriptedTeacher
+
+
+def _oracle() -> type:
+    from rlm_train.policies.oracle import OraclePolicy
+
+    return OraclePolicy
+
+
+def _openai() -> type:
+    from rlm_train.models.openai_client import OpenAIPolicy
+
+    return OpenAIPolicy
+
+
+def _hf() -> type:
+    from rlm_train.models.hf import HFPolicy
+
+    return HFPolicy
+
+
+# kind -> the backend class, imported when first built (plain imports, so tools see them).
+_BACKENDS = {"scripted": _scripted, "oracle": _oracle, "openai": _openai, "hf": _hf}
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -54,19 +77,40 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     raise UserError(f"unknown policy spec {spec!r}; valid forms: {VALID_FORMS}")
 
 
-def build_policy(spec: str, base_urls: list[str] | None = None, **options: Any) -> Policy:
-    """Build the policy a spec names; its `.name` is the spec string.
+class ClientOptions(StrictModel):
+    """How openai: policies talk to their servers (other policies ignore it). One vocabulary
+    for every command and recipe: `--request-timeout-s`, `--max-retries`, `--max-concurrency`."""
 
-    `base_urls` is used by openai: specs only. `options` go to the backend's
-    constructor (e.g. timeout_s, max_concurrency for openai:); an option left at
-    None is dropped so the backend default applies, and a set option the backend
-    does not take is an error rather than silently ignored. For openai: the API
-    key is read from the environment variable `api_key_env` (default
-    OPENAI_API_KEY; "EMPTY" when unset, which is what vLLM expects).
-    """
+    request_timeout_s: float = Field(120.0, gt=0)
+    """Seconds to wait for one answer before the request is retried (an HTTP timeout, not a cell's)."""
+    max_retries: int = Field(5, ge=0)
+    """Retries of one request (connection errors, timeouts, 5xx, 429), with backoff and jitter."""
+    max_concurrency: int = Field(64, ge=1)
+    """HTTP requests in flight at once per policy (root turns and sub-calls together)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key ("EMPTY" when unset, which is what vLLM expects)."""
+
+
+def build_policies(policy: str | None, sub_policy: str | None = None, base_urls: list[str] | None = None,
+                   sub_base_urls: list[str] | None = None,
+                   client: ClientOptions | None = None) -> tuple[Policy, Policy | None]:
+    """The root policy and the sub-policy (None: sub-calls use the root policy). The
+    sub-policy's servers default to the root's."""
+    if not policy:
+        raise UserError("no policy: pass --policy (scripted | openai:MODEL | hf:PATH) or set `policy` in the recipe")
+    client = client or ClientOptions()
+    root = build_policy(policy, base_urls, client)
+    sub = build_policy(sub_policy, sub_base_urls or base_urls, client) if sub_policy else None
+    return root, sub
+
+
+def build_policy(spec: str, base_urls: list[str] | None = None, client: ClientOptions | None = None) -> Policy:
+    """Build the policy a spec names; its `.name` is the spec string. `base_urls` and
+    `client` are used by openai: specs only."""
     kind, args = parse_policy_spec(spec)
-    options = {k: v for k, v in options.items() if v is not None}
+    options: dict[str, Any] = {}
     if kind == "openai":
+        client = client or ClientOptions()
         urls = [u.strip() for u in (base_urls or []) if u and u.strip()]
         if not urls:
             raise UserError(f"policy {spec!r} needs a server: pass --base-url http://HOST:PORT/v1 "
@@ -74,20 +118,19 @@ def build_policy(spec: str, base_urls: list[str] | None = None, **options: Any) 
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise UserError(f"--base-url {url!r} must look like http://HOST:PORT/v1")
-        key_env = options.pop("api_key_env", "OPENAI_API_KEY")
-        api_key = options.pop("api_key", None) or os.environ.get(key_env) or "EMPTY"
+        api_key = os.environ.get(client.api_key_env) or "EMPTY"
         args = {**args, "base_urls": urls, "api_key": api_key, "name": spec}
+        options = {"request_timeout_s": client.request_timeout_s, "max_retries": client.max_retries,
+                   "max_concurrency": client.max_concurrency}
     cls = _load(kind, spec)
-    _check_options(cls, kind, spec, options)
     policy = cls(**args, **options)
     policy.name = spec
     return policy
 
 
 def _load(kind: str, spec: str) -> type:
-    module_name, _, attr = _BACKENDS[kind].partition(":")
     try:
-        module = importlib.import_module(module_name)
+        return _BACKENDS[kind]()
     except ModuleNotFoundError as e:
         # A missing third-party package is a setup problem the user can fix; a
         # missing project module is a bug and should surface as is.
@@ -95,13 +138,3 @@ def _load(kind: str, spec: str) -> type:
             raise UserError(f"policy {spec!r} needs the Python package {e.name!r}; "
                             "install the training extra: pip install -e '.[train]'") from e
         raise
-    return getattr(module, attr)
-
-
-def _check_options(cls: type, kind: str, spec: str, options: dict[str, Any]) -> None:
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise UserError(f"option(s) {', '.join(unknown)} do not apply to policy {spec!r} ({kind})")

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import re
 
-from rlm_train.models.scripted import repl_block
-from rlm_train.models.scripted.view import EpisodeView
+from rlm_train.policies.scripted.view import EpisodeView, repl_block
 
 # A literal triple backtick inside a ```repl block would end the block early.
 SETUP = """import ast, re

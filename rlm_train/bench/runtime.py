@@ -1,92 +1,21 @@
-"""`rlm-train bench <what>`: speed and memory goals as ratios against a baseline (or an
-ideal) measured in the same run. Never a timed test.
-
-    rlm-train bench runtime     REPL round trip, session start + shared memory, loop overhead
-    rlm-train bench tasks       task generation speed
-    rlm-train bench generate    trajectory generation at concurrency vs ideal
-    rlm-train bench train       SFT tokens/s, our recipe vs TRL defaults
-"""
+"""`rlm-train bench runtime`: (a) REPL round trip, (b) session start and shared memory,
+(c) the cost of each sandbox isolation layer, (d) the RLM loop's overhead on the shared
+scenario (`rlm_train.bench.scenario`) against a local mock server, with the reference
+library `rlms` side by side when it is installed."""
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib
-import json
 import logging
 import statistics
-import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
-BENCHES: dict[str, tuple[str, str]] = {
-    "runtime": ("rlm_train.bench", "bench_runtime"),
-    "tasks": ("rlm_train.tasks.bench", "bench_tasks"),
-    "generate": ("rlm_train.rollouts.bench", "bench_generate"),
-    "train": ("rlm_train.train.bench", "bench_train"),
-}
+from rlm_train.bench import verdict
+from rlm_train.bench.scenario import ROOT_TURNS, RUNTIME_SUB_CALLS, scenario_context
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=list(BENCHES), help="which benchmark to run")
-    parser.add_argument("--repeats", type=int, default=5, help="repeats of timed scenarios (median reported)")
-    parser.add_argument("--json-out", help="also write every number to this JSON file")
-
-
-def main(args: argparse.Namespace) -> int:
-    module_name, fn_name = BENCHES[args.what]
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    results = fn(repeats=args.repeats) if args.what == "runtime" else fn()
-    if args.json_out:
-        from rlm_train.formats import write_text_atomic
-
-        write_text_atomic(args.json_out, json.dumps(results, indent=2) + "\n")
-    return 0
-
-
-# -- runtime ----------------------------------------------------------------------------
-
-SCENARIO_CHUNKS = 32
-
-
-def _scenario_code(turn: int, finish: Callable[[str], str]) -> str:
-    """The three root turns of the runtime scenario: peek, 32 batched sub-calls, answer."""
-    if turn == 0:
-        return "print(len(context))\nprint(context[:200])"
-    if turn == 1:
-        return (
-            f"size = len(context) // {SCENARIO_CHUNKS}\n"
-            f"chunks = [context[i * size:(i + 1) * size] for i in range({SCENARIO_CHUNKS})]\n"
-            "replies = llm_query_batched(['Summarize in one word: ' + c[:2000] for c in chunks])\n"
-            "print(len(replies), replies[0])"
-        )
-    return finish("str(len(replies))")
-
-
-def scenario_responder(finish: Callable[[str], str]):
-    """Mock server replies: root conversations (they carry a system prompt) get the
-    scenario's turns; sub-calls get a one-word answer."""
-
-    def respond(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
-        if not any(m.get("role") == "system" for m in messages):
-            return "ok"
-        turn = sum(1 for m in messages if m.get("role") == "assistant")
-        return "```repl\n" + _scenario_code(turn, finish) + "\n```"
-
-    return respond
-
-
-def _ours_finish(expr: str) -> str:
-    return f"FINAL({expr})"
-
-
-def _rlms_finish(expr: str) -> str:
-    return f'answer["content"] = {expr}\nanswer["ready"] = True'
-
-
-# Importable by name, so the mock server can run them in its own process.
-ours_scenario_responder = scenario_responder(_ours_finish)
-rlms_scenario_responder = scenario_responder(_rlms_finish)
+RUNTIME_KEY = "runtime"  # the answer the scenario's context states
 
 
 def _time_ours(base_url: str, context: str, repeats: int) -> tuple[list[float], dict]:
@@ -97,7 +26,7 @@ def _time_ours(base_url: str, context: str, repeats: int) -> tuple[list[float], 
 
     async def go():
         policy = OpenAIPolicy("mock-model", [base_url], max_retries=0)
-        config = RLMConfig(subcall_concurrency=SCENARIO_CHUNKS)
+        config = RLMConfig(subcall_concurrency=RUNTIME_SUB_CALLS)
         walls, traj = [], None
         try:
             for _ in range(repeats):
@@ -106,7 +35,7 @@ def _time_ours(base_url: str, context: str, repeats: int) -> tuple[list[float], 
                 walls.append(time.perf_counter() - started)
         finally:
             await policy.aclose()
-        assert traj["final"] == str(SCENARIO_CHUNKS), f"scenario went wrong: {traj['outcome']} {traj['error']}"
+        assert traj["final"] == RUNTIME_KEY, f"scenario went wrong: {traj['outcome']} {traj['error']}"
         return walls, traj
 
     return eventloop.run(go())
@@ -119,7 +48,7 @@ def _time_rlms(base_url: str, context: str, repeats: int) -> tuple[list[float], 
         backend="openai",
         backend_kwargs={"model_name": "mock-model", "base_url": base_url, "api_key": "EMPTY"},
         max_iterations=6,
-        max_concurrent_subcalls=SCENARIO_CHUNKS,
+        max_concurrent_subcalls=RUNTIME_SUB_CALLS,
     )
     walls, result = [], None
     # The reference client logs a harmless "event loop is closed" at teardown; keep it off our output.
@@ -134,7 +63,7 @@ def _time_rlms(base_url: str, context: str, repeats: int) -> tuple[list[float], 
         gc.collect()  # its clients are torn down here, while the log is quiet
     finally:
         asyncio_log.setLevel(level)
-    assert str(result.response).strip() == str(SCENARIO_CHUNKS), f"rlms scenario went wrong: {result.response!r}"
+    assert str(result.response).strip() == RUNTIME_KEY, f"rlms scenario went wrong: {result.response!r}"
     return walls, result
 
 
@@ -147,15 +76,15 @@ def _rlms_available() -> bool:
 
 
 def _scenario(latency_s: float, repeats: int, context: str) -> dict[str, Any]:
-    from rlm_train.models.mock_server import mock_server_process
+    from rlm_train.testing.mock_server import mock_server_process
 
-    ideal = 4 * latency_s  # 3 root calls + 1 round of parallel sub-calls
+    ideal = (ROOT_TURNS + 1) * latency_s  # the root calls + 1 round of parallel sub-calls
     out: dict[str, Any] = {"latency_ms": latency_s * 1000, "ideal_s": ideal}
-    runners = [("rlm_train", _time_ours, "ours_scenario_responder")]
+    runners = [("rlm_train", _time_ours, "runtime_responder")]
     if _rlms_available():
-        runners.append(("rlms", _time_rlms, "rlms_scenario_responder"))
+        runners.append(("rlms", _time_rlms, "rlms_runtime_responder"))
     for label, runner, responder in runners:
-        with mock_server_process(f"rlm_train.bench:{responder}", latency_ms=latency_s * 1000) as base_url:
+        with mock_server_process(f"rlm_train.bench.scenario:{responder}", latency_ms=latency_s * 1000) as base_url:
             runner(base_url, context, 1)  # warm-up: fork-server, imports
             walls, _ = runner(base_url, context, repeats)
         out[label] = {"median_s": statistics.median(walls), "min_s": min(walls), "runs": len(walls)}
@@ -163,37 +92,38 @@ def _scenario(latency_s: float, repeats: int, context: str) -> dict[str, Any]:
 
 
 def bench_runtime(repeats: int = 5) -> dict[str, Any]:
-    from rlm_train.repl.bench import bench_layers, bench_roundtrip, bench_session_start
+    from rlm_train.bench.sandbox import bench_layers, bench_roundtrip, bench_session_start
 
     results: dict[str, Any] = {}
     print("(a) trivial cell round trip, 10 MB context", flush=True)
     rt = bench_roundtrip(context_mb=10)
     results["roundtrip"] = rt
     goal = rt["goal_p50_ms"]
-    print(f"    p50 {rt['p50_ms']:.3f} ms   p90 {rt['p90_ms']:.3f} ms   goal p50 < {goal:g} ms  {_ok(rt['p50_ms'] < goal)}")
+    print(f"    p50 {rt['p50_ms']:.3f} ms   p90 {rt['p90_ms']:.3f} ms   goal p50 < {goal:g} ms  {verdict(rt['p50_ms'] < goal)}")
 
     print("(b) new session, 50 MB context; 8 sessions sharing it", flush=True)
     ss = bench_session_start(context_mb=50, sessions=8)
     results["session_start"] = ss
     goal = ss["goal_start_ms"]
-    print(f"    cold (ships the context) {ss['cold_start_ms']:.1f} ms   warm p50 {ss['warm_start_p50_ms']:.1f} ms   goal < {goal:g} ms  {_ok(ss['warm_start_p50_ms'] < goal)}")
+    print(f"    cold (ships the context) {ss['cold_start_ms']:.1f} ms   warm p50 {ss['warm_start_p50_ms']:.1f} ms   goal < {goal:g} ms  {verdict(ss['warm_start_p50_ms'] < goal)}")
     ratio, goal = ss["pss_ratio"], ss["goal_pss_ratio"]
     all_mb = ss[f"pss_{ss['sessions']}_mb"]
-    print(f"    memory: 1 session {ss['pss_one_mb']:.0f} MB, {ss['sessions']} sessions {all_mb:.0f} MB  ratio {ratio:.2f}x  goal < {goal:g}x  {_ok(ratio < goal)}")
+    print(f"    memory: 1 session {ss['pss_one_mb']:.0f} MB, {ss['sessions']} sessions {all_mb:.0f} MB  ratio {ratio:.2f}x  goal < {goal:g}x  {verdict(ratio < goal)}")
 
     results["layers"] = _print_layers(bench_layers())
 
-    context = ("The quick brown fox jumps over the lazy dog. " * 23_000)[: 1_000_000]
-    print("(d) 3 root turns + 32 batched sub-calls, 1 MB context, local mock server", flush=True)
+    context = scenario_context(RUNTIME_KEY, "The quick brown fox jumps over the lazy dog. ", 1_000_000)
+    print(f"(d) the shared scenario: {ROOT_TURNS} root turns + {RUNTIME_SUB_CALLS} batched sub-calls, 1 MB context, "
+          "local mock server", flush=True)
     for latency in (0.1, 0.0):
         sc = _scenario(latency, repeats, context)
         results[f"scenario_{int(latency * 1000)}ms"] = sc
         ours = sc["rlm_train"]["median_s"]
         if latency:
             ratio = ours / sc["ideal_s"]
-            line = f"    {latency * 1000:.0f} ms latency: rlm_train {ours:.3f} s  wall/ideal {ratio:.2f} (ideal {sc['ideal_s']:.1f} s)  goal <= 1.15  {_ok(ratio <= 1.15)}"
+            line = f"    {latency * 1000:.0f} ms latency: rlm_train {ours:.3f} s  wall/ideal {ratio:.2f} (ideal {sc['ideal_s']:.1f} s)  goal <= 1.15  {verdict(ratio <= 1.15)}"
         else:
-            line = f"      0 ms latency: rlm_train {ours * 1000:.1f} ms (the loop's own fixed cost)  goal < 60 ms  {_ok(ours < 0.060)}"
+            line = f"      0 ms latency: rlm_train {ours * 1000:.1f} ms (the loop's own fixed cost)  goal < 60 ms  {verdict(ours < 0.060)}"
         if "rlms" in sc:
             theirs = sc["rlms"]["median_s"]
             line += f"\n                    reference rlms {theirs:.3f} s  (rlms / rlm_train = {theirs / ours:.2f}x)"
@@ -229,11 +159,3 @@ def _print_layers(lr: dict[str, Any]) -> dict[str, Any]:
     print(f"    noise (largest half-IQR of the paired differences): round trip {noise['roundtrip_p50_ms']:.4f} ms, "
           f"warm start {noise['warm_start_p50_ms']:.2f} ms, PSS ratio {noise['pss_ratio']:.3f}")
     return lr
-
-
-def _ok(passed: bool) -> str:
-    return "ok" if passed else "MISSED"
-
-
-if __name__ == "__main__":
-    sys.exit(main(argparse.Namespace(what="runtime", repeats=5, json_out=None)))

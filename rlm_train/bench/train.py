@@ -13,7 +13,7 @@ RLM samples for a few steps; the first step of each is warm-up and not timed.
 
 Tokens/s counts real (non-pad) tokens, prompt and answer, per second of training steps.
 
-    rlm-train bench train   (or python -m rlm_train.train.bench for the JSON report)
+    rlm-train bench train [--json-out REPORT.json]
 """
 
 from __future__ import annotations
@@ -178,7 +178,3 @@ def bench_train(model: str = "gemma3-270m", steps: int = 3, baseline_steps: int 
 
 def best_threads(ours: list[dict]) -> int:
     return max(ours, key=lambda r: r["tokens_per_s"])["threads"]
-
-
-if __name__ == "__main__":
-    print(json.dumps(bench_train(), indent=2))

@@ -7,8 +7,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlm_train.tasks import corpora
-from rlm_train.tasks.generate import FAMILIES, make_tasks, write_tasks
+from rlm_train.tasks import FAMILIES, corpora
+from rlm_train.tasks.generate import make_tasks, write_tasks
 
 
 def bench_tasks(n: int = 100, context_tokens: int = 128_000, seed: int = 0) -> dict:
@@ -51,9 +51,3 @@ def bench_tasks(n: int = 100, context_tokens: int = 128_000, seed: int = 0) -> d
           f"{'ok' if total_s < 30 else 'MISSED'}")
     print("    per task: " + ", ".join(f"{f} {ms:.0f} ms" for f, ms in result["per_task_ms"].items()))
     return result
-
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(bench_tasks(), indent=2))

@@ -7,9 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from rlm_train.models.scripted import oolong as oolong_strategy
-from rlm_train.models.scripted import repl_block
-from rlm_train.models.scripted.view import EpisodeView
+from rlm_train.policies.scripted import oolong as oolong_strategy
+from rlm_train.policies.scripted.view import EpisodeView, repl_block
 from rlm_train.tasks.pairs import TEMPLATES
 
 _SLOTS = {"A": r"(?P<A>\w+)", "B": r"(?P<B>\w+)", "k": r"(?P<k>\d+)", "k2": r"(?P<k2>\d+)",

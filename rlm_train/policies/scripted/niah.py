@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 
-from rlm_train.models.scripted import repl_block
-from rlm_train.models.scripted.view import EpisodeView
+from rlm_train.policies.scripted import generic
+from rlm_train.policies.scripted.view import EpisodeView, repl_block
 
 _QUOTED_RE = re.compile(r"[\"“']([^\"”']{2,80})[\"”']")
 _FOR_RE = re.compile(r"\bfor\s+(.+?)(?:\s+(?:mentioned|in the|that|which)\b|\?|$)", re.IGNORECASE)
@@ -85,8 +85,6 @@ def _final_code(view: EpisodeView) -> str:
 def next_turn(view: EpisodeView) -> str:
     keys = query_keys(view.query)
     if not keys:
-        from rlm_train.models.scripted import generic
-
         return generic.next_turn(view)
     seen = view.all_outputs
     last = view.last_output

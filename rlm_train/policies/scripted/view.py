@@ -1,4 +1,4 @@
-"""What a scripted-teacher strategy sees when it writes its next turn."""
+"""What a scripted-teacher strategy sees when it writes its next turn, and how it writes code."""
 
 from __future__ import annotations
 
@@ -31,3 +31,8 @@ class EpisodeView:
     def all_outputs(self) -> str:
         """Every REPL feedback so far, joined: for checking what an earlier turn printed."""
         return "\n".join(self.outputs)
+
+
+def repl_block(code: str) -> str:
+    """`code` as the fenced ```repl block the RLM loop runs."""
+    return f"```repl\n{code.strip()}\n```"

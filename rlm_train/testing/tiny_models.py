@@ -1,6 +1,8 @@
-"""Tiny random models built in the test run (no model hub): a real Qwen3-shaped config
-with a small byte-level BPE tokenizer trained offline that has Qwen3's special tokens,
-so our qwen3 chat template applies unchanged.
+"""Tiny random models built offline (no model hub), for tests and the tiny recipes: a real
+Qwen3-shaped config with a small byte-level BPE tokenizer trained offline that has Qwen3's
+special tokens, so our qwen3 chat template applies unchanged.
+
+`python scripts/make_tiny_models.py runs/tiny` writes what recipes/tiny-cpu-*.yaml expect.
 """
 
 from __future__ import annotations
@@ -81,13 +83,3 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-if __name__ == "__main__":
-    # `python tests/tiny_models.py runs/tiny`: the model and dataset recipes/tiny-cpu-sft.yaml expects.
-    import sys
-
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")
-    build_tiny_qwen3(root / "model")
-    write_jsonl(root / "sft.jsonl", [rlm_sample(i) for i in range(4)])
-    print(f"wrote {root}/model and {root}/sft.jsonl")

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import re
 
-from rlm_train.models.scripted import repl_block
-from rlm_train.models.scripted.view import EpisodeView
+from rlm_train.policies.scripted.view import EpisodeView, repl_block
 
 _STOP = set(
     "what which who whom whose when where why how is are was were the a an of in on for to and or "

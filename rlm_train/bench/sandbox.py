@@ -1,4 +1,4 @@
-"""REPL sandbox benchmarks (wired into `rlm-train bench runtime`). Each returns a dict of numbers."""
+"""REPL sandbox benchmarks, sections (a)-(c) of `rlm-train bench runtime`. Each returns a dict of numbers."""
 
 from __future__ import annotations
 
@@ -173,9 +173,3 @@ def bench_layers(rounds: int = 16, roundtrip_n: int = 300) -> dict:
     return {"rounds": rounds, "roundtrip_n": roundtrip_n, "pinned_cpu": pinned, "roundtrip_context_mb": 10,
             "session_context_mb": 50, "sessions": 8, "seconds": time.perf_counter() - t0,
             "variants": variants, "cost": cost, "cost_spread": spread}
-
-
-if __name__ == "__main__":
-    print(bench_roundtrip())
-    print(bench_session_start())
-    print({k: v for k, v in bench_layers().items() if k != "variants"})

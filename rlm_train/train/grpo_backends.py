@@ -1,0 +1,170 @@
+"""Token generation for GRPO episodes: blocking backends (the trainer's model in-process, or a vLLM
+server in TRL's server mode) behind an async front that batches the turns of concurrent episodes.
+
+Generation is token-in/token-out: callers pass prompt ids and get sampled ids back."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from rlm_train.models.base import PolicyError, SamplingParams
+
+if TYPE_CHECKING:
+    from rlm_train.train.grpo_config import GRPOConfig
+
+
+@dataclass
+class GenOutput:
+    ids: list[int]
+    logprobs: list[float] | None = None  # sampling logprob of each id (vLLM), None when not known
+
+
+class TransformersBackend:
+    """Generates with the trainer's current model, in-process (CPU, or one GPU)."""
+
+    max_inflight = 1  # one model instance: batches run one after another
+
+    def __init__(self, trainer: Any, tokenizer: Any, stop_ids: list[int]):
+        self.trainer = trainer
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+
+    def generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenOutput]:
+        import torch
+        from trl.models import unwrap_model_for_generation
+
+        trainer = self.trainer
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_tokens,
+            "eos_token_id": self.stop_ids,
+            "pad_token_id": pad,
+            "use_cache": True,
+            "do_sample": sampling.temperature > 0,
+        }
+        if sampling.temperature > 0:
+            # Plain temperature sampling: TRL scores tokens with logits / temperature and nothing else.
+            kwargs.update(temperature=sampling.temperature, top_p=1.0, top_k=0)
+        with unwrap_model_for_generation(
+            trainer.model_wrapped, trainer.accelerator,
+            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+        ) as model, torch.no_grad():
+            was_training = model.training
+            model.eval()
+            try:
+                out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
+            finally:
+                model.train(was_training)
+        results = []
+        for row in out[:, width:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
+            results.append(GenOutput(row[:cut]))
+        return results
+
+
+class VLLMServerBackend:
+    """Generates with a `vllm serve` process (TRL server mode; TRL pushes the weights before each rollout)."""
+
+    max_inflight = 32  # the server batches concurrent requests itself
+
+    def __init__(self, client: Any, stop_ids: list[int]):
+        self.client = client  # trl.generation.vllm_client.VLLMClient or anything with its generate()
+        self.stop_ids = stop_ids
+
+    def generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenOutput]:
+        out = self.client.generate(
+            prompts=prompts, n=1, temperature=sampling.temperature, top_p=1.0, top_k=0,
+            max_tokens=sampling.max_tokens, logprobs=0,
+            generation_kwargs={"stop_token_ids": list(self.stop_ids)},
+        )
+        logprobs = out.get("logprobs")
+        results = []
+        for i, ids in enumerate(out["completion_ids"]):
+            lps = None
+            if logprobs is not None:
+                # Top-1 entry is the sampled token's logprob (None where vLLM had NaN).
+                lps = [float("nan") if lp[0] is None else lp[0] for lp in logprobs[i]]
+            results.append(GenOutput(list(ids), lps))
+        return results
+
+
+class BatchingGenerator:
+    """Async front of a blocking backend: requests that arrive together (concurrent episodes' turns) go
+    to the backend as one batch. `backend.max_inflight` batches run at once (1 for an in-process model,
+    many for a server, so a slow batch does not hold up episodes that are ready). A backend failure
+    fails the whole rollout, never a silent zero reward."""
+
+    def __init__(self, backend: Any, wait_s: float = 0.02):
+        self.backend = backend
+        self.wait_s = wait_s
+        self.pending: list[tuple[list[int], SamplingParams, asyncio.Future]] = []
+        self.flusher: asyncio.Task | None = None
+        self.slots: asyncio.Semaphore | None = None
+        self.running: set[asyncio.Task] = set()
+        self.fatal: BaseException | None = None
+        self.calls = 0
+
+    async def generate(self, prompt_ids: list[int], sampling: SamplingParams) -> GenOutput:
+        if self.fatal is not None:
+            raise PolicyError(f"generation backend failed: {self.fatal}")
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(getattr(self.backend, "max_inflight", 1))
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((prompt_ids, sampling, future))
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self.pending:
+            await asyncio.sleep(self.wait_s)  # let the other episodes' turns join this batch
+            await self.slots.acquire()  # while waiting here, more requests join the next batch
+            batch, self.pending = self.pending, []
+            groups: dict[tuple, list] = {}
+            for item in batch:
+                groups.setdefault((item[1].max_tokens, item[1].temperature), []).append(item)
+            for i, items in enumerate(groups.values()):
+                if i:  # the first group's slot is already held
+                    await self.slots.acquire()
+                task = asyncio.create_task(self._run(items))
+                self.running.add(task)
+                task.add_done_callback(self.running.discard)
+
+    async def _run(self, items: list) -> None:
+        try:
+            outs = await asyncio.to_thread(self.backend.generate_batch, [p for p, _, _ in items], items[0][1])
+            self.calls += 1
+        except Exception as exc:  # noqa: BLE001 - the rollout re-raises it after the batch
+            self.fatal = exc
+            for _, _, fut in items:
+                if not fut.done():
+                    fut.set_exception(PolicyError(f"generation backend failed: {exc}"))
+            return
+        finally:
+            self.slots.release()
+        for (_, _, fut), out in zip(items, outs):
+            if not fut.done():
+                fut.set_result(out)
+
+
+def default_backend_factory(cfg: GRPOConfig, tokenizer: Any) -> Callable[[Any], Any]:
+    """trainer -> the backend rollout.backend names (made once the trainer, whose model it uses, exists)."""
+    from rlm_train.models.loading import end_of_turn_ids
+
+    stop_ids = end_of_turn_ids(tokenizer)
+
+    def factory(trainer: Any) -> Any:
+        if cfg.rollout.backend == "transformers":
+            return TransformersBackend(trainer, tokenizer, stop_ids)
+        from trl.generation.vllm_client import VLLMClient
+
+        # A plain HTTP client per process; TRL's own client (main process) does the weight pushes.
+        client = VLLMClient(base_url=cfg.rollout.vllm_server_url, connection_timeout=cfg.rollout.vllm_server_timeout_s)
+        return VLLMServerBackend(client, stop_ids)
+
+    return factory

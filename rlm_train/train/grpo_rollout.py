@@ -1,0 +1,284 @@
+"""GRPO rollouts: one whole RLM episode per completion TRL asks for.
+
+Each episode runs the project's one loop (`rlm_train.rlm.run_episode`) in the sandbox. Its root
+policy is an `EpisodeRecorder`, which generates with the trained model and records the token ids,
+so what TRL trains on is exactly what was sampled:
+
+    prompt_ids      the first prompt (system + user), as rendered by the chat template
+    completion_ids  turn 1 tokens | REPL feedback turn | turn 2 tokens | ...
+    env_mask        1         ... | 0               ... | 1          ... (REPL output never trained)
+
+The next turn's prompt is the previous prompt plus the sampled ids plus the tokenized feedback,
+never a re-tokenization of decoded text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from rlm_train.models.base import Completion, PolicyError, SamplingParams
+from rlm_train.rollouts.rl_prompts import PromptSet, load_context
+from rlm_train.train.grpo_backends import BatchingGenerator
+
+if TYPE_CHECKING:
+    from rlm_train.train.grpo_config import GRPOConfig
+
+# ---------------------------------------------------------------------------
+# Policies used inside episodes
+
+
+class GeneratorPolicy:
+    """A Policy over the generator that records nothing: sub-calls (sub_policy=same) and child RLMs."""
+
+    def __init__(self, generator: BatchingGenerator, tokenizer: Any, name: str = "trained-model"):
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.name = name
+
+    async def chat(self, messages, sampling=None, hints=None) -> Completion:
+        from rlm_train.models.loading import render_chat
+
+        sampling = sampling or SamplingParams()
+        started = time.monotonic()
+        prompt = self.tokenizer(render_chat(self.tokenizer, messages, add_generation_prompt=True),
+                                add_special_tokens=False)["input_ids"]
+        out = await self.generator.generate(prompt, sampling)
+        text = self.tokenizer.decode(out.ids, skip_special_tokens=True)
+        return Completion(text=text, prompt_tokens=len(prompt), completion_tokens=len(out.ids),
+                          latency_s=time.monotonic() - started, finish_reason="stop",
+                          extra={"completion_ids": out.ids})
+
+    async def aclose(self) -> None:
+        return None
+
+
+class EpisodeRecorder:
+    """The root policy of ONE episode: generates with the trained model and records its token stream.
+
+    The first root call fixes the prompt ids. Each later call must extend the conversation by the
+    assistant text we returned plus new messages (REPL feedback); those are rendered by the chat
+    template, tokenized, and appended with mask 0; the sampled ids are appended with mask 1.
+    Calls from child RLMs (depth > 0) are generated but not recorded.
+    """
+
+    def __init__(self, generator: BatchingGenerator, tokenizer: Any, stop_ids: list[int], max_completion_tokens: int):
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.max_completion_tokens = max_completion_tokens
+        self.name = "trained-model"
+        self.unrecorded = GeneratorPolicy(generator, tokenizer)
+        self.prompt_ids: list[int] | None = None
+        self.completion_ids: list[int] = []
+        self.env_mask: list[int] = []
+        self.logprobs: list[float] = []
+        self.has_logprobs = True
+        self.budget_hit = False
+        self._rendered = ""  # the template's text of the prompt of the last call
+        self._last_text = ""  # the assistant text we returned last
+        self._last_stop = ""  # the text of the stop token the last turn ended with ("" if cut)
+
+    async def chat(self, messages, sampling=None, hints=None) -> Completion:
+        hints = hints or {}
+        if hints.get("depth", 0) != 0:
+            return await self.unrecorded.chat(messages, sampling, hints)
+        from rlm_train.models.loading import render_chat
+
+        sampling = sampling or SamplingParams()
+        started = time.monotonic()
+        rendered = render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        if self.prompt_ids is None:
+            self.prompt_ids = self._encode(rendered)
+        else:
+            anchor = self._rendered + self._last_text
+            if not rendered.startswith(anchor):
+                raise PolicyError(
+                    "the chat template does not extend the conversation turn by turn (the rendered history "
+                    "differs from what the model saw); use a template that renders past turns verbatim (qwen3, gemma3)"
+                )
+            suffix = rendered[len(anchor):]
+            if self._last_stop and suffix.startswith(self._last_stop):
+                suffix = suffix[len(self._last_stop):]  # the sampled stop token already closed the turn
+            env_ids = self._encode(suffix)
+            if len(self.completion_ids) + len(env_ids) >= self.max_completion_tokens:
+                self.budget_hit = True
+                raise PolicyError(f"episode reached rollout.max_completion_tokens={self.max_completion_tokens}")
+            self._append(env_ids, 0, None)
+        self._rendered = rendered
+        room = self.max_completion_tokens - len(self.completion_ids)
+        turn_sampling = SamplingParams(max_tokens=min(sampling.max_tokens, room), temperature=sampling.temperature,
+                                       top_p=sampling.top_p, stop=None, seed=sampling.seed)
+        out = await self.generator.generate(self.prompt_ids + self.completion_ids, turn_sampling)
+        self._append(out.ids, 1, out.logprobs)
+        ended = bool(out.ids) and out.ids[-1] in self.stop_ids
+        if not ended and len(self.completion_ids) >= self.max_completion_tokens:
+            self.budget_hit = True
+        text = self.tokenizer.decode(out.ids, skip_special_tokens=True)
+        self._last_text = text
+        self._last_stop = self.tokenizer.decode(out.ids[-1:]) if ended else ""
+        return Completion(
+            text=text, prompt_tokens=len(self.prompt_ids) + len(self.completion_ids) - len(out.ids),
+            completion_tokens=len(out.ids), latency_s=time.monotonic() - started,
+            finish_reason="stop" if ended else "length", extra={"completion_ids": out.ids},
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _append(self, ids: list[int], mask: int, logprobs: list[float] | None) -> None:
+        self.completion_ids += ids
+        self.env_mask += [mask] * len(ids)
+        if logprobs is None:
+            self.has_logprobs = self.has_logprobs and mask == 0
+            logprobs = [0.0] * len(ids)  # env tokens: masked out of the loss and the IS correction
+        self.logprobs += logprobs
+
+    async def aclose(self) -> None:
+        return None
+
+
+def sub_policy_factory(cfg: GRPOConfig) -> Callable[[], Any] | None:
+    """None means 'same': the rollout wraps its own generator. Otherwise a fresh policy per rollout
+    (async clients are bound to the event loop of the rollout that uses them)."""
+    spec = cfg.rollout.sub_policy
+    if spec == "same":
+        return None
+    from rlm_train.policies.spec import build_policy, parse_policy_spec
+
+    parse_policy_spec(spec)  # a bad spec fails before any loading
+    return lambda: build_policy(spec, cfg.rollout.sub_base_urls, cfg.rollout.client)
+
+
+# ---------------------------------------------------------------------------
+# The rollout function
+
+
+class RolloutLog:
+    """Episodes of the current batch, written to rollouts.jsonl once their rewards are known."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.step = 0
+        self.episodes: dict[str, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []  # per batch: summary for tests and logs
+
+    def add(self, episode_id: str, record: dict[str, Any]) -> None:
+        self.episodes[episode_id] = record
+
+    def note_rewards(self, name: str, episode_ids: list[str], values: list[float | None]) -> None:
+        for eid, value in zip(episode_ids, values):
+            if eid in self.episodes:
+                self.episodes[eid].setdefault("rewards", {})[name] = value
+
+    def flush(self) -> None:
+        if self.path is not None and self.episodes:
+            from rlm_train.formats import append_jsonl
+
+            for record in self.episodes.values():
+                append_jsonl(self.path, record)
+        self.episodes = {}
+
+
+def make_rollout_func(cfg: GRPOConfig, tokenizer: Any, prompt_set: PromptSet,
+                      backend_factory: Callable[[Any], Any], log: RolloutLog,
+                      sub_policy_factory: Callable[[], Any] | None = None):
+    """rollout_func(prompts, trainer) for TRL: one full RLM episode per prompt (TRL repeats each prompt
+    num_generations times), returning token ids, env_mask and the episode fields the rewards read."""
+    from rlm_train.models.loading import end_of_turn_ids
+
+    stop_ids = end_of_turn_ids(tokenizer)
+    backend_cache: dict[str, Any] = {}
+
+    def rollout_func(prompts: list, trainer: Any) -> dict[str, list]:
+        rows = getattr(trainer, "rlm_batch_rows", None)
+        if rows is None or len(rows) != len(prompts):
+            raise RuntimeError("rollout_func needs the batch rows: use the trainer from make_trainer_class()")
+        log.flush()  # the previous batch's rewards are in by now
+        if "backend" not in backend_cache:
+            backend_cache["backend"] = backend_factory(trainer)
+        generator = BatchingGenerator(backend_cache["backend"], cfg.rollout.batch_wait_s)
+        started = time.monotonic()
+        episodes = asyncio.run(_run_batch(cfg, rows, prompt_set, generator, tokenizer, stop_ids, sub_policy_factory))
+        if generator.fatal is not None:
+            raise RuntimeError(f"rollout generation failed: {generator.fatal}") from generator.fatal
+        out = _collect(episodes, tokenizer, log, trainer.state.global_step)
+        n_final = sum(e["trajectory"]["final"] is not None for e in episodes)
+        print(f"[grpo] step {trainer.state.global_step}: {len(episodes)} episodes in {time.monotonic() - started:.1f}s, "
+              f"{n_final} answered, {generator.calls} generate calls", flush=True)
+        return out
+
+    return rollout_func
+
+
+async def _run_batch(cfg, rows, prompt_set, generator, tokenizer, stop_ids, sub_policy_factory) -> list[dict]:
+    from rlm_train.rlm import run_episode
+
+    seen: Counter = Counter()
+    jobs = []
+    for row in rows:
+        task_id = row["task_id"]
+        jobs.append((task_id, seen[task_id]))  # sample index within this batch's group
+        seen[task_id] += 1
+    contexts: dict[str, Any] = {}
+    for task_id in seen:
+        contexts[task_id] = await asyncio.to_thread(load_context, prompt_set.tasks[task_id], prompt_set.base_dirs[task_id])
+    sub_policy = sub_policy_factory() if sub_policy_factory else GeneratorPolicy(generator, tokenizer)
+    semaphore = asyncio.Semaphore(cfg.rollout.concurrency)
+
+    async def one(task_id: str, sample: int) -> dict:
+        task = prompt_set.tasks[task_id]
+        recorder = EpisodeRecorder(generator, tokenizer, stop_ids, cfg.rollout.max_completion_tokens)
+        hints = {"family": task.get("family"), "task_id": task_id, "sample": sample, "meta": task.get("meta") or {}}
+        async with semaphore:
+            traj = await run_episode(task["query"], contexts[task_id], recorder, sub_policy, cfg.rlm,
+                                     hints=hints, task_id=task_id)
+        traj["sample"] = sample
+        return {"task_id": task_id, "recorder": recorder, "trajectory": traj}
+
+    try:
+        return list(await asyncio.gather(*(one(t, k) for t, k in jobs)))
+    finally:
+        await sub_policy.aclose()
+
+
+def _is_infra_error(traj: dict[str, Any], recorder: EpisodeRecorder) -> bool:
+    """An episode that broke for reasons outside the policy: no reward, not a 0."""
+    return traj["outcome"] == "error" and not recorder.budget_hit
+
+
+def _collect(episodes: list[dict], tokenizer: Any, log: RolloutLog, step: int) -> dict[str, list]:
+    out: dict[str, list] = {k: [] for k in (
+        "prompt_ids", "completion_ids", "logprobs", "env_mask", "rlm_episode_id", "rlm_final", "rlm_outcome",
+        "rlm_turns", "rlm_turns_with_code", "rlm_infra_error")}
+    all_logprobs = True
+    for ep in episodes:
+        rec: EpisodeRecorder = ep["recorder"]
+        traj = ep["trajectory"]
+        prompt_ids = rec.prompt_ids
+        completion_ids, env_mask, logprobs = list(rec.completion_ids), list(rec.env_mask), list(rec.logprobs)
+        if prompt_ids is None:  # the episode broke before the model was asked anything
+            prompt_ids = [tokenizer.pad_token_id]
+        if not completion_ids:  # TRL needs at least one completion token; this one is never trained
+            completion_ids, env_mask, logprobs = [tokenizer.pad_token_id], [0], [0.0]
+        all_logprobs = all_logprobs and rec.has_logprobs
+        infra = _is_infra_error(traj, rec)
+        turns = traj["turns"]
+        out["prompt_ids"].append(prompt_ids)
+        out["completion_ids"].append(completion_ids)
+        out["env_mask"].append(env_mask)
+        out["logprobs"].append(logprobs)
+        out["rlm_episode_id"].append(traj["id"])
+        out["rlm_final"].append(traj["final"])
+        out["rlm_outcome"].append(traj["outcome"])
+        out["rlm_turns"].append(len(turns))
+        out["rlm_turns_with_code"].append(sum(1 for t in turns if t["code_blocks"]))
+        out["rlm_infra_error"].append(infra)
+        log.add(traj["id"], {**traj, "grpo_step": step, "model_tokens": sum(env_mask),
+                             "env_tokens": len(env_mask) - sum(env_mask), "infra_error": infra})
+    if not all_logprobs:
+        out["logprobs"] = None  # transformers backend: TRL recomputes what it needs
+    return out
