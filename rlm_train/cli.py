@@ -3,12 +3,16 @@
 Each command lives in its stage's `commands` module, which exposes
 `add_arguments(parser)` and `main(args) -> int | None`. The module is imported
 only when its command runs, so `rlm-train --help` stays fast (no torch).
+Stage commands share their flags, plan and output checks through `rlm_train.stage`.
+
+Errors: a UserError (or an OSError naming a file) is one line on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from rlm_train import __version__
@@ -38,6 +42,13 @@ def _top_level_help() -> str:
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `rlm-train <command> --help` for a command's options."]
     return "\n".join(lines)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """`<filename>: <strerror>` on one line (both files for a failed rename/link)."""
+    where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    reason = exc.strerror or str(exc)
+    return f"{where}: {reason}".replace("\n", " ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rlm-train {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early, e.g. `rlm-train ... --dry-run | head`
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):
+            pass
+        return 141
+    except OSError as exc:
+        # A backstop: stage commands check their output paths before any work (rlm_train.stage),
+        # so this catches what a check cannot foresee (disk full, a path removed mid-run). Only
+        # errors that name a file; others (connection errors, bugs) keep their traceback.
+        if exc.filename is None:
+            raise
+        print(f"rlm-train {name}: error: {_describe_os_error(exc)}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

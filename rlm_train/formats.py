@@ -10,16 +10,11 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from rlm_train.errors import UserError
+from rlm_train.records import check_task
 
-from rlm_train.records import TASK_SCHEMA, TRAJECTORY_SCHEMA, ErrorKind, Outcome, check_task  # noqa: F401
-
-# The string constants older call sites use; the enums compare equal to them.
-OUTCOME_FINAL, OUTCOME_MAX_ITERATIONS, OUTCOME_BUDGET, OUTCOME_ERROR = (
-    Outcome.FINAL, Outcome.MAX_ITERATIONS, Outcome.BUDGET, Outcome.ERROR)
-ERROR_MODEL, ERROR_SANDBOX, ERROR_INTERNAL = ErrorKind.MODEL, ErrorKind.SANDBOX, ErrorKind.INTERNAL
 
 
 # --------------------------------------------------------------------------- reading JSON Lines
@@ -59,7 +54,7 @@ def iter_jsonl(path: str | Path, *, bad_lines: str = FAIL, check: Callable[[dict
             problems.append(problem)
 
 
-def _parse_line(raw: bytes | None, check) -> tuple[str | None, Any]:
+def _parse_line(raw: bytes | None, check: Callable[[dict[str, Any]], str | None] | None) -> tuple[str | None, Any]:
     if raw is None:
         return TORN_LINE, None
     try:
@@ -77,12 +72,12 @@ def read_jsonl(path: str | Path, **options: Any) -> list[dict[str, Any]]:
     return [obj for _, obj in iter_jsonl(path, **options)]
 
 
-def dumps_line(obj: dict[str, Any]) -> str:
+def dumps_line(obj: Mapping[str, Any]) -> str:
     """One JSON line (no embedded newlines), UTF-8 kept readable."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-def write_jsonl_atomic(path: str | Path, records: list[dict[str, Any]]) -> None:
+def write_jsonl_atomic(path: str | Path, records: Sequence[Mapping[str, Any]]) -> None:
     """Write a whole JSONL file so that readers see the old file or the new one, never half."""
     write_text_atomic(path, "".join(dumps_line(r) for r in records))
 
@@ -102,7 +97,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
     """Append one record with a single write() so a crash leaves no torn line.
 
     O_APPEND makes each write land at the end atomically with respect to other
@@ -116,7 +111,7 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def load_task_context(task: dict[str, Any], task_file: str | Path) -> Any:
+def load_task_context(task: Mapping[str, Any], task_file: str | Path) -> Any:
     """A task's context: inline `context`, or `context_path` relative to the task file."""
     if "context" in task:
         return task["context"]

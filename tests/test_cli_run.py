@@ -7,6 +7,8 @@ import sys
 
 from conftest import REPO
 
+from rlm_train.records import Outcome
+
 QUERY = "What is the special magic number for quiet-harbor?"
 
 
@@ -39,7 +41,7 @@ def test_run_scripted_prints_the_answer_and_writes_the_trajectory(tmp_path):
     assert res.stdout.strip() == "4817263"
     (record,) = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert record["schema"] == "rlm-train/trajectory/v1"
-    assert record["final"] == "4817263" and record["outcome"] == "final"
+    assert record["final"] == "4817263" and record["outcome"] == Outcome.FINAL
     assert record["policy"] == "scripted"
     assert record["messages"][0]["role"] == "system"
 
@@ -78,7 +80,7 @@ def test_unreachable_server_is_recorded_and_exits_nonzero(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 2  # the summary line, then the one-line error
     assert f"127.0.0.1:{port}" in res.stderr
     (record,) = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert record["outcome"] == "error" and f"127.0.0.1:{port}" in record["error"]
+    assert record["outcome"] == Outcome.ERROR and f"127.0.0.1:{port}" in record["error"]
 
 
 def _rlm_recipe(tmp_path):

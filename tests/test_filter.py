@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 
 from rlm_train.formats import append_jsonl
+from rlm_train.records import TRAJECTORY_SCHEMA, Outcome
 from rlm_train.rollouts import filter as flt
 from rlm_train.rollouts.filter import FilterConfig
 
@@ -14,14 +15,14 @@ def block(code):
     return f"```repl\n{code}\n```"
 
 
-def make_traj(texts, task_id="t1", sample=0, score=1.0, outcome="final", finals=None, final_from_code=True, **extra):
+def make_traj(texts, task_id="t1", sample=0, score=1.0, outcome=Outcome.FINAL, finals=None, final_from_code=True, **extra):
     """A trajectory shaped like the loop's: system, user, then per turn the assistant text
     and (except after the last) the REPL feedback. The last turn answers."""
     messages = [{"role": "system", "content": "SYSTEM"}, {"role": "user", "content": f"Query about {task_id}"}]
     turns = []
     for i, text in enumerate(texts):
         last = i == len(texts) - 1
-        final = (finals or {}).get(i, "42" if last and outcome == "final" else None)
+        final = (finals or {}).get(i, "42" if last and outcome == Outcome.FINAL else None)
         codes = [c.split("\n", 1)[1].rsplit("\n```", 1)[0] for c in text.split("```repl")[1:]] if "```repl" in text else []
         executions = [{"code": c, "stdout": f"out{i}\n", "stderr": "", "error": None, "final": None} for c in codes]
         if final is not None and final_from_code and executions:
@@ -34,9 +35,9 @@ def make_traj(texts, task_id="t1", sample=0, score=1.0, outcome="final", finals=
                       "executions": executions, "sub_calls": [], "final": final, "parse_error": None})
         if not last:
             messages.append({"role": "user", "content": f"REPL output:\nout{i}"})
-    traj = {"schema": "rlm-train/trajectory/v1", "id": f"{task_id}-{sample}", "task_id": task_id, "sample": sample,
+    traj = {"schema": TRAJECTORY_SCHEMA, "id": f"{task_id}-{sample}", "task_id": task_id, "sample": sample,
             "family": "niah", "policy": "scripted", "messages": messages, "turns": turns,
-            "final": "42" if outcome == "final" else None, "outcome": outcome, "error": None, "score": score,
+            "final": "42" if outcome == Outcome.FINAL else None, "outcome": outcome, "error": None, "score": score,
             "stats": {"turns": len(turns), "sub_calls": 0, "wall_s": 0.1}}
     traj.update(extra)
     return traj
@@ -67,9 +68,9 @@ def test_sample_i_trains_exactly_turn_i_with_the_history_before_it_as_input():
 
 
 @pytest.mark.parametrize("traj, reason", [
-    (make_traj(THREE_TURNS, outcome="error"), "outcome_error"),
-    (make_traj(THREE_TURNS, outcome="max_iterations"), "outcome_max_iterations"),
-    (make_traj(THREE_TURNS, outcome="budget_exhausted"), "outcome_budget_exhausted"),
+    (make_traj(THREE_TURNS, outcome=Outcome.ERROR), "outcome_error"),
+    (make_traj(THREE_TURNS, outcome=Outcome.MAX_ITERATIONS), "outcome_max_iterations"),
+    (make_traj(THREE_TURNS, outcome=Outcome.BUDGET), "outcome_budget_exhausted"),
     (make_traj(THREE_TURNS, score=0.0), "zero_score"),
     (make_traj(THREE_TURNS, score=None), "unscored"),
     (make_traj([block("FINAL(42)")]), "single_turn"),
@@ -83,8 +84,8 @@ def test_episode_rules(traj, reason):
 def test_episode_rules_are_configurable():
     assert flt.trajectory_drop_reason(make_traj(THREE_TURNS, score=0.5), FilterConfig(min_score=0.5)) == "low_score"
     assert flt.trajectory_drop_reason(make_traj(THREE_TURNS, score=None), FilterConfig(drop_unscored=False)) is None
-    cfg = FilterConfig(keep_outcomes=["final", "max_iterations"])
-    assert flt.trajectory_drop_reason(make_traj(THREE_TURNS, outcome="max_iterations"), cfg) is None
+    cfg = FilterConfig(keep_outcomes=[Outcome.FINAL, Outcome.MAX_ITERATIONS])
+    assert flt.trajectory_drop_reason(make_traj(THREE_TURNS, outcome=Outcome.MAX_ITERATIONS), cfg) is None
 
 
 def last_sample(texts, **kw):

@@ -10,10 +10,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlm_train.errors import UserError
 from rlm_train.testing.mock_server import FailPlan, MockHTTPError, MockOpenAIServer
 from rlm_train.models.openai_client import OpenAIPolicy
+from rlm_train.records import Outcome
 from rlm_train.rlm import RLMConfig
 from rlm_train.rollouts import store
 from rlm_train.bench.scenario import scenario_responder, write_scenario_tasks
@@ -42,7 +44,7 @@ def test_scripted_run_scores_every_sample_and_a_rerun_adds_nothing(tmp_path):
     assert set(pairs(tmp_path / "out")) == {(f"bench-{i}", k) for i in range(4) for k in range(3)}
     # The scripted teacher finds "The answer is: keyN" with code; the task scorer agrees.
     records = store.read_records(tmp_path / "out")
-    assert all(r["outcome"] == "final" and r["score"] == 1.0 for r in records), [r["final"] for r in records]
+    assert all(r["outcome"] == Outcome.FINAL and r["score"] == 1.0 for r in records), [r["final"] for r in records]
     assert all(r["family"] == "niah" and r["stats"]["turns"] >= 2 for r in records)
     again = run_generate(config(tmp_path, tasks, policy="scripted", samples=3, concurrency=4))
     assert again["this_run"]["episodes"] == 0 and again["records"] == 12
@@ -102,7 +104,7 @@ def test_a_server_that_never_answers_stops_the_run_and_records_nothing(tmp_path)
     # The server comes up on that port: the same command now finishes the run.
     with MockOpenAIServer(responder=scenario_responder, port=port):
         summary = run_generate(cfg)
-    assert summary["records"] == 6 and summary["outcomes"] == {"final": 6}
+    assert summary["records"] == 6 and summary["outcomes"] == {Outcome.FINAL: 6}
     assert summary["mean_score"] == 1.0
 
 
@@ -141,13 +143,13 @@ def test_20_percent_failing_server_completes_counts_retries_and_records_errors(t
     assert policy.stats["retries"] + policy.stats["failures"] >= injected
     records = {r["task_id"]: r for r in store.read_records(out)}
     poisoned = records["bench-7"]
-    assert poisoned["outcome"] == "error" and "model call failed" in poisoned["error"]
+    assert poisoned["outcome"] == Outcome.ERROR and "model call failed" in poisoned["error"]
     assert "no answer after 4 attempts" in poisoned["error"] and poisoned["score"] is None
     # Everything the server eventually answered was solved.
     for task_id, r in records.items():
-        if r["outcome"] != "error":
-            assert r["outcome"] == "final" and r["score"] == 1.0, (task_id, r["outcome"], r["error"])
-    assert summary["this_run"]["errors"] == sum(r["outcome"] == "error" for r in records.values())
+        if r["outcome"] != Outcome.ERROR:
+            assert r["outcome"] == Outcome.FINAL and r["score"] == 1.0, (task_id, r["outcome"], r["error"])
+    assert summary["this_run"]["errors"] == sum(r["outcome"] == Outcome.ERROR for r in records.values())
 
 
 @pytest.mark.slow
@@ -175,7 +177,7 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_valid_record_per_task_samp
     records = [json.loads(line) for line in lines]  # every line is valid JSON
     assert Counter((r["task_id"], r["sample"]) for r in records) == Counter(
         {(f"bench-{i}", k): 1 for i in range(20) for k in range(2)})
-    assert all(r["schema"] == "rlm-train/trajectory/v1" and r["outcome"] == "final" for r in records)
+    assert all(r["schema"] == "rlm-train/trajectory/v1" and r["outcome"] == Outcome.FINAL for r in records)
 
 
 def test_cli_dry_run_merges_recipe_flags_and_overrides(tmp_path, rlm_cli):
@@ -183,10 +185,12 @@ def test_cli_dry_run_merges_recipe_flags_and_overrides(tmp_path, rlm_cli):
     recipe.write_text("# rlm-train generate --recipe r.yaml\ntasks: a.jsonl\npolicy: scripted\nsamples: 2\n"
                       "rlm:\n  max_iterations: 5\n")
     result = subprocess.run(rlm_cli + ["generate", "--recipe", str(recipe), "--samples", "3", "--dry-run",
-                                       "rlm.max_depth=2"], capture_output=True, text=True, timeout=60)
+                                       "--out", str(tmp_path / "run"), "rlm.max_depth=2"],
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    cfg = json.loads(result.stdout)
+    cfg = yaml.safe_load(result.stdout.split("\n", 1)[1])["config"]  # the plan: a header line, then YAML
     assert cfg["samples"] == 3 and cfg["rlm"]["max_iterations"] == 5 and cfg["rlm"]["max_depth"] == 2
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
     bad = subprocess.run(rlm_cli + ["generate", "--recipe", str(recipe), "--dry-run", "rlm.max_iteratons=2"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown key 'rlm.max_iteratons'" in bad.stderr

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from rlm_train.formats import OUTCOME_BUDGET, OUTCOME_ERROR, OUTCOME_FINAL, OUTCOME_MAX_ITERATIONS, TRAJECTORY_SCHEMA
 from rlm_train.models.base import CallablePolicy
+from rlm_train.records import TRAJECTORY_SCHEMA, Outcome
 from rlm_train.rlm import RLMConfig, run_episode
 
 
@@ -32,7 +32,7 @@ def test_peek_then_final_records_a_complete_trajectory():
     policy = turns_policy(block("print(len(context))"), block("n = len(context)\nFINAL(n * 2)"))
     traj = run("How long?", "x" * 1234, policy)
     assert traj["schema"] == TRAJECTORY_SCHEMA
-    assert traj["outcome"] == OUTCOME_FINAL and traj["final"] == "2468"
+    assert traj["outcome"] == Outcome.FINAL and traj["final"] == "2468"
     assert traj["turns"][0]["executions"][0]["stdout"] == "1234\n"
     # The model saw its own output as the next user message.
     roles = [m["role"] for m in traj["messages"]]
@@ -50,7 +50,7 @@ def test_depth_two_recursion_degrades_to_llm_query_at_the_limit():
         return f"leaf({messages[-1]['content'].splitlines()[0]})"
 
     traj = run("go deep", "ctx", CallablePolicy(root), CallablePolicy(leaf), max_depth=2)
-    assert traj["outcome"] == OUTCOME_FINAL
+    assert traj["outcome"] == Outcome.FINAL
     assert traj["final"] == "d0<d1<d2<leaf(level 3)"
     child = traj["turns"][0]["sub_calls"][0]
     assert child["kind"] == "rlm" and child["depth"] == 1
@@ -77,7 +77,7 @@ def test_runaway_fanout_is_stopped_by_the_subcall_budget():
     policy = turns_policy(block("rs = llm_query_batched(['x'] * 5000)\nFINAL('should not get here')"))
     sub = CallablePolicy(lambda m, h: "ok")
     traj = run("fan out", "c", policy, sub, max_subcalls=100)
-    assert traj["outcome"] == OUTCOME_BUDGET
+    assert traj["outcome"] == Outcome.BUDGET
     assert "sub-call budget of 100" in traj["error"]
     assert sub.calls == 0  # refused before a single call went out
     assert traj["final"] is None
@@ -87,13 +87,13 @@ def test_sequential_subcalls_stop_exactly_at_the_budget():
     policy = turns_policy(block("for i in range(50):\n    llm_query(str(i))\nFINAL('done')"))
     sub = CallablePolicy(lambda m, h: "ok")
     traj = run("loop", "c", policy, sub, max_subcalls=10)
-    assert traj["outcome"] == OUTCOME_BUDGET and sub.calls == 10
+    assert traj["outcome"] == Outcome.BUDGET and sub.calls == 10
 
 
 def test_token_budget_across_the_tree():
     policy = turns_policy(block("print('x')"))
     traj = run("q", "c", policy, max_tokens=50, max_iterations=50)
-    assert traj["outcome"] == OUTCOME_BUDGET and "token budget" in traj["error"]
+    assert traj["outcome"] == Outcome.BUDGET and "token budget" in traj["error"]
     assert traj["stats"]["turns"] < 50
 
 
@@ -103,7 +103,7 @@ def test_syntax_error_is_fed_back_and_the_episode_goes_on():
     first = traj["turns"][0]["executions"][0]
     assert "SyntaxError" in first["error"]
     assert "SyntaxError" in traj["messages"][3]["content"]
-    assert traj["final"] == "recovered" and traj["outcome"] == OUTCOME_FINAL
+    assert traj["final"] == "recovered" and traj["outcome"] == Outcome.FINAL
 
 
 def test_final_var_of_undefined_name_is_an_error_not_an_answer():
@@ -116,14 +116,14 @@ def test_final_var_of_undefined_name_is_an_error_not_an_answer():
 
 def test_final_in_prose_and_final_var_in_prose():
     traj = run("q", "c", turns_policy("The answer is clear.\nFINAL(Paris, France)"))
-    assert traj["final"] == "Paris, France" and traj["outcome"] == OUTCOME_FINAL
+    assert traj["final"] == "Paris, France" and traj["outcome"] == Outcome.FINAL
     traj = run("q", "c", turns_policy(block("best = 'Lyon'") + "\nFINAL_VAR(best)"))
     assert traj["final"] == "Lyon"
 
 
 def test_no_code_and_no_final_gets_feedback_then_answer_now():
     traj = run("q", "c", turns_policy("I am thinking about it."), max_iterations=2)
-    assert traj["outcome"] == OUTCOME_MAX_ITERATIONS and traj["final"] is None
+    assert traj["outcome"] == Outcome.MAX_ITERATIONS and traj["final"] is None
     assert [t["parse_error"] for t in traj["turns"]] == ["no code block and no FINAL"] * 3
     assert "no ```repl code block" in traj["messages"][3]["content"]
     assert traj["turns"][-1]["forced"] is True
@@ -137,7 +137,7 @@ def test_policy_failure_is_recorded_not_raised():
         raise PolicyError("http://127.0.0.1:9/v1 unreachable after 3 retries")
 
     traj = run("q", "c", CallablePolicy(fail))
-    assert traj["outcome"] == OUTCOME_ERROR and "unreachable" in traj["error"]
+    assert traj["outcome"] == Outcome.ERROR and "unreachable" in traj["error"]
 
 
 def test_cell_timeout_is_reported_and_the_next_turn_still_runs():
@@ -164,7 +164,7 @@ def test_scripted_teacher_finds_the_needle(sample):
             hints={"family": "niah", "task_id": "t1", "sample": sample},
         )
     )
-    assert traj["outcome"] == OUTCOME_FINAL, traj["error"]
+    assert traj["outcome"] == Outcome.FINAL, traj["error"]
     assert traj["final"] == "7310294"
     assert 2 <= traj["stats"]["turns"] <= 4
 
@@ -176,4 +176,4 @@ def test_a_cell_that_breaks_the_host_protocol_is_a_sandbox_error_and_the_episode
     bad = traj["turns"][1]["executions"][0]
     assert bad["error_kind"] == "sandbox" and "ProtocolError" in bad["error"]
     assert traj["turns"][0]["executions"][0]["error_kind"] is None
-    assert traj["outcome"] == OUTCOME_FINAL and traj["final"] == "4"
+    assert traj["outcome"] == Outcome.FINAL and traj["final"] == "4"

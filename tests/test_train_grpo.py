@@ -19,6 +19,7 @@ import pytest
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
 from rlm_train.models.base import SamplingParams
+from rlm_train.records import Outcome
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -124,7 +125,7 @@ def test_one_grpo_step_scripted_episodes(tiny, tmp_path):
     for inp in inputs:
         ep = episodes[inp["rlm_episode_id"]]
         plan = 1 if ep["final"] == "0000" else 0
-        assert ep["outcome"] == "final"
+        assert ep["outcome"] == Outcome.FINAL
         assert ep["rewards"]["task_score"] == (0.0 if plan == 1 else 1.0)
         rewards.append(ep["rewards"]["task_score"] + 0.5 * ep["rewards"]["repl_format"])
     # Each group (3 episodes of one task) mixes right and wrong answers, so advantages are not zero,
@@ -187,7 +188,7 @@ def test_one_grpo_step_in_process_generation(tiny, tmp_path):
     loss_mask = (output["completion_mask"] * output["tool_mask"]).tolist()
     for i, inp in enumerate(inputs):
         ep = episodes[inp["rlm_episode_id"]]
-        assert ep["outcome"] in ("final", "max_iterations")
+        assert ep["outcome"] in (Outcome.FINAL, Outcome.MAX_ITERATIONS)
         # Trained tokens are exactly what the model sampled, turn by turn; the rest is feedback.
         assert sum(loss_mask[i]) == sum(t["completion_tokens"] for t in ep["turns"]) == ep["model_tokens"]
         if len(ep["turns"]) > 1:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from rlm_train.records import ErrorKind, Outcome  # noqa: E402
 from rlm_train.testing.tiny_models import build_tiny_qwen3  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -96,8 +97,8 @@ def test_generate_and_filter_against_vllm(vllm_server, tmp_path):
     assert sorted((r["task_id"], r["sample"]) for r in records) == sorted(
         (json.loads(t)["id"], k) for t in tasks.read_text().splitlines() for k in range(2))
     for record in records:
-        assert record["error_kind"] != "model", record["error"]  # vLLM answered every call
-        assert record["outcome"] in ("final", "max_iterations", "error"), record["outcome"]
+        assert record["error_kind"] != ErrorKind.MODEL, record["error"]  # vLLM answered every call
+        assert record["outcome"] in (Outcome.FINAL, Outcome.MAX_ITERATIONS, Outcome.ERROR), record["outcome"]
         assert record["turns"] and all(t["prompt_tokens"] > 0 and t["completion_tokens"] > 0 for t in record["turns"])
         assert record["score"] is not None
     summary = json.loads((out / "summary.json").read_text())

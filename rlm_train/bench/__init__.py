@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.json_out:
+        from rlm_train.stage import check_output
+
+        check_output(args.json_out, "file", "--json-out")  # before the bench, not after its numbers are lost
     module_name, fn_name = BENCHES[args.what]
     fn = getattr(importlib.import_module(module_name), fn_name)
     results = fn(repeats=args.repeats) if args.what in TAKES_REPEATS else fn()

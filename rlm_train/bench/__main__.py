@@ -1,10 +1,8 @@
-"""`python -m rlm_train.bench <what> [--repeats N] [--json-out F]`: the same as `rlm-train bench`."""
+"""`python -m rlm_train.bench <what> [--repeats N] [--json-out F]`: the same as `rlm-train bench`
+(through the CLI, so bad input gets the same one-line errors)."""
 
-import argparse
 import sys
 
-from rlm_train.bench import add_arguments, main
+from rlm_train.cli import main
 
-parser = argparse.ArgumentParser(prog="python -m rlm_train.bench")
-add_arguments(parser)
-sys.exit(main(parser.parse_args()))
+sys.exit(main(["bench", *sys.argv[1:]]))

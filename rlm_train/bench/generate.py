@@ -136,12 +136,14 @@ def bench_generate(episodes: int = EPISODES, concurrency: int = CONCURRENCY, lat
     stop = ctx.Event()
     server = ctx.Process(target=_serve, args=(latency_s, port_out, stop), daemon=True)
     server.start()
+    server_pid = server.pid
+    assert server_pid is not None  # set by start()
     try:
         if not port_in.poll(60):
             raise RuntimeError("the mock server did not start within 60 s")
         base_url = f"http://127.0.0.1:{port_in.recv()}/v1"
-        with tempfile.TemporaryDirectory(prefix="rlm-bench-generate-") as tmp:
-            tmp = Path(tmp)
+        with tempfile.TemporaryDirectory(prefix="rlm-bench-generate-") as tmp_name:
+            tmp = Path(tmp_name)
             write_scenario_tasks(tmp / "one.jsonl", 1)
             write_scenario_tasks(tmp / "tasks.jsonl", episodes)
             # Fork-server and imports. Not connections: each run opens its own, as a CLI run does.
@@ -150,10 +152,10 @@ def bench_generate(episodes: int = EPISODES, concurrency: int = CONCURRENCY, lat
             repl_starts = _session_starts(concurrency)
             # This machine's speed drifts run to run: the ratio is the median of a few runs,
             # each from a cold start (its own client, connections and sandbox sessions).
-            cpu_self, cpu_server = time.process_time(), _cpu_s(server.pid)
+            cpu_self, cpu_server = time.process_time(), _cpu_s(server_pid)
             runs = [_run(base_url, tmp / "tasks.jsonl", tmp / f"run-{i}", concurrency) for i in range(TIMED_RUNS)]
             cpu_self = (time.process_time() - cpu_self) / TIMED_RUNS
-            cpu_server = (_cpu_s(server.pid) - cpu_server) / TIMED_RUNS
+            cpu_server = (_cpu_s(server_pid) - cpu_server) / TIMED_RUNS
             # Memory is sampled in a second, untimed run: reading ~150 processes' smaps costs
             # enough CPU on 2 cores to distort the timing.
             with _PeakMemory() as memory:

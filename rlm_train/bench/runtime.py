@@ -35,6 +35,7 @@ def _time_ours(base_url: str, context: str, repeats: int) -> tuple[list[float], 
                 walls.append(time.perf_counter() - started)
         finally:
             await policy.aclose()
+        assert traj is not None  # repeats >= 1
         assert traj["final"] == RUNTIME_KEY, f"scenario went wrong: {traj['outcome']} {traj['error']}"
         return walls, traj
 
@@ -50,7 +51,8 @@ def _time_rlms(base_url: str, context: str, repeats: int) -> tuple[list[float], 
         max_iterations=6,
         max_concurrent_subcalls=RUNTIME_SUB_CALLS,
     )
-    walls, result = [], None
+    walls: list[float] = []
+    result: Any = None
     # The reference client logs a harmless "event loop is closed" at teardown; keep it off our output.
     asyncio_log = logging.getLogger("asyncio")
     level, asyncio_log.level = asyncio_log.level, logging.CRITICAL

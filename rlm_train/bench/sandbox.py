@@ -79,7 +79,9 @@ def bench_session_start(context_mb: int = 50, sessions: int = 8) -> dict:
         cold_s = time.perf_counter() - t0
         started.append(first)
         first.execute("n = len(context)")  # touch the context like a real first cell
-        pss_one = tree_pss_kb(first.zygote_pid)
+        zygote = first.zygote_pid
+        assert zygote is not None  # set when the session starts
+        pss_one = tree_pss_kb(zygote)
         warm = []
         for _ in range(sessions - 1):
             t0 = time.perf_counter()
@@ -87,7 +89,7 @@ def bench_session_start(context_mb: int = 50, sessions: int = 8) -> dict:
             warm.append(time.perf_counter() - t0)
             started.append(s)
             s.execute("n = len(context)")
-        pss_all = tree_pss_kb(first.zygote_pid)
+        pss_all = tree_pss_kb(zygote)
     finally:
         for s in started:
             s.close()

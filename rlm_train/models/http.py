@@ -162,7 +162,7 @@ class _ClientConnection(asyncio.Protocol):
     # -- the request
     def reusable(self) -> bool:
         # Bytes nobody asked for, or a half-closed socket, mean the server is done with us.
-        return not self.closed and not self.buffer and not self.transport.is_closing()
+        return not self.closed and not self.buffer and self.transport is not None and not self.transport.is_closing()
 
     def abort(self) -> None:
         """Close now, with a reset rather than a FIN: the closing side of a FIN keeps the
@@ -179,6 +179,8 @@ class _ClientConnection(asyncio.Protocol):
         self.transport.abort()
 
     async def request(self, data: bytes) -> tuple[Response, bool]:
+        if self.transport is None:
+            raise EOFError("the connection is not open")
         self.buffer.clear()
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
@@ -258,7 +260,7 @@ def parse_response(buf: bytearray, closed: bool) -> tuple[Response, bool, int] |
 
 def _parse_chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
     """A chunked body starting at pos: (body, end position), or None while incomplete."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         line_end = buf.find(b"\r\n", pos)
         if line_end < 0:

@@ -110,7 +110,7 @@ def _convert_gguf_to_safetensors(pkg: Any, target: Path) -> None:
         gguf = pkg.assemble(tmp / "gguf" / pkg.MODEL_NAME)
         # transformers dequantizes the Q4_K_M tensors to fp32 on load.
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # Forget that it came from a quantized file, else save_pretrained refuses or writes a quant config.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -291,7 +291,7 @@ def load_causal_lm(spec: str | os.PathLike, dtype: str = "float32", attn_impleme
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if device:
         model = model.to(device)
     return model

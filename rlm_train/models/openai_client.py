@@ -102,17 +102,17 @@ class OpenAIPolicy:
         sampling: SamplingParams | None = None,
         hints: dict[str, Any] | None = None,  # side information for scripted policies; never sent
     ) -> Completion:
-        self._bind_loop()
+        sem = self._bind_loop()
         payload = orjson.dumps(self._body(messages, sampling))
         self.stats["requests"] += 1
-        server: _Server | None = None
+        last: _Server | None = None
         last_error = ""
         tried: list[str] = []
         for attempt in range(self.max_retries + 1):
             try:
                 # Pick after getting a slot, so the choice reflects the servers' state now.
-                async with self._sem:
-                    server = self._pick(avoid=server)
+                async with sem:
+                    server = last = self._pick(avoid=last)
                     if server.url not in tried:
                         tried.append(server.url)
                     completion = await self._attempt(server, payload)
@@ -201,16 +201,16 @@ class OpenAIPolicy:
 
     # ---- servers: choice and health ----
 
-    def _bind_loop(self) -> None:
-        # Streams and the semaphore belong to one event loop; a new loop (e.g. a
-        # second asyncio.run) starts with fresh ones instead of failing.
+    def _bind_loop(self) -> asyncio.Semaphore:
+        """The semaphore of the running loop. Streams and the semaphore belong to one event
+        loop; a new loop (e.g. a second asyncio.run) starts with fresh ones instead of failing."""
         loop = asyncio.get_running_loop()
-        if self._loop is loop:
-            return
-        self._loop = loop
-        self._sem = asyncio.Semaphore(self.max_concurrency)
-        for server in self._servers:
-            server.endpoint.forget()  # their transports died with the old loop
+        if self._loop is not loop or self._sem is None:
+            self._loop = loop
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            for server in self._servers:
+                server.endpoint.forget()  # their transports died with the old loop
+        return self._sem
 
     def _pick(self, avoid: _Server | None) -> _Server:
         """Least in flight among servers not recently failed; the one just tried only if nothing else."""

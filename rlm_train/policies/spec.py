@@ -66,6 +66,7 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
         return "openai", {"model": rest.strip()}
     if kind == "hf" and sep:
         # rpartition: a model path may itself contain '+', the adapter marker comes last.
+        adapter: str | None
         path, marker, adapter = rest.rpartition("+adapter:")
         if not marker:
             path, adapter = rest, None

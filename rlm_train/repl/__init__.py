@@ -1,4 +1,4 @@
-"""Sandboxed persistent Python REPL (contract in DESIGN.md, "REPL sandbox").
+"""Sandboxed persistent Python REPL (contract and process tree: docs/architecture.md, "The sandbox's process tree").
 
 The names below load on first use (PEP 562): the fork-server imports this package
 too (for forkserver, worker, sandbox, protocol), and the host-side modules

@@ -1,4 +1,4 @@
-"""Public types of the sandbox (contract in DESIGN.md). Implementation lives beside this file."""
+"""Public types of the sandbox (docs/architecture.md describes the sandbox). Implementation lives beside this file."""
 
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ def setup(owner_pid: int) -> dict:
 
 def host_paths() -> dict[str, str]:
     """Where the host finds a session's freeze and CPU-time files: role -> rlm_repl dir."""
-    out = {}
+    out: dict[str, str] = {}
     for role in ("freeze", "cpu_time"):
         if role in _roles:
             key = _roles[role][0]

@@ -58,7 +58,8 @@ def load_remote(req: dict):
     return pickle.loads(buf)
 
 
-def load_context(kind: str, fd: int, size: int):
+def load_context(kind: str, fd: int, size: int) -> object:
+    data: object
     if size == 0:
         data = b""
     else:

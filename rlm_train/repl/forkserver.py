@@ -307,7 +307,8 @@ def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
 def _next_request(sock: socket.socket, children: _Children, timeout: float | None = None) -> bool:
     """Wait for a request on sock (at most timeout s), reaping workers as they exit.
     True when sock is readable."""
-    readable = select.select([sock, children.wakeup], [], [], timeout)[0]
+    watched: list[socket.socket | int] = [sock, children.wakeup]
+    readable = select.select(watched, [], [], timeout)[0]
     if children.wakeup in readable:
         children.reap()
     return sock in readable
@@ -360,6 +361,10 @@ class _Pool:
         return bool(self.refill_uids) and self.config is not None and self._ready() < POOL_SIZE
 
     def refill_one(self) -> None:
+        """Build one pooled worker; only when wants_refill() (so the pool has a config)."""
+        config = self.config
+        if config is None:
+            return
         if len(self.workers) >= POOL_SIZE:  # make room: the oldest one built for other limits
             stale = next(w for w in self.workers if w.config != self.config)
             self.workers.remove(stale)
@@ -367,7 +372,7 @@ class _Pool:
             self.returned.append(stale.uid)
         uid = self.refill_uids.pop(0)
         try:
-            self.workers.append(_start_worker(self.children, uid, self.config, None, pooled=True))
+            self.workers.append(_start_worker(self.children, uid, config, None, pooled=True))
         except OSError:  # fork failed (EAGAIN, ENOMEM): the uid goes back, the next claim retries
             self.returned.append(uid)
 
@@ -408,7 +413,7 @@ def _prepare(disabled: set[str]) -> None:
     report["disabled_layers"] = sorted(disabled)
 
 
-def serve(host: socket.socket, disabled: set[str] = frozenset()) -> None:
+def serve(host: socket.socket, disabled: set[str] | frozenset[str] = frozenset()) -> None:
     sandbox.set_name("rlm-forkserver")
     _prepare(set(disabled))
     children = _Children()

@@ -154,10 +154,10 @@ def _recv_payload(sock: socket.socket, max_bytes: int, deadline: float | None, w
     fds: list[int] = []
     if want_fds:
         _wait_readable(sock, deadline)
-        header, fds, _flags, _addr = socket.recv_fds(sock, HEADER.size, MAX_FDS)
-        if not header:
+        first, fds, _flags, _addr = socket.recv_fds(sock, HEADER.size, MAX_FDS)
+        if not first:
             raise PeerClosed("peer closed the channel")
-        header = bytearray(header)
+        header = bytearray(first)
         if len(header) < HEADER.size:
             header += _recv_exact(sock, HEADER.size - len(header), deadline)
     else:

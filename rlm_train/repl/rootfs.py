@@ -42,7 +42,7 @@ def runtime_paths() -> list[str]:
     (the worker's own modules are already imported) and anything inside another entry."""
     candidates = {sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix,
                   *(p for p in sys.path if p and os.path.isdir(p))}
-    keep = []
+    keep: list[str] = []
     for path in sorted(os.path.abspath(p) for p in candidates):
         if path == _PKG_ROOT or path == "/":
             continue

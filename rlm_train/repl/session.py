@@ -17,10 +17,10 @@ import socket
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, cast
 
 from rlm_train.repl import cgroups, client, protocol
-from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig, SandboxError
+from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig, SandboxError, SubcallHandler
 from rlm_train.repl.client import START_TIMEOUT_S, ForkServer, Zygote, acquire_zygote, get_server, pool_payload, release_zygote
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _depth_within(value, limit: int) -> bool:
 
 
 class REPLSession:
-    """A persistent sandboxed Python namespace (see DESIGN.md, "REPL sandbox").
+    """A persistent sandboxed Python namespace (see docs/architecture.md).
 
     `timeout_s` bounds the wall time of each cell *excluding* the time the cell
     spends blocked on host sub-calls (llm_query & co.). When a cell breaks a
@@ -264,16 +264,18 @@ class REPLSession:
         if self._sock is None:  # the previous cell killed the worker: fresh namespace
             self._start()
             restarted_before = True
+        sock = self._sock
+        assert sock is not None  # _start() connects or raises
         t0 = time.monotonic()
         waited = 0.0
         timeout = self.config.timeout_s
         try:
             if self._control is not None:
                 self._control.thaw()
-            protocol.send(self._sock, {"op": "exec", "code": code}, deadline=t0 + timeout)
+            protocol.send(sock, {"op": "exec", "code": code}, deadline=t0 + timeout)
             while True:
                 left = timeout - (time.monotonic() - t0 - waited)
-                msg = self._next_frame(left)
+                msg = self._next_frame(sock, left)
                 op = msg.get("op")
                 if op == "done":
                     return self._finish_cell(msg, t0, waited, restarted_before)
@@ -282,7 +284,7 @@ class REPLSession:
                     reply = self._serve_subcall(op, msg.get("items"))
                     waited += time.monotonic() - t_sub
                     left = timeout - (time.monotonic() - t0 - waited)
-                    protocol.send(self._sock, reply, deadline=time.monotonic() + max(left, 0.05))
+                    protocol.send(sock, reply, deadline=time.monotonic() + max(left, 0.05))
                     continue
                 raise protocol.ProtocolError(f"unexpected frame op {_short.repr(op)}")
         except protocol.FrameTimeout:
@@ -295,15 +297,16 @@ class REPLSession:
             return self._fail(f"ProtocolError: the worker broke the host protocol ({str(exc)[:300]}); it was killed",
                               t0, waited, "sandbox")
 
-    def _next_frame(self, left: float) -> dict:
+    def _next_frame(self, sock: socket.socket, left: float) -> dict:
         if left <= 0:
             raise protocol.FrameTimeout("cell timeout")
-        ready, _, _ = select.select([self._sock, self._status_r], [], [], left)
+        watched: list[socket.socket | int] = [sock, self._status_r]
+        ready, _, _ = select.select(watched, [], [], left)
         if not ready:
             raise protocol.FrameTimeout("cell timeout")
-        if self._sock not in ready:
+        if sock not in ready:
             raise protocol.PeerClosed("worker exited")  # its parent reported its death
-        msg = protocol.recv_data(self._sock, max_bytes=self.config.max_message_mb << 20,
+        msg = protocol.recv_data(sock, max_bytes=self.config.max_message_mb << 20,
                                  deadline=time.monotonic() + max(left, 0.05))
         if not isinstance(msg, dict):
             raise protocol.ProtocolError(f"frame is a {type(msg).__name__}, not an object")
@@ -339,8 +342,9 @@ class REPLSession:
         (status,) = struct.unpack("<i", data)
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
-            hint = {signal.SIGKILL: " (a limit or a kill)", signal.SIGXCPU: " (CPU time limit)",
-                    signal.SIGSEGV: " (crash)"}.get(sig, "")
+            hints: dict[int, str] = {signal.SIGKILL: " (a limit or a kill)", signal.SIGXCPU: " (CPU time limit)",
+                                     signal.SIGSEGV: " (crash)"}
+            hint = hints.get(sig, "")
             return f"was killed by {_signame(sig)}{hint}"
         return f"exited with code {os.WEXITSTATUS(status)}"
 
@@ -385,21 +389,23 @@ class REPLSession:
                 raise ValueError(f"an rlm_query context may nest at most {MAX_CONTEXT_DEPTH} levels deep")
             pairs = [(it[0], it[1]) for it in items]
             prompts = [p for p, _ in pairs]
-        if self.llm is None:
+        llm = self.llm
+        if llm is None:
             raise RuntimeError("no sub-model configured: this REPL session has llm=None, "
                                "so llm_query/rlm_query cannot be used here")
-        if hasattr(self.llm, "llm_batch"):
-            results = self.llm.llm_batch(prompts) if pairs is None else self.llm.rlm_batch(pairs)
-        else:
-            results = self._map_plain(prompts)  # a plain fn: rlm_query degrades to llm_query
+        if hasattr(llm, "llm_batch"):
+            handler = cast(SubcallHandler, llm)
+            results = handler.llm_batch(prompts) if pairs is None else handler.rlm_batch(pairs)
+        else:  # a plain fn: rlm_query degrades to llm_query
+            results = self._map_plain(cast(Callable[[str], str], llm), prompts)
         results = list(results)
         if len(results) != len(prompts):
             raise RuntimeError(f"sub-model handler returned {len(results)} answers for {len(prompts)} prompts")
         return [r if isinstance(r, str) else str(r) for r in results]
 
-    def _map_plain(self, prompts: list[str]) -> list[str]:
+    def _map_plain(self, fn: Callable[[str], str], prompts: list[str]) -> list[str]:
         if len(prompts) == 1:
-            return [self.llm(prompts[0])]
+            return [fn(prompts[0])]
         workers = max(1, min(len(prompts), self.config.max_parallel_subcalls))
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlm-subcall") as pool:
-            return list(pool.map(self.llm, prompts))
+            return list(pool.map(fn, prompts))

@@ -240,8 +240,9 @@ def redirect_std_fds() -> None:
     for fd in (null, out):
         if fd > 2:
             os.close(fd)
-    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
-    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)
+    # typeshed marks sys.__stdout__ Final; the worker must replace it (cells may use it).
+    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)  # type: ignore[misc]
+    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)  # type: ignore[misc]
 
 
 def clean_environment() -> None:

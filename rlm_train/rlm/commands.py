@@ -8,7 +8,9 @@ import sys
 from rlm_train import eventloop
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
-from rlm_train.formats import OUTCOME_FINAL, append_jsonl, read_context_file
+from rlm_train.formats import append_jsonl, read_context_file
+from rlm_train.records import Outcome, TurnRecord
+from rlm_train.stage import Output, add_stage_arguments, missing_inputs, prepare
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -43,11 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", help="task family hint for the scripted teacher (e.g. niah)")
     parser.add_argument("--trajectory-out", help="append the trajectory record to this JSONL file")
     parser.add_argument("--quiet", action="store_true", help="no per-turn progress lines on stderr")
-    parser.add_argument("--recipe", "--config", dest="recipe", help="YAML file of RLMConfig fields")
-    parser.add_argument("overrides", nargs="*", help="RLMConfig overrides as KEY=VALUE (e.g. max_subcalls=50)")
+    add_stage_arguments(parser, recipe_required=False, config_name="RLMConfig")
 
 
-def print_turn(turn: dict) -> None:
+def print_turn(turn: TurnRecord) -> None:
     """One progress line per root turn on stderr."""
     errors = sum(1 for e in turn["executions"] if e["error"])
     parts = [
@@ -67,17 +68,22 @@ def print_turn(turn: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from rlm_train.policies.spec import build_policies, parse_policy_spec
     from rlm_train.rlm import RLMConfig, run_episode
 
-    overrides = list(args.overrides)
-    if args.max_depth is not None:
-        overrides.append(f"max_depth={args.max_depth}")
-    if args.max_iterations is not None:
-        overrides.append(f"max_iterations={args.max_iterations}")
-    config = load_config(RLMConfig, args.recipe, overrides)
+    config = load_config(RLMConfig, args.recipe, args.overrides,
+                         flags={"max_depth": args.max_depth, "max_iterations": args.max_iterations})
+    policies = {"policy": args.policy, "sub_policy": args.sub_policy}
+    for spec in policies.values():
+        if spec:
+            parse_policy_spec(spec)  # a bad spec fails a dry run too
+    outputs = [Output("trajectory", args.trajectory_out, "file", "--trajectory-out")] if args.trajectory_out else []
+    inputs = {"context_file": args.context_file, "query": args.query, **policies,
+              "base_url": args.base_url, "sub_base_url": args.sub_base_url}
+    notes = ["answer: printed on stdout", *missing_inputs({"context_file": args.context_file})]
+    if prepare("run", args, config, inputs=inputs, outputs=outputs, notes=notes):
+        return 0
     context = read_context_file(args.context_file)
-    from rlm_train.policies.spec import build_policies
-
     policy, sub_policy = build_policies(args.policy, args.sub_policy, args.base_url, args.sub_base_url,
                                         client_options(args))
     hints = {"family": args.family} if args.family else {}
@@ -106,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
     )
     if record["final"] is not None:
         print(record["final"])
-    if record["outcome"] == OUTCOME_FINAL:
+    if record["outcome"] == Outcome.FINAL:
         return 0
     reason = (record["error"] or "").splitlines()[0] if record["error"] else "the model never called FINAL"
     if record["final"] is None:

@@ -17,26 +17,32 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from pydantic import Field
 
 from rlm_train.config import StrictModel
-from rlm_train.formats import (
-    ERROR_INTERNAL,
-    ERROR_SANDBOX,
-    ERROR_MODEL,
-    OUTCOME_BUDGET,
-    OUTCOME_ERROR,
-    OUTCOME_FINAL,
-    OUTCOME_MAX_ITERATIONS,
-    TRAJECTORY_SCHEMA,
-)
 from rlm_train.models.base import Completion, Policy, PolicyError, SamplingParams
+from rlm_train.records import (
+    TRAJECTORY_SCHEMA,
+    EpisodeRecord,
+    EpisodeStats,
+    ErrorKind,
+    ExecutionRecord,
+    Outcome,
+    SubCallRecord,
+    TrajectoryRecord,
+    TurnRecord,
+)
 from rlm_train.rlm import prompts
 from rlm_train.rlm.budget import Budget, BudgetExhausted
-from rlm_train.repl.api import SandboxConfig, SandboxError
-from rlm_train.rlm.parsing import extract_code_blocks, find_final
+from rlm_train.repl.api import ExecResult, SandboxConfig, SandboxError
+from rlm_train.rlm.parsing import FinalCall, extract_code_blocks, find_final
+
+if TYPE_CHECKING:
+    from rlm_train.repl.session import REPLSession
+
+T = TypeVar("T")
 
 
 class RLMConfig(StrictModel):
@@ -80,7 +86,7 @@ class RLMConfig(StrictModel):
 _REPL_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="rlm-repl")
 
 
-async def _in_thread(fn, *args):
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_REPL_THREADS, fn, *args)
 
 
@@ -101,7 +107,7 @@ class _Tree:
     hints: dict[str, Any]
     semaphore: asyncio.Semaphore
     loop: asyncio.AbstractEventLoop
-    on_turn: Callable[[dict[str, Any]], None] | None = None
+    on_turn: Callable[[TurnRecord], None] | None = None
 
 
 @dataclass
@@ -109,7 +115,7 @@ class _Episode:
     tree: _Tree
     depth: int
     query: str
-    subcalls: list[dict[str, Any]] = field(default_factory=list)  # the current turn's sub-calls
+    subcalls: list[SubCallRecord] = field(default_factory=list)  # the current turn's sub-calls
 
     # -- sub-calls, on the event loop ---------------------------------------------------
     async def llm_batch(self, prompts_: list[str]) -> list[str]:
@@ -149,9 +155,10 @@ class _Episode:
         self._record_subcall("rlm", prompt, answer, None, started, child=child)
         return answer
 
-    def _record_subcall(self, kind, prompt, response, completion: Completion | None, started, error=None, child=None):
+    def _record_subcall(self, kind: str, prompt: str, response: str | None, completion: Completion | None,
+                        started: float, error: str | None = None, child: EpisodeRecord | None = None) -> None:
         limit = self.tree.config.record_chars
-        record = {
+        record: SubCallRecord = {
             "kind": kind,
             "depth": self.depth + 1,
             "prompt": _clip(prompt, limit),
@@ -198,8 +205,8 @@ async def run_episode(
     config: RLMConfig | None = None,
     hints: dict[str, Any] | None = None,
     task_id: str | None = None,
-    on_turn: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    on_turn: Callable[[TurnRecord], None] | None = None,
+) -> TrajectoryRecord:
     """Run one RLM episode and return its `rlm-train/trajectory/v1` record.
 
     Never raises for model, server or sandbox failures: they end the episode with
@@ -218,28 +225,24 @@ async def run_episode(
         loop=asyncio.get_running_loop(),
         on_turn=on_turn,
     )
-    record = await _run_tree_episode(tree, query, context, depth=0)
-    record.update(
-        {
-            "schema": TRAJECTORY_SCHEMA,
-            "id": uuid.uuid4().hex,
-            "task_id": task_id,
-            "policy": getattr(policy, "name", str(policy)),
-            "sub_policy": getattr(sub_policy, "name", str(sub_policy)),
-            "config": config.model_dump(),
-        }
-    )
-    record["stats"].update(
-        {
-            "subcalls_total": tree.budget.subcalls,
-            "tokens_total": tree.budget.tokens,
-            "wall_s": round(tree.budget.elapsed(), 4),
-        }
-    )
+    episode = await _run_tree_episode(tree, query, context, depth=0)
+    record: TrajectoryRecord = {
+        **episode,
+        "schema": TRAJECTORY_SCHEMA,
+        "id": uuid.uuid4().hex,
+        "task_id": task_id,
+        "policy": getattr(policy, "name", str(policy)),
+        "sub_policy": getattr(sub_policy, "name", str(sub_policy)),
+        "config": config.model_dump(),
+    }
+    stats = record["stats"]
+    stats["subcalls_total"] = tree.budget.subcalls
+    stats["tokens_total"] = tree.budget.tokens
+    stats["wall_s"] = round(tree.budget.elapsed(), 4)
     return record
 
 
-async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -> dict[str, Any]:
+async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -> EpisodeRecord:
     from rlm_train.repl import REPLSession
 
     config = tree.config
@@ -248,11 +251,11 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
         {"role": "system", "content": prompts.system_prompt(config.prompt_style, context, config.sub_model_chars)},
         {"role": "user", "content": prompts.first_user_prompt(query, context)},
     ]
-    turns: list[dict[str, Any]] = []
+    turns: list[TurnRecord] = []
     final: str | None = None
-    outcome = OUTCOME_MAX_ITERATIONS
+    outcome = Outcome.MAX_ITERATIONS
     error: str | None = None
-    error_kind: str | None = None
+    error_kind: ErrorKind | None = None
     started = time.monotonic()
     sandbox = config.sandbox
     # The sandbox starts while the model writes its first turn: session start-up
@@ -268,18 +271,18 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
             if tree.on_turn is not None and depth == 0:
                 tree.on_turn(turn)
             if final is not None:
-                outcome = OUTCOME_FINAL if not forced else OUTCOME_MAX_ITERATIONS
+                outcome = Outcome.FINAL if not forced else Outcome.MAX_ITERATIONS
                 break
             if tree.budget.exhausted:
                 raise BudgetExhausted(tree.budget.exhausted)
     except BudgetExhausted as exc:
-        outcome, error = OUTCOME_BUDGET, str(exc)
+        outcome, error = Outcome.BUDGET, str(exc)
     except PolicyError as exc:
-        outcome, error, error_kind = OUTCOME_ERROR, f"model call failed: {exc}", ERROR_MODEL
+        outcome, error, error_kind = Outcome.ERROR, f"model call failed: {exc}", ErrorKind.MODEL
     except SandboxError as exc:
-        outcome, error, error_kind = OUTCOME_ERROR, f"sandbox failed: {exc}", ERROR_SANDBOX
+        outcome, error, error_kind = Outcome.ERROR, f"sandbox failed: {exc}", ErrorKind.SANDBOX
     except Exception as exc:  # the host must survive anything an episode does
-        outcome, error_kind = OUTCOME_ERROR, ERROR_INTERNAL
+        outcome, error_kind = Outcome.ERROR, ErrorKind.INTERNAL
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
     finally:
         _close_when_ready(session)
@@ -297,18 +300,19 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
     }
 
 
-def _close_when_ready(session_future: asyncio.Future) -> None:
+def _close_when_ready(session_future: asyncio.Future[REPLSession]) -> None:
     """Close the episode's sandbox in the background: reaping the worker need not delay
     the episode's result, and a session still starting is closed once it exists."""
 
-    def close(fut: asyncio.Future) -> None:
+    def close(fut: asyncio.Future[REPLSession]) -> None:
         if not fut.cancelled() and fut.exception() is None:
             _REPL_THREADS.submit(fut.result().close)
 
     session_future.add_done_callback(close)
 
 
-async def _run_turn(tree, episode, session_future, messages, turn_index, forced):
+async def _run_turn(tree: _Tree, episode: _Episode, session_future: asyncio.Future[REPLSession],
+                    messages: list[dict[str, Any]], turn_index: int, forced: bool) -> tuple[TurnRecord, str | None]:
     """One root turn: ask the model, run its code, feed the output back. Returns (turn, final)."""
     config = tree.config
     tree.budget.check()
@@ -320,7 +324,7 @@ async def _run_turn(tree, episode, session_future, messages, turn_index, forced)
     tree.budget.add_tokens(completion.prompt_tokens + completion.completion_tokens)
     text = completion.text
     messages.append({"role": "assistant", "content": text})
-    turn: dict[str, Any] = {
+    turn: TurnRecord = {
         "index": turn_index,
         "assistant": text,
         "forced": forced,
@@ -336,19 +340,9 @@ async def _run_turn(tree, episode, session_future, messages, turn_index, forced)
     episode.subcalls = turn["sub_calls"]
     final = None
     text_final = find_final(text)
-    session = await session_future if turn["code_blocks"] or text_final else None
-    for code in turn["code_blocks"]:
-        result = await _in_thread(session.execute, code)
-        turn["executions"].append(_result_dict(code, result))
-        if result.final is not None:
-            final = result.final
-            break
-        if tree.budget.exhausted:
-            break
-    if final is None and text_final is not None:
-        final, parse_error = await _resolve_text_final(session, text_final)
-        turn["parse_error"] = parse_error
-    if not turn["code_blocks"] and text_final is None:
+    if turn["code_blocks"] or text_final:
+        final = await _run_code(tree, await session_future, turn, text_final)
+    else:
         turn["parse_error"] = "no code block and no FINAL"
     turn["final"] = final
     if final is None and not forced:
@@ -363,7 +357,22 @@ async def _run_turn(tree, episode, session_future, messages, turn_index, forced)
     return turn, final
 
 
-async def _resolve_text_final(session, call) -> tuple[str | None, str | None]:
+async def _run_code(tree: _Tree, session: REPLSession, turn: TurnRecord, text_final: FinalCall | None) -> str | None:
+    """Run the turn's code blocks until one calls FINAL, then a FINAL written in prose."""
+    for code in turn["code_blocks"]:
+        result = await _in_thread(session.execute, code)
+        turn["executions"].append(_result_dict(code, result))
+        if result.final is not None:
+            return result.final
+        if tree.budget.exhausted:
+            break
+    if text_final is None:
+        return None
+    final, turn["parse_error"] = await _resolve_text_final(session, text_final)
+    return final
+
+
+async def _resolve_text_final(session: REPLSession, call: FinalCall) -> tuple[str | None, str | None]:
     """FINAL(...) written in prose: the answer is its text. FINAL_VAR(name) in prose is
     looked up in the REPL, since the model meant the variable."""
     if call.kind == "FINAL":
@@ -374,7 +383,7 @@ async def _resolve_text_final(session, call) -> tuple[str | None, str | None]:
     return None, (result.error or f"FINAL_VAR({call.argument!r}) gave no value").strip().splitlines()[-1]
 
 
-def _result_dict(code: str, result) -> dict[str, Any]:
+def _result_dict(code: str, result: ExecResult) -> ExecutionRecord:
     return {
         "code": code,
         "stdout": result.stdout,
@@ -388,8 +397,8 @@ def _result_dict(code: str, result) -> dict[str, Any]:
     }
 
 
-def _episode_stats(turns: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    def subcalls(turn_list):
+def _episode_stats(turns: list[TurnRecord], wall_s: float) -> EpisodeStats:
+    def subcalls(turn_list: list[TurnRecord]) -> int:
         n = 0
         for turn in turn_list:
             for call in turn["sub_calls"]:
@@ -408,7 +417,7 @@ def _episode_stats(turns: list[dict[str, Any]], wall_s: float) -> dict[str, Any]
     }
 
 
-def run_episode_sync(*args, **kwargs) -> dict[str, Any]:
+def run_episode_sync(*args: Any, **kwargs: Any) -> TrajectoryRecord:
     """run_episode for callers without an event loop (CLI, notebooks)."""
     return asyncio.run(run_episode(*args, **kwargs))
 

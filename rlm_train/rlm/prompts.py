@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlm_train.records import ExecutionRecord
+
 FULL_SYSTEM_PROMPT = """\
 You answer a query about a context that is too large to read directly. The context \
 is stored in a Python REPL as the variable `context`; you never see it unless your \
@@ -96,14 +98,15 @@ def first_user_prompt(query: str, context: Any) -> str:
     return FIRST_USER_PROMPT.format(query=query, context_description=description)
 
 
-def execution_feedback(results: list[dict[str, Any]], max_chars: int) -> str:
+def execution_feedback(results: list[ExecutionRecord], max_chars: int) -> str:
     """What the model sees after its code ran: each block's output, cut to max_chars in all."""
     parts = []
     per_block = max(200, max_chars // max(1, len(results)))
     for i, res in enumerate(results, 1):
         text = (res.get("stdout") or "") + (res.get("stderr") or "")
-        if res.get("error"):
-            text += ("" if not text or text.endswith("\n") else "\n") + res["error"]
+        error = res.get("error")
+        if error:
+            text += ("" if not text or text.endswith("\n") else "\n") + error
         if not text.strip():
             text = "(no output)"
         if len(text) > per_block:

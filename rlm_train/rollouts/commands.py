@@ -9,15 +9,17 @@ Priority: recipe < command-line flags < KEY=VALUE overrides.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
 from rlm_train.config import load_config
+from rlm_train.errors import UserError
 from rlm_train.rlm.commands import add_policy_arguments
+from rlm_train.stage import Output, add_stage_arguments, missing_inputs, prepare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", "--config", dest="recipe", help="YAML recipe of GenerateConfig fields")
+    add_stage_arguments(parser, recipe_required=False, config_name="GenerateConfig")
     parser.add_argument("--tasks", help="task file (rlm-train/task/v1 JSONL)")
     parser.add_argument("--out", help="run directory; re-running the same command there resumes")
     add_policy_arguments(parser, required=False)  # the policy may come from the recipe instead
@@ -27,8 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip (and report) bad task lines instead of stopping at the first")
     parser.add_argument("--shard", help="I/N: take every N-th task starting at I (e.g. a Slurm array task)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. rlm.max_iterations=6")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -52,19 +52,34 @@ def config_from_args(args: argparse.Namespace):
     if args.shard:
         index, _, count = args.shard.partition("/")
         if not (index.isdigit() and count.isdigit()):
-            from rlm_train.errors import UserError
-
             raise UserError(f"--shard {args.shard!r}: expected I/N, e.g. --shard 0/4")
         flags["shard_index"], flags["num_shards"] = int(index), int(count)
     return load_config(GenerateConfig, args.recipe, args.overrides, flags=flags)
 
 
 def main(args: argparse.Namespace) -> int:
+    from rlm_train.policies.spec import parse_policy_spec
+    from rlm_train.rollouts import store
     from rlm_train.rollouts.generate import format_summary, run_generate
 
     config = config_from_args(args)
-    if args.dry_run:
-        print(json.dumps(config.model_dump(), indent=2))
+    # run_generate's own first checks, here too, so a dry run fails where a real run would.
+    if not config.tasks:
+        raise UserError("no task file: pass --tasks FILE or set `tasks` in the recipe")
+    if not config.out:
+        raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
+    if config.shard_index >= config.num_shards:
+        raise UserError(f"shard_index {config.shard_index} must be below num_shards {config.num_shards}")
+    for spec in (config.policy, config.sub_policy):
+        if spec:
+            parse_policy_spec(spec)
+    inputs = {"tasks": config.tasks, "policy": config.policy, "sub_policy": config.sub_policy,
+              "base_urls": config.base_urls, "sub_base_urls": config.sub_base_urls}
+    resuming = (Path(config.out) / store.MANIFEST).is_file()
+    notes = [f"{config.out}: {'has a run; this resumes it' if resuming else 'new run'}"
+             f" (shard {config.shard_index} of {config.num_shards})", *missing_inputs({"tasks": config.tasks})]
+    flag = "--out" if args.out else "out"
+    if prepare("generate", args, config, inputs=inputs, outputs=[Output("run_dir", config.out, "dir", flag)], notes=notes):
         return 0
     try:
         summary = run_generate(config)

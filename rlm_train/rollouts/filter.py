@@ -19,8 +19,8 @@ from typing import Any
 from pydantic import Field
 
 from rlm_train.config import StrictModel
-from rlm_train.formats import OUTCOME_FINAL
-from rlm_train.rlm.parsing import CODE_FENCE_RE, find_final
+from rlm_train.records import Outcome, TaskRecord, TrajectoryRecord, TurnRecord
+from rlm_train.rlm.parsing import CODE_FENCE_RE, FinalCall, find_final
 
 
 class FilterConfig(StrictModel):
@@ -32,7 +32,7 @@ class FilterConfig(StrictModel):
     """Output directory: sft/ and rl/ (datasets save_to_disk), *.jsonl, filter_report.json."""
     tasks: list[str] = Field(default_factory=list)
     """Task files for the RL prompt set and for scoring unscored records (default: each run's manifest)."""
-    keep_outcomes: list[str] = Field(default_factory=lambda: [OUTCOME_FINAL])
+    keep_outcomes: list[str] = Field(default_factory=lambda: [Outcome.FINAL.value])
     """Episode outcomes to keep; `final` = the model called FINAL by itself (not forced, no error)."""
     min_score: float = 0.0
     """Keep episodes whose score is strictly above this (0 drops zero-score episodes)."""
@@ -66,7 +66,7 @@ class FilterConfig(StrictModel):
 # Episode rules
 
 
-def trajectory_drop_reason(traj: dict[str, Any], config: FilterConfig) -> str | None:
+def trajectory_drop_reason(traj: TrajectoryRecord, config: FilterConfig) -> str | None:
     """The first rule an episode breaks (a report key), or None to keep it."""
     if not _well_formed(traj):
         return "malformed"
@@ -82,7 +82,7 @@ def trajectory_drop_reason(traj: dict[str, Any], config: FilterConfig) -> str | 
     return None
 
 
-def _well_formed(traj: dict[str, Any]) -> bool:
+def _well_formed(traj: TrajectoryRecord) -> bool:
     """Turn i must be the i-th assistant message, or the per-turn split would be wrong."""
     turns, messages = traj.get("turns"), traj.get("messages")
     if not isinstance(turns, list) or not isinstance(messages, list) or not turns:
@@ -104,7 +104,7 @@ def _fences(text: str) -> list[re.Match]:
     return [m for m in CODE_FENCE_RE.finditer(text) if m.group(2).strip("\n").strip()]
 
 
-def repair_final_turn(turn: dict[str, Any]) -> tuple[str, list[str]]:
+def repair_final_turn(turn: TurnRecord) -> tuple[str, list[str]]:
     """(repaired assistant text, names of the repairs applied) for the turn that answered."""
     text = turn["assistant"]
     repairs: list[str] = []
@@ -136,7 +136,7 @@ def repair_final_turn(turn: dict[str, Any]) -> tuple[str, list[str]]:
     return text, repairs
 
 
-def _prose_final_to_block(text: str, call) -> str:
+def _prose_final_to_block(text: str, call: FinalCall) -> str:
     """Cut the text at the last prose line that starts FINAL/FINAL_VAR and append the call
     as a ```repl block; what followed it was never part of the answer."""
     code_spans = [(m.start(), m.end()) for m in CODE_FENCE_RE.finditer(text)]
@@ -157,7 +157,7 @@ def _prose_final_to_block(text: str, call) -> str:
 @dataclass
 class Sample:
     messages: list[dict[str, str]]  # history so far + this turn as the last (the only trained) message
-    task_id: str
+    task_id: str | None
     family: str | None
     sample: int | None
     turn: int
@@ -171,7 +171,7 @@ class Sample:
         return dict(self.__dict__)
 
 
-def turn_samples(traj: dict[str, Any], config: FilterConfig, dropped: Counter) -> list[Sample]:
+def turn_samples(traj: TrajectoryRecord, config: FilterConfig, dropped: Counter[str]) -> list[Sample]:
     """One sample per root turn: the conversation up to that turn as input, the turn as output.
     Turn-level drops are counted in `dropped` by reason."""
     turns = traj["turns"]
@@ -197,7 +197,7 @@ def turn_samples(traj: dict[str, Any], config: FilterConfig, dropped: Counter) -
     return out
 
 
-def turn_drop_reason(turn: dict[str, Any], output: str, history: list[dict[str, str]], config: FilterConfig) -> str | None:
+def turn_drop_reason(turn: TurnRecord, output: str, history: list[dict[str, str]], config: FilterConfig) -> str | None:
     if turn.get("forced"):
         return "forced_turn"  # the answer-now turn was prompted, not chosen
     if config.drop_turns_without_code and not turn.get("code_blocks") and turn.get("final") is None:
@@ -215,7 +215,7 @@ def sample_key(sample: Sample) -> str:
     return hashlib.sha256(json.dumps(sample.messages, ensure_ascii=False).encode()).hexdigest()
 
 
-def dedupe(samples: list[Sample], dropped: Counter) -> list[Sample]:
+def dedupe(samples: list[Sample], dropped: Counter[str]) -> list[Sample]:
     seen: set[str] = set()
     out = []
     for s in samples:
@@ -243,14 +243,15 @@ def split_tasks(task_ids: list[str], fraction: float, seed: int) -> set[str]:
     return set(ranked[:n_val])
 
 
-def rl_prompts(records: list[dict[str, Any]], tasks: dict[str, tuple[dict[str, Any], str]],
-               config: FilterConfig, dropped: Counter) -> list[dict[str, Any]]:
+def rl_prompts(records: list[TrajectoryRecord], tasks: dict[str, tuple[TaskRecord, str]],
+               config: FilterConfig, dropped: Counter[str]) -> list[dict[str, Any]]:
     """One prompt per task with what the reward needs: the task reference (file + id), its
     answer and scorer, and the pass rate of the generating policy."""
-    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_task: dict[str, list[TrajectoryRecord]] = defaultdict(list)
     for r in records:
-        if r.get("task_id") is not None:
-            by_task[r["task_id"]].append(r)
+        task_id = r.get("task_id")
+        if task_id is not None:
+            by_task[task_id].append(r)
     rows = []
     for task_id in sorted(by_task):
         group = by_task[task_id]
@@ -258,7 +259,7 @@ def rl_prompts(records: list[dict[str, Any]], tasks: dict[str, tuple[dict[str, A
             dropped["task_not_found"] += 1
             continue
         task, task_file = tasks[task_id]
-        scores = [r["score"] for r in group if r.get("score") is not None]
+        scores = [score for r in group if (score := r.get("score")) is not None]
         pass_rate = sum(scores) / len(scores) if scores else None
         if pass_rate is not None and not (config.rl_min_pass_rate <= pass_rate <= config.rl_max_pass_rate):
             dropped["pass_rate_out_of_range"] += 1
@@ -285,14 +286,14 @@ def rl_prompts(records: list[dict[str, Any]], tasks: dict[str, tuple[dict[str, A
 # The whole stage
 
 
-def load_task_index(config: FilterConfig, manifests: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], str]]:
+def load_task_index(config: FilterConfig, manifests: list[dict[str, Any]]) -> dict[str, tuple[TaskRecord, str]]:
     """task_id -> (task, absolute task file) from --tasks, else the runs' manifests."""
     from pathlib import Path
 
     from rlm_train.rollouts.tasks_file import load_tasks
 
     files = list(config.tasks) or [m["tasks_file"] for m in manifests if m.get("tasks_file")]
-    index: dict[str, tuple[dict[str, Any], str]] = {}
+    index: dict[str, tuple[TaskRecord, str]] = {}
     for name in files:
         path = Path(name)
         if not path.is_file():
@@ -317,7 +318,7 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
     if not config.out:
         raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
     read = store.ReadStats()
-    records: list[dict[str, Any]] = []
+    records: list[TrajectoryRecord] = []
     manifests = []
     for source in config.trajectories:
         records += store.read_records(source, read)
@@ -335,12 +336,13 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
         from rlm_train.rollouts.generate import score_record
 
         for r in records:
-            if r.get("score") is None and r.get("task_id") in tasks:
-                score_record(r, tasks[r["task_id"]][0], scorer)
+            task_id = r.get("task_id")
+            if r.get("score") is None and task_id is not None and task_id in tasks:
+                score_record(r, tasks[task_id][0], scorer)
                 scored_here += r.get("score") is not None
 
-    dropped_episodes: Counter = Counter()
-    dropped_turns: Counter = Counter()
+    dropped_episodes: Counter[str] = Counter()
+    dropped_turns: Counter[str] = Counter()
     samples: list[Sample] = []
     kept = 0
     for traj in records:
@@ -356,7 +358,7 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
     validation = split_tasks([str(r.get("task_id")) for r in records], config.validation_fraction, config.split_seed)
     sft = {"train": [s.row() for s in samples if s.task_id not in validation],
            "validation": [s.row() for s in samples if s.task_id in validation]}
-    dropped_rl: Counter = Counter()
+    dropped_rl: Counter[str] = Counter()
     rl_rows = rl_prompts(records, tasks, config, dropped_rl)
     rl = {"train": [r for r in rl_rows if r["task_id"] not in validation],
           "validation": [r for r in rl_rows if r["task_id"] in validation]}

@@ -9,20 +9,24 @@ Priority: recipe < command-line flags < KEY=VALUE overrides.
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 
 from rlm_train.config import load_config
+from rlm_train.errors import UserError
+from rlm_train.stage import Kind, Output, add_stage_arguments, missing_inputs, prepare
+
+# What run_filter writes under --out: (name, kind).
+OUTPUTS: list[tuple[str, Kind]] = [("sft", "dir"), ("sft-train.jsonl", "file"), ("sft-validation.jsonl", "file"),
+           ("rl", "dir"), ("rl-train.jsonl", "file"), ("rl-validation.jsonl", "file"), ("filter_report.json", "file")]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", "--config", dest="recipe", help="YAML recipe of FilterConfig fields")
+    add_stage_arguments(parser, recipe_required=False, config_name="FilterConfig")
     parser.add_argument("--trajectories", action="append", default=[],
                         help="run directory of `rlm-train generate` or a trajectory JSONL file (repeatable)")
     parser.add_argument("--out", help="output directory (sft/, rl/, *.jsonl, filter_report.json)")
     parser.add_argument("--tasks", action="append", default=[],
                         help="task file(s) for the RL set and scoring (default: from the runs' manifests)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. min_turns=3")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -36,8 +40,18 @@ def main(args: argparse.Namespace) -> int:
     from rlm_train.rollouts.filter import format_report, run_filter
 
     config = config_from_args(args)
-    if args.dry_run:
-        print(json.dumps(config.model_dump(), indent=2))
+    # run_filter's own first checks, here too, so a dry run fails where a real run would.
+    if not config.trajectories:
+        raise UserError("no trajectories: pass --trajectories DIR (the --out of `rlm-train generate`)")
+    if not config.out:
+        raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
+    flag = "--out" if args.out else "out"
+    outputs = [Output("out", config.out, "dir", flag),
+               *(Output(name, str(Path(config.out) / name), kind, flag) for name, kind in OUTPUTS)]
+    inputs = {"trajectories": config.trajectories, "tasks": config.tasks}
+    notes = [] if config.tasks else ["tasks: the task files named in the runs' manifests"]
+    notes += missing_inputs(inputs)
+    if prepare("filter", args, config, inputs=inputs, outputs=outputs, notes=notes):
         return 0
     report = run_filter(config)
     print(format_report(report))

@@ -18,16 +18,18 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from pydantic import Field
 
 from rlm_train import eventloop
 from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
-from rlm_train.formats import ERROR_MODEL, OUTCOME_ERROR, append_jsonl, load_task_context, write_text_atomic
+from rlm_train.formats import append_jsonl, load_task_context, write_text_atomic
+from rlm_train.models.base import Policy
 from rlm_train.policies.spec import ClientOptions
 from rlm_train.policies.spec import build_policies as build_policies_from_specs
+from rlm_train.records import ErrorKind, Outcome, TaskRecord, TrajectoryRecord
 from rlm_train.rlm.loop import RLMConfig
 from rlm_train.rollouts import store
 from rlm_train.rollouts.tasks_file import load_tasks
@@ -74,12 +76,12 @@ class ServerDown(UserError):
     pass
 
 
-def run_identity(config: GenerateConfig, tasks_sha256: str) -> dict[str, Any]:
+def run_identity(config: GenerateConfig, task_file: Path, tasks_sha256: str) -> dict[str, Any]:
     """The manifest: what must match for a re-run to continue this run."""
     return {
         "schema": store.MANIFEST_SCHEMA,
         "tasks_sha256": tasks_sha256,
-        "tasks_file": str(Path(config.tasks).resolve()),
+        "tasks_file": str(task_file.resolve()),
         "policy": config.policy,
         "sub_policy": config.sub_policy,
         "samples": config.samples,
@@ -88,12 +90,15 @@ def run_identity(config: GenerateConfig, tasks_sha256: str) -> dict[str, Any]:
     }
 
 
+Scorer = Callable[[Any, Any], float]  # (task, answer) -> score: rlm_train.tasks.score
+
+
 def build_policies(config: GenerateConfig):
     return build_policies_from_specs(config.policy, config.sub_policy, config.base_urls, config.sub_base_urls,
                                      config.client)
 
 
-def load_scorer():
+def load_scorer() -> Scorer | None:
     """rlm_train.tasks.score(task, answer) when the task suite is installed, else None."""
     try:
         from rlm_train.tasks import score
@@ -102,10 +107,10 @@ def load_scorer():
     return score
 
 
-def score_record(record: dict[str, Any], task: dict[str, Any], scorer) -> None:
+def score_record(record: TrajectoryRecord, task: Mapping[str, Any], scorer: Scorer | None) -> None:
     """Fill record["score"]: the task's scorer on the final answer (0 when there is none).
     Episodes the server failed get no score: they say nothing about the policy."""
-    if scorer is None or record["outcome"] == OUTCOME_ERROR:
+    if scorer is None or record["outcome"] == Outcome.ERROR:
         return
     if record["final"] is None:
         record["score"] = 0.0
@@ -124,14 +129,14 @@ class _Contexts:
         self.samples_left = samples_left
         self.loaded: dict[str, asyncio.Task] = {}
 
-    async def get(self, task: dict[str, Any]) -> Any:
+    async def get(self, task: TaskRecord) -> Any:
         if "context" in task:
             return task["context"]
         if task["id"] not in self.loaded:
             self.loaded[task["id"]] = asyncio.create_task(asyncio.to_thread(load_task_context, task, self.task_file))
         return await self.loaded[task["id"]]
 
-    def release(self, task: dict[str, Any]) -> None:
+    def release(self, task: TaskRecord) -> None:
         self.samples_left[task["id"]] -= 1
         if self.samples_left[task["id"]] == 0:
             self.loaded.pop(task["id"], None)
@@ -146,12 +151,12 @@ class _Writer:
         self.shard = shard
         self.max_streak = max_streak
         self.summary = summary
-        self.streak: list[dict[str, Any]] = []
+        self.streak: list[TrajectoryRecord] = []
         self.written = 0
         self.answered = 0  # episodes in this process run that were not model-call failures
 
-    def add(self, record: dict[str, Any]) -> None:
-        if record["outcome"] == OUTCOME_ERROR and record.get("error_kind") == ERROR_MODEL:
+    def add(self, record: TrajectoryRecord) -> None:
+        if record["outcome"] == Outcome.ERROR and record.get("error_kind") == ErrorKind.MODEL:
             self.streak.append(record)
             if len(self.streak) >= self.max_streak:
                 raise ServerDown(self._down_message())
@@ -171,13 +176,13 @@ class _Writer:
             raise ServerDown(self._down_message())
         self.flush()
 
-    def _append(self, record: dict[str, Any]) -> None:
+    def _append(self, record: TrajectoryRecord) -> None:
         append_jsonl(self.shard, record)
         self.summary.add(record)
         self.written += 1
 
     def _down_message(self) -> str:
-        error = self.streak[-1]["error"].splitlines()[0]
+        error = (self.streak[-1]["error"] or "").splitlines()[0]
         return (
             f"{len(self.streak)} episodes in a row got no answer from the server, stopping ({error}). "
             f"They were not recorded: re-run the same command to retry them"
@@ -197,10 +202,11 @@ class _Progress:
         if resumed:
             self.bar.write(f"resuming: {resumed} episodes already recorded, {total} to go", file=sys.stderr)
 
-    def update(self, record: dict[str, Any]) -> None:
-        if record.get("score") is not None:
-            self.scores.append(record["score"])
-        if record["outcome"] == OUTCOME_ERROR:
+    def update(self, record: TrajectoryRecord) -> None:
+        score = record.get("score")
+        if score is not None:
+            self.scores.append(score)
+        if record["outcome"] == Outcome.ERROR:
             self.errors += 1
         mean = f"{statistics.fmean(self.scores):.3f}" if self.scores else "-"
         self.bar.set_postfix_str(f"score={mean} errors={self.errors}", refresh=False)
@@ -210,19 +216,20 @@ class _Progress:
         self.bar.close()
 
 
-def _jobs(tasks: list[dict[str, Any]], samples: int, done: set[tuple[str, int]]) -> list[tuple[dict[str, Any], int]]:
+def _jobs(tasks: list[TaskRecord], samples: int, done: set[tuple[str | None, int | None]]) -> list[tuple[TaskRecord, int]]:
     # A task's samples run next to each other, so its context is loaded once for all of them.
     return [(task, k) for task in tasks for k in range(samples) if (task["id"], k) not in done]
 
 
-async def _run_jobs(jobs, config, policy, sub_policy, task_file, scorer, writer, progress) -> None:
+async def _run_jobs(jobs: list[tuple[TaskRecord, int]], config: GenerateConfig, policy: Policy, sub_policy: Policy | None,
+                    task_file: Path, scorer: Scorer | None, writer: _Writer, progress: _Progress) -> None:
     from rlm_train.rlm import run_episode
 
     samples_left = Counter(task["id"] for task, _ in jobs)
     contexts = _Contexts(task_file, samples_left)
-    queue: Iterator = iter(jobs)
+    queue: Iterator[tuple[TaskRecord, int]] = iter(jobs)
 
-    async def episode(task: dict[str, Any], k: int) -> None:
+    async def episode(task: TaskRecord, k: int) -> None:
         context = await contexts.get(task)
         hints = {"family": task.get("family"), "task_id": task["id"], "sample": k, "meta": task.get("meta") or {}}
         record = await run_episode(task["query"], context, policy, sub_policy, config.rlm, hints=hints, task_id=task["id"])
@@ -257,7 +264,7 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
     tasks = [t for i, t in enumerate(tasks) if i % config.num_shards == config.shard_index]
     if policy is None:
         policy, sub_policy = build_policies(config)
-    identity = run_identity(config, store.file_sha256(task_file))
+    identity = run_identity(config, task_file, store.file_sha256(task_file))
     identity["policy"] = config.policy or getattr(policy, "name", None)
     identity["sub_policy"] = config.sub_policy or (getattr(sub_policy, "name", None) if sub_policy else None)
     out = Path(config.out)
@@ -265,7 +272,7 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
     slot = f"{config.shard_index}of{config.num_shards}"
     with store.RunLock(out, slot):
         summary = RunSummary()
-        done: set[tuple[str, int]] = set()
+        done: set[tuple[str | None, int | None]] = set()
         for record in store.iter_records(out) if resuming else ():
             done.add((record.get("task_id"), record.get("sample")))
             summary.add(record)
@@ -324,7 +331,7 @@ class RunSummary:
     """The end-of-run numbers, added up one record at a time as records are written (and,
     on resume, as the earlier ones are read), so the summary never re-reads the store."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.records = 0
         self.outcomes: Counter[str] = Counter()
         self.scores: list[float] = []
@@ -335,17 +342,18 @@ class RunSummary:
         self.wall_sum = 0.0
         self.wall_max: float | None = None
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: TrajectoryRecord) -> None:
         stats = record["stats"]
         family = self.families[record.get("family") or "-"]
         family["episodes"] += 1
-        family["final"] += record["outcome"] == "final"
-        family["errors"] += record["outcome"] == OUTCOME_ERROR
+        family["final"] += record["outcome"] == Outcome.FINAL
+        family["errors"] += record["outcome"] == Outcome.ERROR
         family["turns"] += stats["turns"]
         family["sub_calls"] += stats.get("sub_calls", 0)
-        if record.get("score") is not None:
-            self.scores.append(record["score"])
-            self.family_scores[record.get("family") or "-"].append(record["score"])
+        score = record.get("score")
+        if score is not None:
+            self.scores.append(score)
+            self.family_scores[record.get("family") or "-"].append(score)
         self.records += 1
         self.outcomes[record["outcome"]] += 1
         self.tokens["root_prompt"] += stats.get("prompt_tokens", 0)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm_train.errors import UserError
+from rlm_train.records import check_task
 from rlm_train.rlm import RLMConfig
 
 # ---------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def load_prompt_set(path: str | os.PathLike, rlm: RLMConfig) -> PromptSet:
 def _resolve_task_reference(row, base: Path, cache: dict, where: str) -> tuple[dict[str, Any], Path]:
     """An RL prompt row {task_file, task_id, prompt, ...} -> the row with its task record, and
     the directory the task's context_path is relative to."""
-    from rlm_train.formats import read_jsonl
+    from rlm_train.formats import iter_jsonl
 
     task_file = Path(row["task_file"])
     if not task_file.is_absolute() and not task_file.is_file():
@@ -106,7 +107,8 @@ def _resolve_task_reference(row, base: Path, cache: dict, where: str) -> tuple[d
     if not task_file.is_file():
         raise UserError(f"{where}: task_file {row['task_file']!r} not found; re-run `rlm-train filter --tasks FILE`")
     if task_file not in cache:
-        cache[task_file] = {t["id"]: t for t in read_jsonl(task_file) if "id" in t}
+        tasks = iter_jsonl(task_file, check=lambda obj: check_task(obj, task_file), fix="fix the task file")
+        cache[task_file] = {t["id"]: t for _, t in tasks}
     task = cache[task_file].get(row.get("task_id"))
     if task is None:
         raise UserError(f"{where}: task {row.get('task_id')!r} is not in {task_file}")
@@ -121,22 +123,16 @@ def _read_dataset_dir(path: Path) -> list[dict[str, Any]]:
 
 def _task_of_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     """A row is a task record itself, or an RL prompt row carrying one under `task`."""
-    from rlm_train.formats import TASK_SCHEMA
-
     task = row.get("task", row)
     if isinstance(task, str):
         try:
             task = json.loads(task)
         except json.JSONDecodeError as exc:
             raise UserError(f"{where}: column 'task' is not valid JSON ({exc.msg})") from None
-    if not isinstance(task, dict) or task.get("schema") != TASK_SCHEMA:
-        raise UserError(
-            f"{where}: expected a task record (schema {TASK_SCHEMA!r}) or an RL prompt row with a 'task' column; "
-            "make the prompt set with `rlm-train tasks` or `rlm-train filter`"
-        )
-    for key in ("id", "query"):
-        if not isinstance(task.get(key), str) or not task[key]:
-            raise UserError(f"{where}: task field {key!r} must be a non-empty string")
+    why = check_task(task)
+    if why is not None:
+        raise UserError(f"{where}: not a task record or an RL prompt row with a 'task' column ({why}); "
+                        "make the prompt set with `rlm-train tasks` or `rlm-train filter`")
     if "answer" not in task:
         raise UserError(f"{where}: task {task['id']!r} has no 'answer', so no reward can be computed")
     if "task_id" in row and row["task_id"] != task["id"]:

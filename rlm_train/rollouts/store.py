@@ -19,10 +19,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 from rlm_train.errors import UserError
-from rlm_train.formats import SKIP, TORN_LINE, TRAJECTORY_SCHEMA, iter_jsonl, write_text_atomic
+from rlm_train.formats import SKIP, TORN_LINE, iter_jsonl, write_text_atomic
+from rlm_train.records import TRAJECTORY_SCHEMA, TrajectoryRecord
 
 MANIFEST_SCHEMA = "rlm-train/generate-run/v1"
 MANIFEST = "manifest.json"
@@ -59,12 +60,12 @@ def _is_trajectory(record: dict[str, Any]) -> str | None:
     return None if record.get("schema") == TRAJECTORY_SCHEMA else f"not a trajectory (schema {record.get('schema')!r})"
 
 
-def iter_shard(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
+def iter_shard(path: Path, stats: ReadStats) -> Iterator[TrajectoryRecord]:
     """Records of one shard. A bad line is reported on the console with its number and
     skipped, never fatal; a torn last line (a crash mid-write) is counted apart."""
     problems: list[str] = []
     for _, record in iter_jsonl(path, bad_lines=SKIP, check=_is_trajectory, problems=problems):
-        yield record
+        yield cast(TrajectoryRecord, record)  # its schema was checked
     for problem in problems:
         if problem.endswith(TORN_LINE):
             stats.torn_lines += 1
@@ -72,7 +73,7 @@ def iter_shard(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
             stats.bad_lines.append(problem.partition(": ")[0])
 
 
-def read_records(source: str | Path, stats: ReadStats | None = None) -> list[dict[str, Any]]:
+def read_records(source: str | Path, stats: ReadStats | None = None) -> list[TrajectoryRecord]:
     """Every trajectory in a store directory (or one JSONL file), one per (task_id, sample)."""
     stats = stats if stats is not None else ReadStats()
     source = Path(source)
@@ -87,13 +88,13 @@ def read_records(source: str | Path, stats: ReadStats | None = None) -> list[dic
     return out
 
 
-def iter_records(directory: str | Path) -> Iterator[dict[str, Any]]:
+def iter_records(directory: str | Path) -> Iterator[TrajectoryRecord]:
     """The records of a run directory one at a time, one per (task_id, sample): what a
     resume skips and what the run's summary counts, without holding them all."""
     return _unique(shard_files(directory), ReadStats())
 
 
-def _unique(files: list[Path], stats: ReadStats) -> Iterator[dict[str, Any]]:
+def _unique(files: list[Path], stats: ReadStats) -> Iterator[TrajectoryRecord]:
     seen: set[tuple[Any, Any]] = set()
     for path in files:
         stats.files += 1

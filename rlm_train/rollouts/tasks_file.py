@@ -4,14 +4,14 @@ then skipped or fatal (--skip-bad-lines)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rlm_train.errors import UserError
 from rlm_train.formats import FAIL, SKIP, iter_jsonl
-from rlm_train.records import check_task
+from rlm_train.records import TaskRecord, check_task
 
 
-def load_tasks(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+def load_tasks(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[TaskRecord], list[str]]:
     """(tasks, problems): the runnable tasks in file order and one 'file:line: why' per skipped line."""
     path = Path(path)
     if not path.is_file():
@@ -25,7 +25,7 @@ def load_tasks(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[dic
             seen.add(obj["id"])
         return why
 
-    tasks = [task for _, task in iter_jsonl(path, bad_lines=SKIP if skip_bad_lines else FAIL, check=check,
+    tasks = [cast(TaskRecord, task) for _, task in iter_jsonl(path, bad_lines=SKIP if skip_bad_lines else FAIL, check=check,
                                             problems=problems, fix="fix the line, or pass --skip-bad-lines to skip bad lines")]
     if not tasks:
         raise UserError(f"{path}: no runnable tasks" + (f" ({len(problems)} bad lines skipped)" if problems else ""))

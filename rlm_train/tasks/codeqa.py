@@ -24,9 +24,12 @@ KINDS = ("calls", "defines_method", "default_value", "base_class", "defining_fil
 ANSWER_FORMAT = 'Answer with "The correct answer is (X)", where X is A, B, C or D.'
 
 
-def _functions(tree: ast.Module) -> list[tuple[str, ast.AST]]:
+FuncNode = ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def _functions(tree: ast.Module) -> list[tuple[str, FuncNode]]:
     """(qualified name, node) of module-level functions and methods of top-level classes."""
-    out = []
+    out: list[tuple[str, FuncNode]] = []
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             out.append((node.name, node))
@@ -57,7 +60,7 @@ def method_names(cls: ast.ClassDef) -> set[str]:
     return {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
 
-def defaults(func: ast.AST) -> dict[str, str]:
+def defaults(func: FuncNode) -> dict[str, str]:
     """Parameter -> source text of its default, for simple literal defaults."""
     args = func.args
     positional = args.posonlyargs + args.args
@@ -92,9 +95,9 @@ def _pick_files(rng: random.Random, target_chars: int, split: str) -> list[str]:
     return chosen
 
 
-def _function_table(trees: dict[str, ast.Module]) -> dict[tuple[str, str], list[ast.AST]]:
+def _function_table(trees: dict[str, ast.Module]) -> dict[tuple[str, str], list[FuncNode]]:
     """(path, qualified name) -> its definitions (a property getter and setter share a name)."""
-    table: dict[tuple[str, str], list[ast.AST]] = {}
+    table: dict[tuple[str, str], list[FuncNode]] = {}
     for path, tree in trees.items():
         for qual, node in _functions(tree):
             table.setdefault((path, qual), []).append(node)
@@ -109,77 +112,102 @@ def _class_table(trees: dict[str, ast.Module]) -> dict[tuple[str, str], list[ast
     return table
 
 
-def _question(rng: random.Random, kind: str, focus: str, trees: dict[str, ast.Module]):
+Question = tuple[str, list[str]]  # (question, options with the right one first)
+FunctionKey = tuple[str, str]  # (path, qualified name)
+
+
+def _question(rng: random.Random, kind: str, focus: str, trees: dict[str, ast.Module]) -> Question | None:
     """(question, options with the right one first) or None when `kind` cannot be built here."""
     funcs = _function_table(trees)
     mine = sorted(k for k in funcs if k[0] == focus)
-    if kind == "calls":
-        calls = {k: set().union(*(called_names(f) for f in nodes)) for k, nodes in funcs.items()}
-        if not mine:
-            return None
-        right = rng.choice(mine)
-        callees = sorted(n for n in calls[right] if len(n) > 3 and not n.startswith("__"))
-        if not callees:
-            return None
-        callee = rng.choice(callees)
-        wrong = sorted(k for k in funcs if callee not in calls[k])
-        if len(wrong) < 3:
-            return None
-        options = [right] + rng.sample(wrong, 3)
-        return f"Which of these functions calls `{callee}`?", [_opt(p, q) for p, q in options]
-    if kind == "defines_method":
-        classes = _class_table(trees)
-        methods = {k: set().union(*(method_names(c) for c in nodes)) for k, nodes in classes.items()}
-        candidates = sorted(k for k in classes if k[0] == focus and methods[k])
-        if not candidates:
-            return None
-        right = rng.choice(candidates)
-        method = rng.choice(sorted(methods[right]))
-        wrong = sorted(k for k in classes if method not in methods[k])
-        if len(wrong) < 3:
-            return None
-        options = [right] + rng.sample(wrong, 3)
-        text = f"Which of these classes defines a method named `{method}` in its own body?"
-        return text, [_opt(p, q) for p, q in options]
-    if kind == "default_value":
-        # Only names defined once, so "the default" is unambiguous.
-        candidates = [(k, defaults(nodes[0])) for k in mine if len(nodes := funcs[k]) == 1]
-        candidates = [(k, table) for k, table in candidates if table]
-        if not candidates:
-            return None
-        (path, qual), table = rng.choice(candidates)
-        param = rng.choice(sorted(table))
-        right = table[param]
-        pool = sorted({v for nodes in funcs.values() for f in nodes for v in defaults(f).values() if len(v) < 40})
-        pool += [v for v in ("None", "True", "False", "0", "1", "-1", "''", "()") if v not in pool]
-        pool = [v for v in pool if v != right]
-        options = [right] + rng.sample(pool, 3)
-        return f"What is the default value of the parameter `{param}` of `{qual}` in {path}?", options
-    if kind == "base_class":
-        classes = _class_table(trees)
-        candidates = sorted(k for k, nodes in classes.items() if k[0] == focus and len(nodes) == 1 and nodes[0].bases)
-        if not candidates:
-            return None
-        path, name = rng.choice(candidates)
-        bases = [ast.unparse(b) for b in classes[(path, name)][0].bases]
-        pool = sorted({ast.unparse(b) for nodes in classes.values() for c in nodes for b in c.bases})
-        pool += [b for b in ("object", "Exception", "ValueError", "dict", "list", "ABC") if b not in pool]
-        pool = [b for b in pool if b not in bases and len(b) < 60]
-        options = [bases[0]] + rng.sample(pool, 3)
-        return f"Which of these is a direct base class of `{name}` in {path}?", options
-    if kind == "defining_file":
-        top = {p: {q for q, _ in _functions(t) if "." not in q} for p, t in trees.items()}
-        others = sorted(p for p in trees if p != focus)
-        if len(others) < 3:
-            return None
-        wrong = rng.sample(others, 3)
-        # A name the focus file defines and none of the three other options does.
-        names = sorted(q for q in top[focus] if not any(q in top[p] for p in wrong))
-        if not names:
-            return None
-        name = rng.choice(names)
-        return f"Which of these files defines a module-level function named `{name}`?", [focus] + wrong
-    raise ValueError(kind)
+    if kind not in _QUESTIONS:
+        raise ValueError(kind)
+    return _QUESTIONS[kind](rng, focus, trees, funcs, mine)
+
+
+def _q_calls(rng: random.Random, focus: str, trees: dict[str, ast.Module],
+             funcs: dict[FunctionKey, list[FuncNode]], mine: list[FunctionKey]) -> Question | None:
+    calls: dict[FunctionKey, set[str]] = {k: set().union(*(called_names(f) for f in nodes)) for k, nodes in funcs.items()}
+    if not mine:
+        return None
+    right = rng.choice(mine)
+    callees = sorted(n for n in calls[right] if len(n) > 3 and not n.startswith("__"))
+    if not callees:
+        return None
+    callee = rng.choice(callees)
+    wrong = sorted(k for k in funcs if callee not in calls[k])
+    if len(wrong) < 3:
+        return None
+    options = [right] + rng.sample(wrong, 3)
+    return f"Which of these functions calls `{callee}`?", [_opt(p, q) for p, q in options]
+
+
+def _q_defines_method(rng: random.Random, focus: str, trees: dict[str, ast.Module],
+                      funcs: dict[FunctionKey, list[FuncNode]], mine: list[FunctionKey]) -> Question | None:
+    classes = _class_table(trees)
+    methods: dict[FunctionKey, set[str]] = {k: set().union(*(method_names(c) for c in nodes)) for k, nodes in classes.items()}
+    candidates = sorted(k for k in classes if k[0] == focus and methods[k])
+    if not candidates:
+        return None
+    right = rng.choice(candidates)
+    method = rng.choice(sorted(methods[right]))
+    wrong = sorted(k for k in classes if method not in methods[k])
+    if len(wrong) < 3:
+        return None
+    options = [right] + rng.sample(wrong, 3)
+    text = f"Which of these classes defines a method named `{method}` in its own body?"
+    return text, [_opt(p, q) for p, q in options]
+
+
+def _q_default_value(rng: random.Random, focus: str, trees: dict[str, ast.Module],
+                     funcs: dict[FunctionKey, list[FuncNode]], mine: list[FunctionKey]) -> Question | None:
+    # Only names defined once, so "the default" is unambiguous.
+    tables = [(k, defaults(nodes[0])) for k in mine if len(nodes := funcs[k]) == 1]
+    candidates = [(k, table) for k, table in tables if table]
+    if not candidates:
+        return None
+    (path, qual), table = rng.choice(candidates)
+    param = rng.choice(sorted(table))
+    right = table[param]
+    values = sorted({v for nodes in funcs.values() for f in nodes for v in defaults(f).values() if len(v) < 40})
+    values += [v for v in ("None", "True", "False", "0", "1", "-1", "''", "()") if v not in values]
+    pool = [v for v in values if v != right]
+    options = [right] + rng.sample(pool, 3)
+    return f"What is the default value of the parameter `{param}` of `{qual}` in {path}?", options
+
+
+def _q_base_class(rng: random.Random, focus: str, trees: dict[str, ast.Module],
+                  funcs: dict[FunctionKey, list[FuncNode]], mine: list[FunctionKey]) -> Question | None:
+    classes = _class_table(trees)
+    candidates = sorted(k for k, nodes in classes.items() if k[0] == focus and len(nodes) == 1 and nodes[0].bases)
+    if not candidates:
+        return None
+    path, name = rng.choice(candidates)
+    bases = [ast.unparse(b) for b in classes[(path, name)][0].bases]
+    names = sorted({ast.unparse(b) for nodes in classes.values() for c in nodes for b in c.bases})
+    names += [b for b in ("object", "Exception", "ValueError", "dict", "list", "ABC") if b not in names]
+    pool = [b for b in names if b not in bases and len(b) < 60]
+    options = [bases[0]] + rng.sample(pool, 3)
+    return f"Which of these is a direct base class of `{name}` in {path}?", options
+
+
+def _q_defining_file(rng: random.Random, focus: str, trees: dict[str, ast.Module],
+                     funcs: dict[FunctionKey, list[FuncNode]], mine: list[FunctionKey]) -> Question | None:
+    top = {p: {q for q, _ in _functions(t) if "." not in q} for p, t in trees.items()}
+    others = sorted(p for p in trees if p != focus)
+    if len(others) < 3:
+        return None
+    wrong = rng.sample(others, 3)
+    # A name the focus file defines and none of the three other options does.
+    names = sorted(q for q in top[focus] if not any(q in top[p] for p in wrong))
+    if not names:
+        return None
+    name = rng.choice(names)
+    return f"Which of these files defines a module-level function named `{name}`?", [focus] + wrong
+
+
+_QUESTIONS = {"calls": _q_calls, "defines_method": _q_defines_method, "default_value": _q_default_value,
+              "base_class": _q_base_class, "defining_file": _q_defining_file}
 
 
 def generate(rng: random.Random, target_chars: int, split: str) -> dict:

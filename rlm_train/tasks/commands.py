@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from rlm_train.errors import UserError
+from rlm_train.stage import Output, add_stage_arguments, check_output, prepare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--tokenizer", help="Hugging Face tokenizer directory to count tokens with (default: 4 chars/token)")
     make.add_argument("--inline-max-tokens", type=int, default=None,
                       help="contexts this big or bigger go to files beside --out (default 256000)")
-    make.add_argument("--recipe", "--config", dest="recipe", help="suite recipe (YAML): train + held-out splits")
-    make.add_argument("--dry-run", action="store_true", help="with --recipe: check it and print the plan only")
-    make.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. seed=3")
+    add_stage_arguments(make, recipe_required=False, config_name="TaskSuiteConfig")
 
     show = sub.add_parser("show", help="summarize a task file")
     show.add_argument("file")
@@ -66,13 +66,35 @@ def _make(args: argparse.Namespace) -> int:
                ("--context-tokens", args.context_tokens), ("--out", args.out)) if value is None]
     if missing:
         raise UserError(f"tasks make needs {', '.join(missing)} (or --recipe FILE for a suite)")
-    from rlm_train.tasks.generate import INLINE_MAX_TOKENS, make_tasks, write_tasks
+    from rlm_train.tasks import corpora
+    from rlm_train.tasks.generate import INLINE_MAX_TOKENS, check_length, make_tasks, write_tasks
+    from rlm_train.tasks.registry import get_family
 
+    # make_tasks' own checks, first, so a dry run fails where a real run would.
+    get_family(args.family)
+    check_length(args.family, args.context_tokens)
+    corpora.check_split(args.split)
+    if args.n < 1:
+        raise UserError(f"n must be a positive integer, got {args.n!r}")
+    inline_max = args.inline_max_tokens or INLINE_MAX_TOKENS
+    config = {"family": args.family, "n": args.n, "context_tokens": args.context_tokens, "seed": args.seed,
+              "split": args.split, "out": args.out, "tokenizer": args.tokenizer, "inline_max_tokens": inline_max}
+    notes = [f"{args.n} {args.family} tasks ({args.split}), ~{args.context_tokens:,} tokens each"]
+    outputs = [Output("tasks", args.out, "file", "--out")]
+    if args.context_tokens >= inline_max:  # write_tasks puts contexts this big in files beside the task file
+        outputs.append(Output("contexts", _contexts_dir(args.out), "dir", "--out"))
+    if prepare("tasks make", args, config, inputs={"tokenizer": args.tokenizer}, outputs=outputs, notes=notes):
+        return 0
     tasks = make_tasks(args.family, args.n, args.context_tokens, args.seed,
                        tokenizer=_load_tokenizer(args.tokenizer), split=args.split)
-    write_tasks(args.out, tasks, args.inline_max_tokens or INLINE_MAX_TOKENS)
+    write_tasks(args.out, tasks, inline_max)
     print(f"wrote {len(tasks)} {args.family} tasks ({args.split}, ~{args.context_tokens:,} tokens each) to {args.out}")
     return 0
+
+
+def _contexts_dir(task_file: str) -> str:
+    path = Path(task_file)
+    return str(path.parent / f"{path.stem}.contexts")
 
 
 def _make_suite(args: argparse.Namespace) -> int:
@@ -84,12 +106,15 @@ def _make_suite(args: argparse.Namespace) -> int:
     config = load_config(TaskSuiteConfig, args.recipe, args.overrides)
     batches = plan(config)
     total = sum(n for *_, n in batches)
-    print(f"suite {args.recipe}: {total} tasks in {len(batches)} batches -> {config.out_dir}")
-    if args.dry_run:
-        for split, family, tokens, n in batches:
-            print(f"  {split:8s} {family:9s} {tokens:>9,} tokens x {n}")
-        print("dry run: nothing written")
+    out = Path(config.out_dir)
+    notes = [f"{total} tasks in {len(batches)} batches"]
+    notes += [f"{split:8s} {family:9s} {tokens:>9,} tokens x {n}" for split, family, tokens, n in batches]
+    outputs = [Output("suite", config.out_dir, "dir", "out_dir"),
+               *(Output(name, str(out / f"{name}.{ext}"), "file", "out_dir")
+                 for name, ext in (("train", "jsonl"), ("heldout", "jsonl"), ("manifest", "json")))]
+    if prepare("tasks make", args, config, inputs={"tokenizer": config.tokenizer}, outputs=outputs, notes=notes):
         return 0
+    print(f"suite {args.recipe}: {total} tasks in {len(batches)} batches -> {config.out_dir}")
     manifest = build_suite(config, tokenizer=_load_tokenizer(config.tokenizer))
     print(f"wrote {config.out_dir}/train.jsonl, heldout.jsonl, manifest.json: {json.dumps(manifest['counts'])}")
     return 0
@@ -97,12 +122,12 @@ def _make_suite(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from rlm_train.formats import iter_jsonl
+    from rlm_train.records import check_task
 
     by_family: dict[str, int] = defaultdict(int)
     tokens: list[int] = []
     shown = 0
-    for lineno, task in iter_jsonl(args.file):
-        _check_task(task, args.file, lineno)
+    for _, task in iter_jsonl(args.file, check=check_task, fix="is this a rlm-train/task/v1 file? (`rlm-train tasks make` writes them)"):
         by_family[task["family"]] += 1
         meta = task.get("meta", {})
         tokens.append(int(meta.get("context_tokens", 0)))
@@ -127,16 +152,12 @@ def _last_line(text: str) -> str:
     return (question[0] if question else lines[-1] if lines else "").strip()
 
 
-def _check_task(task: dict, path: str, lineno: int) -> None:
-    for field in ("id", "family", "query", "answer", "scorer"):
-        if field not in task:
-            raise UserError(f"{path}:{lineno}: task has no {field!r} field; is this a rlm-train/task/v1 file?")
-
-
 def _score(args: argparse.Namespace) -> int:
     from rlm_train.formats import write_jsonl_atomic
     from rlm_train.tasks.scorefile import score_files
 
+    if args.out:
+        check_output(args.out, "file", "--out")
     rows, summary = score_files(args.tasks, args.predictions)
     for family, (n, mean) in sorted(summary["families"].items()):
         print(f"{family:9s} n={n:<5d} mean score {mean:.4f}")

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from rlm_train.errors import UserError
-from rlm_train.formats import TASK_SCHEMA, dumps_line, write_text_atomic
+from rlm_train.formats import dumps_line, write_text_atomic
+from rlm_train.records import TASK_SCHEMA
 from rlm_train.tasks import corpora
 from rlm_train.tasks.common import CHARS_PER_TOKEN, derive_seed, token_counter
 from rlm_train.tasks.registry import get_family

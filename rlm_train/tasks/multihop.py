@@ -110,7 +110,8 @@ class _Names:
     """Fresh invented names of one split, never reused within a task."""
 
     def __init__(self, rng: random.Random, split: str):
-        self.rng, self.split, self.used = rng, split, set()
+        self.rng, self.split = rng, split
+        self.used: set[str] = set()
 
     def new(self, kind: str) -> str:
         while True:
@@ -124,7 +125,7 @@ def _chain(rng: random.Random, names: _Names, hops: int, start_kind: str | None 
     """A start entity and `hops` relations from it: [(rel, subject, object)], kinds follow types."""
     for _ in range(100):
         kind = start_kind or rng.choice(["artifact", "org", "person"])
-        rels = []
+        rels: list[dict] = []
         current = kind
         for _ in range(hops):
             options = [r for r in RELATIONS if r["subject"] == current and (not rels or r["id"] != rels[-1]["id"])]

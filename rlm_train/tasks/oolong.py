@@ -56,7 +56,7 @@ def make_records(rng: random.Random, target_chars: int, split: str, users_per_re
     day_text = [d.strftime(DATE_FORMAT) for d in days]
 
     order = {label: rng.sample(range(len(items)), len(items)) for label, items in by_label.items()}
-    taken = Counter()
+    taken: Counter[str] = Counter()
     records: list[Record] = []
     total = 0
     while total < target_chars:

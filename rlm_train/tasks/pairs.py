@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter, defaultdict
+from typing import Any
 
 from rlm_train.tasks import corpora, oolong
 from rlm_train.tasks.family import Family
@@ -108,7 +109,7 @@ def user_stats(records: list[oolong.Record]) -> dict[int, dict]:
 
 def evaluate(template: dict, params: dict, stats: dict[int, dict], limit: int | None = None) -> list[tuple[int, int]] | None:
     """The sorted pairs a template selects; None when more than `limit` would."""
-    def values(expr: str) -> dict[int, object]:
+    def values(expr: str) -> dict[int, Any]:  # what the template's expression gives per user
         code = compile(expr, "<predicate>", "eval")
         return {u: eval(code, {"__builtins__": {"len": len}}, {**params, **s}) for u, s in stats.items()}
 

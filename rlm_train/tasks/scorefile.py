@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from rlm_train.errors import UserError
 from rlm_train.formats import iter_jsonl
@@ -44,7 +45,7 @@ def score_files(tasks_path: str | Path, predictions_path: str | Path) -> tuple[l
             f"{predictions_path}: {len(extra)} prediction id(s) not in {tasks_path} (first: {extra[0]!r}); "
             "score against the task file they were made for"
         )
-    rows = []
+    rows: list[dict[str, Any]] = []
     by_family: dict[str, list[float]] = defaultdict(list)
     for task, key in zip(tasks, ids):
         value = score(task, predictions[key])

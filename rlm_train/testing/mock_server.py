@@ -134,12 +134,13 @@ class MockOpenAIServer:
 
     def close(self) -> None:
         """Stop and end the background thread."""
-        if self._loop is None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
             return
         self.stop()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
         self._loop = None
 
     def __enter__(self) -> "MockOpenAIServer":
@@ -152,7 +153,7 @@ class MockOpenAIServer:
         if self._server is not None:
             return
         # reuse_address lets a restart bind the same port while old sockets sit in TIME_WAIT.
-        self._server = await self._loop.create_server(
+        self._server = await asyncio.get_running_loop().create_server(
             lambda: _Connection(self), self.host, self.port, backlog=1024, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -243,7 +244,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: MockOpenAIServer):
         self.server = server
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, before any other callback
         self.buffer = bytearray()
         self.pending: asyncio.TimerHandle | None = None  # the request being answered
         self.chat = False  # whether that request counts as in flight
@@ -297,7 +298,7 @@ class _Connection(asyncio.Protocol):
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
         action = srv._route(method, path, raw, headers)
         keep = headers.get("connection", "").lower() != "close"
-        loop = srv._loop
+        loop = asyncio.get_running_loop()
         if action[0] == "drop":  # injected: close without a response
             self._leave()
             self.transport.abort()
@@ -367,8 +368,10 @@ def mock_server_process(responder: str | None = None, latency_ms: float = 0.0, t
         cmd += ["--responder", responder]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        ready = select.select([proc.stdout], [], [], timeout_s)[0]
-        line = proc.stdout.readline() if ready else ""
+        out = proc.stdout
+        assert out is not None  # stdout=PIPE
+        ready = select.select([out], [], [], timeout_s)[0]
+        line = out.readline() if ready else ""
         match = re.search(r"(http://\S+/v1)", line)
         if not match:
             raise RuntimeError(f"mock server process did not start: {line!r}")

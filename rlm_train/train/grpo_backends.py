@@ -112,25 +112,30 @@ class BatchingGenerator:
     async def generate(self, prompt_ids: list[int], sampling: SamplingParams) -> GenOutput:
         if self.fatal is not None:
             raise PolicyError(f"generation backend failed: {self.fatal}")
-        if self.slots is None:
-            self.slots = asyncio.Semaphore(getattr(self.backend, "max_inflight", 1))
+        self._slots()  # created on the running loop
         future = asyncio.get_running_loop().create_future()
         self.pending.append((prompt_ids, sampling, future))
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.create_task(self._flush())
         return await future
 
+    def _slots(self) -> asyncio.Semaphore:
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(getattr(self.backend, "max_inflight", 1))
+        return self.slots
+
     async def _flush(self) -> None:
+        slots = self._slots()
         while self.pending:
             await asyncio.sleep(self.wait_s)  # let the other episodes' turns join this batch
-            await self.slots.acquire()  # while waiting here, more requests join the next batch
+            await slots.acquire()  # while waiting here, more requests join the next batch
             batch, self.pending = self.pending, []
             groups: dict[tuple, list] = {}
             for item in batch:
                 groups.setdefault((item[1].max_tokens, item[1].temperature), []).append(item)
             for i, items in enumerate(groups.values()):
                 if i:  # the first group's slot is already held
-                    await self.slots.acquire()
+                    await slots.acquire()
                 task = asyncio.create_task(self._run(items))
                 self.running.add(task)
                 task.add_done_callback(self.running.discard)
@@ -146,7 +151,7 @@ class BatchingGenerator:
                     fut.set_exception(PolicyError(f"generation backend failed: {exc}"))
             return
         finally:
-            self.slots.release()
+            self._slots().release()
         for (_, _, fut), out in zip(items, outs):
             if not fut.done():
                 fut.set_result(out)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from rlm_train.stage import Output, add_stage_arguments, plan_notes, prepare
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", "--config", dest="recipe", required=True, help="GRPO recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. training.max_steps=10 rlm.max_iterations=3")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the config and print the plan without loading or training anything")
+    add_stage_arguments(parser, recipe_required=True, config_name="GRPOConfig")
     parser.add_argument("--vllm-command", action="store_true",
                         help="print only the `vllm serve` command this recipe's rollouts need (for slurm/grpo.sbatch)")
 
@@ -29,8 +27,10 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"{args.recipe}: rollout.backend is {cfg.rollout.backend!r}; no vLLM server is needed")
         print(vllm_serve_command(cfg))
         return 0
-    print(plan(cfg, args.recipe), flush=True)
-    if args.dry_run:
+    inputs = {"model": cfg.model, "adapter": cfg.adapter, "prompts": cfg.prompts}
+    # The plan is printed before every run too: the log of a run starts with its resolved config.
+    if prepare("grpo", args, cfg, inputs=inputs, outputs=[Output("output_dir", cfg.output_dir, "dir", "output_dir")],
+               notes=plan_notes(plan(cfg, args.recipe)), show_plan=True):
         return 0
     summary = run_grpo(cfg, source=args.recipe)
     print(json.dumps({k: summary.get(k) for k in ("global_step", "train_loss", "rewards", "output_dir")}, default=str))

@@ -18,9 +18,10 @@ import asyncio
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
 from rlm_train.models.base import Completion, PolicyError, SamplingParams
+from rlm_train.records import Outcome, TrajectoryRecord
 from rlm_train.rollouts.rl_prompts import PromptSet, load_context
 from rlm_train.train.grpo_backends import BatchingGenerator
 
@@ -193,7 +194,7 @@ def make_rollout_func(cfg: GRPOConfig, tokenizer: Any, prompt_set: PromptSet,
     stop_ids = end_of_turn_ids(tokenizer)
     backend_cache: dict[str, Any] = {}
 
-    def rollout_func(prompts: list, trainer: Any) -> dict[str, list]:
+    def rollout_func(prompts: list, trainer: Any) -> dict[str, list | None]:
         rows = getattr(trainer, "rlm_batch_rows", None)
         if rows is None or len(rows) != len(prompts):
             raise RuntimeError("rollout_func needs the batch rows: use the trainer from make_trainer_class()")
@@ -214,10 +215,18 @@ def make_rollout_func(cfg: GRPOConfig, tokenizer: Any, prompt_set: PromptSet,
     return rollout_func
 
 
-async def _run_batch(cfg, rows, prompt_set, generator, tokenizer, stop_ids, sub_policy_factory) -> list[dict]:
+class RolloutEpisode(TypedDict):
+    task_id: str
+    recorder: EpisodeRecorder
+    trajectory: TrajectoryRecord
+
+
+async def _run_batch(cfg: GRPOConfig, rows: list[dict[str, Any]], prompt_set: PromptSet, generator: BatchingGenerator,
+                     tokenizer: Any, stop_ids: list[int],
+                     sub_policy_factory: Callable[[], Any] | None) -> list[RolloutEpisode]:
     from rlm_train.rlm import run_episode
 
-    seen: Counter = Counter()
+    seen: Counter[str] = Counter()
     jobs = []
     for row in rows:
         task_id = row["task_id"]
@@ -229,7 +238,7 @@ async def _run_batch(cfg, rows, prompt_set, generator, tokenizer, stop_ids, sub_
     sub_policy = sub_policy_factory() if sub_policy_factory else GeneratorPolicy(generator, tokenizer)
     semaphore = asyncio.Semaphore(cfg.rollout.concurrency)
 
-    async def one(task_id: str, sample: int) -> dict:
+    async def one(task_id: str, sample: int) -> RolloutEpisode:
         task = prompt_set.tasks[task_id]
         recorder = EpisodeRecorder(generator, tokenizer, stop_ids, cfg.rollout.max_completion_tokens)
         hints = {"family": task.get("family"), "task_id": task_id, "sample": sample, "meta": task.get("meta") or {}}
@@ -245,18 +254,18 @@ async def _run_batch(cfg, rows, prompt_set, generator, tokenizer, stop_ids, sub_
         await sub_policy.aclose()
 
 
-def _is_infra_error(traj: dict[str, Any], recorder: EpisodeRecorder) -> bool:
+def _is_infra_error(traj: TrajectoryRecord, recorder: EpisodeRecorder) -> bool:
     """An episode that broke for reasons outside the policy: no reward, not a 0."""
-    return traj["outcome"] == "error" and not recorder.budget_hit
+    return traj["outcome"] == Outcome.ERROR and not recorder.budget_hit
 
 
-def _collect(episodes: list[dict], tokenizer: Any, log: RolloutLog, step: int) -> dict[str, list]:
+def _collect(episodes: list[RolloutEpisode], tokenizer: Any, log: RolloutLog, step: int) -> dict[str, list | None]:
     out: dict[str, list] = {k: [] for k in (
         "prompt_ids", "completion_ids", "logprobs", "env_mask", "rlm_episode_id", "rlm_final", "rlm_outcome",
         "rlm_turns", "rlm_turns_with_code", "rlm_infra_error")}
     all_logprobs = True
     for ep in episodes:
-        rec: EpisodeRecorder = ep["recorder"]
+        rec = ep["recorder"]
         traj = ep["trajectory"]
         prompt_ids = rec.prompt_ids
         completion_ids, env_mask, logprobs = list(rec.completion_ids), list(rec.env_mask), list(rec.logprobs)
@@ -280,5 +289,5 @@ def _collect(episodes: list[dict], tokenizer: Any, log: RolloutLog, step: int) -
         log.add(traj["id"], {**traj, "grpo_step": step, "model_tokens": sum(env_mask),
                              "env_tokens": len(env_mask) - sum(env_mask), "infra_error": infra})
     if not all_logprobs:
-        out["logprobs"] = None  # transformers backend: TRL recomputes what it needs
-    return out
+        return {**out, "logprobs": None}  # transformers backend: TRL recomputes what it needs
+    return dict(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from rlm_train.errors import UserError
+from rlm_train.records import Outcome
 
 if TYPE_CHECKING:
     from rlm_train.train.grpo_config import GRPOConfig
@@ -29,7 +30,7 @@ def format_reward_value(turns: int, turns_with_code: int, outcome: str, infra_er
     if infra_error:
         return None
     share = turns_with_code / turns if turns else 0.0
-    return 0.5 * share + 0.5 * (1.0 if outcome == "final" else 0.0)
+    return 0.5 * share + 0.5 * (1.0 if outcome == Outcome.FINAL else 0.0)
 
 
 def make_reward_funcs(cfg: GRPOConfig, tasks: dict[str, dict[str, Any]], scorer: Callable, log: RolloutLog):

@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from rlm_train.errors import UserError
 from rlm_train.train.common import Requirements
@@ -87,7 +87,7 @@ def prepare_output_dir(cfg: Any, stage: str) -> Path:
     return out
 
 
-def installed_reporters(wanted: list[str], stage: str) -> list[str]:
+def installed_reporters(wanted: Sequence[str], stage: str) -> list[str]:
     """The metric reporters (tensorboard, wandb, ...) that are installed; the others are named and skipped."""
     have = [r for r in wanted if importlib.util.find_spec(r) is not None]
     for r in sorted(set(wanted) - set(have)):

@@ -4,7 +4,7 @@ Each sample is a chat whose LAST message is the one assistant turn to learn; eve
 before it (system prompt, user query, earlier turns, REPL outputs) is context only. The
 loss covers exactly the tokens of that last turn, end-of-turn token included.
 
-Fast on a CPU (see ../shared/ENV.md): the 262k-vocabulary output layer is applied only at
+Fast on a CPU (`rlm-train bench train` measures it): the 262k-vocabulary output layer is applied only at
 the positions where the loss is taken (`logits_to_keep` with the completion indices),
 batches are packed into one padding-free row (position ids restart per sample, the
 attention mask is block-diagonal), and training runs in fp32 with a measured thread count.
@@ -12,7 +12,6 @@ attention mask is block-diagonal), and training runs in fp32 with a measured thr
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import Field, model_validator
 
 from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
+from rlm_train.formats import iter_jsonl
 from rlm_train.train.common import (
     LaunchSettings,
     LoraSettings,
@@ -112,17 +112,8 @@ def read_sft_dataset(path: str | os.PathLike) -> list[list[dict]]:
             raise UserError(f"{path}: no 'messages' column (columns: {ds.column_names}); use the SFT dataset from `rlm-train filter`")
         rows = ds["messages"]
     elif path.is_file():
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if "messages" not in record:
-                raise UserError(f"{path}:{n}: no 'messages' field; use the SFT dataset from `rlm-train filter`")
-            rows.append(record["messages"])
+        records = iter_jsonl(path, check=_has_messages, fix="use the SFT dataset from `rlm-train filter`")
+        rows = [record["messages"] for _, record in records]
     else:
         raise UserError(f"dataset {path} not found; make one with `rlm-train filter` (a directory or .jsonl)")
     if not rows:
@@ -130,6 +121,10 @@ def read_sft_dataset(path: str | os.PathLike) -> list[list[dict]]:
     for i, messages in enumerate(rows):
         check_sample(messages, f"{path} sample {i}")
     return [list(m) for m in rows]
+
+
+def _has_messages(record: dict[str, Any]) -> str | None:
+    return None if "messages" in record else "no 'messages' field"
 
 
 def check_sample(messages: Any, where: str) -> None:
@@ -255,7 +250,7 @@ def make_trainer_class():
             # Our loss is a sum over trained tokens / the step's trained-token count (num_items_in_batch),
             # so gradient accumulation must not divide again.
             self.model_accepts_loss_kwargs = True
-            self.loss_is_scaled_for_ga = True
+            self.loss_is_scaled_for_ga = True  # type: ignore[assignment]  # trl's base class types it as None
             self.tokens_seen = 0
             self.trained_tokens_seen = 0
 

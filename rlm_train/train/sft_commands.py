@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from rlm_train.stage import Output, add_stage_arguments, plan_notes, prepare
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", "--config", dest="recipe", required=True, help="SFT recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. training.max_steps=10 lora.r=8")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the config and print the plan without loading or training anything")
+    add_stage_arguments(parser, recipe_required=True, config_name="SFTConfig")
     parser.add_argument("--quiet", action="store_true", help="no per-step lines on stdout (metrics.jsonl still written)")
 
 
@@ -20,8 +18,12 @@ def main(args: argparse.Namespace) -> int:
     from rlm_train.train.sft import SFTConfig, plan, run_sft
 
     cfg = load_config(SFTConfig, args.recipe, args.overrides)
-    print(plan(cfg, args.recipe), flush=True)
-    if args.dry_run:
+    inputs = {"model": cfg.model, "dataset": cfg.dataset}
+    if cfg.resume not in ("auto", "never"):
+        inputs["resume"] = cfg.resume
+    # The plan is printed before every run too: the log of a run starts with its resolved config.
+    if prepare("sft", args, cfg, inputs=inputs, outputs=[Output("output_dir", cfg.output_dir, "dir", "output_dir")],
+               notes=plan_notes(plan(cfg, args.recipe)), show_plan=True):
         return 0
     summary = run_sft(cfg, source=args.recipe, quiet=args.quiet)
     print(json.dumps({k: summary[k] for k in ("global_step", "train_loss", "tokens_per_s", "output_dir")}, default=str))
