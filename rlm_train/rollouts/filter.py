@@ -21,6 +21,7 @@ from pydantic import Field
 from rlm_train.config import StrictModel
 from rlm_train.records import Outcome, TaskRecord, TrajectoryRecord, TurnRecord
 from rlm_train.rlm.parsing import CODE_FENCE_RE, FinalCall, find_final
+from rlm_train.rollouts.datasets import message_feature, write_datasets
 
 
 class FilterConfig(StrictModel):
@@ -395,37 +396,15 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
     return report
 
 
-def _message_feature():
-    from datasets import Value
-
-    return [{"role": Value("string"), "content": Value("string")}]
-
-
 def _sft_features():
     from datasets import Features, Value
 
     return Features({
-        "messages": _message_feature(), "task_id": Value("string"), "family": Value("string"),
+        "messages": message_feature(), "task_id": Value("string"), "family": Value("string"),
         "sample": Value("int64"), "turn": Value("int64"), "num_turns": Value("int64"),
         "score": Value("float64"), "trajectory_id": Value("string"), "policy": Value("string"),
         "repairs": [Value("string")],
     })
-
-
-def write_datasets(path, splits: dict[str, list[dict[str, Any]]], features) -> None:
-    """A DatasetDict of the splits via save_to_disk (empty splits keep their columns)."""
-    from datasets import Dataset, DatasetDict, disable_progress_bars
-
-    disable_progress_bars()  # our own report says what was written
-    def split(rows):
-        if not rows:  # from_list([]) has no columns to cast: build the empty table from the features
-            return Dataset.from_dict({column: [] for column in features}, features=features)
-        return Dataset.from_list(rows, features=features)
-
-    # An empty split saved with the default sharding writes no data file, and load_from_disk
-    # then fails on it (datasets 5.2): one shard each keeps it loadable.
-    empty = {name: 1 for name, rows in splits.items() if not rows}
-    DatasetDict({name: split(rows) for name, rows in splits.items()}).save_to_disk(str(path), num_shards=empty or None)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -29,10 +29,10 @@ from rlm_train.rlm import RLMConfig
 def _rl_features():
     from datasets import Features, Value
 
-    from rlm_train.rollouts.filter import _message_feature
+    from rlm_train.rollouts.datasets import message_feature
 
     return Features({
-        "prompt": _message_feature(), "query": Value("string"), "task_id": Value("string"),
+        "prompt": message_feature(), "query": Value("string"), "task_id": Value("string"),
         "task_file": Value("string"), "family": Value("string"), "scorer": Value("string"),
         "answer_json": Value("string"), "pass_rate": Value("float64"), "episodes": Value("int64"),
     })
@@ -41,7 +41,7 @@ def _rl_features():
 def write_rl_prompt_set(out: Path, splits: dict[str, list[dict[str, Any]]]) -> None:
     """`out/rl` (save_to_disk) and `out/rl-{split}.jsonl` from the rows of `filter.rl_prompts`."""
     from rlm_train.formats import write_jsonl_atomic
-    from rlm_train.rollouts.filter import write_datasets
+    from rlm_train.rollouts.datasets import write_datasets
 
     write_datasets(out / "rl", splits, _rl_features())
     for split in ("train", "validation"):

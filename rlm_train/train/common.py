@@ -1,16 +1,11 @@
-"""Config pieces SFT and GRPO share: LoRA, the optimizer loop, hardware needs, launch, and the
-plan's footer. What their runs share is in `runtime`."""
+"""Config pieces SFT and GRPO share: LoRA, the optimizer loop, hardware needs, launch.
+What their runs share (and the plan's footer) is in `runtime`."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from rlm_train.config import StrictModel
-
-if TYPE_CHECKING:
-    from rlm_train.train.runtime import Problem
 
 
 class LoraSettings(StrictModel):
@@ -94,12 +89,3 @@ def load_train_split(path):
             raise UserError(f"{path}: dataset has splits {list(ds)} but no 'train' split")
         ds = ds["train"]
     return ds
-
-
-def plan_footer(launch: LaunchSettings, command: str, source: str, problems: list[Problem]) -> list[str]:
-    """The last lines of a training plan: the multi-GPU launch line, and what this machine lacks."""
-    lines = []
-    if launch.accelerate_config:
-        lines.append(f"  launch       accelerate launch --config_file {launch.accelerate_config} "
-                     f"--num_processes {launch.num_processes} -m rlm_train.cli {command} --recipe {source}")
-    return lines + ([f"  MISSING HERE {p.message}" for p in problems] or ["  resources    ok on this machine"])

@@ -20,13 +20,14 @@ from typing import Any, Callable
 from rlm_train.errors import UserError
 # load_context only for tests/test_pipeline_data.py, which imports it from here (not ours to edit).
 from rlm_train.rollouts.rl_prompts import load_context, load_prompt_set  # noqa: F401
-from rlm_train.train.common import lora_config, plan_footer
+from rlm_train.train.common import lora_config
 from rlm_train.train.grpo_backends import default_backend_factory
 from rlm_train.train.grpo_config import GRPOConfig, check_config
 from rlm_train.train.grpo_rollout import RolloutLog, make_rollout_func, sub_policy_factory
 from rlm_train.train.rewards import load_task_scorer, make_reward_funcs
 from rlm_train.train.runtime import (
     Problem,
+    plan_footer,
     cuda_count,
     hardware_problems,
     installed_reporters,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rlm_train.errors import UserError
-from rlm_train.train.common import Requirements
+from rlm_train.train.common import LaunchSettings, Requirements
 
 # ---------------------------------------------------------------------------
 # Resources
@@ -159,3 +159,12 @@ def save_trained(trainer: Any, tokenizer: Any, out: Path, lora: bool, model_path
 def write_summary(out: Path, summary: dict) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def plan_footer(launch: LaunchSettings, command: str, source: str, problems: list[Problem]) -> list[str]:
+    """The last lines of a training plan: the multi-GPU launch line, and what this machine lacks."""
+    lines = []
+    if launch.accelerate_config:
+        lines.append(f"  launch       accelerate launch --config_file {launch.accelerate_config} "
+                     f"--num_processes {launch.num_processes} -m rlm_train.cli {command} --recipe {source}")
+    return lines + ([f"  MISSING HERE {p.message}" for p in problems] or ["  resources    ok on this machine"])

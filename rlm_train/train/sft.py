@@ -29,10 +29,10 @@ from rlm_train.train.common import (
     Requirements,
     load_train_split,
     lora_config,
-    plan_footer,
 )
 from rlm_train.train.runtime import (
     Problem,
+    plan_footer,
     hardware_problems,
     installed_reporters,
     make_metrics_callback,
