@@ -60,7 +60,7 @@ def test_old_run_filters_again_into_the_same_samples(tmp_path):
 def test_old_sft_and_rl_datasets_load(tmp_path):
     from rlm_train.rlm import RLMConfig
     from rlm_train.rollouts.rl_prompts import load_prompt_set
-    from rlm_train.train.common import load_train_split
+    from rlm_train.rollouts.datasets import load_train_split
     from rlm_train.train.sft import read_sft_dataset
 
     root = _copy(tmp_path)

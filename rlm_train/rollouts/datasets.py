@@ -1,4 +1,5 @@
-"""Writing `datasets` datasets the way filter's SFT set and the RL prompt set both need."""
+"""The `datasets` datasets stages exchange: written by filter (the SFT set, the RL prompt set),
+read by training."""
 
 from __future__ import annotations
 
@@ -26,3 +27,20 @@ def write_datasets(path, splits: dict[str, list[dict[str, Any]]], features) -> N
     # then fails on it (datasets 5.2): one shard each keeps it loadable.
     empty = {name: 1 for name, rows in splits.items() if not rows}
     DatasetDict({name: split(rows) for name, rows in splits.items()}).save_to_disk(str(path), num_shards=empty or None)
+
+
+def load_train_split(path):
+    """A `datasets` save_to_disk directory (a Dataset, or a DatasetDict with a 'train' split)."""
+    from datasets import DatasetDict, load_from_disk
+
+    from rlm_train.errors import UserError
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:
+        raise UserError(f"{path}: not a `datasets` save_to_disk directory ({str(exc).splitlines()[0]})") from None
+    if isinstance(ds, DatasetDict):
+        if "train" not in ds:
+            raise UserError(f"{path}: dataset has splits {list(ds)} but no 'train' split")
+        ds = ds["train"]
+    return ds

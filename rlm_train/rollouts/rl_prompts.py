@@ -116,7 +116,7 @@ def _resolve_task_reference(row, base: Path, cache: dict, where: str) -> tuple[d
 
 
 def _read_dataset_dir(path: Path) -> list[dict[str, Any]]:
-    from rlm_train.train.common import load_train_split
+    from rlm_train.rollouts.datasets import load_train_split
 
     return [dict(r) for r in load_train_split(path)]
 

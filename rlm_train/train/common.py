@@ -72,20 +72,3 @@ def lora_config(lora: LoraSettings):
 
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none")
-
-
-def load_train_split(path):
-    """A `datasets` save_to_disk directory (a Dataset, or a DatasetDict with a 'train' split)."""
-    from datasets import DatasetDict, load_from_disk
-
-    from rlm_train.errors import UserError
-
-    try:
-        ds = load_from_disk(str(path))
-    except Exception as exc:
-        raise UserError(f"{path}: not a `datasets` save_to_disk directory ({str(exc).splitlines()[0]})") from None
-    if isinstance(ds, DatasetDict):
-        if "train" not in ds:
-            raise UserError(f"{path}: dataset has splits {list(ds)} but no 'train' split")
-        ds = ds["train"]
-    return ds

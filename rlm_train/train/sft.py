@@ -22,12 +22,12 @@ from pydantic import Field, model_validator
 from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
 from rlm_train.formats import iter_jsonl
+from rlm_train.rollouts.datasets import load_train_split
 from rlm_train.train.common import (
     LaunchSettings,
     LoraSettings,
     OptimizerLoopSettings,
     Requirements,
-    load_train_split,
     lora_config,
 )
 from rlm_train.train.runtime import (
