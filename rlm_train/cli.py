@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "filter": ("rlm_train.rollouts.filter_commands", "filter trajectories into SFT and RL datasets"),
     "sft": ("rlm_train.train.sft_commands", "supervised fine-tuning (TRL + PEFT) on per-turn samples"),
     "grpo": ("rlm_train.train.grpo_commands", "GRPO with full RLM episodes in the sandbox as rollouts"),
+    "eval": ("rlm_train.eval.commands", "evaluate methods on held-out tasks: report with CIs, paired diffs, plots"),
+    "view": ("rlm_train.viewer.commands", "trajectories as one self-contained HTML page (filters, timelines, sub-call trees)"),
+    "serve": ("rlm_train.serve.commands", "serve a model on vLLM (with LoRA adapters) and/or the RLM gateway"),
     "bench": ("rlm_train.bench", "benchmarks reported as ratios against a baseline in the same run"),
 }
 

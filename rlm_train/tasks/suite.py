@@ -8,9 +8,10 @@ is derived from its split); `check_disjoint` verifies this on what was generated
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from pydantic import Field, field_validator
 
@@ -98,16 +99,57 @@ def build_suite(config: TaskSuiteConfig, tokenizer: Any = None, progress=print) 
     return manifest
 
 
-def split_keys(tasks: list[dict]) -> dict[str, set]:
+def split_keys(tasks: Iterable[dict]) -> dict[str, set]:
     """Everything that must not cross splits, read back from the tasks themselves: the
     seed and id of every task, and what each task's family names (`Family.split_keys`)."""
     keys: dict[str, set] = {"seed": set(), "id": set()}
     for task in tasks:
-        keys["seed"].add(task["meta"]["seed"])
-        keys["id"].add(task["id"])
-        for name, values in get_family(task["family"]).split_keys(task).items():
+        for name, values in task_split_keys(task).items():
             keys.setdefault(name, set()).update(values)
     return keys
+
+
+def task_split_keys(task: dict) -> dict[str, Iterable]:
+    """One task's split keys: its id, its seed (when `meta` has one) and its family's keys
+    (when the family is registered; a task file may hold tasks of a family made elsewhere)."""
+    keys: dict[str, Iterable] = {"id": [task["id"]]}
+    seed = (task.get("meta") or {}).get("seed")
+    if seed is not None:
+        keys["seed"] = [seed]
+    if task.get("family") in family_names():
+        keys.update(get_family(task["family"]).split_keys(task))
+    return keys
+
+
+def wording(task: dict) -> str:
+    """A digest of what a model is shown: the query and the context (a string here)."""
+    return hashlib.sha256(f"{task['query']}\0{task.get('context', '')}".encode()).hexdigest()
+
+
+def shared_keys(train: Iterable[dict], heldout: Iterable[dict]) -> tuple[dict[str, int], int]:
+    """What two task sets share: ({kind: how many values}, how many `heldout` tasks share any).
+
+    The kinds are `split_keys`' (seed, id, each family's keys) plus `wording` (the same
+    query over the same context). Only kinds with a shared value are listed: ({}, 0) means
+    disjoint. Each task is read once and only its keys are kept, so both may be generators
+    that load contexts one at a time; contexts must be strings (the families' keys read them)."""
+    seen: dict[str, set] = {}
+    for task in train:
+        for name, values in task_split_keys(task).items():
+            seen.setdefault(name, set()).update(values)
+        seen.setdefault("wording", set()).add(wording(task))
+    shared: dict[str, set] = {}
+    tasks = 0
+    for task in heldout:
+        keys = {**task_split_keys(task), "wording": [wording(task)]}
+        hit = False
+        for name, values in keys.items():
+            common = seen.get(name, set()).intersection(values)
+            if common:
+                shared.setdefault(name, set()).update(common)
+                hit = True
+        tasks += hit
+    return {name: len(values) for name, values in shared.items()}, tasks
 
 
 def check_disjoint(train: list[dict], heldout: list[dict]) -> None:

@@ -1,0 +1,90 @@
+"""Typed configs of `rlm-train serve`: the vLLM launcher and the RLM gateway.
+
+    rlm-train serve --model gemma3-270m --adapter mine=runs/sft/adapter --gateway \
+        gateway.rlm.max_iterations=6 gateway.max_concurrent=4
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from rlm_train.config import StrictModel
+from rlm_train.policies.spec import ClientOptions
+from rlm_train.rlm import RLMConfig
+
+
+class VLLMConfig(StrictModel):
+    """vLLM's OpenAI-compatible server, started and stopped by `rlm-train serve --model`."""
+
+    model: str | None = None
+    """Model spec: `gemma3-270m` (the packaged weights) or a Hugging Face model directory."""
+    adapters: dict[str, str] = Field(default_factory=dict)
+    """LoRA adapters served beside the base: name -> adapter directory (the `model` a request names)."""
+    served_model_name: str | None = None
+    """The base model's name in requests (default: the spec for gemma3-270m, else the directory's name)."""
+    host: str = "127.0.0.1"
+    """Interface vLLM binds (127.0.0.1: this machine only)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """vLLM's port; 0 picks a free one."""
+    chat_template: str = "auto"
+    """auto (ours for known model types, else the tokenizer's) | model | qwen3 | gemma3 | a .jinja file."""
+    python: str | None = None
+    """The Python interpreter that has vLLM installed (default: the one running rlm-train)."""
+    args: list[str] = Field(default_factory=list)
+    """Extra vLLM flags, e.g. ["--max-model-len", "4096", "--dtype", "bfloat16"]."""
+    start_timeout_s: float = Field(900.0, gt=0)
+    """Seconds to wait for vLLM's /health before giving up (the CPU build takes minutes)."""
+    stop_timeout_s: float = Field(30.0, gt=0)
+    """Seconds between SIGTERM and SIGKILL to vLLM's process group on stop."""
+    log_file: str | None = None
+    """vLLM's output (default: $RLM_TRAIN_CACHE/serve/vllm-PORT.log)."""
+
+
+class GatewayConfig(StrictModel):
+    """The RLM gateway: RLM episodes behind an HTTP API, in front of OpenAI-compatible servers."""
+
+    enabled: bool = False
+    """Run the gateway (`--gateway`; implied by `--base-url` without `--model`)."""
+    host: str = "127.0.0.1"
+    """Interface the gateway binds (127.0.0.1: this machine only; set a token before opening it up)."""
+    port: int = Field(8100, ge=0, le=65535)
+    """The gateway's port; 0 picks a free one."""
+    base_urls: list[str] = Field(default_factory=list)
+    """The upstream OpenAI-compatible server(s), http://HOST:PORT/v1 (default: the vLLM it started)."""
+    models: list[str] = Field(default_factory=list)
+    """Upstream model names a request may ask for; the first is the default (empty: the served ones,
+    or what the upstream's /v1/models lists)."""
+    sub_model: str | None = None
+    """Upstream model for llm_query sub-calls (default: the request's root model)."""
+    token_env: str | None = None
+    """Environment variable holding the bearer token every request must send (unset: no auth)."""
+    context_dirs: list[str] = Field(default_factory=list)
+    """Directories a request's `context_path` may name files in (empty: context files are refused)."""
+    max_concurrent: int = Field(8, ge=1)
+    """Episodes running at once."""
+    max_queue: int = Field(32, ge=0)
+    """Episodes waiting for a slot; beyond it requests get 429 with Retry-After."""
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    """Largest request body (inline context included); larger ones get 413."""
+    max_context_file_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    """Largest context file a request may name; larger ones get 413."""
+    max_query_chars: int = Field(20_000, ge=1)
+    """Longest query; longer ones get 422."""
+    retry_after_s: int = Field(2, ge=1)
+    """The Retry-After a 429 sends."""
+    keepalive_s: float = Field(10.0, gt=0)
+    """Streams send a keep-alive (NDJSON ping / SSE comment) after this many quiet seconds."""
+    client: ClientOptions = Field(default_factory=ClientOptions)
+    """How the gateway talks to the upstream (timeouts, retries, concurrency)."""
+    rlm: RLMConfig = Field(default_factory=RLMConfig)
+    """Each episode's settings, and the caps of a request's `budget` (a request may lower a budget,
+    never raise it above these)."""
+
+
+class ServeConfig(StrictModel):
+    """`rlm-train serve`: vLLM (with --model), the RLM gateway (with --gateway or --base-url), or both."""
+
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    """The vLLM server (started only when vllm.model is set)."""
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    """The RLM gateway."""
