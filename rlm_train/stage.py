@@ -144,17 +144,6 @@ def format_plan(
     return "\n".join(parts)
 
 
-def print_plan(
-    stage: str,
-    config: Any,
-    source: str,
-    inputs: Mapping[str, str | Sequence[str] | None],
-    outputs: Mapping[str, str | None],
-    notes: Sequence[str] = (),
-) -> None:
-    print(format_plan(stage, config, source, inputs, outputs, notes), flush=True)
-
-
 def prepare(
     stage: str,
     args: argparse.Namespace,
@@ -174,7 +163,7 @@ def prepare(
         source = describe_source(getattr(args, "recipe", None), getattr(args, "overrides", ()))
         shown = {out.name: (f"{out.path}/" if out.kind == "dir" and not str(out.path).endswith("/") else str(out.path))
                  for out in outputs}
-        print_plan(stage, config, source, inputs, shown, notes)
+        print(format_plan(stage, config, source, inputs, shown, notes), flush=True)
     if dry_run:
         print(f"dry run: nothing loaded or written ({stage})", file=sys.stderr)
     return dry_run

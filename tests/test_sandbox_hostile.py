@@ -33,7 +33,15 @@ def test_fresh_machine_gets_every_layer():
     shutdown()
     from conftest import remove_sandbox_cgroup_parents
 
-    assert remove_sandbox_cgroup_parents() == []
+    left = remove_sandbox_cgroup_parents()
+    if left:
+        # Only a live fork-server of another process may keep them (rmdir refuses a parent
+        # with groups); ours has exited. Then this machine cannot show a first run now.
+        owners = {name.partition(".")[0] for parent in left for name in os.listdir(parent)
+                  if os.path.isdir(os.path.join(parent, name))}
+        live = sorted(o for o in owners if o.isdigit() and cgroups._owner_alive(o))
+        assert live, f"parents {left} stayed with no live fork-server holding them"
+        pytest.skip(f"another rlm-train process (fork-server pid {', '.join(live)}) holds the cgroup parents")
     assert not any(os.path.isdir(os.path.join(cgroups.ROOT, c, cgroups.PARENT)) for c in ("memory", "pids", "cpu", "unified"))
     with REPLSession("fresh", config=CFG) as s:
         assert s.isolation.get("cgroup_memory") and s.isolation.get("cgroup_freeze"), s.isolation

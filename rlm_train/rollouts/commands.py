@@ -60,16 +60,10 @@ def config_from_args(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     from rlm_train.policies.spec import parse_policy_spec
     from rlm_train.rollouts import store
-    from rlm_train.rollouts.generate import format_summary, run_generate
+    from rlm_train.rollouts.generate import check_config, format_summary, run_generate
 
     config = config_from_args(args)
-    # run_generate's own first checks, here too, so a dry run fails where a real run would.
-    if not config.tasks:
-        raise UserError("no task file: pass --tasks FILE or set `tasks` in the recipe")
-    if not config.out:
-        raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
-    if config.shard_index >= config.num_shards:
-        raise UserError(f"shard_index {config.shard_index} must be below num_shards {config.num_shards}")
+    check_config(config)  # so a dry run fails where a real run would
     for spec in (config.policy, config.sub_policy):
         if spec:
             parse_policy_spec(spec)

@@ -250,15 +250,21 @@ async def _run_jobs(jobs: list[tuple[TaskRecord, int]], config: GenerateConfig, 
             group.create_task(worker())
 
 
-def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[str, Any]:
-    """Run (or resume) a generation run and return its summary. Policies may be passed in
-    (tests, benchmarks); otherwise they are built from the config's specs."""
+def check_config(config: GenerateConfig) -> None:
+    """What run_generate refuses before any work (dry runs check the same)."""
     if not config.tasks:
         raise UserError("no task file: pass --tasks FILE or set `tasks` in the recipe")
     if not config.out:
         raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
     if config.shard_index >= config.num_shards:
         raise UserError(f"shard_index {config.shard_index} must be below num_shards {config.num_shards}")
+
+
+def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[str, Any]:
+    """Run (or resume) a generation run and return its summary. Policies may be passed in
+    (tests, benchmarks); otherwise they are built from the config's specs."""
+    check_config(config)
+    assert config.tasks and config.out  # for the type checker: check_config refused None
     task_file = Path(config.tasks)
     tasks, problems = load_tasks(task_file, config.skip_bad_lines)
     tasks = [t for i, t in enumerate(tasks) if i % config.num_shards == config.shard_index]
