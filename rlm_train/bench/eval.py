@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm_train.bench import verdict
+from rlm_train.bench.sandbox import sessions_alone
 from rlm_train.bench.scenario import ROOT_TURNS, SUB_CALLS, scenario_responder, write_scenario_tasks
 
 TASKS = 128
@@ -59,24 +60,6 @@ def _serve(latency_s: float, port_out, stop) -> None:
             MockOpenAIServer(responder=eval_responder, latency_s=0.0) as instant:
         port_out.send((server.port, instant.port))
         stop.wait()
-
-
-def _sessions_alone(n: int, concurrency: int) -> float:
-    """Seconds to start, run one cell in, and close n REPL sessions, `concurrency` at a time:
-    the sandbox's share of n direct episodes, measured apart."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from rlm_train.repl import REPLSession
-
-    def one(i: int) -> None:
-        session = REPLSession(f"context {i} " * 100)
-        session.execute(f"FINAL({i!r})")
-        session.close()
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(n)))
-    return time.perf_counter() - started
 
 
 def _run(base_url: str, tasks: Path, out: Path, concurrency: int) -> tuple[float, dict[str, Any]]:
@@ -115,7 +98,7 @@ def bench_eval(tasks: int = TASKS, concurrency: int = CONCURRENCY, latency_s: fl
             write_scenario_tasks(tmp / "tasks.jsonl", tasks)
             _run(base_url, tmp / "one.jsonl", tmp / "warmup", 1)  # fork-server, imports, matplotlib
             runs = [_run(base_url, tmp / "tasks.jsonl", tmp / f"run-{i}", concurrency) for i in range(TIMED_RUNS)]
-            sessions_s = statistics.median(_sessions_alone(tasks, concurrency) for _ in range(TIMED_RUNS))
+            sessions_s = statistics.median(sessions_alone(tasks, concurrency, "FINAL(len(context))") for _ in range(TIMED_RUNS))
             # The same episodes with a server that answers at once: what is left is the loop
             # (sandbox sessions, code, scoring, the store), per episode.
             instant = [_run(instant_url, tmp / "tasks.jsonl", tmp / f"instant-{i}", concurrency)[1]["this_run"]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm_train.bench import verdict
+from rlm_train.bench.sandbox import sessions_alone
 from rlm_train.bench.scenario import ROOT_TURNS, SUB_CALLS, scenario_responder, write_scenario_tasks
 
 EPISODES = 200
@@ -90,24 +91,6 @@ class _PeakMemory:
         self._thread.join()
 
 
-def _session_starts(n: int) -> float:
-    """Seconds to start and close n REPL sessions on distinct contexts, all at once: the
-    sandbox's share of a generation run, measured apart."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from rlm_train.repl import REPLSession
-
-    def one(i: int) -> None:
-        session = REPLSession(f"context {i} " * 100)
-        session.execute("x = len(context)")
-        session.close()
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(n) as pool:
-        list(pool.map(one, range(n)))
-    return time.perf_counter() - started
-
-
 def _run(base_url: str, tasks: Path, out: Path, concurrency: int) -> tuple[float, dict[str, Any]]:
     from rlm_train.models.openai_client import OpenAIPolicy
     from rlm_train.rlm import RLMConfig
@@ -149,7 +132,7 @@ def bench_generate(episodes: int = EPISODES, concurrency: int = CONCURRENCY, lat
             # Fork-server and imports. Not connections: each run opens its own, as a CLI run does.
             _run(base_url, tmp / "one.jsonl", tmp / "warmup", 1)
             single, _ = _run(base_url, tmp / "one.jsonl", tmp / "single", 1)
-            repl_starts = _session_starts(concurrency)
+            repl_starts = sessions_alone(concurrency, concurrency)
             # This machine's speed drifts run to run: the ratio is the median of a few runs,
             # each from a cold start (its own client, connections and sandbox sessions).
             cpu_self, cpu_server = time.process_time(), _cpu_s(server_pid)

@@ -175,3 +175,19 @@ def bench_layers(rounds: int = 16, roundtrip_n: int = 300) -> dict:
     return {"rounds": rounds, "roundtrip_n": roundtrip_n, "pinned_cpu": pinned, "roundtrip_context_mb": 10,
             "session_context_mb": 50, "sessions": 8, "seconds": time.perf_counter() - t0,
             "variants": variants, "cost": cost, "cost_spread": spread}
+
+
+def sessions_alone(n: int, concurrency: int, code: str = "x = len(context)") -> float:
+    """Seconds to start n REPL sessions on distinct contexts, `concurrency` at a time, run
+    one cell in each and close them: the sandbox's share of a run, measured apart."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> None:
+        session = REPLSession(f"context {i} " * 100)
+        session.execute(code)
+        session.close()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    return time.perf_counter() - started
