@@ -45,3 +45,9 @@ def test_nothing_points_outside_the_repository():
         if "../shared" in text or "DESIGN.md" in text:
             offenders.append(name)
     assert offenders == [], offenders
+
+
+def test_no_source_file_over_500_lines():
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    long = {name: n for name in tracked if (n := len((REPO / name).read_text().splitlines())) > 500}
+    assert long == {}, long

@@ -26,7 +26,9 @@ pytest.importorskip("uvicorn", reason="the gateway needs fastapi and uvicorn")
 from rlm_train.bench.scenario import scenario_context, scenario_responder
 from rlm_train.rlm import RLMConfig
 from rlm_train.serve.config import GatewayConfig
-from rlm_train.serve.gateway import ChatMessage, GatewayThread, create_app, split_chat
+from rlm_train.serve.gateway import create_app
+from rlm_train.serve.gateway_api import ChatMessage, split_chat
+from rlm_train.serve.gateway_thread import GatewayThread
 from rlm_train.testing.mock_server import MockOpenAIServer
 
 MODEL = "mock-model"

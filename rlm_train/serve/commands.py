@@ -148,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
     app = None
     if gateway_on:
         if not gcfg.models and not args.dry_run:
-            from rlm_train.serve.gateway import list_upstream_models
+            from rlm_train.serve.gateway_thread import list_upstream_models
 
             gcfg = gcfg.model_copy(update={"models": list_upstream_models(gcfg.base_urls[0])})
         if gcfg.host not in ("127.0.0.1", "localhost", "::1") and not gcfg.token_env:
@@ -197,7 +197,7 @@ def _run(plan: Any, app: Any, gcfg: Any, start_timeout_s: float, stop_timeout_s:
             print(f"vLLM ready after {took:.0f} s: {plan.base_url} (models: {', '.join(plan.model_names)}; "
                   f"pid {server.pid})", flush=True)
         if app is not None:
-            from rlm_train.serve.gateway import GatewayThread
+            from rlm_train.serve.gateway_thread import GatewayThread
 
             gateway = GatewayThread(app, gcfg.host, gcfg.port).start()
             print(f"RLM gateway ready: {gateway.url} (POST /v1/rlm, POST /v1/chat/completions; "

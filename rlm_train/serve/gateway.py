@@ -32,239 +32,27 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import os
-import threading
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 import orjson
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlm_train.errors import UserError
 from rlm_train.models.base import Policy
-from rlm_train.records import EpisodeRecord, Outcome, TrajectoryRecord, TurnRecord
+from rlm_train.records import TrajectoryRecord, TurnRecord
 from rlm_train.rlm import RLMConfig, run_episode
 from rlm_train.serve.config import GatewayConfig
 
 # Request budgets capped by the server's RLMConfig (a request may lower them, never raise them).
-CAPPED_FIELDS = ("max_iterations", "max_depth", "max_subcalls", "max_tokens", "max_wall_s",
-                 "root_max_tokens", "sub_max_tokens")
-QUESTION_MAX_CHARS = 4000  # a last paragraph longer than this is not a question: the whole message is context
-DEFAULT_QUERY = "Answer the request in the context."
-_ENDPOINTS = ("/v1/rlm", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
-_EPISODE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600)
-
-
-# ---------------------------------------------------------------------------
-# Request bodies
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RequestBudget(_Body):
-    """Per-request limits; each is capped by the server's `rlm` setting of the same name."""
-
-    max_iterations: int | None = Field(None, ge=1)
-    max_depth: int | None = Field(None, ge=0)
-    max_subcalls: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_wall_s: float | None = Field(None, gt=0)
-    root_max_tokens: int | None = Field(None, ge=1)
-    sub_max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-
-
-class RLMRequest(_Body):
-    query: str = Field(min_length=1)
-    context: str | list[Any] | dict[str, Any] | None = None
-    context_path: str | None = Field(None, min_length=1)
-    model: str | None = None
-    sub_model: str | None = None
-    budget: RequestBudget | None = None
-    stream: bool = False
-    include_trajectory: bool = True
-
-    @model_validator(mode="after")
-    def _one_context(self) -> "RLMRequest":
-        if (self.context is None) == (self.context_path is None):
-            raise ValueError("pass exactly one of `context` (inline) and `context_path` (a file in an allowed directory)")
-        return self
-
-
-class RLMExtension(_Body):
-    """`rlm` in a chat completion body: the context given explicitly, budgets, and what to return."""
-
-    context: str | list[Any] | dict[str, Any] | None = None
-    context_path: str | None = Field(None, min_length=1)
-    sub_model: str | None = None
-    budget: RequestBudget | None = None
-    include_trajectory: bool = False
-
-    @model_validator(mode="after")
-    def _at_most_one_context(self) -> "RLMExtension":
-        if self.context is not None and self.context_path is not None:
-            raise ValueError("pass at most one of rlm.context and rlm.context_path")
-        return self
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: accepted, not used
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI sampling fields (top_p, seed, ...) are accepted and not used
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    n: int = Field(1, ge=1, le=1)
-    rlm: RLMExtension | None = None
-
-
-# ---------------------------------------------------------------------------
-# Errors
-
-
-class GatewayError(HTTPException):
-    """An HTTP error with an OpenAI-shaped body."""
-
-    def __init__(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None):
-        super().__init__(status_code=status, detail=message, headers=headers)
-        self.kind = kind
-
-
-def _error_body(status: int, message: str, kind: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
-
-
-def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
-
-
-def _describe_validation(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        msg = str(err.get("msg", "invalid"))
-        if err.get("type") == "json_invalid":
-            msg = f"the body is not valid JSON ({err.get('ctx', {}).get('error', msg)})"
-            loc = "body"
-        parts.append(f"{loc}: {msg}")
-    return "invalid request: " + "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------
-# Metrics
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.rejected: Counter[str] = Counter()
-        self.outcomes: Counter[str] = Counter()
-        self.tokens: Counter[str] = Counter()
-        self.turns = 0
-        self.sub_calls = 0
-        self.started = 0
-        self.peak_running = 0
-        self.buckets = [0] * (len(_EPISODE_BUCKETS) + 1)
-        self.seconds_sum = 0.0
-
-    def episode(self, record: TrajectoryRecord, seconds: float) -> None:
-        usage = tree_usage(record)
-        self.outcomes[str(record["outcome"])] += 1
-        self.tokens["prompt"] += usage["prompt_tokens"]
-        self.tokens["completion"] += usage["completion_tokens"]
-        self.turns += record["stats"]["turns"]
-        self.sub_calls += record["stats"]["sub_calls"]
-        self.seconds_sum += seconds
-        for i, bound in enumerate(_EPISODE_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
-        self.buckets[-1] += 1
-
-    def render(self, running: int, queued: int, config: GatewayConfig) -> str:
-        lines = [
-            "# HELP rlm_gateway_requests_total HTTP requests answered, by endpoint and status.",
-            "# TYPE rlm_gateway_requests_total counter",
-            *(f'rlm_gateway_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())),
-            "# HELP rlm_gateway_rejected_total Requests refused before an episode started, by reason.",
-            "# TYPE rlm_gateway_rejected_total counter",
-            *(f'rlm_gateway_rejected_total{{reason="{r}"}} {n}' for r, n in sorted(self.rejected.items())),
-            "# HELP rlm_gateway_episodes_started_total Episodes started.",
-            "# TYPE rlm_gateway_episodes_started_total counter",
-            f"rlm_gateway_episodes_started_total {self.started}",
-            "# HELP rlm_gateway_episodes_total Episodes finished, by outcome.",
-            "# TYPE rlm_gateway_episodes_total counter",
-            *(f'rlm_gateway_episodes_total{{outcome="{o}"}} {n}' for o, n in sorted(self.outcomes.items())),
-            "# HELP rlm_gateway_episodes_running Episodes running now.",
-            "# TYPE rlm_gateway_episodes_running gauge",
-            f"rlm_gateway_episodes_running {running}",
-            "# HELP rlm_gateway_episodes_running_max Most episodes running at once so far.",
-            "# TYPE rlm_gateway_episodes_running_max gauge",
-            f"rlm_gateway_episodes_running_max {self.peak_running}",
-            "# HELP rlm_gateway_episodes_queued Episodes waiting for a slot now.",
-            "# TYPE rlm_gateway_episodes_queued gauge",
-            f"rlm_gateway_episodes_queued {queued}",
-            "# HELP rlm_gateway_max_concurrent Episodes allowed to run at once.",
-            "# TYPE rlm_gateway_max_concurrent gauge",
-            f"rlm_gateway_max_concurrent {config.max_concurrent}",
-            "# HELP rlm_gateway_max_queue Episodes allowed to wait.",
-            "# TYPE rlm_gateway_max_queue gauge",
-            f"rlm_gateway_max_queue {config.max_queue}",
-            "# HELP rlm_gateway_tokens_total Model tokens used by finished episodes (whole call tree).",
-            "# TYPE rlm_gateway_tokens_total counter",
-            *(f'rlm_gateway_tokens_total{{kind="{k}"}} {n}' for k, n in sorted(self.tokens.items())),
-            "# HELP rlm_gateway_turns_total Root turns of finished episodes.",
-            "# TYPE rlm_gateway_turns_total counter",
-            f"rlm_gateway_turns_total {self.turns}",
-            "# HELP rlm_gateway_sub_calls_total Sub-calls of finished episodes.",
-            "# TYPE rlm_gateway_sub_calls_total counter",
-            f"rlm_gateway_sub_calls_total {self.sub_calls}",
-            "# HELP rlm_gateway_episode_seconds Wall time of finished episodes, queueing excluded.",
-            "# TYPE rlm_gateway_episode_seconds histogram",
-            *(f'rlm_gateway_episode_seconds_bucket{{le="{b}"}} {n}' for b, n in zip(_EPISODE_BUCKETS, self.buckets)),
-            f'rlm_gateway_episode_seconds_bucket{{le="+Inf"}} {self.buckets[-1]}',
-            f"rlm_gateway_episode_seconds_sum {self.seconds_sum:.4f}",
-            f"rlm_gateway_episode_seconds_count {self.buckets[-1]}",
-        ]
-        return "\n".join(lines) + "\n"
-
-
-def tree_usage(episode: EpisodeRecord) -> dict[str, int]:
-    """Prompt and completion tokens of an episode's whole call tree (root turns, sub-calls, children)."""
-    prompt = completion = 0
-    for turn in episode["turns"]:
-        prompt += turn["prompt_tokens"]
-        completion += turn["completion_tokens"]
-        for call in turn["sub_calls"]:
-            prompt += call["prompt_tokens"]
-            completion += call["completion_tokens"]
-            if "child" in call:
-                child = tree_usage(call["child"])
-                prompt += child["prompt_tokens"]
-                completion += child["completion_tokens"]
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
+from rlm_train.serve.gateway_api import _finish_reason, _result, _too_large, _upstream_failure, CAPPED_FIELDS, ChatRequest, GatewayError, RLMExtension, RLMRequest, RequestBudget, _ENDPOINTS, _describe_validation, _error_body, _json, split_chat
+from rlm_train.serve.gateway_metrics import Metrics, tree_usage
 
 # ---------------------------------------------------------------------------
 # The gateway's state
@@ -318,11 +106,6 @@ class _Edge:
             return message
 
         await self.app(scope, limited_receive, counting_send)
-
-
-def _too_large(limit: int) -> str:
-    return (f"request body larger than the gateway's limit of {limit:,} bytes; send a big context as a file "
-            "(context_path, in a directory the gateway allows) or raise gateway.max_body_bytes")
 
 
 async def _send_error(send: Any, status: int, message: str, kind: str,
@@ -516,73 +299,7 @@ class Gateway:
 
 
 # ---------------------------------------------------------------------------
-# Splitting a chat into query and context
-
-
-def _text(content: str | list[ContentPart] | None) -> list[str]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [content]
-    texts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
-            raise GatewayError(422, f"message content part of type {part.type!r}: only text parts are supported",
-                               "invalid_request_error")
-        texts.append(part.text)
-    return texts
-
-
-def split_chat(messages: list[ChatMessage], explicit_context: bool) -> tuple[str, str | None]:
-    """(query, context) from an OpenAI chat. Context None: given explicitly (rlm.context)."""
-    users = [m for m in messages if m.role == "user"]
-    if not users:
-        raise GatewayError(422, "messages: no user message; the last user message holds the context and the question",
-                           "invalid_request_error")
-    instructions = "\n\n".join(t for m in messages if m.role in ("system", "developer") for t in _text(m.content)
-                               if t.strip())
-    parts = [t for t in _text(users[-1].content) if t.strip()]
-    if not parts:
-        raise GatewayError(422, "messages: the last user message is empty", "invalid_request_error")
-    context: str | None
-    if explicit_context:
-        query, context = "\n\n".join(parts), None
-    elif len(parts) > 1:  # content parts: the longest is the context, the others the question
-        longest = max(range(len(parts)), key=lambda i: len(parts[i]))
-        context = parts[longest]
-        query = "\n\n".join(p for i, p in enumerate(parts) if i != longest)
-    else:
-        text = parts[0].strip()
-        head, sep, tail = text.rpartition("\n\n")
-        if sep and head.strip() and tail.strip() and len(tail) <= QUESTION_MAX_CHARS:
-            context, query = head, tail.strip()
-        else:
-            context, query = text, text if len(text) <= QUESTION_MAX_CHARS else DEFAULT_QUERY
-    if instructions:
-        query = f"{instructions}\n\n{query}"
-    return query, context
-
-
-# ---------------------------------------------------------------------------
 # The app
-
-
-def _result(request_id: str, model: str, record: TrajectoryRecord, effective: RLMConfig, capped: list[str],
-            include_trajectory: bool) -> dict[str, Any]:
-    usage = tree_usage(record)
-    stats = record["stats"]
-    return {
-        "id": request_id,
-        "object": "rlm.result",
-        "model": model,
-        "answer": record["final"],
-        "outcome": str(record["outcome"]),
-        "error": record["error"],
-        "error_kind": record["error_kind"],
-        "usage": {**usage, "turns": stats["turns"], "sub_calls": stats["sub_calls"], "wall_s": stats["wall_s"]},
-        "budget": {**{name: getattr(effective, name) for name in CAPPED_FIELDS}, "capped": capped},
-        "trajectory": record if include_trajectory else None,
-    }
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -774,100 +491,6 @@ async def _drain(queue: asyncio.Queue, task: asyncio.Future, keepalive_s: float)
         yield {"event": "ping"}
 
 
-def _finish_reason(record: TrajectoryRecord) -> str:
-    return "stop" if record["final"] is not None else "length"
-
-
-def _upstream_failure(record: TrajectoryRecord) -> tuple[int, str, str] | None:
-    """A chat completion cannot carry an episode that failed: upstream failures are 502, others 500."""
-    if record["outcome"] != Outcome.ERROR or record["final"] is not None:
-        return None
-    reason = (record["error"] or "the episode failed").strip().splitlines()[0]
-    if record["error_kind"] == "model":
-        return 502, f"the upstream model failed: {reason}", "upstream_error"
-    return 500, f"the RLM episode failed ({record['error_kind']}): {reason}", "server_error"
-
-
 def asgi_app(app: FastAPI) -> Any:
     """The app inside its edge layer (body size limit, status counts): what uvicorn serves."""
     return _Edge(app, app.state.gateway)
-
-
-# ---------------------------------------------------------------------------
-# Running it
-
-
-class GatewayThread:
-    """uvicorn serving the gateway in a background thread, on a socket bound before it starts
-    (so a port in use is a UserError here, and port 0 is known at once)."""
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import socket
-
-        import uvicorn
-
-        from rlm_train.serve.launcher import check_port_free
-
-        self.host = host
-        if port:
-            check_port_free(host, port, "--gateway-port")
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(asgi_app(app), log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
-                                access_log=False, backlog=2048)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self._serve, name="rlm-gateway", daemon=True)
-        self.error: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else (f"[{self.host}]" if ":" in self.host else self.host)
-        return f"http://{host}:{self.port}"
-
-    def _serve(self) -> None:
-        try:
-            self.server.run(sockets=[self.sock])
-        except BaseException as exc:  # noqa: BLE001 - reported by start()
-            self.error = exc
-
-    def start(self, timeout_s: float = 30.0) -> "GatewayThread":
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise UserError(f"the RLM gateway did not start on {self.url}: {self.error or 'see the log above'}")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(15)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self) -> "GatewayThread":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
-def list_upstream_models(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> list[str]:
-    """The model ids an OpenAI-compatible server lists at /models (a UserError when it cannot)."""
-    import urllib.request
-
-    url = base_url.rstrip("/") + "/models"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key or 'EMPTY'}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            data = json.loads(resp.read())
-        return [str(m["id"]) for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot list the models at {url} ({exc}); is the server up? Or name them with "
-                        "--gateway-model NAME") from None
