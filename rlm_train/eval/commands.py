@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
+from rlm_train.rlm.commands import add_client_arguments, client_flags
 from rlm_train.stage import Output, add_stage_arguments, prepare
 
 
@@ -33,8 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training task file to check the held-out tasks against (repeatable)")
     parser.add_argument("--samples", type=int, help="episodes per (method, task) (default 1)")
     parser.add_argument("--concurrency", type=int, help="episodes in flight at once (default 32)")
-    parser.add_argument("--max-retries", type=int, help="openai: retries per request (default 5)")
-    parser.add_argument("--request-timeout-s", type=float, help="openai: seconds per request before a retry (default 120)")
+    add_client_arguments(parser)
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild the report from what the run directories hold")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
@@ -64,8 +64,7 @@ def config_from_args(args: argparse.Namespace):
         "train_tasks": args.train_tasks or None,
         "samples": args.samples,
         "concurrency": args.concurrency,
-        "client.max_retries": args.max_retries,
-        "client.request_timeout_s": args.request_timeout_s,
+        **client_flags(args),
         "progress": args.progress,
     }
     return load_config(EvalConfig, args.recipe, args.overrides, flags=flags)

@@ -22,18 +22,28 @@ def add_policy_arguments(parser: argparse.ArgumentParser, required: bool = True)
         "--base-url", action="append", default=[], help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1 (repeatable)"
     )
     parser.add_argument("--sub-base-url", action="append", default=[], help="server(s) for the sub-policy (default: --base-url)")
+    add_client_arguments(parser)
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ClientOptions flags, spelled the same by every command that talks to servers."""
     parser.add_argument("--max-retries", type=int, help="openai: retries per request on connection errors/429/5xx (default 5)")
     parser.add_argument("--request-timeout-s", type=float, help="openai: seconds per request before it is retried (default 120)")
     parser.add_argument("--max-concurrency", type=int, help="openai: requests in flight per policy (default 64)")
+
+
+def client_flags(args: argparse.Namespace) -> dict:
+    """Those flags as dotted config keys (None where not given), for load_config(flags=...)."""
+    return {"client.max_retries": args.max_retries, "client.request_timeout_s": args.request_timeout_s,
+            "client.max_concurrency": args.max_concurrency}
 
 
 def client_options(args: argparse.Namespace, base=None):
     """The ClientOptions the flags set, on top of `base` (a recipe's)."""
     from rlm_train.policies.spec import ClientOptions
 
-    flags = {"max_retries": args.max_retries, "request_timeout_s": args.request_timeout_s,
-             "max_concurrency": args.max_concurrency}
-    return (base or ClientOptions()).model_copy(update={k: v for k, v in flags.items() if v is not None})
+    given = {key.partition(".")[2]: value for key, value in client_flags(args).items() if value is not None}
+    return (base or ClientOptions()).model_copy(update=given)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
-from rlm_train.rlm.commands import add_policy_arguments
+from rlm_train.rlm.commands import add_policy_arguments, client_flags
 from rlm_train.stage import Output, add_stage_arguments, missing_inputs, prepare
 
 
@@ -41,9 +41,7 @@ def config_from_args(args: argparse.Namespace):
         "sub_policy": args.sub_policy,
         "base_urls": args.base_url or None,
         "sub_base_urls": args.sub_base_url or None,
-        "client.max_retries": args.max_retries,
-        "client.request_timeout_s": args.request_timeout_s,
-        "client.max_concurrency": args.max_concurrency,
+        **client_flags(args),
         "samples": args.samples,
         "concurrency": args.concurrency,
         "skip_bad_lines": args.skip_bad_lines,
