@@ -11,25 +11,89 @@ Errors: a UserError (or an OSError naming a file) is one line on stderr and exit
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+from types import ModuleType
+from typing import Callable
 
 from rlm_train import __version__
 from rlm_train.errors import UserError
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("rlm_train.rlm.commands", "run one RLM episode on a context file and print the answer"),
-    "tasks": ("rlm_train.tasks.commands", "make, show and score long-context task sets"),
-    "generate": ("rlm_train.rollouts.commands", "generate RLM trajectories concurrently (resumable)"),
-    "filter": ("rlm_train.rollouts.filter_commands", "filter trajectories into SFT and RL datasets"),
-    "sft": ("rlm_train.train.sft_commands", "supervised fine-tuning (TRL + PEFT) on per-turn samples"),
-    "grpo": ("rlm_train.train.grpo_commands", "GRPO with full RLM episodes in the sandbox as rollouts"),
-    "eval": ("rlm_train.eval.commands", "evaluate methods on held-out tasks: report with CIs, paired diffs, plots"),
-    "view": ("rlm_train.viewer.commands", "trajectories as one self-contained HTML page (filters, timelines, sub-call trees)"),
-    "serve": ("rlm_train.serve.commands", "serve a model on vLLM (with LoRA adapters) and/or the RLM gateway"),
-    "bench": ("rlm_train.bench", "benchmarks reported as ratios against a baseline in the same run"),
+# Each command module is imported only when its command runs (plain imports, so tools see them).
+
+
+def _run() -> ModuleType:
+    from rlm_train.rlm import commands
+
+    return commands
+
+
+def _tasks() -> ModuleType:
+    from rlm_train.tasks import commands
+
+    return commands
+
+
+def _generate() -> ModuleType:
+    from rlm_train.rollouts import commands
+
+    return commands
+
+
+def _filter() -> ModuleType:
+    from rlm_train.rollouts import filter_commands
+
+    return filter_commands
+
+
+def _sft() -> ModuleType:
+    from rlm_train.train import sft_commands
+
+    return sft_commands
+
+
+def _grpo() -> ModuleType:
+    from rlm_train.train import grpo_commands
+
+    return grpo_commands
+
+
+def _eval() -> ModuleType:
+    from rlm_train.eval import commands
+
+    return commands
+
+
+def _view() -> ModuleType:
+    from rlm_train.viewer import commands
+
+    return commands
+
+
+def _serve() -> ModuleType:
+    from rlm_train.serve import commands
+
+    return commands
+
+
+def _bench() -> ModuleType:
+    from rlm_train import bench
+
+    return bench
+
+
+# name -> (loader of its module, one-line help)
+COMMANDS: dict[str, tuple[Callable[[], ModuleType], str]] = {
+    "run": (_run, "run one RLM episode on a context file and print the answer"),
+    "tasks": (_tasks, "make, show and score long-context task sets"),
+    "generate": (_generate, "generate RLM trajectories concurrently (resumable)"),
+    "filter": (_filter, "filter trajectories into SFT and RL datasets"),
+    "sft": (_sft, "supervised fine-tuning (TRL + PEFT) on per-turn samples"),
+    "grpo": (_grpo, "GRPO with full RLM episodes in the sandbox as rollouts"),
+    "eval": (_eval, "evaluate methods on held-out tasks: report with CIs, paired diffs, plots"),
+    "view": (_view, "trajectories as one self-contained HTML page (filters, timelines, sub-call trees)"),
+    "serve": (_serve, "serve a model on vLLM (with LoRA adapters) and/or the RLM gateway"),
+    "bench": (_bench, "benchmarks reported as ratios against a baseline in the same run"),
 }
 
 
@@ -66,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"rlm-train: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module_name, help_ = COMMANDS[name]
+    load, help_ = COMMANDS[name]
     try:
-        module = importlib.import_module(module_name)
+        module = load()
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("rlm_train"):
             raise

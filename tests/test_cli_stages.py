@@ -2,7 +2,6 @@
 `--dry-run` plan, and output paths checked before any work, each bad one a one-line error."""
 
 import argparse
-import importlib
 import os
 import re
 import shutil
@@ -199,7 +198,7 @@ def test_check_output(tmp_path):
 
 def stage_parsers():
     for name in STAGES:
-        module = importlib.import_module(cli.COMMANDS[name][0])
+        module = cli.COMMANDS[name][0]()
         parser = argparse.ArgumentParser(prog=f"rlm-train {name}")
         module.add_arguments(parser)
         if name == "tasks":  # the stage is `tasks make`
