@@ -23,7 +23,6 @@ intervals, markdown, plots) is timed apart.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import re
 import statistics
 import tempfile
@@ -52,16 +51,6 @@ def eval_responder(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
     return scenario_responder(messages, body)
 
 
-def _serve(latency_s: float, port_out, stop) -> None:
-    from rlm_train.testing.mock_server import MockOpenAIServer
-
-    # Two servers: one answering after `latency_s`, one at once (the loop's own cost).
-    with MockOpenAIServer(responder=eval_responder, latency_s=latency_s) as server, \
-            MockOpenAIServer(responder=eval_responder, latency_s=0.0) as instant:
-        port_out.send((server.port, instant.port))
-        stop.wait()
-
-
 def _run(base_url: str, tasks: Path, out: Path, concurrency: int) -> tuple[float, dict[str, Any]]:
     from rlm_train.eval.config import EvalConfig
     from rlm_train.eval.run import run_eval
@@ -82,32 +71,22 @@ def _run(base_url: str, tasks: Path, out: Path, concurrency: int) -> tuple[float
 
 
 def bench_eval(tasks: int = TASKS, concurrency: int = CONCURRENCY, latency_s: float = LATENCY_S) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    port_in, port_out = ctx.Pipe(duplex=False)
-    stop = ctx.Event()
-    server = ctx.Process(target=_serve, args=(latency_s, port_out, stop), daemon=True)
-    server.start()
-    try:
-        if not port_in.poll(60):
-            raise RuntimeError("the mock server did not start within 60 s")
-        port, instant_port = port_in.recv()
-        base_url, instant_url = f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{instant_port}/v1"
-        with tempfile.TemporaryDirectory(prefix="rlm-bench-eval-") as tmp_name:
-            tmp = Path(tmp_name)
-            write_scenario_tasks(tmp / "one.jsonl", 1)
-            write_scenario_tasks(tmp / "tasks.jsonl", tasks)
-            _run(base_url, tmp / "one.jsonl", tmp / "warmup", 1)  # fork-server, imports, matplotlib
-            runs = [_run(base_url, tmp / "tasks.jsonl", tmp / f"run-{i}", concurrency) for i in range(TIMED_RUNS)]
-            sessions_s = statistics.median(sessions_alone(tasks, concurrency, "FINAL(len(context))") for _ in range(TIMED_RUNS))
-            # The same episodes with a server that answers at once: what is left is the loop
-            # (sandbox sessions, code, scoring, the store), per episode.
-            instant = [_run(instant_url, tmp / "tasks.jsonl", tmp / f"instant-{i}", concurrency)[1]["this_run"]
-                       for i in range(TIMED_RUNS)]
-    finally:
-        stop.set()
-        server.join(10)
-        if server.is_alive():
-            server.kill()
+    from rlm_train.testing.mock_server import mock_server_process
+
+    # Two servers in processes of their own: one answering after `latency_s`, one at once
+    # (what is left then is the loop's own cost).
+    responder = "rlm_train.bench.eval:eval_responder"
+    with mock_server_process(responder, latency_ms=latency_s * 1000) as base_url, \
+            mock_server_process(responder) as instant_url, \
+            tempfile.TemporaryDirectory(prefix="rlm-bench-eval-") as tmp_name:
+        tmp = Path(tmp_name)
+        write_scenario_tasks(tmp / "one.jsonl", 1)
+        write_scenario_tasks(tmp / "tasks.jsonl", tasks)
+        _run(base_url, tmp / "one.jsonl", tmp / "warmup", 1)  # fork-server, imports, matplotlib
+        runs = [_run(base_url, tmp / "tasks.jsonl", tmp / f"run-{i}", concurrency) for i in range(TIMED_RUNS)]
+        sessions_s = statistics.median(sessions_alone(tasks, concurrency, "FINAL(len(context))") for _ in range(TIMED_RUNS))
+        instant = [_run(instant_url, tmp / "tasks.jsonl", tmp / f"instant-{i}", concurrency)[1]["this_run"]
+                   for i in range(TIMED_RUNS)]
 
     waves = math.ceil(tasks / concurrency)
     ideal_method = {"rlm": waves * (ROOT_TURNS + 1) * latency_s, "direct": waves * latency_s}
