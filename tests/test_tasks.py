@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -322,3 +323,32 @@ def test_one_million_token_contexts_from_the_heldout_split(family):
     task = make_tasks(family, 1, 1_000_000, seed=1, split="heldout")[0]
     assert 0.97 * 1_000_000 <= task["meta"]["context_tokens"] <= 1_000_000
     assert score(task, task["answer"]) == 1.0
+
+
+def _template_regex(template: str) -> re.Pattern:
+    """A wording template as a regex: its slots match anything."""
+    parts = re.split(r"\{\w+\}", template)
+    return re.compile(".+?".join(re.escape(p) for p in parts))
+
+
+def test_held_out_wordings_never_occur_in_training():
+    """Held-out niah needles and questions, and oolong questions, use wordings that no
+    training task uses (so a tuned model is scored on search, not on one sentence)."""
+    from rlm_train.tasks import niah, oolong
+
+    for table in (niah.NEEDLES, niah.QUERIES_ONE, niah.QUERIES_ALL):
+        assert not set(table["train"]) & set(table["heldout"])
+    for kind in oolong.QUESTIONS.values():
+        assert not set(kind["train"]) & set(kind["heldout"])
+    train_queries = [_template_regex(t) for t in (*niah.QUERIES_ONE["train"], *niah.QUERIES_ALL["train"])]
+    train_needles = [_template_regex(t) for t in niah.NEEDLES["train"]]
+    train_questions = [_template_regex(t) for kind in oolong.QUESTIONS.values() for t in kind["train"]]
+    for task in make_tasks("niah", 12, 2000, seed=3, split="heldout"):
+        assert not any(p.search(task["query"]) for p in train_queries), task["query"]
+        assert not any(p.search(task["context"]) for p in train_needles), task["id"]
+    for task in make_tasks("oolong", 12, 2000, seed=3, split="heldout"):
+        question = task["query"][task["query"].rfind("Question:"):]
+        assert not any(p.search(question) for p in train_questions), question
+    # And the training side does use its own wordings (the check above can fail).
+    seen = [make_tasks("niah", 12, 2000, seed=3, split="train")[i]["query"] for i in range(12)]
+    assert any(p.search(q) for q in seen for p in train_queries)

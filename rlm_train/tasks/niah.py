@@ -2,8 +2,8 @@
 
 Variants: one needle; several keys (ask about one); several values for one key (ask
 for all); distractor needles whose keys share a word with the asked key. Keys are
-adjective-noun pairs; each key belongs to one split, so held-out keys are never seen
-in training.
+adjective-noun pairs; each key, and each needle and question wording, belongs to one
+split, so held-out keys and wordings are never seen in training.
 """
 
 from __future__ import annotations
@@ -19,19 +19,53 @@ MIN_TOKENS = 500  # a needle and a few sentences of haystack
 
 VARIANTS = ("single", "multikey", "multivalue", "distractor")
 
-NEEDLES = (
-    "One of the special magic numbers for {key} is: {value}.",
-    "The special magic number for {key} is: {value}.",
-    "Remember it well: one of the special magic numbers for {key} is: {value}.",
-)
-QUERIES_ONE = (
-    "What is the special magic number for {key} mentioned in the provided text?",
-    "Find the special magic number for {key} in the text. What is it?",
-)
-QUERIES_ALL = (
-    "What are all the special magic numbers for {key} mentioned in the provided text?",
-    "List every special magic number for {key} that appears in the text.",
-)
+# Wordings belong to a split too: a held-out task's needle and question are worded in ways
+# no training task uses, so a model must learn to search for the key, not one sentence.
+# Every needle names the key before its value.
+NEEDLES = {
+    "train": (
+        "One of the special magic numbers for {key} is: {value}.",
+        "The special magic number for {key} is: {value}.",
+        "Remember it well: one of the special magic numbers for {key} is: {value}.",
+        "The access code for {key} is {value}.",
+        "Note that {key} was given the number {value}.",
+        "Our records list {key} with the value {value}.",
+    ),
+    "heldout": (
+        "The hidden code assigned to {key} reads {value}.",
+        "For {key}, the reference number is {value}.",
+        "Keep in mind that {key} corresponds to the number {value}.",
+    ),
+}
+QUERIES_ONE = {
+    "train": (
+        "What is the special magic number for {key} mentioned in the provided text?",
+        "Find the special magic number for {key} in the text. What is it?",
+        "Which number does the text give for {key}?",
+        "Look up the value recorded for {key}.",
+    ),
+    "heldout": (
+        "Somewhere in the document a number is tied to {key}. Report it.",
+        "Tell me the code that belongs to {key}.",
+    ),
+}
+QUERIES_ALL = {
+    "train": (
+        "What are all the special magic numbers for {key} mentioned in the provided text?",
+        "List every special magic number for {key} that appears in the text.",
+        "Give all the numbers the text states for {key}.",
+    ),
+    "heldout": (
+        "Report every number that the document ties to {key}.",
+        "Collect all the codes belonging to {key}.",
+    ),
+}
+
+
+def _pool(table: dict[str, tuple[str, ...]], split: str) -> tuple[str, ...]:
+    # Splits other than the two (none today) use the training wordings.
+    return table.get(split, table["train"])
+
 
 ADJECTIVES = """amber ancient bitter bold brave brisk calm clever cold crimson curious damp dark
 dusty eager early faint fierce fragile gentle gilded golden grand gray hidden hollow humble
@@ -68,17 +102,17 @@ def generate(rng: random.Random, target_chars: int, split: str) -> dict:
     key = rng.choice(keys)
     used_values: set[str] = set()
     needles: list[str] = []
-    template = rng.choice(NEEDLES)
+    template = rng.choice(_pool(NEEDLES, split))
 
     if variant == "multivalue":
         values = [_value(rng, used_values) for _ in range(rng.randint(2, 4))]
         needles += [template.format(key=key, value=v) for v in values]
-        query = rng.choice(QUERIES_ALL).format(key=key)
+        query = rng.choice(_pool(QUERIES_ALL, split)).format(key=key)
         answer: str | list[str] = values
     else:
         value = _value(rng, used_values)
         needles.append(template.format(key=key, value=value))
-        query = rng.choice(QUERIES_ONE).format(key=key)
+        query = rng.choice(_pool(QUERIES_ONE, split)).format(key=key)
         answer = value
     others: list[str] = []
     if variant == "multikey":
@@ -88,7 +122,7 @@ def generate(rng: random.Random, target_chars: int, split: str) -> dict:
         adjective, noun = key.split("-")
         near = [k for k in keys if k != key and (k.startswith(adjective + "-") or k.endswith("-" + noun))]
         others = rng.sample(near, min(len(near), rng.randint(2, 3)))
-    needles += [rng.choice(NEEDLES).format(key=k, value=_value(rng, used_values)) for k in others]
+    needles += [rng.choice(_pool(NEEDLES, split)).format(key=k, value=_value(rng, used_values)) for k in others]
 
     haystack = _haystack(rng, target_chars - sum(len(n) + 1 for n in needles), split)
     # Insert from the back so earlier positions stay valid; depths spread over the text.

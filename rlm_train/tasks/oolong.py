@@ -97,6 +97,50 @@ def describe(records: list[Record]) -> str:
     )
 
 
+# Question wordings by kind and split: held-out tasks ask in words no training task uses.
+# Every wording keeps its anchors ('label' in quotes, "user N", the two dates as written
+# in the records, "most"/"least"), so a program can read the question whatever its words.
+QUESTIONS = {
+    "count": {
+        "train": ("How many instances have the label '{label}'?",
+                  "Count the instances whose label is '{label}'.",
+                  "What is the number of instances labelled '{label}'?"),
+        "heldout": ("How many of the records are about '{label}'?",
+                    "Give the total of '{label}' instances in the data."),
+    },
+    "extreme": {
+        "train": ("Which label is the {word} common among all instances?",
+                  "What is the {word} frequent label over all instances?"),
+        "heldout": ("Across the whole dataset, which label shows up the {word}?",),
+    },
+    "user_count": {
+        "train": ("How many instances from user {user} have the label '{label}'?",
+                  "Count the '{label}' instances posted by user {user}."),
+        "heldout": ("For user {user}, how many records carry the label '{label}'?",),
+    },
+    "user_most_common": {
+        "train": ("Which label is the most common among the instances from user {user}?",
+                  "What label does user {user} use most often?"),
+        "heldout": ("Of all records by user {user}, which label appears the most?",),
+    },
+    "range_count": {
+        "train": ("How many instances dated from {lo} to {hi} (inclusive) have the label '{label}'?",
+                  "Count the '{label}' instances with dates from {lo} to {hi}, both included."),
+        "heldout": ("Between {lo} and {hi} (both days included), how many records are labelled '{label}'?",),
+    },
+    "range_most": {
+        "train": ("Which label is the most common among instances dated from {lo} to {hi} (inclusive)?",
+                  "From {lo} to {hi}, both included, what is the most common label?"),
+        "heldout": ("Between {lo} and {hi} (both days included), which label appears the most?",),
+    },
+}
+
+
+def _ask(rng: random.Random, kind: str, split: str, **slots) -> str:
+    pool = QUESTIONS[kind].get(split, QUESTIONS[kind]["train"])
+    return rng.choice(pool).format(**slots)
+
+
 def _unique_extreme(counts: Counter, most: bool) -> str | None:
     """The label with the strictly highest (or lowest) count over all labels, else None."""
     full = [(counts.get(label, 0), label) for label in corpora.LABELS]
@@ -110,7 +154,7 @@ def _fmt(day: dt.date) -> str:
     return day.strftime(DATE_FORMAT)
 
 
-def question(rng: random.Random, records: list[Record]) -> tuple[str, str | int, str]:
+def question(rng: random.Random, records: list[Record], split: str = "train") -> tuple[str, str | int, str]:
     """(question text, answer, kind), trying kinds in a random order until one has a unique answer."""
     kinds = ["count", "most_common", "least_common", "user_count", "user_most_common", "range_count", "range_most"]
     rng.shuffle(kinds)
@@ -122,13 +166,12 @@ def question(rng: random.Random, records: list[Record]) -> tuple[str, str | int,
     for kind in kinds:
         if kind == "count":
             label = rng.choice(corpora.LABELS)
-            return f"How many instances have the label '{label}'?", counts.get(label, 0), kind
+            return _ask(rng, "count", split, label=label), counts.get(label, 0), kind
         if kind in ("most_common", "least_common"):
             most = kind == "most_common"
             answer = _unique_extreme(counts, most)
             if answer is not None:
-                word = "most" if most else "least"
-                return f"Which label is the {word} common among all instances?", answer, kind
+                return _ask(rng, "extreme", split, word="most" if most else "least"), answer, kind
         if kind in ("user_count", "user_most_common"):
             busy = sorted(u for u, c in per_user.items() if sum(c.values()) >= 3)
             if not busy:
@@ -136,33 +179,28 @@ def question(rng: random.Random, records: list[Record]) -> tuple[str, str | int,
             user = rng.choice(busy)
             if kind == "user_count":
                 label = rng.choice(corpora.LABELS)
-                return (
-                    f"How many instances from user {user} have the label '{label}'?",
-                    per_user[user].get(label, 0),
-                    kind,
-                )
+                return _ask(rng, "user_count", split, user=user, label=label), per_user[user].get(label, 0), kind
             top = per_user[user].most_common(2)
             if len(top) == 1 or top[0][1] > top[1][1]:
-                return f"Which label is the most common among the instances from user {user}?", top[0][0], kind
+                return _ask(rng, "user_most_common", split, user=user), top[0][0], kind
         if kind in ("range_count", "range_most") and len(dates) >= 4:
             i, j = sorted(rng.sample(range(len(dates)), 2))
             lo, hi = dates[i], dates[j]
             inside = Counter(r.label for r in records if lo <= r.date <= hi)
-            span = f"dated from {_fmt(lo)} to {_fmt(hi)} (inclusive)"
             if kind == "range_count":
                 label = rng.choice(corpora.LABELS)
-                return f"How many instances {span} have the label '{label}'?", inside.get(label, 0), kind
+                return _ask(rng, "range_count", split, lo=_fmt(lo), hi=_fmt(hi), label=label), inside.get(label, 0), kind
             if sum(inside.values()) >= 3:
                 answer = _unique_extreme(inside, True)
                 if answer is not None:
-                    return f"Which label is the most common among instances {span}?", answer, kind
+                    return _ask(rng, "range_most", split, lo=_fmt(lo), hi=_fmt(hi)), answer, kind
     label = corpora.LABELS[0]
-    return f"How many instances have the label '{label}'?", counts.get(label, 0), "count"
+    return _ask(rng, "count", split, label=label), counts.get(label, 0), "count"
 
 
 def generate(rng: random.Random, target_chars: int, split: str) -> dict:
     records = make_records(rng, target_chars, split)
-    text, answer, kind = question(rng, records)
+    text, answer, kind = question(rng, records, split)
     form = "a single number" if isinstance(answer, int) else "one label from the list"
     query = f"{describe(records)}\n\nQuestion: {text} Answer with {form}."
     return {

@@ -1,6 +1,6 @@
-"""Scripted strategy for OOLONG aggregation: peek at the records, classify every
-instance with batched sub-calls (the label is not in the text), re-ask for any reply
-that did not parse, then aggregate in code for the question asked, and submit.
+"""Scripted strategy for OOLONG aggregation: (sometimes) peek at the records; classify
+every instance with batched sub-calls (the label is not in the text) and aggregate in
+code for the question asked, in one cell; re-ask for any reply that did not parse; submit.
 
 `classify_code` is shared with the pairs strategy."""
 
@@ -34,118 +34,115 @@ def peek_code(view: EpisodeView) -> str:
 
 
 _PROMPTS = [
-    "Classify each question below by its topic. Topics: {labels}.\n"
-    "Reply with exactly one topic per line, in the same order, and nothing else.\n\n",
-    "For every numbered question, say which topic it is about ({labels}).\n"
-    "Answer with one topic word per line, keeping the order.\n\n",
-    "Label the topic of each of these questions. Allowed labels: {labels}.\n"
-    "Output one label per line in order; no numbering, no explanations.\n\n",
+    "Give the topic of each question ({labels}), one per line, in order:\n",
+    "For each question below, reply with its topic ({labels}), one word per line:\n",
+    "Label every question with one of: {labels}. One label per line, same order:\n",
 ]
 
 
 def classify_code(view: EpisodeView, labels: list[str]) -> str:
-    """Parse every record, classify the instances in batches, leave `records` and `pred`."""
-    batch = view.rng.choice([25, 40, 50, 60])
-    header = view.rng.choice(_PROMPTS).format(labels=", ".join(labels))
+    """Parse every record, classify the instances in batches, leave `records`, `pred`
+    (None where a batch's reply did not parse), `missing` and the helpers the retry uses.
+    Kept short: a small model has to write it back token by token."""
+    batch = view.rng.choice([25, 40, 50])
+    # The label list is joined in code, so the program does not spell the labels twice.
+    ask = view.rng.choice(_PROMPTS).format(labels='" + ", ".join(LABELS) + "').replace("\n", "\\n")
     return f"""import re
 LABELS = {labels!r}
-records = []
-for line in context.splitlines():
-    m = re.match(r"Date: (.*?) \\|\\| User: (\\d+) \\|\\| Instance: (.*)", line)
-    if m:
-        records.append((m.group(1), int(m.group(2)), m.group(3).strip()))
-header = {header!r}
-prompts = []
-for start in range(0, len(records), {batch}):
-    chunk = records[start:start + {batch}]
-    prompts.append(header + "\\n".join(f"{{i + 1}}. {{r[2]}}" for i, r in enumerate(chunk)))
-replies = llm_query_batched(prompts)
-
-def to_label(text):
-    words = re.findall(r"[a-z]+", text.lower())
-    hits = [w for w in words if w in LABELS]
-    return hits[0] if hits else None
-
+records = [(d, int(u), t) for d, u, t in re.findall(r"Date: (.*?) \\|\\| User: (\\d+) \\|\\| Instance: (.*)", context)]
+ask = "{ask}"
+chunks = [records[i:i + {batch}] for i in range(0, len(records), {batch})]
+replies = llm_query_batched([ask + "\\n".join(r[2] for r in c) for c in chunks])
 pred = []
-for start, reply in zip(range(0, len(records), {batch}), replies):
-    size = len(records[start:start + {batch}])
-    got = [to_label(l) for l in reply.splitlines() if l.strip()]
-    pred += (got + [None] * size)[:size] if len(got) == size else [None] * size
+for c, reply in zip(chunks, replies):
+    got = [w.strip().lower() for w in reply.splitlines() if w.strip()]
+    pred += [g if g in LABELS else None for g in got] if len(got) == len(c) else [None] * len(c)
 missing = [i for i, p in enumerate(pred) if p is None]
-print(len(records), "records parsed,", len(prompts), "batches,", len(missing), "unlabeled")"""
+print(len(records), "records parsed,", len(missing), "unlabeled")"""
 
 
 def retry_code(view: EpisodeView) -> str:
     """Ask again, one instance a prompt, for the records whose batch reply did not parse."""
-    return """again = llm_query_batched([header + "1. " + records[i][2] for i in missing])
+    return """again = llm_query_batched([ask + records[i][2] for i in missing])
 for i, reply in zip(missing, again):
-    pred[i] = to_label(reply)
+    words = [w for w in re.findall(r"[a-z]+", reply.lower()) if w in LABELS]
+    pred[i] = words[0] if words else None
 missing = [i for i, p in enumerate(pred) if p is None]
 print("after retry:", len(missing), "unlabeled")"""
 
 
+_DATE = r"[A-Z][a-z]{2} \d{2}, \d{4}"
+
+
 def question_code(query: str, labels: list[str]) -> tuple[str, str]:
-    """(aggregation code that sets `answer`, kind) for the question in the query."""
+    """(aggregation code that sets `answer`, kind) for the question in the query. It reads
+    the question's anchors, not its wording: a quoted 'label' asks for a count, "user N"
+    and two dates narrow the records, "least"/"fewest" flips the extreme. Values are copied
+    as written (dates are parsed in code), so the program is the question's text plus code."""
     q = query[query.rfind("Question:"):]
-    m = re.search(r"from user (\d+) have the label '(\w+)'", q)
-    if m:
-        return f"answer = sum(1 for r, p in zip(records, pred) if r[1] == {m.group(1)} and p == {m.group(2)!r})", "count"
-    m = re.search(r"instances from user (\d+)\?", q)
-    if m:
-        return _extreme(f"r[1] == {m.group(1)}", labels, most=True), "label"
-    m = re.search(r"dated from (.+?) to (.+?) \(inclusive\)", q)
-    if m:
-        lo = dt.datetime.strptime(m.group(1), "%b %d, %Y").date().isoformat()
-        hi = dt.datetime.strptime(m.group(2), "%b %d, %Y").date().isoformat()
-        cond = f"{lo!r} <= day(r[0]) <= {hi!r}"
+    label = re.search(r"'(\w+)'", q)
+    user = re.search(r"\buser (\d+)", q)
+    dates = re.findall(_DATE, q)
+    conditions = []
+    prelude = ""
+    if user:
+        conditions.append(f"r[1] == {user.group(1)}")
+    if len(dates) >= 2:
         prelude = (
             "import datetime\n"
-            "def day(text):\n    return datetime.datetime.strptime(text, '%b %d, %Y').date().isoformat()\n"
+            "def day(text):\n    return datetime.datetime.strptime(text, '%b %d, %Y').date()\n"
+            f"lo, hi = day({dates[0]!r}), day({dates[1]!r})\n"
         )
-        label = re.search(r"have the label '(\w+)'", q)
-        if label:
-            return prelude + f"answer = sum(1 for r, p in zip(records, pred) if {cond} and p == {label.group(1)!r})", "count"
-        return prelude + _extreme(cond, labels, most=True), "label"
-    m = re.search(r"have the label '(\w+)'", q)
-    if m:
-        return f"answer = sum(1 for p in pred if p == {m.group(1)!r})", "count"
-    most = "least common" not in q
-    return _extreme("True", labels, most=most), "label"
+        conditions.append("lo <= day(r[0]) <= hi")
+    cond = " and ".join(conditions) or "True"
+    if label:
+        if cond == "True":
+            return f"answer = sum(1 for p in pred if p == {label.group(1)!r})", "count"
+        return prelude + f"answer = sum(1 for r, p in zip(records, pred) if {cond} and p == {label.group(1)!r})", "count"
+    most = not re.search(r"\b(least|fewest|rarest)\b", q)
+    return prelude + _extreme(cond, labels, most=most), "label"
 
 
 def _extreme(cond: str, labels: list[str], most: bool) -> str:
     pick = "max" if most else "min"
+    test = "p" if cond == "True" else f"p and {cond}"
     return (
-        f"counts = {{label: 0 for label in {labels!r}}}\n"
-        f"for r, p in zip(records, pred):\n    if p and {cond}:\n        counts[p] += 1\n"
+        "counts = {label: 0 for label in LABELS}\n"
+        f"for r, p in zip(records, pred):\n    if {test}:\n        counts[p] += 1\n"
         f"print(sorted(counts.items(), key=lambda kv: -kv[1]))\n"
         f"answer = {pick}(counts, key=counts.get)"
     )
 
 
+def _answer_code(view: EpisodeView, labels: list[str]) -> str:
+    code, _ = question_code(view.query, labels)
+    return code + "\nprint('ANSWER', answer)"
+
+
 def next_turn(view: EpisodeView) -> str:
+    """Classification and aggregation run in one cell (a short, complete program), then
+    the answer is submitted; a peek first sometimes, a retry when replies did not parse."""
     labels = query_labels(view.query)
     last = view.last_output
     seen = view.all_outputs
+    unlabeled = re.findall(r"(\d+) unlabeled", last)
+    needs_retry = bool(unlabeled) and unlabeled[-1] != "0" and "after retry" not in seen
+    if needs_retry and not view.last_turn:
+        return "Some replies did not parse; asking again one instance at a time.\n" + repl_block(
+            retry_code(view) + "\n" + _answer_code(view, labels)
+        )
     if view.last_turn or "ANSWER" in last:
         return view.rng.choice(["Submitting the aggregate.", "That is the answer."]) + "\n" + repl_block(
             view.rng.choice(["FINAL_VAR('answer')", "FINAL(str(answer))"])
         )
-    if view.turn == 0 and view.rng.random() < 0.8:
+    if view.turn == 0 and view.rng.random() < 0.2:
         return view.rng.choice(["Let me look at the record format first.", "First a peek at the data."]) + "\n" + repl_block(
             peek_code(view)
         )
-    if "records parsed" not in seen:
-        intro = view.rng.choice(
-            [
-                "The label is not in the lines, so I classify every instance with batched sub-calls.",
-                "Each instance needs a topic; I split the records into batches and ask the sub-model.",
-            ]
-        )
-        return f"{intro}\n{repl_block(classify_code(view, labels))}"
-    unlabeled = re.findall(r"(\d+) unlabeled", last)
-    if unlabeled and unlabeled[-1] != "0" and "after retry" not in last:
-        return "Some replies did not parse; asking again one instance at a time.\n" + repl_block(retry_code(view))
-    code, kind = question_code(view.query, labels)
-    intro = view.rng.choice(["Now aggregate the labels for the question.", "Count in code over the labelled records."])
-    return f"{intro}\n{repl_block(code + chr(10) + 'print(' + repr('ANSWER') + ', answer)')}"
+    intro = view.rng.choice(
+        [
+            "The label is not in the lines, so I classify every instance with batched sub-calls, then count in code.",
+            "Each instance needs a topic; I ask the sub-model in batches and aggregate for the question.",
+        ]
+    )
+    return f"{intro}\n{repl_block(classify_code(view, labels) + chr(10) + _answer_code(view, labels))}"
