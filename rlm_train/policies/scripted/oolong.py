@@ -6,7 +6,6 @@ code for the question asked, in one cell; re-ask for any reply that did not pars
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 
 from rlm_train.policies.scripted.view import EpisodeView, repl_block
