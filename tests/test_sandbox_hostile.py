@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from rlm_train.repl import REPLSession, SandboxConfig, isolation_report, shutdown
-from rlm_train.repl import cgroups
+from rlm_train.repl import cgroup_host, cgroups
 from rlm_train.repl.client import get_server
 from rlm_train.repl.session import disable_layers, weakness_line
 
@@ -272,7 +272,7 @@ def test_threads_left_behind_do_not_run_between_cells():
                       "for _ in range(2):\n    threading.Thread(target=spin, daemon=True).start()")
         assert r.error is None
         control = s._control
-        time.sleep(cgroups.FREEZE_DELAY_S + 0.1)
+        time.sleep(cgroup_host.FREEZE_DELAY_S + 0.1)
         before = control.cpu_seconds()
         time.sleep(1.0)
         assert control.cpu_seconds() - before < 0.05  # frozen: nothing ran

@@ -3,10 +3,16 @@ CPU-time budget and freezing between cells, on cgroup v2, v1, or the hybrid of b
 
 Every session uid owns one group per hierarchy, named `<fork-server pid>.<uid>` under an
 `rlm_repl` parent this module creates (a fresh machine has none). The worker makes and
-joins its groups itself while still root; the groups stay for the uid's next worker
-(`bench runtime` prices a fresh pair against a reused one) and the fork-server removes
-them when it exits. A fork-server killed before it could clean up leaves groups that
-the next one sweeps.
+joins its groups itself while still root; the groups stay for the uid's next worker and
+the fork-server removes them when it exits. A fork-server killed before it could clean
+up leaves groups that the next one sweeps. A uid, and so its groups, passes to a new
+session only once everything of the previous one is dead (client.py).
+
+Limits are written once per group, not once per worker: the fork-server keeps, in
+memory shared with its zygotes, the limits each uid's groups hold (`_Written`), so a
+worker whose groups already hold its config's limits only joins them, one write per
+hierarchy, and none for v2, which it enters as it is cloned (CLONE_INTO_CGROUP, see
+`v2_group_fd`). Each worker unmaps that record before it runs a cell.
 
 Which hierarchy serves which role is decided once, in the fork-server:
 - v2 (`/sys/fs/cgroup` when it is the unified root, else `/sys/fs/cgroup/unified` on
@@ -24,9 +30,10 @@ workers. The host, outside the sandbox, uses plain paths (`host_paths`).
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
-import threading
+import struct
 import time
 
 ROOT = "/sys/fs/cgroup"
@@ -104,8 +111,9 @@ def setup(owner_pid: int) -> dict:
     """The fork-server, as root, before it leaves the host's file system: make the parents
     a fresh machine lacks, pick a hierarchy per role, sweep groups of dead fork-servers.
     Returns report entries (what is missing and why)."""
-    global _owner
+    global _owner, _written
     _owner = owner_pid
+    _written = _Written()
     problems: list[str] = []
     v2 = _v2_root()
     if v2 is not None:
@@ -195,19 +203,24 @@ def _set_v1_memory(fd: int, name: str, limit: int) -> None:
         write_both()
 
 
+def _limit_values(config: dict) -> tuple[int, int, int]:
+    """What a session's groups hold for `config`: memory bytes, processes, CPU quota (us per period)."""
+    quota = max(1000, int(config["max_cpus"] * CPU_PERIOD_US))
+    return (config["memory_mb"] + MEMORY_SLACK_MB) << 20, config["max_processes"], quota
+
+
 def _apply(role: str, key: str, fd: int, name: str, config: dict) -> None:
     v2 = key == "v2"
+    limit, max_processes, quota = _limit_values(config)
     if role == "memory":
-        limit = (config["memory_mb"] + MEMORY_SLACK_MB) << 20
         if v2:
             _write_at(fd, f"{name}/memory.max", limit)
             _write_at(fd, f"{name}/memory.swap.max", 0)
         else:
             _set_v1_memory(fd, name, limit)
     elif role == "pids":
-        _write_at(fd, f"{name}/pids.max", config["max_processes"])
+        _write_at(fd, f"{name}/pids.max", max_processes)
     elif role == "cpu":
-        quota = max(1000, int(config["max_cpus"] * CPU_PERIOD_US))
         if v2:
             _write_at(fd, f"{name}/cpu.max", f"{quota} {CPU_PERIOD_US}")
         else:
@@ -217,12 +230,64 @@ def _apply(role: str, key: str, fd: int, name: str, config: dict) -> None:
         _write_at(fd, f"{name}/cgroup.freeze", 0)  # a reused group may have been left frozen
 
 
-def make_session_groups(report: dict, uid: int, config: dict) -> list[tuple[int, str]]:
-    """Create (or reuse) the uid's groups and write this session's limits; returns what
-    join() needs. One report entry per role: cgroup_memory, cgroup_pids, cgroup_cpu,
-    cgroup_cpu_time, cgroup_freeze."""
+class _Written:
+    """The limits each uid's groups hold, in memory the fork-server shares with its zygotes
+    and their workers (an anonymous shared mapping: no file, no name). One record per uid
+    slot (uids of one fork-server differ in their low 8 bits): the uid and its limit values.
+    A worker clears its record before it writes limits and sets it once every role was
+    written, so a record never names limits a group does not hold. Workers write it while
+    still root and unmap it (`forget`) before any cell runs."""
+
+    SLOTS = 256
+    RECORD = struct.Struct("<qqqq")
+
+    def __init__(self):
+        self.map: mmap.mmap | None = mmap.mmap(-1, self.SLOTS * self.RECORD.size)
+
+    def get(self, uid: int) -> tuple[int, ...] | None:
+        if self.map is None:
+            return None
+        rec = self.RECORD.unpack_from(self.map, (uid % self.SLOTS) * self.RECORD.size)
+        return rec[1:] if rec[0] == uid else None
+
+    def put(self, uid: int, values: tuple[int, int, int] | None) -> None:
+        if self.map is not None:
+            self.RECORD.pack_into(self.map, (uid % self.SLOTS) * self.RECORD.size, uid, *(values or (-1, -1, -1)))
+
+    def forget(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+
+_written: _Written | None = None
+
+
+def forget_written() -> None:
+    """A worker, before it runs anything of a cell: unmap the record of written limits."""
+    if _written is not None:
+        _written.forget()
+
+
+def v2_group_fd(uid: int) -> int:
+    """The fork-server or a zygote, before it clones a worker: an fd of the uid's v2 group
+    (the worker is cloned straight into it), or -1 when there is none yet (the uid's first
+    worker makes it) or no v2 role. The caller closes it."""
+    role = _roles.get("freeze") or _roles.get("cpu_time")
+    if role is None or role[0] != "v2":
+        return -1
+    try:
+        return os.open(_group_name(uid), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=role[1])
+    except OSError:
+        return -1
+
+
+def _make_groups(report: dict, uid: int, config: dict) -> list[tuple[str, int, str]]:
+    """Create (or reuse) the uid's groups and write this session's limits; returns
+    (hierarchy, dir fd, name) per hierarchy for the join. One report entry per role:
+    cgroup_memory, cgroup_pids, cgroup_cpu, cgroup_cpu_time, cgroup_freeze."""
     name = _group_name(uid)
-    joined: dict[str, tuple[int, str]] = {}
+    joined: dict[str, tuple[str, int, str]] = {}
     for role in ROLES:
         if role not in _roles:
             report[f"cgroup_{role}"] = False
@@ -235,7 +300,7 @@ def make_session_groups(report: dict, uid: int, config: dict) -> list[tuple[int,
                 except FileExistsError:
                     pass  # this uid's group from an earlier session: empty now
             _apply(role, key, fd, name, config)
-            joined[key] = (fd, name)
+            joined[key] = (key, fd, name)
             report[f"cgroup_{role}"] = True
         except OSError as exc:
             report[f"cgroup_{role}"] = False
@@ -243,9 +308,33 @@ def make_session_groups(report: dict, uid: int, config: dict) -> list[tuple[int,
     return list(joined.values())
 
 
-def join(groups: list[tuple[int, str]]) -> None:
-    for fd, name in groups:
-        _write_at(fd, f"{name}/cgroup.procs", 0)
+def _join(groups, in_v2: bool) -> None:
+    for key, fd, name in groups:
+        if not (in_v2 and key == "v2"):
+            _write_at(fd, f"{name}/cgroup.procs", 0)
+
+
+def enter_session_groups(report: dict, uid: int, config: dict, in_v2: bool) -> None:
+    """The worker, as root: join the uid's groups (`in_v2`: it was cloned into the v2 one).
+    When the record says they hold this config's limits already, that is all; otherwise
+    (first use, another config, or a group that went away) make them and write the limits."""
+    values = _limit_values(config)
+    report.update(cgroup_limits_reused=False, cgroup_v2_at_clone=in_v2)  # how it went: tests and benches read it
+    if _written is not None and _written.get(uid) == values:
+        name = _group_name(uid)
+        groups = [(key, fd, name) for key, fd in {k: f for k, f in _roles.values()}.items()]
+        try:
+            _join(groups, in_v2)
+            report.update({f"cgroup_{role}": role in _roles for role in ROLES}, cgroup_limits_reused=True)
+            return
+        except FileNotFoundError:
+            pass  # removed under us (not by this fork-server): made again below
+    if _written is not None:
+        _written.put(uid, None)  # from here on the groups may hold neither config's limits
+    groups = _make_groups(report, uid, config)
+    _join(groups, in_v2)
+    if _written is not None and all(report[f"cgroup_{role}"] for role in _roles):
+        _written.put(uid, values)
 
 
 # --------------------------------------------------------------------------- cleanup
@@ -324,119 +413,3 @@ def thaw_own() -> None:
                 _write_at(fd, f"{name}/cgroup.freeze", 0)
             except OSError:
                 pass
-
-
-# --------------------------------------------------------------------------- host side
-# A session is frozen this long after its cell ended, unless the next cell came first.
-# Freezing at once cost ~0.02 ms per round trip (two extra wake-ups of the worker, see
-# `bench runtime`, section c); between the turns of an RLM episode (seconds of model
-# time) the delay changes nothing, and what runs in it is bounded by the CPU quota.
-FREEZE_DELAY_S = 0.05
-
-
-class _DelayedFreezer:
-    """One thread that freezes sessions whose freeze fell due, checking every half delay
-    while any session is watched (and gone when none is). Its lock orders a freeze against
-    the session's next thaw. It sleeps rather than waiting on a condition: a thread parked
-    in Condition.wait(timeout) cost every round trip ~0.03 ms here (measured, not explained)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.watched: set[SessionControl] = set()
-        self.running = False
-
-    def schedule(self, control: SessionControl) -> None:
-        with self.lock:
-            control.freeze_at = time.monotonic() + FREEZE_DELAY_S
-            self.watched.add(control)
-            if not self.running:
-                self.running = True
-                threading.Thread(target=self._run, name="rlm-freezer", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(FREEZE_DELAY_S / 2)
-            with self.lock:
-                now = time.monotonic()
-                for control in list(self.watched):
-                    if control.freeze_at is None:
-                        self.watched.discard(control)
-                    elif control.freeze_at <= now:
-                        self.watched.discard(control)
-                        control.freeze_now()
-                if not self.watched:
-                    self.running = False
-                    return
-
-
-_freezer = _DelayedFreezer()
-
-
-class SessionControl:
-    """The host's handle on one session's groups: freeze between cells, CPU time used.
-    Files stay open for the session (a pwrite/pread per cell, no path lookups)."""
-
-    def __init__(self, paths: dict, owner: int, uid: int):
-        self.freeze_fd = -1
-        self.cpu_fd = -1
-        self.cpu_v2 = True
-        self.frozen = False
-        self.freeze_at: float | None = None  # when the delayed freezer freezes it
-        name = f"{owner}.{uid}"
-        try:
-            if "freeze" in paths:
-                self.freeze_fd = os.open(os.path.join(paths["freeze"], name, "cgroup.freeze"), os.O_WRONLY | os.O_CLOEXEC)
-            if "cpu_time" in paths:
-                self.cpu_v2 = paths.get("cpu_time_kind") == "v2"
-                leaf = "cpu.stat" if self.cpu_v2 else "cpuacct.usage"
-                self.cpu_fd = os.open(os.path.join(paths["cpu_time"], name, leaf), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            pass  # the host is not root: the sandbox works without these, the report says so
-        self.cpu_start = self.cpu_seconds()
-
-    def freeze_soon(self) -> None:
-        if self.freeze_fd >= 0:
-            _freezer.schedule(self)
-
-    def freeze_now(self) -> None:
-        """Called with the freezer's lock held."""
-        self.freeze_at = None
-        if self.freeze_fd >= 0 and not self.frozen:
-            os.pwrite(self.freeze_fd, b"1", 0)
-            self.frozen = True
-
-    def thaw(self) -> None:
-        if self.freeze_fd < 0:
-            return
-        with _freezer.lock:
-            self.freeze_at = None
-            if self.frozen:
-                os.pwrite(self.freeze_fd, b"0", 0)
-                self.frozen = False
-
-    def cpu_seconds(self) -> float:
-        """CPU seconds the session's groups were charged so far (0 where unknown)."""
-        if self.cpu_fd < 0:
-            return 0.0
-        try:
-            data = os.pread(self.cpu_fd, 4096, 0)
-        except OSError:
-            return 0.0
-        if not self.cpu_v2:
-            return int(data) / 1e9
-        for line in data.split(b"\n"):
-            if line.startswith(b"usage_usec "):
-                return int(line.split()[1]) / 1e6
-        return 0.0
-
-    def cpu_used(self) -> float:
-        return self.cpu_seconds() - self.cpu_start
-
-    def close(self) -> None:
-        if self.freeze_fd >= 0:
-            self.thaw()
-            os.close(self.freeze_fd)
-            self.freeze_fd = -1
-        if self.cpu_fd >= 0:
-            os.close(self.cpu_fd)
-            self.cpu_fd = -1

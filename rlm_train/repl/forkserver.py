@@ -22,8 +22,9 @@ A shared zygote keeps one spare worker, fully isolated and already `ready`,
 built right after each claim: the next session with the same config claims it
 in one round trip. Before it exits, a zygote kills and reaps every worker it still
 has; a spare's uid is reserved by the host like a session's. cgroups are per session uid
-and reused by the uid's next worker (cgroups.make_session_groups); the fork-server removes them
-all when it exits.
+and reused by the uid's next worker, limits included (cgroups.enter_session_groups); a
+worker is cloned straight into its v2 group where it exists. The fork-server removes
+them all when it exits.
 
 Small contexts (< 256 kB, plain data) skip the zygote: the fork-server keeps a few
 pre-isolated, context-less workers (POOL_SIZE) for the current config and hands
@@ -44,6 +45,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 from rlm_train.repl import cgroups, context_copy, protocol, rootfs, sandbox, seccomp, worker
 
@@ -115,7 +117,8 @@ class _Children:
         os.close(status_w)
 
 
-def _worker_entry(sock_fd: int, req: dict, context, parent_pidfd: int, own_pidns: bool, report: dict) -> None:
+def _worker_entry(sock_fd: int, req: dict, context, parent_pidfd: int, own_pidns: bool, in_v2: bool,
+                  report: dict) -> None:
     """Runs in the worker, just cloned from the zygote or fork-server. Never returns."""
     try:
         sandbox.die_with_parent_pidfd(parent_pidfd)
@@ -124,8 +127,8 @@ def _worker_entry(sock_fd: int, req: dict, context, parent_pidfd: int, own_pidns
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         report.update(root=os.geteuid() == 0, pdeathsig=True, pid_namespace=own_pidns)
         sandbox.enter_namespaces(report)
-        groups = cgroups.make_session_groups(report, req["uid"], req["config"])
-        cgroups.join(groups)
+        cgroups.enter_session_groups(report, req["uid"], req["config"], in_v2)
+        cgroups.forget_written()  # the fork-server's record of limits: gone before any cell runs
         sandbox.close_fds_except({sock_fd})  # the cgroup dir fds too: nothing of /sys stays reachable
         _worker_main(sock_fd, req, context, report)
     finally:
@@ -174,6 +177,8 @@ def _worker_main(sock_fd: int, req: dict, context, report: dict) -> None:
         seccomp.apply(report, _seccomp_program)  # last: it denies keyctl, mount, unshare...
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
     sock = socket.socket(fileno=worker.PROTO_FD)
+    # CPU this worker used to get here (from its clone on): what a start costs, read by benches.
+    report["start_cpu_ms"] = round(time.process_time() * 1000, 3)
     protocol.send_data(sock, {"op": "ready", "isolation": report})
     if req.get("pooled"):
         # Built before anyone asked for it: the host sends the (small) context once it
@@ -226,23 +231,27 @@ def _start_worker(children: _Children, uid: int, config: dict, context, pooled: 
     ours, theirs = socket.socketpair()
     status_r, status_w = os.pipe()
     report: dict = dict(_server_report)
+    group_fd = cgroups.v2_group_fd(uid)
     try:
         try:
-            pid, own_pidns = sandbox.fork_pid_namespace(), True
+            (pid, in_v2), own_pidns = sandbox.fork_pid_namespace(group_fd), True
         except OSError as exc:
             if exc.errno not in _NO_PIDNS:
                 raise
             report["pid_namespace_error"] = str(exc)
-            pid, own_pidns = os.fork(), False
+            pid, own_pidns, in_v2 = os.fork(), False, False
     except OSError:
         for fd in (status_r, status_w):
             os.close(fd)
         ours.close()
         theirs.close()
         raise
+    finally:
+        if group_fd >= 0:  # in the child too: it is in the group already, or joins it by path
+            os.close(group_fd)
     if pid == 0:
         _worker_entry(theirs.fileno(), {"uid": uid, "config": config, "pooled": pooled}, context,
-                      children.me, own_pidns, report)
+                      children.me, own_pidns, in_v2, report)
     theirs.close()
     children.add(pid, status_w, uid, own_pidns)
     return _Started(pid, os.pidfd_open(pid), ours, status_r, uid, config)
