@@ -234,7 +234,8 @@ def test_episode_token_budget_ends_the_episode(tiny):
     from rlm_train.models.loading import end_of_turn_ids, load_tokenizer
     from rlm_train.rlm import RLMConfig, run_episode
     from rlm_train.train.grpo_backends import BatchingGenerator, GenOutput
-    from rlm_train.train.grpo_rollout import EpisodeRecorder, _is_infra_error
+    from rlm_train.train.grpo_episodes import classify_episode
+    from rlm_train.train.grpo_rollout import EpisodeRecorder
 
     tokenizer = load_tokenizer(tiny["model"])
     stop = end_of_turn_ids(tokenizer)
@@ -250,7 +251,8 @@ def test_episode_token_budget_ends_the_episode(tiny):
         return await run_episode("q?", "y" * 40, rec, None, RLMConfig(temperature=1.0, max_iterations=8)), rec
 
     traj, rec = asyncio.run(episode())
-    assert rec.budget_hit and traj["final"] is None and not _is_infra_error(traj, rec)
+    assert rec.cut == "tokens" and traj["final"] is None
+    assert classify_episode(traj["outcome"], traj["stats"]["wall_s"], rec.cut, rec.clock.policy_s(), 300, 900) == "overlong"
     assert len(rec.completion_ids) <= 60 and rec.env_mask[-1] == 1  # ends on the model's own tokens
 
 

@@ -1,11 +1,18 @@
-"""Config pieces SFT and GRPO share: LoRA, the optimizer loop, hardware needs, launch.
-What their runs share (and the plan's footer) is in `runtime`."""
+"""What SFT and GRPO share: config pieces (LoRA, the optimizer loop, hardware needs, launch) and the
+multi-process helpers (one writer, barriers, metrics summed over ranks). What their runs share
+(and the plan's footer) is in `runtime`."""
 
 from __future__ import annotations
 
-from pydantic import Field
+import functools
+import os
+from typing import Any, Callable, TypeVar
+
+from pydantic import Field, model_validator
 
 from rlm_train.config import StrictModel
+
+T = TypeVar("T")
 
 
 class LoraSettings(StrictModel):
@@ -51,6 +58,14 @@ class OptimizerLoopSettings(StrictModel):
     shuffle: bool = True
     """Shuffle the data each epoch."""
 
+    @model_validator(mode="after")
+    def _schedule_honours_warmup(self) -> "OptimizerLoopSettings":
+        # transformers' 'constant' schedule ignores warmup_steps without a word.
+        if self.warmup_steps > 0 and self.lr_scheduler == "constant":
+            raise ValueError(f"lr_scheduler 'constant' ignores warmup_steps={self.warmup_steps}; "
+                             "use 'constant_with_warmup' (or set warmup_steps: 0)")
+        return self
+
 
 class Requirements(StrictModel):
     gpus: int = Field(0, ge=0)
@@ -72,3 +87,87 @@ def lora_config(lora: LoraSettings):
 
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none")
+
+
+# ---------------------------------------------------------------------------
+# Several training processes (torchrun / accelerate launch): one writer, everyone waits.
+# Before the process group exists, the launcher's RANK / LOCAL_RANK variables say who is who.
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def process_rank() -> int:
+    """This process's global rank (0 when not launched with several processes)."""
+    dist = _dist()
+    return dist.get_rank() if dist else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Training processes in the job (1 when not distributed)."""
+    dist = _dist()
+    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size() -> int:
+    """Training processes on this node (the launcher's LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def is_main_process() -> bool:
+    """True on the one process that writes logs, metrics, adapters, merged models and summaries."""
+    return process_rank() == 0
+
+
+def wait_for_everyone() -> None:
+    """Barrier across training processes (a no-op in a single process): after the main process
+    wrote something the others read, or before a stage ends."""
+    dist = _dist()
+    if dist and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:
+    """Run `fn` on the main process only (the others get None), then wait for everyone, so no
+    process reads a file before it exists and no two processes write the same file."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T | None:
+        try:
+            return fn(*args, **kwargs) if is_main_process() else None
+        finally:
+            wait_for_everyone()
+
+    return wrapper
+
+
+def main_print(*args: Any, **kwargs: Any) -> None:
+    """print() on the main process only (one log line per event, not one per rank)."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def sum_over_processes(value: float) -> float:
+    """`value` summed over every training process (the same number on each; collective: all must call)."""
+    dist = _dist()
+    if not dist or dist.get_world_size() == 1:
+        return value
+    import torch
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def broadcast_from_main(obj: T) -> T:
+    """The main process's `obj` on every process (collective: all must call)."""
+    dist = _dist()
+    if not dist or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -7,7 +7,10 @@ being trained; REPL output is masked out of the loss. The pieces, one module eac
     rl_prompts      (rlm_train.rollouts) the prompt set: a task file or the RL set from `rlm-train filter`
     grpo_backends   token generation: in-process transformers (CPU) or a vLLM server (GPUs)
     grpo_rollout    the episode recorder and TRL's rollout_func
-    rewards         task scorer and format rewards
+    grpo_episodes   how an episode counts (ok / over-long / infrastructure), the rollout log
+    grpo_setup      stop tokens, the template check, LoRA dropout, resuming
+    grpo_weight_sync  ordered, checked weight pushes to a vLLM server from several ranks
+    rewards         task scorer, format and over-long rewards
     runtime         what SFT and GRPO runs share (resources, output dir, metrics, saving)
 """
 
@@ -17,23 +20,36 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from rlm_train.errors import UserError
 # load_context only for tests/test_pipeline_data.py, which imports it from here (not ours to edit).
 from rlm_train.rollouts.rl_prompts import load_context, load_prompt_set  # noqa: F401
-from rlm_train.train.common import lora_config
+from rlm_train.train.common import lora_config, main_print
 from rlm_train.train.grpo_backends import default_backend_factory
 from rlm_train.train.grpo_config import GRPOConfig, check_config
-from rlm_train.train.grpo_rollout import RolloutLog, make_rollout_func, sub_policy_factory
+from rlm_train.train.grpo_episodes import RolloutLog
+from rlm_train.train.grpo_rollout import make_rollout_func, sub_policy_factory
+from rlm_train.train.grpo_setup import (  # noqa: F401 - check_template_extends is part of this module's API
+    apply_stop_ids,
+    check_template_extends,
+    check_trainer_stop_ids,
+    checkpoint_step,
+    find_resume,
+    lora_dropout_off,
+    stop_token_ids,
+    trim_logs_for_resume,
+)
+from rlm_train.train.evaluation import check_rlm_eval_possible, evaluate_and_score, tracking_args, trainer_eval_args
+from rlm_train.train.grpo_weight_sync import install_ordered_weight_sync
+from rlm_train.train.interrupt import GracefulStop
 from rlm_train.train.rewards import load_task_scorer, make_reward_funcs
 from rlm_train.train.runtime import (
     Problem,
     plan_footer,
     cuda_count,
     hardware_problems,
-    installed_reporters,
     make_metrics_callback,
     missing_package,
     prepare_output_dir,
+    save_merged,
     save_trained,
     start_run,
     train,
@@ -43,18 +59,28 @@ from rlm_train.train.runtime import (
 SHOWN = ("loss", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "learning_rate")
 
 
-def make_trainer_class(on_batch: Callable[[dict, dict], None] | None = None):
+def make_trainer_class(on_batch: Callable[[dict, dict], None] | None = None, log: RolloutLog | None = None,
+                       cfg: GRPOConfig | None = None):
     """GRPOTrainer that keeps the batch rows for rollout_func (TRL hands it only the prompts, and the
-    task each prompt belongs to lives in the other columns of the same rows)."""
+    task each prompt belongs to lives in the other columns of the same rows), writes the batch's
+    episodes to the rollout log once their rewards are in (every rank calls it; the main process writes),
+    and evaluates with held-out RLM episodes (cfg.evaluation) instead of GRPO rollouts on an eval set."""
     from trl import GRPOTrainer
 
     class RLMGRPOTrainer(GRPOTrainer):
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            if cfg is None:
+                return {}
+            return evaluate_and_score(self, {}, cfg.evaluation, Path(cfg.output_dir), cfg.model)
+
         def _generate_and_score_completions(self, inputs):
             self.rlm_batch_rows = inputs
             try:
                 output = super()._generate_and_score_completions(inputs)
             finally:
                 self.rlm_batch_rows = None
+            if log is not None:
+                log.flush()
             if on_batch is not None:
                 on_batch(output, {"inputs": inputs})
             return output
@@ -97,6 +123,24 @@ def vllm_serve_command(cfg: GRPOConfig) -> str:
     return " ".join(parts)
 
 
+def _evaluation_line(cfg: GRPOConfig) -> str:
+    e = cfg.evaluation
+    if not (e.every_steps and e.tasks):
+        return "none (evaluation.every_steps and evaluation.tasks unset)"
+    keep = "keeps the best-scoring checkpoint as adapter/" if e.select_best != "none" else "keeps the last weights"
+    return (f"every {e.every_steps} steps: {e.samples} episode(s) per task of {', '.join(e.tasks)}, score per family "
+            f"logged; {keep}")
+
+
+def _overlong_line(cfg: GRPOConfig) -> str:
+    r = cfg.reward
+    what = ("masked: left out of the loss and of the group's statistics" if r.overlong == "mask"
+            else f"trained with reward -{r.overlong_penalty:g}"
+            + (f", a share of it within {r.overlong_buffer_tokens} tokens of the cap" if r.overlong_buffer_tokens else ""))
+    return (f"{what} (cut at {cfg.rollout.max_completion_tokens} tokens, by a budget, or past "
+            f"{cfg.rlm.max_wall_s}s of its own time; time waiting on the server never counts)")
+
+
 def _max_model_len(cfg: GRPOConfig) -> int:
     # first prompt (system + query, ~1k tokens) + everything after it
     return cfg.rollout.max_completion_tokens + 2048
@@ -131,10 +175,13 @@ def plan(cfg: GRPOConfig, source: str) -> str:
         f"  reward       {cfg.reward.task_weight:g} x task scorer"
         + (f" + {cfg.reward.format_weight:g} x repl format" if cfg.reward.format_weight else "")
         + "; REPL output tokens masked out of the loss",
+        f"  over-long    {_overlong_line(cfg)}",
         f"  compute      device={cfg.device} dtype={cfg.dtype} threads={cfg.num_threads or 'default'} "
         f"grad_ckpt={t.gradient_checkpointing}",
         f"  outputs      {cfg.output_dir}/ (checkpoint-N/, {'adapter/' if cfg.lora.enabled else 'model/'}, "
-        "rollouts.jsonl, metrics.jsonl, grpo_config.json)",
+        f"rollouts.jsonl, metrics.jsonl, grpo_config.json{', merged/' if cfg.save_merged else ''})",
+        f"  resume       {cfg.resume}",
+        f"  evaluation   {_evaluation_line(cfg)}",
     ]
     if r.backend == "vllm_server":
         lines.append(f"  vllm server  {vllm_serve_command(cfg)}")
@@ -142,7 +189,7 @@ def plan(cfg: GRPOConfig, source: str) -> str:
     return "\n".join(lines)
 
 
-def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float], reporters: list[str]) -> Any:
+def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float]) -> Any:
     """TRL GRPOConfig from ours. Generation is ours (rollout_func); TRL's sampling knobs that also shape
     the loss (temperature) are set to match what the episodes used."""
     from trl import GRPOConfig as TRLGRPOConfig
@@ -165,7 +212,7 @@ def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float], re
         num_iterations=t.num_iterations,
         loss_type=t.loss_type,
         scale_rewards=t.scale_rewards,
-        mask_truncated_completions=t.mask_truncated_completions,
+        mask_truncated_completions=False,  # reward.overlong decides, through env_mask and the rewards
         reward_weights=reward_weights,
         temperature=cfg.rlm.temperature,  # per-token logprobs are taken at the sampling temperature
         max_completion_length=r.max_completion_tokens,
@@ -174,6 +221,9 @@ def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float], re
         vllm_server_base_url=r.vllm_server_url if vllm else None,
         vllm_server_timeout=r.vllm_server_timeout_s,
         vllm_importance_sampling_correction=r.vllm_importance_sampling_correction,
+        vllm_importance_sampling_mode=r.vllm_importance_sampling_mode,
+        vllm_importance_sampling_clip_min=r.vllm_importance_sampling_clip_min,
+        vllm_importance_sampling_clip_max=r.vllm_importance_sampling_clip_max,
         gradient_checkpointing=t.gradient_checkpointing,
         bf16=cfg.dtype == "bfloat16" and device == "cuda",
         use_cpu=device == "cpu",
@@ -183,7 +233,9 @@ def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float], re
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        report_to=reporters or "none",
+        **tracking_args(cfg.report_to, cfg.run_name, cfg.wandb_project, cfg.output_dir, "grpo"),
+        **{**trainer_eval_args(cfg.evaluation, False, t.save_steps),
+           "per_device_eval_batch_size": t.batch_size},  # TRL checks it divides into groups; our evaluate ignores it
         disable_tqdm=True,
         remove_unused_columns=False,  # task_id rides along to rollout_func and the rewards
         log_completions=False,
@@ -191,70 +243,82 @@ def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float], re
     )
 
 
-def check_template_extends(tokenizer: Any) -> None:
-    """The rollout builds turn k+1's prompt by extending turn k's; the template must render history verbatim."""
-    from rlm_train.models.loading import render_chat
-
-    first = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
-    reply = "\n```repl\nprint(1)\n```\n"  # sampled text may start or end with whitespace
-    later = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "REPL output:\n1"}]
-    a = render_chat(tokenizer, first, add_generation_prompt=True) + reply
-    b = render_chat(tokenizer, later, add_generation_prompt=True)
-    if not b.startswith(a):
-        raise UserError(
-            "the chat template does not render past assistant turns exactly as they were generated "
-            "(e.g. it strips or rewrites them), so multi-turn episodes cannot be trained token-exactly; "
-            "set chat_template to qwen3 or gemma3 (ours) or a .jinja file that keeps history verbatim"
-        )
-
-
 def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None = None,
              backend_factory: Callable[[Any], Any] | None = None,
              on_batch: Callable[[dict, dict], None] | None = None,
              on_trainer: Callable[[Any], None] | None = None) -> dict:
     """Train; returns a summary. `scorer`, `backend_factory`, `on_batch`, `on_trainer` are for tests
-    (a scripted generator, capturing TRL's batch, snapshotting weights)."""
+    (a scripted generator, capturing TRL's batch, snapshotting weights). With several processes, only the
+    main one writes (logs, metrics, rollouts, adapter, merged model, summary)."""
     check_config(cfg, source)
     device = start_run(resource_problems(cfg), cfg.num_threads, cfg.device, source, "grpo")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL; we pin TRL
-    from rlm_train.models.loading import load_causal_lm, load_peft_adapter, load_tokenizer, resolve_model
+    from rlm_train.models.loading import check_adapter, load_causal_lm, load_peft_adapter, load_tokenizer, resolve_model
 
+    # Everything that can be wrong with the inputs fails here, before any weights load.
     scorer = scorer or load_task_scorer()
     make_sub = sub_policy_factory(cfg)
     model_path = resolve_model(cfg.model)
-    prompt_set = load_prompt_set(cfg.prompts, cfg.rlm)  # before the model: bad data fails in seconds
+    if cfg.adapter:
+        check_adapter(cfg.adapter, model_path)
+    check_rlm_eval_possible(cfg.evaluation)
+    resume_from = find_resume(cfg, source)
+    prompt_set = load_prompt_set(cfg.prompts, cfg.rlm)
     tokenizer = load_tokenizer(model_path, chat_template=cfg.chat_template)
     check_template_extends(tokenizer)
-    print(f"[grpo] {len(prompt_set.rows)} prompts over {len(prompt_set.tasks)} tasks from {prompt_set.source}", flush=True)
+    stop_ids = stop_token_ids(tokenizer, model_path)
+    main_print(f"[grpo] {len(prompt_set.rows)} prompts over {len(prompt_set.tasks)} tasks from {prompt_set.source}; "
+               f"turns end at {tokenizer.convert_ids_to_tokens(stop_ids)}")
 
     out = prepare_output_dir(cfg, "grpo")
     log = RolloutLog(out / "rollouts.jsonl" if cfg.rollout.save_trajectories else None)
+    start_step = checkpoint_step(resume_from) if resume_from else 0
+    dropped = trim_logs_for_resume(out, start_step, log)
+    if resume_from:
+        main_print(f"[grpo] resuming from {resume_from} at step {start_step}; dropped {dropped.get('rollouts', 0)} "
+                   f"rollout and {dropped.get('metrics', 0)} metric records of the steps to be trained again")
 
     from datasets import Dataset
 
     model = load_causal_lm(model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+    apply_stop_ids(model, stop_ids)
     peft_config = None
     if cfg.adapter:
         model = load_peft_adapter(model, cfg.adapter, model_path, is_trainable=True)
     elif cfg.lora.enabled:
-        peft_config = lora_config(cfg.lora)
+        peft_config = lora_config(cfg.lora.model_copy(update={"dropout": 0.0}))
+    if cfg.lora.enabled and (lora_dropout_off(model) or cfg.lora.dropout):
+        main_print("[grpo] LoRA dropout set to 0: the policy ratio compares two passes over the same tokens")
     reward_funcs, weights = make_reward_funcs(cfg, prompt_set.tasks, scorer, log)
-    rollout = make_rollout_func(cfg, tokenizer, prompt_set, backend_factory or default_backend_factory(cfg, tokenizer),
-                                log, make_sub)
-    trainer = make_trainer_class(on_batch)(
+    rollout = make_rollout_func(cfg, tokenizer, prompt_set,
+                                backend_factory or default_backend_factory(cfg, tokenizer, stop_ids), log, stop_ids,
+                                make_sub)
+    trainer = make_trainer_class(on_batch, log, cfg)(
         model=model,
         reward_funcs=reward_funcs,
-        args=build_trl_args(cfg, device, weights, installed_reporters(cfg.report_to, "grpo")),
+        args=build_trl_args(cfg, device, weights),
         train_dataset=Dataset.from_list(prompt_set.rows),
+        eval_dataset=Dataset.from_list(prompt_set.rows) if cfg.evaluation.every_steps else None,  # unused: see evaluate
         processing_class=tokenizer,
         peft_config=peft_config,
         rollout_func=rollout,
         callbacks=[make_metrics_callback(out / "metrics.jsonl", "grpo", SHOWN)],
     )
-    result, wall = train(trainer, on_trainer)
-    log.flush()  # the last batch's episodes, now that their rewards are in
+    log.bind(trainer.accelerator)
+    check_trainer_stop_ids(trainer, stop_ids)
+    lora_dropout_off(trainer.model)
+    if getattr(trainer, "use_vllm", False):
+        install_ordered_weight_sync(trainer.vllm_generation, trainer.accelerator)
+    with GracefulStop("grpo") as stop:
+        trainer.add_callback(stop.callback())
+        result, wall = train(trainer, on_trainer, resume_from_checkpoint=str(resume_from) if resume_from else None)
+    log.flush()
     saved = save_trained(trainer, tokenizer, out, cfg.lora.enabled, model_path, cfg.chat_template)
+    if cfg.save_merged:
+        saved.update(save_merged(Path(saved["adapter_dir"]), model_path, out / "merged", cfg.merged_dtype,
+                                 cfg.chat_template))
     history = [h for h in trainer.state.log_history if "reward" in h]
     return write_summary(out, {"output_dir": str(out), "global_step": trainer.state.global_step,
                                "train_loss": result.training_loss, "rewards": [h["reward"] for h in history],
-                               "wall_s": wall, **saved})
+                               "resumed_from": str(resume_from) if resume_from else None,
+                               "stopped_by": stop.signal_name, "wall_s": wall, **saved})

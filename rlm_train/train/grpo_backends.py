@@ -6,10 +6,11 @@ Generation is token-in/token-out: callers pass prompt ids and get sampled ids ba
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from rlm_train.models.base import PolicyError, SamplingParams
+from rlm_train.models.base import PolicyError, RequestRefused, SamplingParams
 
 if TYPE_CHECKING:
     from rlm_train.train.grpo_config import GRPOConfig
@@ -145,10 +146,10 @@ class BatchingGenerator:
             outs = await asyncio.to_thread(self.backend.generate_batch, [p for p, _, _ in items], items[0][1])
             self.calls += 1
         except Exception as exc:  # noqa: BLE001 - the rollout re-raises it after the batch
-            self.fatal = exc
-            for _, _, fut in items:
-                if not fut.done():
-                    fut.set_exception(PolicyError(f"generation backend failed: {exc}"))
+            if refused_request(exc):  # one request refused (e.g. over the window): fail only it
+                await self._one_by_one(items)
+                return
+            self._fail(items, exc)
             return
         finally:
             self._slots().release()
@@ -156,12 +157,39 @@ class BatchingGenerator:
             if not fut.done():
                 fut.set_result(out)
 
+    async def _one_by_one(self, items: list) -> None:
+        """A batch the server refused: each request alone, so only the refused ones fail,
+        as a model-side error their episodes record; the generator stays usable."""
+        for item in items:
+            prompt, sampling, fut = item
+            try:
+                out = (await asyncio.to_thread(self.backend.generate_batch, [prompt], sampling))[0]
+                self.calls += 1
+            except Exception as exc:  # noqa: BLE001
+                if not refused_request(exc):
+                    self._fail([item], exc)
+                elif not fut.done():
+                    fut.set_exception(RequestRefused(f"the generation server refused this request: {exc}"))
+                continue
+            if not fut.done():
+                fut.set_result(out)
 
-def default_backend_factory(cfg: GRPOConfig, tokenizer: Any) -> Callable[[Any], Any]:
-    """trainer -> the backend rollout.backend names (made once the trainer, whose model it uses, exists)."""
-    from rlm_train.models.loading import end_of_turn_ids
+    def _fail(self, items: list, exc: BaseException) -> None:
+        self.fatal = exc
+        for _, _, fut in items:
+            if not fut.done():
+                fut.set_exception(PolicyError(f"generation backend failed: {exc}"))
 
-    stop_ids = end_of_turn_ids(tokenizer)
+
+def refused_request(exc: BaseException) -> bool:
+    """A 4xx the server gave one request (TRL's vLLM client raises `Request failed: 400, ...`),
+    not a backend that is broken."""
+    return isinstance(exc, RequestRefused) or bool(re.match(r"Request failed: 4(00|13|22)\b", str(exc)))
+
+
+def default_backend_factory(cfg: GRPOConfig, tokenizer: Any, stop_ids: list[int]) -> Callable[[Any], Any]:
+    """trainer -> the backend rollout.backend names (made once the trainer, whose model it uses, exists).
+    `stop_ids` is the run's one stop set (grpo_setup.stop_token_ids), the same TRL counts truncation by."""
 
     def factory(trainer: Any) -> Any:
         if cfg.rollout.backend == "transformers":

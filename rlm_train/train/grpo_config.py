@@ -11,6 +11,7 @@ from rlm_train.errors import UserError
 from rlm_train.policies.spec import ClientOptions
 from rlm_train.rlm import RLMConfig
 from rlm_train.train.common import LaunchSettings, LoraSettings, OptimizerLoopSettings, Requirements
+from rlm_train.train.evaluation import EvaluationSettings
 
 
 class GRPOTrainingSettings(OptimizerLoopSettings):
@@ -34,8 +35,6 @@ class GRPOTrainingSettings(OptimizerLoopSettings):
     """Token loss aggregation (TRL's loss_type); dapo normalizes by trained tokens in the accumulated batch."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage scaling: by the group's reward std, the batch's, or none (Dr. GRPO)."""
-    mask_truncated_completions: bool = False
-    """Leave episodes cut by rollout.max_completion_tokens mid-turn out of the loss."""
 
     @model_validator(mode="after")
     def _groups_fit(self) -> "GRPOTrainingSettings":
@@ -58,7 +57,18 @@ class RolloutSettings(StrictModel):
     vllm_gpus: int = Field(1, ge=1)
     """GPUs the vLLM server uses (for its launch command: data-parallel replicas)."""
     vllm_importance_sampling_correction: bool = True
-    """Correct for vLLM-vs-trainer logprob mismatch with a truncated importance weight (TRL)."""
+    """Correct for the vLLM-vs-trainer logprob mismatch with an importance weight (TRL)."""
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        "sequence_mask")
+    """How the importance weight is bounded (TRL's names): clip it into [min, max] (*_truncate) or drop the token or
+    episode when outside (*_mask), per token or per episode."""
+    vllm_importance_sampling_clip_min: float | None = Field(None, ge=0)
+    """Lower bound of the importance weight (None: no lower bound)."""
+    vllm_importance_sampling_clip_max: float | None = Field(3.0, gt=0)
+    """Upper bound of the importance weight (None: no upper bound; at least one bound is needed)."""
+    episode_timeout_s: float | None = Field(None, gt=0)
+    """Hard wall-clock cap on one episode, counting time spent waiting on the model server; reaching it is
+    infrastructure (the episode is masked, never penalized). None: 3 x rlm.max_wall_s."""
     max_completion_tokens: int = Field(4096, ge=16)
     """Cap on all tokens after the first prompt (root turns + REPL feedback). A turn is cut to fit; the episode
     then ends with what it has (usually no answer, reward 0)."""
@@ -83,6 +93,17 @@ class RewardSettings(StrictModel):
     format_weight: float = Field(0.0, ge=0)
     """Weight of the format reward: half for root turns with a ```repl block, half for ending with FINAL. 0 turns it off."""
 
+    overlong: Literal["mask", "penalty"] = "mask"
+    """What happens to an over-long episode, however it was cut (between turns or mid-turn by
+    rollout.max_completion_tokens, or by an episode budget: rlm.max_wall_s of the policy's own time, sub-calls,
+    tokens): 'mask' leaves it out of the loss and of its group's reward statistics; 'penalty' trains on it with
+    reward -overlong_penalty (plus whatever else it earned)."""
+    overlong_penalty: float = Field(1.0, ge=0)
+    """overlong=penalty: the reward subtracted from an over-long episode."""
+    overlong_buffer_tokens: int = Field(0, ge=0)
+    """overlong=penalty: episodes within this many tokens of rollout.max_completion_tokens get a share of the
+    penalty growing linearly to the full penalty at the cap (a soft length penalty); 0 turns it off."""
+
     @model_validator(mode="after")
     def _learns_something(self) -> "RewardSettings":
         if self.task_weight == 0 and self.format_weight == 0:
@@ -100,7 +121,8 @@ class GRPORLMConfig(RLMConfig):
     root_max_tokens: int = Field(512, ge=1)
     """Max new tokens per root turn."""
     max_wall_s: float | None = Field(300.0, gt=0)
-    """Wall-clock seconds for the whole episode; None = unlimited."""
+    """Wall-clock seconds of the episode's own time (not counting time waiting on the model server); past it
+    the episode is over-long (reward.overlong). None = unlimited."""
 
     @field_validator("temperature")
     @classmethod
@@ -142,8 +164,23 @@ class GRPOConfig(StrictModel):
     """The RLM loop settings of every episode (turns, budgets, sandbox limits, sampling temperature)."""
     reward: RewardSettings = RewardSettings()
     """Reward weights."""
-    report_to: list[Literal["tensorboard", "wandb"]] = []
-    """Extra metric sinks, used only when installed (stdout and metrics.jsonl are always written)."""
+    resume: Literal["auto", "never"] | str = "auto"
+    """'auto' resumes from the newest checkpoint-N in output_dir (its config must match this one), 'never' starts
+    fresh (refused when output_dir already holds checkpoints), or a checkpoint path."""
+    save_merged: bool = False
+    """Also write merged/: the trained adapter folded into the base (a plain model directory for serving or
+    the next stage), as SFT does. Needs lora.enabled."""
+    merged_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """dtype of merged/."""
+    evaluation: EvaluationSettings = EvaluationSettings()
+    """Held-out RLM episodes every evaluation.every_steps steps (evaluation.tasks), their score logged per family,
+    and the best-scoring checkpoint kept as adapter/ (and merged/)."""
+    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
+    """Metric sinks besides stdout and metrics.jsonl (always written), used when installed."""
+    run_name: str | None = None
+    """Run name for TensorBoard / W&B (default: the output directory's name)."""
+    wandb_project: str | None = None
+    """W&B project; setting it turns W&B on (WANDB_API_KEY or `wandb login` as usual)."""
     requires: Requirements = Requirements()
     """Hardware the recipe needs; checked before any loading."""
     launch: LaunchSettings = LaunchSettings()
@@ -154,6 +191,22 @@ def check_config(cfg: GRPOConfig, source: str) -> None:
     """Settings that contradict each other across sections (a UserError naming the keys and the fix)."""
     if cfg.adapter and not cfg.lora.enabled:
         raise UserError(f"{source}: adapter needs lora.enabled=true (it continues training that adapter)")
+    if cfg.save_merged and not cfg.lora.enabled:
+        raise UserError(f"{source}: save_merged needs lora.enabled=true (full fine-tuning already saves a full model)")
+    r = cfg.rollout
+    if r.vllm_importance_sampling_clip_min is None and r.vllm_importance_sampling_clip_max is None:
+        raise UserError(f"{source}: rollout.vllm_importance_sampling_clip_min and _clip_max are both null; set at "
+                        "least one bound (e.g. rollout.vllm_importance_sampling_clip_max=3.0)")
+    if (r.vllm_importance_sampling_clip_min is not None and r.vllm_importance_sampling_clip_max is not None
+            and r.vllm_importance_sampling_clip_min >= r.vllm_importance_sampling_clip_max):
+        raise UserError(f"{source}: rollout.vllm_importance_sampling_clip_min ({r.vllm_importance_sampling_clip_min}) "
+                        f"must be below rollout.vllm_importance_sampling_clip_max ({r.vllm_importance_sampling_clip_max})")
+    if cfg.requires.gpus and cfg.launch.num_processes > cfg.requires.gpus:
+        raise UserError(f"{source}: launch.num_processes={cfg.launch.num_processes} training processes but "
+                        f"requires.gpus={cfg.requires.gpus}: one process per GPU; lower launch.num_processes")
+    if cfg.reward.overlong_buffer_tokens >= r.max_completion_tokens:
+        raise UserError(f"{source}: reward.overlong_buffer_tokens ({cfg.reward.overlong_buffer_tokens}) must be below "
+                        f"rollout.max_completion_tokens ({r.max_completion_tokens})")
     if cfg.rollout.backend == "transformers" and cfg.launch.num_processes > 1:
         raise UserError(
             f"{source}: rollout.backend=transformers generates in-process and cannot run with "

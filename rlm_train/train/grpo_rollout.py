@@ -17,13 +17,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
+from rlm_train.errors import UserError
 from rlm_train.models.base import Completion, PolicyError, SamplingParams
-from rlm_train.records import Outcome, TrajectoryRecord
+from rlm_train.records import TrajectoryRecord
 from rlm_train.rollouts.rl_prompts import PromptSet, load_context
-from rlm_train.train.grpo_backends import BatchingGenerator
+from rlm_train.train.grpo_backends import BatchingGenerator, GenOutput
+from rlm_train.train.grpo_episodes import (
+    EpisodeClock,
+    EpisodeEnd,
+    RolloutLog,
+    TimedPolicy,
+    classify_episode,
+    episode_timeout_s,
+    is_scored,
+)
 
 if TYPE_CHECKING:
     from rlm_train.train.grpo_config import GRPOConfig
@@ -35,10 +44,12 @@ if TYPE_CHECKING:
 class GeneratorPolicy:
     """A Policy over the generator that records nothing: sub-calls (sub_policy=same) and child RLMs."""
 
-    def __init__(self, generator: BatchingGenerator, tokenizer: Any, name: str = "trained-model"):
+    def __init__(self, generator: BatchingGenerator, tokenizer: Any, name: str = "trained-model",
+                 clock: EpisodeClock | None = None):
         self.generator = generator
         self.tokenizer = tokenizer
         self.name = name
+        self.clock = clock
 
     async def chat(self, messages, sampling=None, hints=None) -> Completion:
         from rlm_train.models.loading import render_chat
@@ -47,7 +58,7 @@ class GeneratorPolicy:
         started = time.monotonic()
         prompt = self.tokenizer(render_chat(self.tokenizer, messages, add_generation_prompt=True),
                                 add_special_tokens=False)["input_ids"]
-        out = await self.generator.generate(prompt, sampling)
+        out = await _timed_generate(self.generator, self.clock, prompt, sampling)
         text = self.tokenizer.decode(out.ids, skip_special_tokens=True)
         return Completion(text=text, prompt_tokens=len(prompt), completion_tokens=len(out.ids),
                           latency_s=time.monotonic() - started, finish_reason="stop",
@@ -55,6 +66,29 @@ class GeneratorPolicy:
 
     async def aclose(self) -> None:
         return None
+
+
+async def _timed_generate(generator: BatchingGenerator, clock: EpisodeClock | None, prompt: list[int],
+                          sampling: SamplingParams) -> GenOutput:
+    if clock is None:
+        return await generator.generate(prompt, sampling)
+    clock.wait_begins()
+    try:
+        return await generator.generate(prompt, sampling)
+    finally:
+        clock.wait_ends()
+
+
+class TemplateMismatch(PolicyError):
+    """The chat template re-rendered the history differently from what the model saw (e.g. it drops past
+    thinking blocks): a configuration error that stops training, never an infrastructure failure."""
+
+
+TEMPLATE_MISMATCH = (
+    "the chat template does not extend the conversation turn by turn (the rendered history differs from what "
+    "the model saw, e.g. past <think> blocks dropped); use a template that renders past turns verbatim "
+    "(chat_template=qwen3 or gemma3)"
+)
 
 
 class EpisodeRecorder:
@@ -66,19 +100,23 @@ class EpisodeRecorder:
     Calls from child RLMs (depth > 0) are generated but not recorded.
     """
 
-    def __init__(self, generator: BatchingGenerator, tokenizer: Any, stop_ids: list[int], max_completion_tokens: int):
+    def __init__(self, generator: BatchingGenerator, tokenizer: Any, stop_ids: list[int], max_completion_tokens: int,
+                 max_wall_s: float | None = None, clock: EpisodeClock | None = None):
         self.generator = generator
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.max_completion_tokens = max_completion_tokens
+        self.max_wall_s = max_wall_s  # of the policy's own time (the clock's policy_s)
+        self.clock = clock or EpisodeClock()
         self.name = "trained-model"
-        self.unrecorded = GeneratorPolicy(generator, tokenizer)
+        self.unrecorded = GeneratorPolicy(generator, tokenizer, clock=self.clock)
+        self.cut: str | None = None  # why the recorder ended the episode: 'tokens' or 'wall'
+        self.template_error: str | None = None
         self.prompt_ids: list[int] | None = None
         self.completion_ids: list[int] = []
         self.env_mask: list[int] = []
         self.logprobs: list[float] = []
         self.has_logprobs = True
-        self.budget_hit = False
         self._rendered = ""  # the template's text of the prompt of the last call
         self._last_text = ""  # the assistant text we returned last
         self._last_stop = ""  # the text of the stop token the last turn ended with ("" if cut)
@@ -97,27 +135,28 @@ class EpisodeRecorder:
         else:
             anchor = self._rendered + self._last_text
             if not rendered.startswith(anchor):
-                raise PolicyError(
-                    "the chat template does not extend the conversation turn by turn (the rendered history "
-                    "differs from what the model saw); use a template that renders past turns verbatim (qwen3, gemma3)"
-                )
+                self.template_error = TEMPLATE_MISMATCH
+                raise TemplateMismatch(TEMPLATE_MISMATCH)
             suffix = rendered[len(anchor):]
             if self._last_stop and suffix.startswith(self._last_stop):
                 suffix = suffix[len(self._last_stop):]  # the sampled stop token already closed the turn
             env_ids = self._encode(suffix)
             if len(self.completion_ids) + len(env_ids) >= self.max_completion_tokens:
-                self.budget_hit = True
+                self._cut("tokens")
                 raise PolicyError(f"episode reached rollout.max_completion_tokens={self.max_completion_tokens}")
+            if self.max_wall_s is not None and self.clock.policy_s() > self.max_wall_s:
+                self._cut("wall")
+                raise PolicyError(f"episode used its rlm.max_wall_s={self.max_wall_s:g}s of its own time")
             self._append(env_ids, 0, None)
         self._rendered = rendered
         room = self.max_completion_tokens - len(self.completion_ids)
         turn_sampling = SamplingParams(max_tokens=min(sampling.max_tokens, room), temperature=sampling.temperature,
                                        top_p=sampling.top_p, stop=None, seed=sampling.seed)
-        out = await self.generator.generate(self.prompt_ids + self.completion_ids, turn_sampling)
+        out = await _timed_generate(self.generator, self.clock, self.prompt_ids + self.completion_ids, turn_sampling)
         self._append(out.ids, 1, out.logprobs)
         ended = bool(out.ids) and out.ids[-1] in self.stop_ids
         if not ended and len(self.completion_ids) >= self.max_completion_tokens:
-            self.budget_hit = True
+            self._cut("tokens")
         text = self.tokenizer.decode(out.ids, skip_special_tokens=True)
         self._last_text = text
         self._last_stop = self.tokenizer.decode(out.ids[-1:]) if ended else ""
@@ -126,6 +165,14 @@ class EpisodeRecorder:
             completion_tokens=len(out.ids), latency_s=time.monotonic() - started,
             finish_reason="stop" if ended else "length", extra={"completion_ids": out.ids},
         )
+
+    @property
+    def budget_hit(self) -> bool:
+        return self.cut is not None
+
+    def _cut(self, reason: str) -> None:
+        if self.cut is None:
+            self.cut = reason
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -158,47 +205,18 @@ def sub_policy_factory(cfg: GRPOConfig) -> Callable[[], Any] | None:
 # The rollout function
 
 
-class RolloutLog:
-    """Episodes of the current batch, written to rollouts.jsonl once their rewards are known."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.step = 0
-        self.episodes: dict[str, dict[str, Any]] = {}
-        self.history: list[dict[str, Any]] = []  # per batch: summary for tests and logs
-
-    def add(self, episode_id: str, record: dict[str, Any]) -> None:
-        self.episodes[episode_id] = record
-
-    def note_rewards(self, name: str, episode_ids: list[str], values: list[float | None]) -> None:
-        for eid, value in zip(episode_ids, values):
-            if eid in self.episodes:
-                self.episodes[eid].setdefault("rewards", {})[name] = value
-
-    def flush(self) -> None:
-        if self.path is not None and self.episodes:
-            from rlm_train.formats import append_jsonl
-
-            for record in self.episodes.values():
-                append_jsonl(self.path, record)
-        self.episodes = {}
-
-
 def make_rollout_func(cfg: GRPOConfig, tokenizer: Any, prompt_set: PromptSet,
-                      backend_factory: Callable[[Any], Any], log: RolloutLog,
+                      backend_factory: Callable[[Any], Any], log: RolloutLog, stop_ids: list[int],
                       sub_policy_factory: Callable[[], Any] | None = None):
     """rollout_func(prompts, trainer) for TRL: one full RLM episode per prompt (TRL repeats each prompt
-    num_generations times), returning token ids, env_mask and the episode fields the rewards read."""
-    from rlm_train.models.loading import end_of_turn_ids
-
-    stop_ids = end_of_turn_ids(tokenizer)
+    num_generations times), returning token ids, env_mask and the episode fields the rewards read.
+    `stop_ids` is the one stop set (see grpo.stop_token_ids) the generation and TRL share."""
     backend_cache: dict[str, Any] = {}
 
     def rollout_func(prompts: list, trainer: Any) -> dict[str, list | None]:
         rows = getattr(trainer, "rlm_batch_rows", None)
         if rows is None or len(rows) != len(prompts):
             raise RuntimeError("rollout_func needs the batch rows: use the trainer from make_trainer_class()")
-        log.flush()  # the previous batch's rewards are in by now
         if "backend" not in backend_cache:
             backend_cache["backend"] = backend_factory(trainer)
         generator = BatchingGenerator(backend_cache["backend"], cfg.rollout.batch_wait_s)
@@ -206,13 +224,34 @@ def make_rollout_func(cfg: GRPOConfig, tokenizer: Any, prompt_set: PromptSet,
         episodes = asyncio.run(_run_batch(cfg, rows, prompt_set, generator, tokenizer, stop_ids, sub_policy_factory))
         if generator.fatal is not None:
             raise RuntimeError(f"rollout generation failed: {generator.fatal}") from generator.fatal
-        out = _collect(episodes, tokenizer, log, trainer.state.global_step)
-        n_final = sum(e["trajectory"]["final"] is not None for e in episodes)
-        print(f"[grpo] step {trainer.state.global_step}: {len(episodes)} episodes in {time.monotonic() - started:.1f}s, "
-              f"{n_final} answered, {generator.calls} generate calls", flush=True)
+        broken = next((e["recorder"].template_error for e in episodes if e["recorder"].template_error), None)
+        if broken:
+            raise UserError(f"{cfg.chat_template}: {broken}")
+        out = _collect(cfg, episodes, tokenizer, log, trainer.state.global_step)
+        _log_batch(trainer, out, time.monotonic() - started, generator.calls)
         return out
 
     return rollout_func
+
+
+def _log_batch(trainer: Any, out: dict[str, Any], seconds: float, calls: int) -> None:
+    """Episode counts of the batch summed over all ranks: one printed line (main process) and TRL metrics."""
+    import torch
+
+    ends = out["rlm_end"]
+    local = [len(ends), sum(f is not None for f in out["rlm_final"]), ends.count("overlong"), ends.count("infra"), calls]
+    accelerator = getattr(trainer, "accelerator", None)
+    counts = torch.tensor(local, dtype=torch.float64)
+    if accelerator is not None and accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+    n, answered, overlong, infra, total_calls = (int(x) for x in counts.tolist())
+    metrics = getattr(trainer, "_metrics", None)
+    if metrics is not None and n:
+        for key, value in (("answered", answered), ("overlong", overlong), ("infra_error", infra)):
+            metrics["train"][f"rlm/{key}_frac"].append(value / n)
+    if accelerator is None or accelerator.is_main_process:
+        print(f"[grpo] step {trainer.state.global_step}: {n} episodes in {seconds:.1f}s, {answered} answered, "
+              f"{overlong} over-long, {infra} infrastructure errors, {total_calls} generate calls", flush=True)
 
 
 class RolloutEpisode(TypedDict):
@@ -237,14 +276,18 @@ async def _run_batch(cfg: GRPOConfig, rows: list[dict[str, Any]], prompt_set: Pr
         contexts[task_id] = await asyncio.to_thread(load_context, prompt_set.tasks[task_id], prompt_set.base_dirs[task_id])
     sub_policy = sub_policy_factory() if sub_policy_factory else GeneratorPolicy(generator, tokenizer)
     semaphore = asyncio.Semaphore(cfg.rollout.concurrency)
+    # The loop's own wall cap is the hard episode timeout; the policy's budget is the recorder's (own time only).
+    loop_config = cfg.rlm.model_copy(update={"max_wall_s": episode_timeout_s(cfg)})
 
     async def one(task_id: str, sample: int) -> RolloutEpisode:
         task = prompt_set.tasks[task_id]
-        recorder = EpisodeRecorder(generator, tokenizer, stop_ids, cfg.rollout.max_completion_tokens)
+        recorder = EpisodeRecorder(generator, tokenizer, stop_ids, cfg.rollout.max_completion_tokens,
+                                   max_wall_s=cfg.rlm.max_wall_s)
         hints = {"family": task.get("family"), "task_id": task_id, "sample": sample, "meta": task.get("meta") or {}}
         async with semaphore:
-            traj = await run_episode(task["query"], contexts[task_id], recorder, sub_policy, cfg.rlm,
-                                     hints=hints, task_id=task_id)
+            recorder.clock = recorder.unrecorded.clock = EpisodeClock()  # starts when the episode does
+            traj = await run_episode(task["query"], contexts[task_id], recorder, TimedPolicy(sub_policy, recorder.clock),
+                                     loop_config, hints=hints, task_id=task_id)
         traj["sample"] = sample
         return {"task_id": task_id, "recorder": recorder, "trajectory": traj}
 
@@ -254,15 +297,16 @@ async def _run_batch(cfg: GRPOConfig, rows: list[dict[str, Any]], prompt_set: Pr
         await sub_policy.aclose()
 
 
-def _is_infra_error(traj: TrajectoryRecord, recorder: EpisodeRecorder) -> bool:
-    """An episode that broke for reasons outside the policy: no reward, not a 0."""
-    return traj["outcome"] == Outcome.ERROR and not recorder.budget_hit
+def episode_end(cfg: GRPOConfig, traj: TrajectoryRecord, recorder: EpisodeRecorder) -> EpisodeEnd:
+    return classify_episode(traj["outcome"], traj["stats"].get("wall_s", 0.0), recorder.cut, recorder.clock.policy_s(),
+                            cfg.rlm.max_wall_s, episode_timeout_s(cfg))
 
 
-def _collect(episodes: list[RolloutEpisode], tokenizer: Any, log: RolloutLog, step: int) -> dict[str, list | None]:
+def _collect(cfg: GRPOConfig, episodes: list[RolloutEpisode], tokenizer: Any, log: RolloutLog,
+             step: int) -> dict[str, list | None]:
     out: dict[str, list] = {k: [] for k in (
         "prompt_ids", "completion_ids", "logprobs", "env_mask", "rlm_episode_id", "rlm_final", "rlm_outcome",
-        "rlm_turns", "rlm_turns_with_code", "rlm_infra_error")}
+        "rlm_turns", "rlm_turns_with_code", "rlm_end", "rlm_length")}
     all_logprobs = True
     for ep in episodes:
         rec = ep["recorder"]
@@ -274,7 +318,11 @@ def _collect(episodes: list[RolloutEpisode], tokenizer: Any, log: RolloutLog, st
         if not completion_ids:  # TRL needs at least one completion token; this one is never trained
             completion_ids, env_mask, logprobs = [tokenizer.pad_token_id], [0], [0.0]
         all_logprobs = all_logprobs and rec.has_logprobs
-        infra = _is_infra_error(traj, rec)
+        end = episode_end(cfg, traj, rec)
+        length = len(rec.completion_ids)
+        model_tokens = sum(env_mask)
+        if not is_scored(end, cfg.reward.overlong):
+            env_mask = [0] * len(env_mask)  # not trained, and not counted in the loss's token normalization
         turns = traj["turns"]
         out["prompt_ids"].append(prompt_ids)
         out["completion_ids"].append(completion_ids)
@@ -285,9 +333,11 @@ def _collect(episodes: list[RolloutEpisode], tokenizer: Any, log: RolloutLog, st
         out["rlm_outcome"].append(traj["outcome"])
         out["rlm_turns"].append(len(turns))
         out["rlm_turns_with_code"].append(sum(1 for t in turns if t["code_blocks"]))
-        out["rlm_infra_error"].append(infra)
-        log.add(traj["id"], {**traj, "grpo_step": step, "model_tokens": sum(env_mask),
-                             "env_tokens": len(env_mask) - sum(env_mask), "infra_error": infra})
+        out["rlm_end"].append(end)
+        out["rlm_length"].append(length)
+        log.add(traj["id"], {**traj, "grpo_step": step, "model_tokens": model_tokens,
+                             "env_tokens": length - model_tokens, "end": end, "trained": is_scored(end, cfg.reward.overlong),
+                             "infra_error": end == "infra"})
     if not all_logprobs:
         return {**out, "logprobs": None}  # transformers backend: TRL recomputes what it needs
     return dict(out)

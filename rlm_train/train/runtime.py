@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rlm_train.errors import UserError
-from rlm_train.train.common import LaunchSettings, Requirements
+from rlm_train.train.common import (
+    LaunchSettings,
+    Requirements,
+    is_main_process,
+    local_world_size,
+    main_print,
+    main_process_only,
+    wait_for_everyone,
+)
 
 # ---------------------------------------------------------------------------
 # Resources
@@ -49,6 +57,13 @@ def hardware_problems(requires: Requirements, device: str, bf16: bool, cpu_recip
             f"the recipe needs {need} CUDA GPU(s) (requires.gpus / device=cuda) and this machine has {have}; "
             f"run it on a GPU node ({slurm_hint}) or use a CPU recipe ({cpu_recipe})"
         ))
+    ranks = local_world_size()
+    if have > 0 and device != "cpu" and ranks > have:
+        # Two processes on one GPU would each load the model there and run out of memory much later.
+        problems.append(Problem(
+            f"{ranks} training processes were launched on this node but only {have} GPU(s) are visible; "
+            f"launch at most {have} (--num_processes / --nproc-per-node) or make more GPUs visible"
+        ))
     if bf16 and need == 0 and (device == "cpu" or have == 0):
         # Slow, not wrong: the run works, so it only warns.
         problems.append(Problem("bf16 on this CPU is several times slower than float32 (no native bf16); "
@@ -71,7 +86,7 @@ def start_run(problems: list[Problem], num_threads: int | None, device: str, sou
     if fatal:
         raise UserError(f"{source}: {fatal[0].message}")
     for p in problems:
-        print(f"[{stage}] warning: {p.message}", flush=True)
+        main_print(f"[{stage}] warning: {p.message}")
     if num_threads:
         import torch
 
@@ -80,18 +95,61 @@ def start_run(problems: list[Problem], num_threads: int | None, device: str, sou
 
 
 def prepare_output_dir(cfg: Any, stage: str) -> Path:
-    """output_dir with the resolved config beside what the run writes ({stage}_config.json)."""
+    """output_dir with the resolved config beside what the run writes ({stage}_config.json);
+    written by the main process, the others wait for it."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stage}_config.json").write_text(cfg.model_dump_json(indent=2))
+
+    @main_process_only
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stage}_config.json").write_text(cfg.model_dump_json(indent=2))
+
+    write()
     return out
+
+
+def check_resume_config(cfg: Any, stage: str, checkpoint: str | None, may_change: Sequence[str]) -> None:
+    """Refuse to resume `checkpoint` when the run that wrote it had a different config: the saved
+    {stage}_config.json beside the checkpoint must agree on every key but the `may_change` ones
+    (dotted; a section name covers its keys). Names the differing keys."""
+    if checkpoint is None:
+        return
+    saved_file = Path(checkpoint).parent / f"{stage}_config.json"
+    if not saved_file.is_file():
+        return  # a checkpoint from elsewhere: nothing to compare with
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    differing = [key for key in _differing_keys(saved, json.loads(cfg.model_dump_json()))
+                 if not any(key == k or key.startswith(k + ".") for k in may_change)]
+    if differing:
+        shown = ", ".join(f"{k} ({_at(saved, k)!r} -> {_at(json.loads(cfg.model_dump_json()), k)!r})" for k in differing[:6])
+        raise UserError(
+            f"resume: {checkpoint} was written with a different config ({shown}); use the old values, "
+            f"a new output_dir, or resume=never to start fresh"
+        )
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = list(dict.fromkeys([*a, *b]))
+        return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _at(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 def installed_reporters(wanted: Sequence[str], stage: str) -> list[str]:
     """The metric reporters (tensorboard, wandb, ...) that are installed; the others are named and skipped."""
     have = [r for r in wanted if importlib.util.find_spec(r) is not None]
     for r in sorted(set(wanted) - set(have)):
-        print(f"[{stage}] report_to {r}: not installed, skipped (metrics.jsonl has everything)", flush=True)
+        main_print(f"[{stage}] report_to {r}: not installed, skipped (metrics.jsonl has everything; "
+                   f"pip install {r} to get it)")
     return have
 
 
@@ -107,7 +165,8 @@ def make_metrics_callback(path: Path, stage: str, shown: tuple[str, ...], quiet:
                           record: Callable[[Any, dict], dict] = _plain_record,
                           on_begin: Callable[[], None] | None = None):
     """Append every log to metrics.jsonl as `record(state, logs)` builds it, and print the `shown` keys
-    as one compact line (TRL's own printer is removed by `train`)."""
+    as one compact line (TRL's own printer is removed by `train`). Every process calls `record` (it may
+    sum counters over processes); only the main process writes and prints."""
     from transformers import TrainerCallback
 
     class MetricsCallback(TrainerCallback):
@@ -117,6 +176,8 @@ def make_metrics_callback(path: Path, stage: str, shown: tuple[str, ...], quiet:
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             row = record(state, logs or {})
+            if not state.is_world_process_zero:
+                return
             with path.open("a") as fh:
                 fh.write(json.dumps(row, default=str) + "\n")
             line = " ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in row.items() if k in shown)
@@ -139,25 +200,67 @@ def train(trainer: Any, on_trainer: Callable[[Any], None] | None = None, **train
     return result, time.perf_counter() - started
 
 
-def save_trained(trainer: Any, tokenizer: Any, out: Path, lora: bool, model_path: Path, chat_template: str) -> dict:
+def save_trained(trainer: Any, tokenizer: Any, out: Path, lora: bool, model_path: Path, chat_template: str,
+                 target: Path | None = None) -> dict:
     """adapter/ (LoRA, with the base it belongs to) or model/ (full weights), each with the tokenizer
-    and its chat template; returns {adapter_dir | model_dir: path}."""
+    and its chat template; returns {adapter_dir | model_dir: path}. Every process must call it (FSDP
+    gathers the weights from all of them); one writes. Fails when no weight file was written."""
     from rlm_train.models.loading import write_adapter_meta
 
-    if lora:
-        target = out / "adapter"
-        trainer.model.save_pretrained(target)
+    target = target or out / ("adapter" if lora else "model")
+    full_state_dict_for_save(trainer)
+    trainer.save_model(str(target))  # gathers FSDP/DeepSpeed shards; writes on the main process only
+    if is_main_process():
         tokenizer.save_pretrained(target)
-        write_adapter_meta(target, str(model_path), chat_template)
-        return {"adapter_dir": str(target)}
-    target = out / "model"
-    trainer.save_model(str(target))  # gathers sharded (FSDP/DeepSpeed) weights before writing
-    tokenizer.save_pretrained(target)
-    return {"model_dir": str(target)}
+        if lora:
+            write_adapter_meta(target, str(model_path), chat_template)
+        check_weights_written(target, lora)
+    wait_for_everyone()
+    return {"adapter_dir" if lora else "model_dir": str(target)}
+
+
+def full_state_dict_for_save(trainer: Any) -> None:
+    """Under FSDP with SHARDED_STATE_DICT (what checkpoints want), `save_model` writes only the tokenizer:
+    switch to a full state dict, gathered to the main process on CPU, for the final save."""
+    plugin = getattr(getattr(trainer.accelerator, "state", None), "fsdp_plugin", None)
+    if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_weights_written(target: Path, lora: bool) -> None:
+    names = ADAPTER_FILES if lora else WEIGHT_FILES
+    if not any((target / name).is_file() for name in names):
+        raise UserError(f"{target}: training finished but no weights were written (expected one of "
+                        f"{', '.join(names)}); the checkpoints in {target.parent} hold the trained state")
+
+
+def save_merged(adapter_dir: Path, model_path: Path, target: Path, dtype: str, chat_template: str) -> dict:
+    """merged/: the saved adapter folded into a fresh fp32 copy of its base on the CPU, then cast to `dtype`
+    (the trained model is left as it is, and sharded or wrapped models need no special case). Main
+    process only; the others wait."""
+    @main_process_only
+    def merge() -> None:
+        from rlm_train.models.loading import load_for_inference, torch_dtype
+
+        model, tokenizer = load_for_inference(model_path, adapter_dir, dtype="float32", chat_template=chat_template)
+        merged = model.merge_and_unload().to(torch_dtype(dtype))
+        merged.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        check_weights_written(target, lora=False)
+
+    merge()
+    return {"merged_dir": str(target)}
 
 
 def write_summary(out: Path, summary: dict) -> dict:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    """summary.json, written by the main process (every process gets the summary back)."""
+    if is_main_process():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    wait_for_everyone()
     return summary
 
 

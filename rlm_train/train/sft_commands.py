@@ -15,9 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from rlm_train.config import load_config
-    from rlm_train.train.sft import SFTConfig, plan, run_sft
+    from rlm_train.train.sft import SFTConfig, check_dataset_not_empty, plan, run_sft
 
     cfg = load_config(SFTConfig, args.recipe, args.overrides)
+    check_dataset_not_empty(cfg)  # filter kept nothing: say so before a plan, a model or a GPU
     inputs = {"model": cfg.model, "dataset": cfg.dataset}
     if cfg.resume not in ("auto", "never"):
         inputs["resume"] = cfg.resume
@@ -25,6 +26,9 @@ def main(args: argparse.Namespace) -> int:
     if prepare("sft", args, cfg, inputs=inputs, outputs=[Output("output_dir", cfg.output_dir, "dir", "output_dir")],
                notes=plan_notes(plan(cfg, args.recipe)), show_plan=True):
         return 0
+    from rlm_train.train.common import main_print
+
     summary = run_sft(cfg, source=args.recipe, quiet=args.quiet)
-    print(json.dumps({k: summary[k] for k in ("global_step", "train_loss", "tokens_per_s", "output_dir")}, default=str))
-    return 0
+    main_print(json.dumps({k: summary[k] for k in ("global_step", "train_loss", "tokens_per_s", "output_dir")},
+                          default=str))
+    return summary["exit_code"]  # 128+N when a signal stopped it (checkpoint written; rerun resumes)

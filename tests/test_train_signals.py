@@ -1,0 +1,92 @@
+"""SIGTERM and SIGINT to `rlm-train sft`: it stops within seconds after the step it is on, with a
+checkpoint, exit code 128+signal and no final adapter; the same command then resumes from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlm_train import cli
+from rlm_train.testing.tiny_models import build_tiny_qwen3, rlm_sample, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO / "recipes" / "tiny-cpu-sft.yaml"
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "rlm_train.cli", *args], cwd=REPO, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_steps(proc: subprocess.Popen, metrics: Path, steps: int, log: Path) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"sft ended early ({proc.returncode}): {log.read_text()[-2000:]}")
+        if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("sft did not reach its first steps in time")
+
+
+def stop_with(proc: subprocess.Popen, signum: int) -> float:
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{signal.Signals(signum).name}: sft still running 60 s later")
+    return time.monotonic() - sent
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_stop_with_a_checkpoint_and_the_next_run_resumes(tmp_path, capsys):
+    model = build_tiny_qwen3(tmp_path / "model")
+    data = write_jsonl(tmp_path / "sft.jsonl", [rlm_sample(i) for i in range(8)])
+    out = tmp_path / "out"
+    base = ["sft", "--recipe", str(TINY_RECIPE), f"model={model}", f"dataset={data}", f"output_dir={out}",
+            "save_merged=false", "training.batch_size=1", "training.save_steps=1000"]
+
+    log = tmp_path / "term.log"
+    proc = start(base + ["training.max_steps=100000", "--quiet"], log)
+    wait_for_steps(proc, out / "metrics.jsonl", 2, log)
+    took = stop_with(proc, signal.SIGTERM)
+    print(f"SIGTERM -> exit in {took:.1f} s")
+    assert proc.returncode == 128 + signal.SIGTERM, log.read_text()[-2000:]
+    assert took < 30
+    summary = json.loads((out / "summary.json").read_text())
+    stopped_at = summary["global_step"]
+    assert summary["stopped_by"] == "SIGTERM" and (out / f"checkpoint-{stopped_at}").is_dir()
+    assert not (out / "adapter").exists()  # an unfinished run leaves no final weights to mistake for done
+    assert "run the same command again to resume" in log.read_text()
+
+    # The next run (here: a target two steps further) resumes from that checkpoint.
+    assert cli.main(base + [f"training.max_steps={stopped_at + 2}"]) == 0
+    capsys.readouterr()
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["resumed_from"].endswith(f"checkpoint-{stopped_at}") and resumed["global_step"] == stopped_at + 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
+
+    log = tmp_path / "int.log"
+    proc = start(base + ["training.max_steps=100000", "--quiet"], log)
+    wait_for_steps(proc, out / "metrics.jsonl", len(steps) + 2, log)
+    took = stop_with(proc, signal.SIGINT)
+    print(f"SIGINT -> exit in {took:.1f} s")
+    assert proc.returncode == 128 + signal.SIGINT and took < 30, log.read_text()[-2000:]
+    interrupted = json.loads((out / "summary.json").read_text())
+    assert interrupted["stopped_by"] == "SIGINT" and interrupted["global_step"] > stopped_at + 2
+    assert (out / f"checkpoint-{interrupted['global_step']}").is_dir()
+    assert "Traceback" not in log.read_text()
