@@ -2,11 +2,14 @@
 
     cfg = load_config(SFTConfig, "recipes/tiny-cpu-sft.yaml", ["training.learning_rate=1e-4"])
 
-Unknown keys are errors that name the key and the file; so are wrong types.
+Unknown keys are errors that name the key and the file, with the closest valid key when
+one is close; so are wrong types.
 """
 
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +31,8 @@ ConfigT = TypeVar("ConfigT", bound=StrictModel)
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a dict; a missing or malformed file is a UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; pass a YAML recipe file to --recipe (e.g. recipes/*.yaml)")
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found; pass an existing YAML file to --recipe")
     try:
@@ -60,19 +65,50 @@ def _set_dotted(data: dict[str, Any], parts: list[str], value: Any, what: str) -
     node[parts[-1]] = value
 
 
-def _describe_validation_error(exc: ValidationError, source: str) -> str:
+def _describe_validation_error(exc: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "<root>"
     if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        return f"{source}: unknown key '{key}'; remove it or check the spelling"
-    return f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})"
+        valid = _keys_at(cls, err["loc"][:-1]) if cls is not None else []
+        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1, cutoff=0.6)
+        if close:
+            where = ".".join(str(p) for p in err["loc"][:-1])
+            return f"{source}: unknown key '{key}'; did you mean '{where + '.' if where else ''}{close[0]}'?"
+        listed = f" (valid keys here: {', '.join(valid)})" if valid and len(valid) <= 12 else ""
+        return f"{source}: unknown key '{key}'; remove it or check the spelling{listed}"
+    got = repr(err.get("input"))
+    return f"{source}: key '{key}': {err['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})"
+
+
+def _keys_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the config section at `loc` (list indices skipped), [] if unknown."""
+    model: type[BaseModel] | None = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+        if model is None:
+            return []
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config class a field holds: itself, or inside Optional[...] / list[...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def build_config(cls: type[ConfigT], data: dict[str, Any], source: str = "config") -> ConfigT:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_describe_validation_error(exc, source)) from None
+        raise UserError(_describe_validation_error(exc, source, cls)) from None
 
 
 def load_config(

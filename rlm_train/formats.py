@@ -5,6 +5,7 @@ Kept at the bottom of the import graph: no heavy imports, no dependency on other
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -23,12 +24,14 @@ TORN_LINE = "the last line has no newline (a write was cut off)"
 
 
 def iter_jsonl(path: str | Path, *, bad_lines: str = FAIL, check: Callable[[dict[str, Any]], str | None] | None = None,
-               problems: list[str] | None = None, fix: str = "fix or delete the line") -> Iterator[tuple[int, dict[str, Any]]]:
+               problems: list[str] | None = None, fix: str = "fix or delete the line",
+               warn: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL file: the one reader every
     stage uses. A bad line (not JSON, not an object, refused by `check`, or a last line
     cut off without its newline by a crash) is `path:line: why`: with bad_lines="fail" a
     UserError that ends with `fix`; with "skip" a warning on stderr, the line is left out
-    and the message appended to `problems`."""
+    and the message appended to `problems` (`warn=False`: no warning, for a file an earlier
+    stage already reported)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory; pass a JSONL file")
@@ -49,7 +52,8 @@ def iter_jsonl(path: str | Path, *, bad_lines: str = FAIL, check: Callable[[dict
         problem = f"{path}:{lineno}: {why}"
         if bad_lines == FAIL:
             raise UserError(f"{problem}; {fix}")
-        print(f"warning: skipping {problem}", file=sys.stderr)
+        if warn:
+            print(f"warning: skipping {problem}", file=sys.stderr)
         if problems is not None:
             problems.append(problem)
 
@@ -92,21 +96,53 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise disk_full(path, "it was not written; the old file, if any, is unchanged") from None
         raise
+
+
+# No space, or over the user's quota: the same thing to whoever runs the job.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path: str | Path, what: str) -> UserError:
+    """The one-line error for a full disk: which file, which file system, how much is free."""
+    path = Path(path)
+    mount = path.resolve().parent
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        st = os.statvfs(path.parent)
+        free = f"{st.f_bavail * st.f_frsize:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return UserError(f"{path}: no space left on the disk ({mount}, {free}): {what}. Free space there (or write "
+                     "elsewhere), then re-run the same command: it resumes")
 
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
     """Append one record with a single write() so a crash leaves no torn line.
 
     O_APPEND makes each write land at the end atomically with respect to other
-    appenders; readers should still skip a final line without a newline.
+    appenders; readers should still skip a final line without a newline. A disk that
+    fills mid-line (a short write, or ENOSPC) is cut back to the last whole line and
+    reported as a UserError naming the disk.
     """
     data = dumps_line(record).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, data)
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            written = -1
+        if written != len(data):
+            os.ftruncate(fd, size)  # no torn line: the file ends with its last whole record
+            raise disk_full(path, "the last record was not written (the file ends with the one before it)")
     finally:
         os.close(fd)
 
@@ -125,8 +161,12 @@ def load_task_context(task: Mapping[str, Any], task_file: str | Path) -> Any:
 
 
 def read_context_file(path: str | Path) -> Any:
-    """A context from disk: `.json` is parsed (str, list or dict); anything else is UTF-8 text."""
+    """A context from disk: `.json` is parsed (str, list or dict); anything else is UTF-8 text.
+    An empty context (no file content, only whitespace, or an empty JSON value) is refused:
+    an episode over it could only answer from nothing."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; pass the context as one file to --context-file")
     if not path.is_file():
         raise UserError(f"{path}: context file not found; pass an existing file to --context-file")
     raw = path.read_bytes()
@@ -137,9 +177,16 @@ def read_context_file(path: str | Path) -> Any:
             f"{path}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
             "convert it to UTF-8 (e.g. iconv -t utf-8) or pass a .json file"
         ) from None
+    if not text.strip():
+        raise UserError(f"{path}: the context file is empty{' (only whitespace)' if text else ''}; "
+                        "pass a file holding the text the query is about")
     if path.suffix.lower() == ".json":
         try:
-            return json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg}); fix it or rename to .txt") from None
+        if value in ("", [], {}, None) or (isinstance(value, str) and not value.strip()):
+            raise UserError(f"{path}: holds an empty JSON value ({text.strip()[:20]}); "
+                            "pass a file holding the context the query is about")
+        return value
     return text

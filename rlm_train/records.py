@@ -68,6 +68,10 @@ def check_task(obj: Any, task_file: str | Path | None = None, seen: set[str] | N
         return f"duplicate task id {task_id!r}"
     if not isinstance(obj.get("query"), str) or not obj["query"].strip():
         return f"task {task_id!r}: field 'query' must be a non-empty string"
+    if "context" in obj and (obj["context"] is None or (isinstance(obj["context"], (str, list, dict))
+                                                        and not (obj["context"].strip() if isinstance(obj["context"], str)
+                                                                 else obj["context"]))):
+        return f"task {task_id!r}: field 'context' is empty; an RLM answers a question about its context"
     if "context" not in obj:
         rel = obj.get("context_path")
         if not isinstance(rel, str) or not rel:

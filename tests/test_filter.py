@@ -224,9 +224,10 @@ def test_filter_stage_writes_datasets_jsonl_rl_set_and_report(tmp_path, rlm_cli)
     assert rates == {**{f"t{i}": 0.5 for i in range(10)}, "t0": pytest.approx(2 / 3)}
 
 
-def test_nothing_kept_still_writes_empty_datasets_with_their_columns(tmp_path):
-    """A run where every episode fails (a base model's first trajectories): the report says
-    why each was dropped and the datasets exist, empty, with the columns training expects."""
+def test_nothing_kept_still_writes_empty_datasets_with_their_columns(tmp_path, capsys):
+    """A run where every episode fails (a base model's first trajectories): a warning says so
+    before anything is written, the report says why each was dropped, and the datasets exist,
+    empty, with the columns training expects."""
     from datasets import load_from_disk
 
     run = tmp_path / "run"
@@ -236,6 +237,9 @@ def test_nothing_kept_still_writes_empty_datasets_with_their_columns(tmp_path):
         append_jsonl(shard, make_traj(THREE_TURNS, task_id=f"t{i}", score=0.0))
     report = flt.run_filter(FilterConfig(trajectories=[str(run)], out=str(tmp_path / "data")))
     assert report["episodes"] == {"kept": 0, "dropped": {"zero_score": 4}}
+    warning = capsys.readouterr().err
+    assert "warning:" in warning and "nothing to keep: all 4 episodes were dropped (zero_score 4)" in warning
+    assert "Loosen the filter" in warning and report["warning"] in warning
     sft = load_from_disk(str(tmp_path / "data" / "sft"))
     assert sft["train"].num_rows == 0 and "messages" in sft["train"].column_names
     assert (tmp_path / "data" / "sft-train.jsonl").read_text() == ""

@@ -205,3 +205,21 @@ def test_shards_split_the_tasks_and_share_one_run_directory(tmp_path):
     assert second["this_run"]["episodes"] == 2 and second["records"] == 5  # the whole store
     assert set(pairs(tmp_path / "out")) == {(f"bench-{i}", 0) for i in range(5)}
     assert len(store.shard_files(tmp_path / "out")) == 2
+
+
+def test_a_run_started_before_a_setting_existed_resumes_after_the_upgrade(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    write_scenario_tasks(tasks, 3)
+    first = run_generate(config(tmp_path, tasks, policy="scripted", num_shards=3, shard_index=0))
+    assert first["records"] == 1
+    manifest = tmp_path / "out" / store.MANIFEST
+    old = json.loads(manifest.read_text())
+    del old["rlm"]["child_max_tokens"]  # as written by a version without that setting
+    del old["rlm"]["sandbox"]["timeout_s"]
+    manifest.write_text(json.dumps(old))
+    again = run_generate(config(tmp_path, tasks, policy="scripted"))
+    assert again["records"] == 3 and again["this_run"]["episodes"] == 2
+    old["rlm"]["max_iterations"] = 9  # a setting that did exist and differs: still a different run
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(UserError, match=r"rlm\.max_iterations is 9 there, 4 here"):
+        run_generate(config(tmp_path, tasks, policy="scripted"))

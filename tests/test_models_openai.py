@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from rlm_train.models.base import PolicyError, SamplingParams
+from rlm_train.models.base import PolicyError, RequestRefused, SamplingParams
 from rlm_train.testing.mock_server import FailPlan, MockHTTPError, MockOpenAIServer
 from rlm_train.models.openai_client import OpenAIPolicy
 
@@ -57,8 +57,9 @@ def test_success_captures_usage_and_maps_sampling():
         assert "SECRET-HINT" not in json.dumps(body) and "hints" not in body  # hints never leave the host
         assert srv.headers[-1]["authorization"] == "Bearer sk-test-key"
         assert "sk-test-key" not in repr(policy)
-        assert policy.stats == {"requests": 1, "retries": 0, "failures": 0,
-                                "prompt_tokens": 5, "completion_tokens": 4}
+        assert policy.stats == {"requests": 1, "retries": 0, "failures": 0, "prompt_tokens": 5,
+                                "completion_tokens": 4, "streamed_tokens": 8, "busy_timeouts": 0}
+        assert body["stream"] is True  # streamed: a live server's tokens keep the request alive
 
 
 def test_length_finish_reason_and_extra_body():
@@ -123,17 +124,73 @@ def test_server_down_then_up_on_same_port():
         srv.close()
 
 
-def test_server_that_never_answers_gives_clear_policy_error():
+def test_a_busy_server_is_retried_only_with_a_longer_timeout_and_fewer_requests(caplog):
+    # Chat requests hang, but /health answers: the server is up and busy, not down.
     with MockOpenAIServer(fail_plan=FailPlan(p=1.0, mode="hang")) as srv:
-        policy = fast_policy([srv.base_url], request_timeout_s=0.2, max_retries=2)
+        policy = fast_policy([srv.base_url], request_timeout_s=0.2, max_retries=2, max_concurrency=8)
         t0 = time.perf_counter()
         with pytest.raises(PolicyError) as info:
             asyncio.run(call_and_close(policy, USER))
-        assert time.perf_counter() - t0 < 2.0  # 3 attempts x 0.2 s + tiny backoff
+        elapsed = time.perf_counter() - t0
+        assert 1.3 < elapsed < 3.0  # 0.2 + 0.4 + 0.8 s: each retry waited twice as long
         msg = str(info.value)
-        assert "\n" not in msg and srv.base_url in msg and "timeout" in msg and "--base-url" in msg
-        assert "3 attempts" in msg and srv.counts["hang"] == 3
-        assert policy.stats["failures"] == 1 and policy.stats["retries"] == 2
+        assert "\n" not in msg and srv.base_url in msg and "3 attempts" in msg
+        assert "busy, not down" in msg and "--request-timeout-s" in msg and "/health answered 200" in msg
+        assert srv.counts["hang"] == 3
+        assert policy.stats["failures"] == 1 and policy.stats["retries"] == 2 and policy.stats["busy_timeouts"] == 3
+        assert policy._sem is not None and policy._sem.limit < 8  # fewer requests in flight after a busy timeout
+    warnings = [r.getMessage() for r in caplog.records if "busy, not down" in r.getMessage()]
+    assert len(warnings) == 1 and "retrying with a 0.4s timeout" in warnings[0]
+
+
+def test_a_server_that_stops_answering_fails_fast_with_that_diagnosis():
+    with MockOpenAIServer() as srv:
+        policy = fast_policy([srv.base_url], request_timeout_s=0.3, max_retries=5, health_timeout_s=0.3)
+
+        async def scenario():
+            first = await policy.chat(USER)
+            srv.freeze()  # like a stopped process: the port is open, nothing answers, /health neither
+            t0 = time.perf_counter()
+            with pytest.raises(PolicyError) as info:
+                await policy.chat(USER)
+            await policy.aclose()
+            return first, time.perf_counter() - t0, str(info.value)
+
+        first, elapsed, msg = asyncio.run(scenario())
+        assert first.text.startswith("echo:")
+        # One silent timeout and one silent health check, not 6 attempts x 0.3 s.
+        assert elapsed < 1.2, elapsed
+        assert "stopped answering" in msg and "/health gave no answer" in msg and "still running" in msg
+        assert policy.stats["retries"] == 0 and policy.stats["failures"] == 1
+
+
+def test_a_slow_but_steady_stream_outlives_the_timeout():
+    # 40 tokens 50 ms apart: a 2 s answer, with a 0.5 s timeout between bytes.
+    text = " ".join(f"w{i}" for i in range(40))
+    with MockOpenAIServer(responder=lambda msgs, body: text, token_latency_s=0.05) as srv:
+        policy = fast_policy([srv.base_url], request_timeout_s=0.5, max_retries=0)
+        c = asyncio.run(call_and_close(policy, USER))
+        assert c.text == text and c.completion_tokens == 40 and c.latency_s > 1.5
+        assert policy.stats["retries"] == 0 and policy.stats["streamed_tokens"] >= 40
+    # Without streaming the same answer is one silent wait longer than the timeout.
+    with MockOpenAIServer(responder=lambda msgs, body: text, latency_s=1.0) as srv:
+        policy = fast_policy([srv.base_url], request_timeout_s=0.5, max_retries=0, stream=False)
+        with pytest.raises(PolicyError, match="busy, not down"):
+            asyncio.run(call_and_close(policy, USER))
+
+
+def test_garbage_bodies_are_retried_and_streams_parse_like_plain_answers():
+    with MockOpenAIServer(fail_plan=FailPlan(first_n=0, p=1.0, mode="garbage")) as srv:
+        policy = fast_policy([srv.base_url], max_retries=1)
+        with pytest.raises(PolicyError, match="malformed response"):
+            asyncio.run(call_and_close(policy, USER))
+        assert srv.counts["garbage"] == 2 and policy.stats["retries"] == 1
+    with MockOpenAIServer(responder=lambda msgs, body: "  two   spaces\nand a line ") as srv:
+        streamed = asyncio.run(call_and_close(fast_policy([srv.base_url]), USER))
+        plain = asyncio.run(call_and_close(fast_policy([srv.base_url], stream=False), USER))
+        assert streamed.text == plain.text == "  two   spaces\nand a line "
+        assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.finish_reason) == (
+            plain.prompt_tokens, plain.completion_tokens, plain.finish_reason)
 
 
 def test_nothing_listening_gives_clear_policy_error():
@@ -168,7 +225,7 @@ def test_4xx_fails_at_once_with_server_message():
 
     with MockOpenAIServer(responder=too_long) as srv:
         policy = fast_policy([srv.base_url])
-        with pytest.raises(PolicyError, match="maximum context length is 2048") as info:
+        with pytest.raises(RequestRefused, match="maximum context length is 2048") as info:
             asyncio.run(call_and_close(policy, USER))
         assert "HTTP 400" in str(info.value)
         assert srv.requests == 1 and policy.stats["retries"] == 0 and policy.stats["failures"] == 1

@@ -90,7 +90,8 @@ class _Policy(_Ours):
     async def open(self) -> None:
         from rlm_train.models.openai_client import OpenAIPolicy
 
-        self.policy = OpenAIPolicy("mock-model", [self.url], max_concurrency=CONCURRENCY, max_retries=0)
+        # Not streamed: the other clients here send the same plain (non-streamed) request.
+        self.policy = OpenAIPolicy("mock-model", [self.url], max_concurrency=CONCURRENCY, max_retries=0, stream=False)
 
     async def post(self, body: bytes) -> str:
         return (await self.policy.chat(MESSAGES)).text  # encodes its own body

@@ -100,8 +100,14 @@ def main(args: argparse.Namespace) -> int:
                Output("report", str(out / "report.json"), "file", "--out" if args.out else "out")]
     if prepare("eval", args, config, inputs=inputs, outputs=outputs, notes=notes):
         return 0
+    from rlm_train.rollouts.progress import Stopped
+
     try:
         report = run_eval(config, report_only=args.report_only)
+    except Stopped as stopped:  # SIGINT or SIGTERM: finished episodes are saved
+        print(f"rlm-train eval: {stopped.message}; the report is written once every method has run",
+              file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         print(f"stopped; finished episodes are saved under {out / RUNS}. Re-run the same command to resume.",
               file=sys.stderr)

@@ -72,7 +72,9 @@ def missing_paths(config: EvalConfig, skip: frozenset[str] = frozenset()) -> lis
     problems = []
     for flag, files in (("tasks", config.tasks), ("train_tasks", config.train_tasks)):
         for f in files:
-            if not Path(f).expanduser().is_file():
+            if Path(f).expanduser().is_dir():
+                problems.append(f"{flag} {f}: is a directory; pass a task JSONL file (e.g. {Path(f) / 'heldout.jsonl'})")
+            elif not Path(f).expanduser().is_file():
                 problems.append(f"{flag} {f}: task file not found")
     for method in config.methods:
         if method.name in skip:

@@ -37,6 +37,11 @@ class PolicyError(Exception):
     """A backend could not produce an answer (after its retries). The message says why."""
 
 
+class RequestRefused(PolicyError):
+    """The server answered this one request with a refusal (HTTP 400/413/422: e.g. a prompt
+    longer than its window). The server is fine; only this request failed."""
+
+
 @runtime_checkable
 class Policy(Protocol):
     name: str  # the spec string it was built from, recorded in trajectories

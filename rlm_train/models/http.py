@@ -23,6 +23,7 @@ import ssl
 import struct
 import time
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import urlsplit
 
 KEEPALIVE_S = 4.0  # reuse idle connections only this long: uvicorn (vLLM) closes them after 5 s
@@ -73,19 +74,22 @@ class Endpoint:
         self.path = parts.path.rstrip("/")  # the URL's path, e.g. /v1; requests name their own target
         self.idle: list[_ClientConnection] = []
 
-    async def request(self, method: str, target: str, body: bytes = b"", headers: str = "") -> Response:
+    async def request(self, method: str, target: str, body: bytes = b"", headers: str = "",
+                      on_data: Callable[[bytes], None] | None = None) -> Response:
         """One request and its response. `headers`: extra header lines, each ending in CRLF
-        (Host and Content-Length are added here). Raises OSError for a refused or reset
-        connection, EOFError or ValueError for a cut or garbled response."""
+        (Host and Content-Length are added here). `on_data(bytes)` sees the response's bytes
+        as they arrive (a streamed answer's tokens show the server is alive). Raises OSError
+        for a refused or reset connection, EOFError or ValueError for a cut or garbled
+        response."""
         data = (f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n{headers}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
         conn = self._take_idle()
         if conn is not None:
             try:
-                return await self._exchange(conn, data, reused=True)
+                return await self._exchange(conn, data, reused=True, on_data=on_data)
             except _StaleConnection:
                 pass  # the server had closed this idle connection; the request never ran
-        return await self._exchange(await self._connect(), data, reused=False)
+        return await self._exchange(await self._connect(), data, reused=False, on_data=on_data)
 
     def close(self) -> None:
         """Close every idle connection (ones in use close when their request ends)."""
@@ -111,10 +115,11 @@ class Endpoint:
                                                ssl=_ssl_context() if self.tls else None)
         return conn
 
-    async def _exchange(self, conn: _ClientConnection, data: bytes, reused: bool) -> Response:
+    async def _exchange(self, conn: _ClientConnection, data: bytes, reused: bool,
+                        on_data: Callable[[bytes], None] | None = None) -> Response:
         keep = False
         try:
-            resp, keep = await conn.request(data)
+            resp, keep = await conn.request(data, on_data)
             return resp
         except _NoResponse:
             if reused:  # the server closed this idle connection before it saw our request
@@ -141,6 +146,9 @@ class _ClientConnection(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self.closed = False
         self.last_used = time.monotonic()
+        self.on_data: Callable[[bytes], None] | None = None
+        self.head_end = -1  # where the current response's head ends, once seen
+        self.chunked = False  # whether that response is chunked (then complete only at its 0-size chunk)
 
     # -- protocol callbacks
     def connection_made(self, transport) -> None:
@@ -148,7 +156,10 @@ class _ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        self._try_finish()
+        if self.on_data is not None:
+            self.on_data(data)
+        if self._maybe_complete():
+            self._try_finish()
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -178,10 +189,11 @@ class _ClientConnection(asyncio.Protocol):
                 pass
         self.transport.abort()
 
-    async def request(self, data: bytes) -> tuple[Response, bool]:
+    async def request(self, data: bytes, on_data: Callable[[bytes], None] | None = None) -> tuple[Response, bool]:
         if self.transport is None:
             raise EOFError("the connection is not open")
         self.buffer.clear()
+        self.head_end, self.chunked, self.on_data = -1, False, on_data
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         self._try_finish()  # the connection may have closed already
@@ -189,6 +201,19 @@ class _ClientConnection(asyncio.Protocol):
             return await self.waiter
         finally:
             self.waiter = None
+            self.on_data = None
+
+    def _maybe_complete(self) -> bool:
+        """Whether the buffer may hold a whole response. A streamed answer arrives as
+        hundreds of small chunks: parsing the growing buffer on each would cost quadratic
+        time, so a chunked body is parsed only once it ends like its last chunk."""
+        if self.head_end < 0:
+            self.head_end = self.buffer.find(b"\r\n\r\n")
+            if self.head_end < 0:
+                return len(self.buffer) > MAX_HEAD  # let the parser refuse it
+            head = bytes(self.buffer[:self.head_end]).lower()
+            self.chunked = b"transfer-encoding" in head and b"chunked" in head and not head.startswith(b"http/1.1 1")
+        return not self.chunked or self.buffer.endswith(b"0\r\n\r\n")
 
     def _try_finish(self) -> None:
         waiter = self.waiter

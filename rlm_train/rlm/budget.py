@@ -11,15 +11,22 @@ class BudgetExhausted(Exception):
 
 
 class Budget:
+    """Limits on sub-calls, tokens and wall time. A child RLM's budget has the tree's as its
+    `parent`: what the child spends counts against both, and either running out stops it."""
+
     def __init__(
         self,
         max_subcalls: int | None = None,
         max_tokens: int | None = None,
         max_wall_s: float | None = None,
+        parent: Budget | None = None,
+        name: str = "",
     ):
         self.max_subcalls = max_subcalls
         self.max_tokens = max_tokens
         self.max_wall_s = max_wall_s
+        self.parent = parent
+        self.name = name  # e.g. "child RLM ": where a budget's message says whose it is
         self.started = time.monotonic()
         self.subcalls = 0
         self.tokens = 0
@@ -39,14 +46,18 @@ class Budget:
         """Raise if the episode is out of wall time or tokens (or already exhausted)."""
         if self.exhausted:
             raise BudgetExhausted(self.exhausted)
+        if self.parent is not None:
+            self.parent.check()
         if self.max_wall_s is not None and self.elapsed() > self.max_wall_s:
-            self._exhaust(f"wall time budget of {self.max_wall_s:g}s exhausted")
+            self._exhaust(f"{self.name}wall time budget of {self.max_wall_s:g}s exhausted")
         if self.max_tokens is not None and self.tokens > self.max_tokens:
-            self._exhaust(f"token budget of {self.max_tokens} exhausted ({self.tokens} used)")
+            self._exhaust(f"{self.name}token budget of {self.max_tokens} exhausted ({self.tokens} used)")
 
     def reserve_subcalls(self, n: int) -> None:
         """Reserve n sub-calls up front, so a runaway fan-out is refused before it starts."""
         self.check()
+        if self.parent is not None:
+            self.parent.reserve_subcalls(n)
         with self._lock:
             fits = self.max_subcalls is None or self.subcalls + n <= self.max_subcalls
             if fits:
@@ -60,3 +71,5 @@ class Budget:
     def add_tokens(self, n: int) -> None:
         with self._lock:
             self.tokens += n
+        if self.parent is not None:
+            self.parent.add_tokens(n)

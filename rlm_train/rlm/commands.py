@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rlm_train import eventloop
 from rlm_train.config import load_config
@@ -83,6 +84,8 @@ def main(args: argparse.Namespace) -> int:
 
     config = load_config(RLMConfig, args.recipe, args.overrides,
                          flags={"max_depth": args.max_depth, "max_iterations": args.max_iterations})
+    if not args.query.strip():
+        raise UserError("--query is empty; pass the question to answer about the context, e.g. --query 'Who wrote it?'")
     policies = {"policy": args.policy, "sub_policy": args.sub_policy}
     for spec in policies.values():
         if spec:
@@ -91,9 +94,12 @@ def main(args: argparse.Namespace) -> int:
     inputs = {"context_file": args.context_file, "query": args.query, **policies,
               "base_url": args.base_url, "sub_base_url": args.sub_base_url}
     notes = ["answer: printed on stdout", *missing_inputs({"context_file": args.context_file})]
+    # Read before the plan, so an empty or unreadable file fails a dry run too (a missing one is a plan note).
+    context = read_context_file(args.context_file) if Path(args.context_file).exists() else None
     if prepare("run", args, config, inputs=inputs, outputs=outputs, notes=notes):
         return 0
-    context = read_context_file(args.context_file)
+    if context is None:
+        context = read_context_file(args.context_file)
     policy, sub_policy = build_policies(args.policy, args.sub_policy, args.base_url, args.sub_base_url,
                                         client_options(args))
     hints = {"family": args.family} if args.family else {}
@@ -109,8 +115,6 @@ def main(args: argparse.Namespace) -> int:
 
     record = eventloop.run(go())
     if args.trajectory_out:
-        from pathlib import Path
-
         Path(args.trajectory_out).parent.mkdir(parents=True, exist_ok=True)
         append_jsonl(args.trajectory_out, record)
     stats = record["stats"]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from pydantic import Field
 
 from rlm_train.config import StrictModel
-from rlm_train.models.base import Completion, Policy, PolicyError, SamplingParams
+from rlm_train.models.base import Completion, Policy, PolicyError, RequestRefused, SamplingParams
 from rlm_train.records import (
     TRAJECTORY_SCHEMA,
     EpisodeRecord,
@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# The start of `error` for a root call the server refused (HTTP 400: e.g. longer than its
+# window): the server answered, so this is not a server that is down.
+REFUSED = "model call refused: "
+
 
 class RLMConfig(StrictModel):
     """How one RLM episode runs."""
@@ -63,7 +67,14 @@ class RLMConfig(StrictModel):
     prompt_style: str = Field("full", pattern="^(full|compact)$")
     """System prompt variant: `full`, or `compact` for small models."""
     sub_model_chars: int = Field(100_000, ge=1000)
-    """How much text the prompt tells the model a sub-call can read."""
+    """Longest prompt of one sub-call (llm_query, and rlm_query's prompt), in characters. The
+    system prompt tells the model this number; a longer prompt is refused before anything is
+    sent, with a message back to the REPL (split the text). Size the server's window to fit it:
+    `rlm.window.server_window_tokens`."""
+    child_max_tokens: int | None = Field(200_000, ge=1)
+    """Prompt + completion tokens one child RLM (rlm_query) may spend, its own sub-calls
+    included; it then stops and rlm_query returns a note instead of an answer. None = only the
+    whole tree's max_tokens."""
     feedback_chars: int = Field(4000, ge=200)
     """REPL output characters fed back to the model per turn (the rest is cut with a note)."""
     record_chars: int = Field(2000, ge=0)
@@ -115,12 +126,30 @@ class _Episode:
     tree: _Tree
     depth: int
     query: str
+    budget: Budget  # the tree's, or a child RLM's own (whose parent is the tree's)
     subcalls: list[SubCallRecord] = field(default_factory=list)  # the current turn's sub-calls
 
     # -- sub-calls, on the event loop ---------------------------------------------------
-    async def llm_batch(self, prompts_: list[str]) -> list[str]:
-        self.tree.budget.reserve_subcalls(len(prompts_))
+    async def llm_batch(self, prompts_: list[str], kind: str = "llm_query") -> list[str]:
+        self._refuse_long("llm", prompts_, kind)
+        self.budget.reserve_subcalls(len(prompts_))
         return list(await asyncio.gather(*(self._llm_one(p) for p in prompts_)))
+
+    def _refuse_long(self, record_kind: str, prompts_: list[str], kind: str) -> None:
+        """A prompt longer than the sub-model reads is refused before anything is sent: the
+        server would answer 400 (or cut it), and the REPL can split it instead."""
+        limit = self.tree.config.sub_model_chars
+        for i, prompt in enumerate(prompts_):
+            if len(prompt) > limit:
+                which = f"prompt {i + 1} of {len(prompts_)}" if len(prompts_) > 1 else "prompt"
+                fix = ("pass the long text as rlm_query's context instead" if kind == "rlm_query"
+                       else "split the text into smaller chunks (llm_query_batched over the pieces)")
+                if kind == "rlm_query at the depth limit":  # it became llm_query(prompt + context)
+                    fix = "at the depth limit rlm_query reads its context inline: split the context into smaller chunks"
+                message = (f"{kind} {which} has {len(prompt):,} characters; a sub-call reads at most {limit:,} "
+                           f"(rlm.sub_model_chars). Nothing was sent: {fix}")
+                self._record_subcall(record_kind, prompt, None, None, time.monotonic(), error=message)
+                raise ValueError(message)
 
     async def _llm_one(self, prompt: str) -> str:
         tree = self.tree
@@ -128,27 +157,30 @@ class _Episode:
         hints = {**tree.hints, "role": "sub", "depth": self.depth + 1}
         started = time.monotonic()
         async with tree.semaphore:
-            tree.budget.check()
+            self.budget.check()
             try:
                 completion = await tree.sub_policy.chat([{"role": "user", "content": prompt}], sampling, hints)
             except PolicyError as exc:
                 self._record_subcall("llm", prompt, None, None, started, error=str(exc))
                 raise
-        tree.budget.add_tokens(completion.prompt_tokens + completion.completion_tokens)
+        self.budget.add_tokens(completion.prompt_tokens + completion.completion_tokens)
         self._record_subcall("llm", prompt, completion.text, completion, started)
         return completion.text
 
     async def rlm_batch(self, requests: list[tuple[str, Any]]) -> list[str]:
         if self.depth + 1 > self.tree.config.max_depth:
             # At the depth limit a recursive call becomes a plain sub-model call.
-            return await self.llm_batch([_inline_context(p, c) for p, c in requests])
-        self.tree.budget.reserve_subcalls(len(requests))
+            return await self.llm_batch([_inline_context(p, c) for p, c in requests], kind="rlm_query at the depth limit")
+        self._refuse_long("rlm", [p for p, _ in requests], "rlm_query")
+        self.budget.reserve_subcalls(len(requests))
         return list(await asyncio.gather(*(self._rlm_one(p, c) for p, c in requests)))
 
     async def _rlm_one(self, prompt: str, context: Any) -> str:
         started = time.monotonic()
         child_context = prompt if context is None else context
-        child = await _run_tree_episode(self.tree, prompt, child_context, self.depth + 1)
+        limit = self.tree.config.child_max_tokens
+        budget = Budget(max_tokens=limit, parent=self.budget, name="child RLM ") if limit is not None else self.budget
+        child = await _run_tree_episode(self.tree, prompt, child_context, self.depth + 1, budget)
         answer = child["final"]
         if answer is None:
             answer = f"(the child RLM gave no answer: {child['outcome']}{': ' + child['error'] if child['error'] else ''})"
@@ -225,7 +257,7 @@ async def run_episode(
         loop=asyncio.get_running_loop(),
         on_turn=on_turn,
     )
-    episode = await _run_tree_episode(tree, query, context, depth=0)
+    episode = await _run_tree_episode(tree, query, context, 0, tree.budget)
     record: TrajectoryRecord = {
         **episode,
         "schema": TRAJECTORY_SCHEMA,
@@ -242,11 +274,11 @@ async def run_episode(
     return record
 
 
-async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -> EpisodeRecord:
+async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int, budget: Budget) -> EpisodeRecord:
     from rlm_train.repl import REPLSession
 
     config = tree.config
-    episode = _Episode(tree=tree, depth=depth, query=query)
+    episode = _Episode(tree=tree, depth=depth, query=query, budget=budget)
     messages = [
         {"role": "system", "content": prompts.system_prompt(config.prompt_style, context, config.sub_model_chars)},
         {"role": "user", "content": prompts.first_user_prompt(query, context)},
@@ -273,10 +305,12 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int) -
             if final is not None:
                 outcome = Outcome.FINAL if not forced else Outcome.MAX_ITERATIONS
                 break
-            if tree.budget.exhausted:
-                raise BudgetExhausted(tree.budget.exhausted)
+            if budget.exhausted:
+                raise BudgetExhausted(budget.exhausted)
     except BudgetExhausted as exc:
         outcome, error = Outcome.BUDGET, str(exc)
+    except RequestRefused as exc:  # only this request: the episode is recorded with it
+        outcome, error, error_kind = Outcome.ERROR, f"{REFUSED}{exc}", ErrorKind.MODEL
     except PolicyError as exc:
         outcome, error, error_kind = Outcome.ERROR, f"model call failed: {exc}", ErrorKind.MODEL
     except SandboxError as exc:
@@ -315,13 +349,13 @@ async def _run_turn(tree: _Tree, episode: _Episode, session_future: asyncio.Futu
                     messages: list[dict[str, Any]], turn_index: int, forced: bool) -> tuple[TurnRecord, str | None]:
     """One root turn: ask the model, run its code, feed the output back. Returns (turn, final)."""
     config = tree.config
-    tree.budget.check()
+    episode.budget.check()
     sampling = SamplingParams(max_tokens=config.root_max_tokens, temperature=config.temperature)
     hints = {**tree.hints, "role": "root", "depth": episode.depth, "turn": turn_index, "last_turn": forced}
     if episode.depth > 0:
         hints["query"] = episode.query
     completion = await tree.policy.chat(list(messages), sampling, hints)
-    tree.budget.add_tokens(completion.prompt_tokens + completion.completion_tokens)
+    episode.budget.add_tokens(completion.prompt_tokens + completion.completion_tokens)
     text = completion.text
     messages.append({"role": "assistant", "content": text})
     turn: TurnRecord = {
@@ -341,7 +375,7 @@ async def _run_turn(tree: _Tree, episode: _Episode, session_future: asyncio.Futu
     final = None
     text_final = find_final(text)
     if turn["code_blocks"] or text_final:
-        final = await _run_code(tree, await session_future, turn, text_final)
+        final = await _run_code(episode.budget, await session_future, turn, text_final)
     else:
         turn["parse_error"] = "no code block and no FINAL"
     turn["final"] = final
@@ -357,14 +391,14 @@ async def _run_turn(tree: _Tree, episode: _Episode, session_future: asyncio.Futu
     return turn, final
 
 
-async def _run_code(tree: _Tree, session: REPLSession, turn: TurnRecord, text_final: FinalCall | None) -> str | None:
+async def _run_code(budget: Budget, session: REPLSession, turn: TurnRecord, text_final: FinalCall | None) -> str | None:
     """Run the turn's code blocks until one calls FINAL, then a FINAL written in prose."""
     for code in turn["code_blocks"]:
         result = await _in_thread(session.execute, code)
         turn["executions"].append(_result_dict(code, result))
         if result.final is not None:
             return result.final
-        if tree.budget.exhausted:
+        if budget.exhausted:
             break
     if text_final is None:
         return None

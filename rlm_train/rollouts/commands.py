@@ -73,8 +73,13 @@ def main(args: argparse.Namespace) -> int:
     flag = "--out" if args.out else "out"
     if prepare("generate", args, config, inputs=inputs, outputs=[Output("run_dir", config.out, "dir", flag)], notes=notes):
         return 0
+    from rlm_train.rollouts.progress import Stopped
+
     try:
         summary = run_generate(config)
+    except Stopped as stopped:  # SIGINT or SIGTERM: finished episodes and the summary are saved
+        print(f"rlm-train generate: {stopped.message}", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         print(f"stopped; finished episodes are saved in {config.out}. Re-run the same command to resume.",
               file=sys.stderr)

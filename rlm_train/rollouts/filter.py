@@ -287,8 +287,10 @@ def rl_prompts(records: list[TrajectoryRecord], tasks: dict[str, tuple[TaskRecor
 # The whole stage
 
 
-def load_task_index(config: FilterConfig, manifests: list[dict[str, Any]]) -> dict[str, tuple[TaskRecord, str]]:
-    """task_id -> (task, absolute task file) from --tasks, else the runs' manifests."""
+def load_task_index(config: FilterConfig, manifests: list[dict[str, Any]],
+                    problems: list[str] | None = None) -> dict[str, tuple[TaskRecord, str]]:
+    """task_id -> (task, absolute task file) from --tasks, else the runs' manifests. Bad task
+    lines are skipped quietly (generate reported them) and added to `problems`."""
     from pathlib import Path
 
     from rlm_train.rollouts.tasks_file import load_tasks
@@ -299,18 +301,20 @@ def load_task_index(config: FilterConfig, manifests: list[dict[str, Any]]) -> di
         path = Path(name)
         if not path.is_file():
             continue  # reported by the caller as a missing RL set
-        tasks, _ = load_tasks(path, skip_bad_lines=True)
+        tasks, bad = load_tasks(path, skip_bad_lines=True, warn=False)
+        if problems is not None:
+            problems += bad
         for task in tasks:
             index.setdefault(task["id"], (task, str(path.resolve())))
     return index
 
 
-def run_filter(config: FilterConfig) -> dict[str, Any]:
-    """Read, filter, split and write; returns the filter report (also written as JSON)."""
+def select(config: FilterConfig) -> dict[str, Any]:
+    """Read, score and filter: everything `run_filter` does before writing (a dry run shows
+    it). `warning` says, before anything is written, when nothing at all is kept."""
     from pathlib import Path
 
     from rlm_train.errors import UserError
-    from rlm_train.formats import write_text_atomic
     from rlm_train.rollouts import store
     from rlm_train.rollouts.generate import load_scorer
 
@@ -328,7 +332,8 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
     if not records:
         raise UserError(f"{', '.join(config.trajectories)}: no trajectory records found")
     records.sort(key=lambda r: (str(r.get("task_id")), r.get("sample") or 0))
-    tasks = load_task_index(config, manifests)
+    bad_task_lines: list[str] = []
+    tasks = load_task_index(config, manifests, bad_task_lines)
 
     # Records written without a scorer get scored here when their task is known.
     scorer = load_scorer()
@@ -357,39 +362,77 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
         samples = dedupe(samples, dropped_turns)
 
     validation = split_tasks([str(r.get("task_id")) for r in records], config.validation_fraction, config.split_seed)
-    sft = {"train": [s.row() for s in samples if s.task_id not in validation],
-           "validation": [s.row() for s in samples if s.task_id in validation]}
     dropped_rl: Counter[str] = Counter()
     rl_rows = rl_prompts(records, tasks, config, dropped_rl)
+    warning = None
+    if not samples and not rl_rows:
+        warning = nothing_kept(config, records, dropped_episodes)
+    elif not samples:
+        warning = (f"no SFT sample kept (episodes dropped: {', '.join(f'{k} {n}' for k, n in dropped_episodes.most_common())}"
+                   "); only the RL prompt set has rows")
+    return {"warning": warning, "records": records, "read": read, "tasks": tasks, "bad_task_lines": bad_task_lines,
+            "scored_here": scored_here, "kept": kept, "samples": samples, "validation": validation,
+            "dropped_episodes": dropped_episodes, "dropped_turns": dropped_turns, "rl_rows": rl_rows,
+            "dropped_rl": dropped_rl}
+
+
+def nothing_kept(config: FilterConfig, records: list[TrajectoryRecord], dropped: Counter[str]) -> str:
+    """Why a filter keeps nothing, and what to do, in one line."""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in dropped.most_common())
+    head = (f"{', '.join(config.trajectories)}: nothing to keep: all {len(records)} episodes were dropped "
+            f"({reasons}), so the SFT and RL sets are empty and training on them would fail")
+    errors = dropped.get(f"outcome_{Outcome.ERROR.value}", 0)
+    if errors == len(records):
+        first = next((r.get("error") or "" for r in records if r.get("error")), "").splitlines()
+        return (f"{head}. Every episode failed ({first[0] if first else 'no error recorded'}): fix the cause "
+                "and re-run `rlm-train generate` before training on this run")
+    return (f"{head}. Loosen the filter (keep_outcomes, min_score, min_turns) or generate with a stronger "
+            "policy (e.g. --policy scripted)")
+
+
+def run_filter(config: FilterConfig) -> dict[str, Any]:
+    """Read, filter, split and write; returns the filter report (also written as JSON)."""
+    import sys
+    from pathlib import Path
+
+    from rlm_train.formats import write_jsonl_atomic, write_text_atomic
+    from rlm_train.rollouts.rl_prompts import write_rl_prompt_set
+
+    chosen = select(config)
+    assert config.out is not None  # select refused None
+    samples, validation, rl_rows, read = chosen["samples"], chosen["validation"], chosen["rl_rows"], chosen["read"]
+    if chosen["warning"]:
+        print(f"warning: {chosen['warning']}", file=sys.stderr)
+    sft = {"train": [s.row() for s in samples if s.task_id not in validation],
+           "validation": [s.row() for s in samples if s.task_id in validation]}
     rl = {"train": [r for r in rl_rows if r["task_id"] not in validation],
           "validation": [r for r in rl_rows if r["task_id"] in validation]}
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_datasets(out / "sft", sft, _sft_features())
-    from rlm_train.formats import write_jsonl_atomic
-    from rlm_train.rollouts.rl_prompts import write_rl_prompt_set
-
     for split in ("train", "validation"):
         write_jsonl_atomic(out / f"sft-{split}.jsonl", sft[split])
     write_rl_prompt_set(out, rl)
 
     repairs = Counter(name for s in samples for name in s.repairs)
     n_samples = len(samples)
+    tasks = chosen["tasks"]
     report = {
-        "inputs": {"sources": list(config.trajectories), "files": read.files, "trajectories": len(records),
+        "inputs": {"sources": list(config.trajectories), "files": read.files, "trajectories": len(chosen["records"]),
                    "torn_lines": read.torn_lines, "bad_lines": read.bad_lines, "duplicate_records": read.duplicates,
-                   "scored_here": scored_here},
-        "episodes": {"kept": kept, "dropped": dict(sorted(dropped_episodes.items()))},
-        "turns": {"samples": n_samples, "dropped": dict(sorted(dropped_turns.items()))},
+                   "bad_task_lines": chosen["bad_task_lines"], "scored_here": chosen["scored_here"]},
+        "episodes": {"kept": chosen["kept"], "dropped": dict(sorted(chosen["dropped_episodes"].items()))},
+        "turns": {"samples": n_samples, "dropped": dict(sorted(chosen["dropped_turns"].items()))},
         "repairs": {**dict(sorted(repairs.items())),
                     "samples_repaired": sum(1 for s in samples if s.repairs),
                     "fraction_repaired": round(sum(1 for s in samples if s.repairs) / n_samples, 4) if n_samples else 0.0},
         "sft": {split: {"samples": len(rows), "tasks": len({r["task_id"] for r in rows})} for split, rows in sft.items()},
         "rl": {"train": len(rl["train"]), "validation": len(rl["validation"]),
-               "dropped": dict(sorted(dropped_rl.items())),
+               "dropped": dict(sorted(chosen["dropped_rl"].items())),
                "task_files": sorted({t[1] for t in tasks.values()})},
         "outputs": {"sft": str(out / "sft"), "rl": str(out / "rl"), "jsonl": str(out)},
+        "warning": chosen["warning"],
         "config": config.model_dump(),
     }
     write_text_atomic(out / "filter_report.json", json.dumps(report, indent=2) + "\n")
@@ -409,10 +452,17 @@ def _sft_features():
 
 def format_report(report: dict[str, Any]) -> str:
     inputs, episodes, turns = report["inputs"], report["episodes"], report["turns"]
+    bad = inputs.get("bad_lines") or []
+    bad_tasks = inputs.get("bad_task_lines") or []
     lines = [f"{inputs['trajectories']} trajectories read from {inputs['files']} files"
              + (f" ({inputs['torn_lines']} torn lines skipped)" if inputs["torn_lines"] else "")
-             + (f" ({inputs['duplicate_records']} duplicate records skipped)" if inputs["duplicate_records"] else ""),
-             "", f"{'rule':<34}{'dropped':>9}"]
+             + (f" ({inputs['duplicate_records']} duplicate records skipped)" if inputs["duplicate_records"] else "")]
+    if bad:
+        lines.append(f"{len(bad)} corrupt trajectory lines skipped: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    if bad_tasks:
+        lines.append(f"{len(bad_tasks)} bad task-file lines skipped (as generate did): "
+                     f"{bad_tasks[0].partition(': ')[0]}{' ...' if len(bad_tasks) > 1 else ''}")
+    lines += ["", f"{'rule':<34}{'dropped':>9}"]
     for reason, n in episodes["dropped"].items():
         lines.append(f"{'episode: ' + reason:<34}{n:>9}")
     lines.append(f"{'episodes kept':<34}{episodes['kept']:>9}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
-from rlm_train.stage import Kind, Output, add_stage_arguments, missing_inputs, prepare
+from rlm_train.stage import Kind, Output, add_stage_arguments, check_output, missing_inputs, prepare
 
 # What run_filter writes under --out: (name, kind).
 OUTPUTS: list[tuple[str, Kind]] = [("sft", "dir"), ("sft-train.jsonl", "file"), ("sft-validation.jsonl", "file"),
@@ -50,7 +50,21 @@ def main(args: argparse.Namespace) -> int:
                *(Output(name, str(Path(config.out) / name), kind, flag) for name, kind in OUTPUTS)]
     inputs = {"trajectories": config.trajectories, "tasks": config.tasks}
     notes = [] if config.tasks else ["tasks: the task files named in the runs' manifests"]
-    notes += missing_inputs(inputs)
+    missing = missing_inputs(inputs)
+    notes += missing
+    if args.dry_run and not missing:
+        # What a real run would keep: a run that keeps nothing is warned about here too.
+        from rlm_train.rollouts.filter import select
+
+        for out in outputs:  # a bad output path first, as prepare() would
+            check_output(out.path, out.kind, out.flag)
+
+        chosen = select(config)
+        dropped = ", ".join(f"{k} {n}" for k, n in chosen["dropped_episodes"].most_common()) or "none"
+        notes.append(f"would keep {chosen['kept']} of {len(chosen['records'])} episodes (dropped: {dropped}): "
+                     f"{len(chosen['samples'])} SFT samples, {len(chosen['rl_rows'])} RL prompts")
+        if chosen["warning"]:
+            notes.append(f"warning: {chosen['warning']}")
     if prepare("filter", args, config, inputs=inputs, outputs=outputs, notes=notes):
         return 0
     report = run_filter(config)

@@ -30,8 +30,10 @@ from rlm_train.models.base import Policy
 from rlm_train.policies.spec import ClientOptions
 from rlm_train.policies.spec import build_policies as build_policies_from_specs
 from rlm_train.records import ErrorKind, Outcome, TaskRecord, TrajectoryRecord
-from rlm_train.rlm.loop import RLMConfig
+from rlm_train.rlm.loop import REFUSED, RLMConfig
 from rlm_train.rollouts import store
+from rlm_train.rollouts.progress import Progress, StopOnSignals, Stopped, streamed_tokens
+from rlm_train.rollouts.shards import shard_pairs
 from rlm_train.rollouts.tasks_file import load_tasks
 
 
@@ -58,7 +60,7 @@ class GenerateConfig(StrictModel):
     skip_bad_lines: bool = False
     """Skip task lines that are not valid tasks (each reported with its line number) instead of stopping."""
     shard_index: int = Field(0, ge=0)
-    """This process takes tasks i with i % num_shards == shard_index (e.g. a Slurm array task)."""
+    """This process runs the (task, sample) pairs rollouts/shards.py assigns to it (e.g. a Slurm array task)."""
     num_shards: int = Field(1, ge=1)
     """Processes splitting the task file between them, all writing into the same run directory."""
     client: ClientOptions = Field(default_factory=lambda: ClientOptions(max_concurrency=1024))
@@ -183,46 +185,20 @@ class _Writer:
 
     def _down_message(self) -> str:
         error = (self.streak[-1]["error"] or "").splitlines()[0]
+        if error.startswith(REFUSED):  # the server answered, with a refusal: the config, not the server
+            return (
+                f"the server refused {len(self.streak)} episodes in a row, stopping ({error}). They were not "
+                "recorded. Make the requests fit the server (a larger --max-model-len on the server, or smaller "
+                "rlm.root_max_tokens / rlm.sub_model_chars), then re-run the same command"
+            )
         return (
             f"{len(self.streak)} episodes in a row got no answer from the server, stopping ({error}). "
             f"They were not recorded: re-run the same command to retry them"
         )
 
 
-class _Progress:
-    """tqdm bar with rate and ETA, and the running mean score of this process run."""
-
-    def __init__(self, total: int, resumed: int, enabled: bool):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc="generate", unit="ep", file=sys.stderr, disable=not enabled,
-                        mininterval=0.5, smoothing=0.05, dynamic_ncols=True)
-        self.scores: list[float] = []
-        self.errors = 0
-        if resumed:
-            self.bar.write(f"resuming: {resumed} episodes already recorded, {total} to go", file=sys.stderr)
-
-    def update(self, record: TrajectoryRecord) -> None:
-        score = record.get("score")
-        if score is not None:
-            self.scores.append(score)
-        if record["outcome"] == Outcome.ERROR:
-            self.errors += 1
-        mean = f"{statistics.fmean(self.scores):.3f}" if self.scores else "-"
-        self.bar.set_postfix_str(f"score={mean} errors={self.errors}", refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _jobs(tasks: list[TaskRecord], samples: int, done: set[tuple[str | None, int | None]]) -> list[tuple[TaskRecord, int]]:
-    # A task's samples run next to each other, so its context is loaded once for all of them.
-    return [(task, k) for task in tasks for k in range(samples) if (task["id"], k) not in done]
-
-
 async def _run_jobs(jobs: list[tuple[TaskRecord, int]], config: GenerateConfig, policy: Policy, sub_policy: Policy | None,
-                    task_file: Path, scorer: Scorer | None, writer: _Writer, progress: _Progress) -> None:
+                    task_file: Path, scorer: Scorer | None, writer: _Writer, progress: Progress) -> None:
     from rlm_train.rlm import run_episode
 
     samples_left = Counter(task["id"] for task, _ in jobs)
@@ -232,7 +208,8 @@ async def _run_jobs(jobs: list[tuple[TaskRecord, int]], config: GenerateConfig, 
     async def episode(task: TaskRecord, k: int) -> None:
         context = await contexts.get(task)
         hints = {"family": task.get("family"), "task_id": task["id"], "sample": k, "meta": task.get("meta") or {}}
-        record = await run_episode(task["query"], context, policy, sub_policy, config.rlm, hints=hints, task_id=task["id"])
+        record = await run_episode(task["query"], context, policy, sub_policy, config.rlm, hints=hints, task_id=task["id"],
+                                   on_turn=progress.turn)
         contexts.release(task)
         record["sample"] = k
         record["family"] = task.get("family")
@@ -245,9 +222,18 @@ async def _run_jobs(jobs: list[tuple[TaskRecord, int]], config: GenerateConfig, 
         for task, k in queue:
             await episode(task, k)
 
-    async with asyncio.TaskGroup() as group:
-        for _ in range(min(config.concurrency, len(jobs))):
-            group.create_task(worker())
+    async def ticker() -> None:  # signs of life while no episode finishes
+        while True:
+            await asyncio.sleep(1.0)
+            progress.tick()
+
+    tick = asyncio.create_task(ticker())
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(config.concurrency, len(jobs))):
+                group.create_task(worker())
+    finally:
+        tick.cancel()
 
 
 def check_config(config: GenerateConfig) -> None:
@@ -267,7 +253,7 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
     assert config.tasks and config.out  # for the type checker: check_config refused None
     task_file = Path(config.tasks)
     tasks, problems = load_tasks(task_file, config.skip_bad_lines)
-    tasks = [t for i, t in enumerate(tasks) if i % config.num_shards == config.shard_index]
+    mine = shard_pairs(tasks, config.samples, config.shard_index, config.num_shards)  # this shard's (task, sample)
     if policy is None:
         policy, sub_policy = build_policies(config)
     identity = run_identity(config, task_file, store.file_sha256(task_file))
@@ -282,26 +268,37 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
         for record in store.iter_records(out) if resuming else ():
             done.add((record.get("task_id"), record.get("sample")))
             summary.add(record)
-        jobs = _jobs(tasks, config.samples, done)
+        jobs = [(task, k) for task, k in mine if (task["id"], k) not in done]
         scorer = load_scorer()
         if scorer is None:
             print("note: rlm_train.tasks.score is not available; trajectories are written without scores",
                   file=sys.stderr)
         started = time.monotonic()
         writer = _Writer(store.new_shard_path(out, slot), config.max_consecutive_failures, summary)
-        progress = _Progress(len(jobs), resumed=len(tasks) * config.samples - len(jobs), enabled=config.progress)
+        progress = Progress(len(jobs), resumed=len(mine) - len(jobs), enabled=config.progress,
+                            live_tokens=streamed_tokens(policy, sub_policy))
+        stop = StopOnSignals()
 
         async def go():
+            main = asyncio.current_task()
+            assert main is not None
+            stop.install(main)
             try:
                 await _run_jobs(jobs, config, policy, sub_policy, task_file, scorer, writer, progress)
+            except asyncio.CancelledError:
+                if stop.signum is None:
+                    raise
+                main.uncancel()  # stopped by a signal: the summary below is still written
             finally:
+                stop.remove()
                 await policy.aclose()
                 if sub_policy is not None and sub_policy is not policy:
                     await sub_policy.aclose()
 
         try:
             eventloop.run(go())
-            writer.finish()
+            if stop.signum is None:
+                writer.finish()
         except* UserError as group:  # e.g. ServerDown, raised inside an episode task
             raise group.exceptions[0] from None
         finally:
@@ -324,6 +321,9 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
     result = summary.as_dict(this_run)
     result["run_dir"] = str(out)
     write_text_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
+    if stop.signum is not None:
+        raise Stopped(stop.signum, f"stopped: {writer.written} episodes saved this run, {summary.records} in {out} "
+                                   f"in all; re-run the same command to resume")
     return result
 
 
@@ -403,8 +403,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['records']} trajectories in {summary.get('run_dir', '')}  "
         f"(this run: {run.get('episodes', 0)} episodes in {run.get('wall_s', 0):.1f}s, "
-        f"{run.get('episodes_per_s') or 0:.2f} ep/s, {run.get('errors', 0)} errors, "
-        f"{run.get('retries') if run.get('retries') is not None else '-'} retries)",
+        f"{run.get('episodes_per_s') or 0:.2f} ep/s, {run.get('errors', 0)} errors"
+        + (f", {run['retries']} retries)" if run.get("retries") is not None else ")"),
         "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["outcomes"].items())),
         "",
         f"{'family':<14}{'episodes':>9}{'score':>8}{'final':>7}{'errors':>7}{'turns':>7}{'sub-calls':>10}",

@@ -126,7 +126,9 @@ def open_run(directory: str | Path, manifest: dict[str, Any]) -> bool:
     directory = Path(directory)
     existing = read_manifest(directory)
     if existing is None:
-        leftovers = [p.name for p in directory.iterdir()] if directory.is_dir() else []
+        # Another shard may be writing the manifest right now (its temp file): not a leftover.
+        leftovers = [p.name for p in directory.iterdir() if not p.name.startswith(f".{MANIFEST}.")] \
+            if directory.is_dir() else []
         if leftovers:
             raise UserError(
                 f"{directory}: not empty and has no {MANIFEST} (holds {', '.join(sorted(leftovers)[:3])}...); "
@@ -136,19 +138,33 @@ def open_run(directory: str | Path, manifest: dict[str, Any]) -> bool:
         write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return False
     for key in IDENTITY_KEYS:
-        there, here = existing.get(key), manifest.get(key)
-        if there == here:
+        differs = _first_difference(key, existing.get(key), manifest.get(key))
+        if differs is None:
             continue
-        name = key
-        if isinstance(there, dict) and isinstance(here, dict):
-            # Name the first differing sub-key (e.g. rlm.max_iterations), not the whole config.
-            sub = sorted(k for k in set(there) | set(here) if there.get(k) != here.get(k))[0]
-            name, there, here = f"{key}.{sub}", there.get(sub), here.get(sub)
+        name, there, here = differs
         raise UserError(
             f"{directory} holds a different run: {name} is {_short(there)} there, {_short(here)} here; "
             "pass a new --out, or re-run the exact command that made it"
         )
     return True
+
+
+def _first_difference(name: str, there: Any, here: Any) -> tuple[str, Any, Any] | None:
+    """The first setting that differs, by dotted name (e.g. rlm.max_iterations), or None.
+    A config key the old manifest lacks was added to the code after that run started: it
+    could not have been set then, so it does not make the run a different one (a run
+    resumes across an upgrade that adds a setting)."""
+    if there == here:
+        return None
+    if isinstance(there, dict) and isinstance(here, dict):
+        for sub in sorted(set(there) | set(here)):
+            if sub not in there:
+                continue
+            found = _first_difference(f"{name}.{sub}", there.get(sub), here.get(sub))
+            if found is not None:
+                return found
+        return None
+    return name, there, here
 
 
 def _short(value: Any) -> str:

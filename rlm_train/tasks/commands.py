@@ -121,9 +121,49 @@ def _make_suite(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    if Path(args.file).is_dir():
+        files = _task_files_in(Path(args.file))
+        for i, path in enumerate(files):
+            print(f"{'' if i == 0 else chr(10)}== {path}")
+            _show_file(path, args)
+        return 0
+    return _show_file(Path(args.file), args)
+
+
+def _task_files_in(directory: Path) -> list[Path]:
+    """The task files a directory stands for: a generate run's (its manifest names it), an
+    eval's, or the task JSONL files in it (a suite: train.jsonl, heldout.jsonl)."""
+    for manifest_name, key in (("manifest.json", "tasks_file"), ("eval.json", "tasks")):
+        manifest = directory / manifest_name
+        if manifest.is_file():
+            try:
+                data = json.loads(manifest.read_text(encoding="utf-8"))
+            except ValueError:
+                raise UserError(f"{manifest}: not valid JSON; pass a task JSONL file instead") from None
+            named = data.get(key)
+            names = [named] if isinstance(named, str) else [t.get("file") for t in named or [] if isinstance(t, dict)]
+            files = [Path(n) for n in names if n]
+            if files:
+                return files
+    files = [p for p in sorted(directory.glob("*.jsonl")) if _first_line_is_task(p)]
+    if not files:
+        raise UserError(f"{directory}: is a directory with no task file in it; pass a task JSONL file "
+                        "(`rlm-train tasks make` writes them), a suite directory, or a generate run directory")
+    return files
+
+
+def _first_line_is_task(path: Path) -> bool:
+    from rlm_train.records import TASK_SCHEMA
+
+    with path.open("rb") as fh:
+        return f'"schema": "{TASK_SCHEMA}"'.encode() in fh.readline(1 << 20).replace(b'":"', b'": "')
+
+
+def _show_file(path: Path, args: argparse.Namespace) -> int:
     from rlm_train.formats import iter_jsonl
     from rlm_train.records import check_task
 
+    args.file = str(path)
     by_family: dict[str, int] = defaultdict(int)
     tokens: list[int] = []
     shown = 0
@@ -135,7 +175,8 @@ def _show(args: argparse.Namespace) -> int:
             shown += 1
             query = task["query"] if args.full else _last_line(task["query"])[:160]
             where = "inline" if "context" in task else f"file {task['context_path']}"
-            print(f"{task['id']}  [{task['family']}, {meta.get('context_tokens', '?'):,} tokens, {where}]")
+            size = f"{meta['context_tokens']:,}" if isinstance(meta.get("context_tokens"), int) else "?"
+            print(f"{task['id']}  [{task['family']}, {size} tokens, {where}]")
             print(f"  query:  {query}")
             print(f"  answer: {json.dumps(task['answer'], ensure_ascii=False)[:160]}  (scorer {task['scorer']})")
     count = sum(by_family.values())

@@ -3,16 +3,21 @@
 Real HTTP on 127.0.0.1, served by an asyncio loop in a background thread, so a
 burst of 64+ concurrent requests costs no threads and no listen-backlog stall
 (the stdlib `http.server` default backlog of 5 makes 32 concurrent connects
-wait ~1 s for SYN retries). Endpoints: `POST /v1/chat/completions`,
-`GET /v1/models`, `GET /health`.
+wait ~1 s for SYN retries). Endpoints: `POST /v1/chat/completions` (streamed as
+server-sent events when the request asks, one word a token, `token_latency_s`
+apart), `GET /v1/models`, `GET /health`, `GET /metrics` (vLLM's running/waiting
+gauges). `max_model_len` answers 400 with vLLM's message when prompt + max_tokens
+words do not fit the window.
 
     with MockOpenAIServer(latency_s=0.1) as srv:
         policy = OpenAIPolicy("mock", [srv.base_url])
 
 Failure injection (`FailPlan`): 500s (or 429s) for the first N chat requests,
 a seeded random fraction of requests that fail with 500 / hang / a dropped
-connection, and `stop()` / `start()` on the same port for "server down, then
-back". A responder can raise `MockHTTPError` to answer e.g. a 400.
+connection / a garbage body, `stop()` / `start()` on the same port for "server
+down, then back", and `freeze()` for a server that stops answering anything (its
+/health too) while its port stays open. A responder can raise `MockHTTPError` to
+answer e.g. a 400.
 
 Manual use: `python -m rlm_train.testing.mock_server --port 8000 --latency-ms 100`.
 """
@@ -60,7 +65,7 @@ class FailPlan:
     first_status: int = 500  # 500, 503 or 429 (with `retry_after_s`)
     retry_after_s: float | None = None  # sent as a Retry-After header on those failures
     p: float = 0.0  # later requests fail with this probability (seeded, reproducible)
-    mode: str = "500"  # how a random failure looks: "500" | "hang" | "drop" | "mix"
+    mode: str = "500"  # how a random failure looks: "500" | "hang" | "drop" | "garbage" | "mix" (all four)
     hang_s: float = 3600.0  # a "hang" holds the connection this long, then closes it unanswered
     seed: int = 0
 
@@ -87,9 +92,15 @@ class MockOpenAIServer:
         port: int = 0,
         host: str = "127.0.0.1",
         model: str = "mock-model",
+        token_latency_s: float = 0.0,
+        max_model_len: int | None = None,
     ):
         self.responder = responder or echo_responder
         self.latency_s = latency_s
+        self.token_latency_s = token_latency_s  # between streamed tokens (words)
+        self.max_model_len = max_model_len  # window in words: prompt + max_tokens beyond it get a 400
+        self.frozen = False  # answer nothing at all (chat, /health, /metrics) while set
+        self._streamed = False  # whether the request being answered asked for a stream
         self.fail_plan = fail_plan or FailPlan()
         self.host = host
         self.port = port  # 0 = pick a free port on first start; kept for later restarts
@@ -132,6 +143,11 @@ class MockOpenAIServer:
         if self._loop is not None:
             asyncio.run_coroutine_threadsafe(self._shut(), self._loop).result(timeout=10)
 
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop answering anything (like a process that is stopped or swapping): connections
+        are still accepted, requests are read, and nothing comes back."""
+        self.frozen = frozen
+
     def close(self) -> None:
         """Stop and end the background thread."""
         loop, thread = self._loop, self._thread
@@ -170,9 +186,16 @@ class MockOpenAIServer:
 
     def _route(self, method: str, path: str, raw: bytes, headers: dict[str, str]):
         """What to do with one request: ("reply", status, payload, extra headers, delay s),
-        ("hang", seconds) or ("drop",)."""
+        ("stream", completion, delay s), ("hang", seconds), ("drop",) or ("garbage", delay s)."""
+        if self.frozen:
+            return "hang", 3600.0
         if path == "/health":
             return "reply", 200, {"status": "ok"}, {}, 0.0
+        if path == "/metrics":  # vLLM's gauges, and what this server counted (ok, error_500, hang, ...)
+            lines = [f'vllm:num_requests_running{{model_name="{self.model}"}} {self.in_flight}',
+                     f'vllm:num_requests_waiting{{model_name="{self.model}"}} 0']
+            lines += [f'mock_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.counts.items())]
+            return "metrics", "\n".join(lines) + "\n"
         if path == "/v1/models":
             return "reply", 200, {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "mock"}]}, {}, 0.0
         if path != "/v1/chat/completions":
@@ -188,24 +211,44 @@ class MockOpenAIServer:
             status, payload, _ = _error(plan.first_status, f"injected failure {index + 1}/{plan.first_n}")
             return "reply", status, payload, extra, self.latency_s
         if plan.p and self._rng.random() < plan.p:
-            mode = self._rng.choice(["500", "hang", "drop"]) if plan.mode == "mix" else plan.mode
+            mode = self._rng.choice(["500", "hang", "drop", "garbage"]) if plan.mode == "mix" else plan.mode
             self.counts[mode if mode != "500" else "error_500"] += 1
             if mode == "hang":
                 return "hang", self.latency_s + plan.hang_s
             if mode == "drop":
                 return ("drop",)
+            if mode == "garbage":
+                return "garbage", self.latency_s
             return ("reply", *_error(500, "injected random failure"), self.latency_s)
-        return ("reply", *self._chat(index, raw, headers), self.latency_s)
+        status, payload, extra, stream = self._chat(index, raw, headers)
+        if stream and status == 200:
+            return "stream", payload, self.latency_s
+        return "reply", status, payload, extra, self.latency_s
 
     def _chat(self, index: int, raw: bytes, headers: dict[str, str]):
+        self._streamed = False
+        status, payload, extra = self._answer(index, raw, headers)
+        return status, payload, extra, self._streamed
+
+    def _answer(self, index: int, raw: bytes, headers: dict[str, str]):
         try:
             body = orjson.loads(raw or b"{}")
             messages = body["messages"]
+            self._streamed = bool(body.get("stream"))
         except (ValueError, KeyError) as e:
             self.counts["bad_request"] += 1
             return _error(400, f"bad request body: {e}")
         self.bodies.append(body)
         self.headers.append(headers)
+        max_tokens = body.get("max_tokens")
+        prompt_tokens = sum(count_tokens(m.get("content") or "") for m in messages
+                            if isinstance(m.get("content"), str))
+        if self.max_model_len is not None and prompt_tokens + (max_tokens or 0) > self.max_model_len:
+            self.counts["error_400"] += 1
+            return _error(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                               f"requested {prompt_tokens + (max_tokens or 0)} tokens ({prompt_tokens} in the "
+                               f"messages, {max_tokens or 0} in the completion). Please reduce the length of the "
+                               "messages or completion.")
         try:
             text = self.responder(messages, body)
         except MockHTTPError as e:
@@ -217,11 +260,8 @@ class MockOpenAIServer:
 
         finish = "stop"
         words = text.split()
-        max_tokens = body.get("max_tokens")
         if isinstance(max_tokens, int) and len(words) > max_tokens:
             text, words, finish = " ".join(words[:max_tokens]), words[:max_tokens], "length"
-        prompt_tokens = sum(count_tokens(m.get("content") or "") for m in messages
-                            if isinstance(m.get("content"), str))
         self.counts["ok"] += 1
         return 200, {
             "id": f"chatcmpl-mock-{index}",
@@ -304,9 +344,45 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
         elif action[0] == "hang":  # hold the connection, then close it unanswered
             self.pending = loop.call_later(action[1], self._hang_up)
+        elif action[0] == "garbage":  # injected: a 200 whose body is not an answer
+            self.pending = loop.call_later(action[1], self._respond_raw, b"\x00not json{", "application/json", keep)
+        elif action[0] == "metrics":
+            self.pending = loop.call_later(0.0, self._respond_raw, action[1].encode(), "text/plain", keep)
+        elif action[0] == "stream":
+            events = _stream_events(action[1])
+            self.pending = loop.call_later(action[2], self._stream, events, 0, keep)
         else:
             _, status, payload, extra, delay = action
             self.pending = loop.call_later(delay, self._respond, status, payload, extra, keep)
+
+    def _respond_raw(self, body: bytes, content_type: str, keep: bool) -> None:
+        self.pending = None
+        self._leave()
+        self.transport.write(format_response(200, body, {"Content-Type": content_type}))
+        self._after_response(keep)
+
+    def _stream(self, events: list[bytes], start: int, keep: bool) -> None:
+        """Send a streamed answer: all at once, or one token every token_latency_s."""
+        gap = self.server.token_latency_s
+        if start == 0:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n")
+        end = start + 1 if gap else len(events)
+        body = b"".join(events[start:end])
+        self.transport.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
+        if end < len(events):
+            self.pending = asyncio.get_running_loop().call_later(gap, self._stream, events, end, keep)
+            return
+        self.pending = None
+        self._leave()
+        self.transport.write(b"0\r\n\r\n")
+        self._after_response(keep)
+
+    def _after_response(self, keep: bool) -> None:
+        if keep:
+            self._next_request()
+        else:
+            self.transport.close()
 
     def _hang_up(self) -> None:
         self.pending = None
@@ -324,6 +400,25 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _stream_events(completion: dict[str, Any]) -> list[bytes]:
+    """A chat completion as vLLM streams it: a role delta, one delta per word (spacing kept),
+    the finish reason, the usage, [DONE]."""
+    choice = completion["choices"][0]
+    head = {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
+            "model": completion["model"]}
+
+    def event(choices: list[dict[str, Any]], **more: Any) -> bytes:
+        return b"data: " + orjson.dumps({**head, "choices": choices, **more}) + b"\n\n"
+
+    pieces = re.findall(r"\s*\S+\s*", choice["message"]["content"]) or [""]
+    events = [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+    events += [event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]) for piece in pieces]
+    events.append(event([{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]))
+    events.append(event([], usage=completion["usage"]))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
 def _error(status: int, message: str):
     # vLLM's error shape: {"error": {"message", "type", "code"}}.
     return status, {"error": {"message": message, "type": REASONS.get(status, "Error"), "code": status}}, {}
@@ -337,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency-ms", type=float, default=0.0, help="delay before every chat answer")
     ap.add_argument("--fail-first", type=int, default=0, help="answer 500 to the first N chat requests")
     ap.add_argument("--fail-p", type=float, default=0.0, help="fraction of later requests that fail")
-    ap.add_argument("--fail-mode", default="500", choices=["500", "hang", "drop", "mix"])
+    ap.add_argument("--fail-mode", default="500", choices=["500", "hang", "drop", "garbage", "mix"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--responder", help="MODULE:NAME of a responder(messages, body) -> str (default: echo)")
     args = ap.parse_args(argv)
