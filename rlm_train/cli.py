@@ -76,6 +76,18 @@ def _serve() -> ModuleType:
     return commands
 
 
+def _pipeline() -> ModuleType:
+    from rlm_train.pipeline import commands
+
+    return commands
+
+
+def _launch() -> ModuleType:
+    from rlm_train.launch import commands
+
+    return commands
+
+
 def _bench() -> ModuleType:
     from rlm_train import bench
 
@@ -93,6 +105,8 @@ COMMANDS: dict[str, tuple[Callable[[], ModuleType], str]] = {
     "eval": (_eval, "evaluate methods on held-out tasks: report with CIs, paired diffs, plots"),
     "view": (_view, "trajectories as one self-contained HTML page (filters, timelines, sub-call trees)"),
     "serve": (_serve, "serve a model on vLLM (with LoRA adapters) and/or the RLM gateway"),
+    "pipeline": (_pipeline, "run a pipeline recipe's stages in order, skipping finished ones (resumable)"),
+    "launch": (_launch, "submit a pipeline (or one stage recipe) as dependent Slurm jobs; --status shows them"),
     "bench": (_bench, "benchmarks reported as ratios against a baseline in the same run"),
 }
 

@@ -10,7 +10,7 @@ from rlm_train import cli
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 # The sub-command word(s) a stage's dry-run needs after `rlm-train`.
 DRY_RUN_ARGS = {"tasks": ["tasks", "make"], "generate": ["generate"], "filter": ["filter"], "sft": ["sft"], "grpo": ["grpo"],
-                "eval": ["eval"]}
+                "eval": ["eval"], "pipeline": ["pipeline"]}
 
 
 def launch_command(recipe):

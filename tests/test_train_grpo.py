@@ -326,12 +326,17 @@ def test_grpo_recipes_dry_run(recipe, rlm_cli):
         assert "vllm serve" in proc.stdout and "--weight-transfer-config" in proc.stdout
 
 
-def test_slurm_template_renders_the_plan(rlm_cli):
-    script = REPO / "slurm" / "grpo.sbatch"
-    proc = subprocess.run(["bash", str(script), "recipes/qwen3-8b-grpo.yaml", "--dry-run"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+def test_slurm_launch_renders_the_grpo_job_and_its_vllm_command(rlm_cli, tmp_path):
+    """The GRPO job as `rlm-train launch` renders it from the recipe alone (one node: the vLLM server
+    on rollout.vllm_gpus GPUs, training on the rest), and the server line the job asks the CLI for.
+    Every template in every variant: tests/test_launch.py."""
+    proc = subprocess.run([*rlm_cli, "launch", "--recipe", "recipes/qwen3-8b-grpo.yaml", "--slurm", "--dry-run",
+                           "--out", str(tmp_path / "launch")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "grpo plan" in proc.stdout and "accelerate launch" in proc.stdout
+    script = proc.stdout
+    assert "#SBATCH --gpus-per-node=8" in script and "VLLM_NODES=0" in script and "VLLM_GPUS=2" in script
+    assert 'rlm grpo --recipe "$RECIPE" --vllm-command' in script and "-m accelerate.commands.launch" in script
+    assert not (tmp_path / "launch").exists()  # a dry run writes nothing
     cmd = subprocess.run([*rlm_cli, "grpo", "--recipe", "recipes/qwen3-8b-grpo.yaml", "--vllm-command"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert cmd.returncode == 0 and cmd.stdout.startswith("env VLLM_SERVER_DEV_MODE=1 vllm serve ")

@@ -219,7 +219,8 @@ def _served_name(config: VLLMConfig, model_dir: Path) -> str:
 
 
 def vllm_python_has_vllm(python: str) -> bool:
-    if Path(python).resolve() == Path(sys.executable).resolve():
+    # Not resolve(): every venv's python is a symlink to the same base interpreter.
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
         import importlib.util
 
         return importlib.util.find_spec("vllm") is not None
@@ -259,7 +260,11 @@ def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tupl
         if name == served:
             raise UserError(f"--adapter {name}={adapter_dir}: {name!r} is the base model's served name; "
                             "give the adapter another name")
-        if converted:
+        if dry_run and not Path(adapter_dir).expanduser().is_dir():
+            # A pipeline's dry run plans the server before the stage that trains the adapter ran.
+            notes.append(f"adapter {name} {adapter_dir}: not found on this machine (a real run stops here)")
+            path, rank = Path(adapter_dir).expanduser(), 8
+        elif converted:
             path, rank = check_adapter_fits(name, adapter_dir, config.model, model_dir)
         else:
             path, rank = Path(adapter_dir).expanduser(), 8

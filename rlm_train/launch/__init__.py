@@ -1,0 +1,1 @@
+"""`rlm-train launch`: pipelines and stage recipes as Slurm jobs (rendered from slurm/*.sbatch)."""

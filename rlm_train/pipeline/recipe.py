@@ -1,0 +1,194 @@
+"""Pipeline recipes: the stages of the loop as one YAML file.
+
+    # rlm-train pipeline --recipe recipes/demo-cpu.yaml
+    name: demo-cpu
+    out_dir: runs/demo                 # pipeline state, resolved stage recipes, timings
+    stages:
+      - name: generate
+        run: generate                  # the rlm-train command (`tasks make`, `generate`, ...)
+        recipe: recipes/generate-scripted-cpu.yaml   # optional base recipe of that command
+        with: {samples: 4}             # keys deep-merged over the recipe
+        after: [tasks]                 # optional; default: the stage before it
+        slurm: {nodes: 1, gpus_per_node: 8, time: "04:00:00"}   # resources for `launch --slurm`
+      - name: serve
+        run: serve
+        background: true               # beside the stages that list it in `after` (rlm-train pipeline
+        with: {vllm: {model: gemma3-270m, port: 8011}}   # starts it for them, waits for /health, stops it)
+    requires:                          # made outside the pipeline; checked before any stage runs
+      - {path: models/Qwen3-8B, how: "huggingface-cli download Qwen/Qwen3-8B --local-dir models/Qwen3-8B"}
+
+Each stage's resolved recipe (recipe + `with`) is written to OUT_DIR/pipeline/NAME.yaml and
+the stage runs as `rlm-train RUN --recipe OUT_DIR/pipeline/NAME.yaml`: the same command a
+user would type, locally (`rlm-train pipeline`) or in an sbatch script (`rlm-train launch`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+
+from rlm_train.config import StrictModel, _deep_merge, build_config, read_recipe
+from rlm_train.errors import UserError
+
+# The commands a stage may run, and whether they take a recipe.
+STAGE_COMMANDS = ("tasks make", "generate", "filter", "sft", "grpo", "eval", "serve")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class StageSpec(StrictModel):
+    name: str
+    """Stage name: letters, digits, `-` and `_` (file names and Slurm job names use it)."""
+    run: str
+    """The rlm-train command this stage runs: one of STAGE_COMMANDS."""
+    recipe: str | None = None
+    """Base recipe of that command (a path relative to the working directory)."""
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    """Config keys deep-merged over the recipe."""
+    after: list[str] | None = None
+    """Stages that must finish first; default: the stage listed before this one."""
+    slurm: dict[str, Any] = Field(default_factory=dict)
+    """Resources for `rlm-train launch --slurm` (nodes, gpus_per_node, time, partition, ...)."""
+    background: bool = False
+    """Only for `run: serve`: a server that runs beside the stages listing it in `after`. It is started
+    when one of them must run, waited for (GET /health on vllm.host:vllm.port) and stopped after the
+    last of them; it never counts as finished, so it is never skipped or rerun for its own sake."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '-' and '_' (at most 64), starting with a letter or digit")
+        return value
+
+    @field_validator("run")
+    @classmethod
+    def _check_run(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if value not in STAGE_COMMANDS:
+            raise ValueError(f"unknown command {value!r}; choose from {', '.join(STAGE_COMMANDS)}")
+        return value
+
+
+class Requirement(StrictModel):
+    path: str
+    """A file or directory a stage reads that no stage makes (a downloaded model, ...)."""
+    how: str = ""
+    """The command that makes it, shown when it is missing."""
+
+
+class PipelineSpec(StrictModel):
+    name: str
+    """The pipeline's name (Slurm job names start with it)."""
+    out_dir: str
+    """Where the pipeline keeps its state, the resolved stage recipes and per-stage timings."""
+    stages: list[StageSpec]
+    """The stages, in the order they run locally."""
+    requires: list[Requirement] = Field(default_factory=list)
+    """Paths made outside the pipeline; `rlm-train pipeline` checks them before any stage runs."""
+
+
+class Stage:
+    """One resolved stage: its config (recipe + `with`) and the argv that runs it."""
+
+    def __init__(self, spec: StageSpec, config: dict[str, Any], after: list[str], recipe_file: Path):
+        self.name = spec.name
+        self.run = spec.run
+        self.config = config
+        self.after = after
+        self.slurm = dict(spec.slurm)
+        self.recipe_file = recipe_file
+        self.background = spec.background
+
+    @property
+    def argv(self) -> list[str]:
+        """Arguments after `rlm-train` that run this stage from its written recipe."""
+        return [*self.run.split(), "--recipe", str(self.recipe_file)]
+
+    @property
+    def config_text(self) -> str:
+        header = f"# rlm-train {' '.join(self.argv)}\n# written by rlm-train pipeline: edit the pipeline recipe, not this file\n"
+        return header + yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True)
+
+    def fingerprint(self, upstream: list[str]) -> str:
+        """Changes when this stage's config or any upstream stage's fingerprint changes."""
+        text = self.config_text + "\n".join(upstream)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    def __init__(self, spec: PipelineSpec, path: Path, stages: list[Stage]):
+        self.name = spec.name
+        self.path = path
+        self.out_dir = Path(spec.out_dir)
+        self.stages = stages
+        self.requires = list(spec.requires)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out_dir / "pipeline"
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise UserError(f"{self.path}: no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+
+    def fingerprints(self) -> dict[str, str]:
+        """Each stage's fingerprint, chained through its `after` stages."""
+        out: dict[str, str] = {}
+        for stage in self.stages:
+            out[stage.name] = stage.fingerprint([out[name] for name in stage.after])
+        return out
+
+    def write_stage_recipes(self) -> None:
+        """Write each stage's resolved recipe where its argv points (only when it changed)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for stage in self.stages:
+            if not stage.recipe_file.is_file() or stage.recipe_file.read_text() != stage.config_text:
+                tmp = stage.recipe_file.with_suffix(".yaml.tmp")
+                tmp.write_text(stage.config_text)
+                tmp.replace(stage.recipe_file)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
+    """Read and check a pipeline recipe: every stage's base recipe exists, names are unique,
+    `after` names earlier stages. `overrides` are `STAGE.KEY=VALUE` (a stage's config key)."""
+    from rlm_train.config import apply_override
+
+    path = Path(path)
+    spec = build_config(PipelineSpec, read_recipe(path), str(path))
+    if not spec.stages:
+        raise UserError(f"{path}: stages: empty; list at least one stage")
+    configs: dict[str, dict[str, Any]] = {}
+    seen: list[str] = []
+    stages: list[Stage] = []
+    for index, stage_spec in enumerate(spec.stages):
+        where = f"{path}: stages[{index}] ({stage_spec.name})"
+        if stage_spec.name in seen:
+            raise UserError(f"{where}: duplicate stage name; give each stage its own name")
+        if stage_spec.background and stage_spec.run != "serve":
+            raise UserError(f"{where}: background: true is only for `run: serve` stages; remove it")
+        base: dict[str, Any] = {}
+        if stage_spec.recipe is not None:
+            if not Path(stage_spec.recipe).is_file():
+                raise UserError(f"{where}: recipe {stage_spec.recipe}: file not found; fix the path (relative to the working directory)")
+            base = read_recipe(stage_spec.recipe)
+        configs[stage_spec.name] = _deep_merge(base, stage_spec.with_)
+        after = stage_spec.after if stage_spec.after is not None else seen[-1:]
+        for name in after:
+            if name not in seen:
+                raise UserError(f"{where}: after: {name!r} is not an earlier stage; list only stages above this one")
+        seen.append(stage_spec.name)
+        recipe_file = Path(spec.out_dir) / "pipeline" / f"{stage_spec.name}.yaml"
+        stages.append(Stage(stage_spec, configs[stage_spec.name], list(after), recipe_file))
+    for override in overrides:
+        stage_name, _, rest = override.partition(".")
+        if stage_name not in configs or not rest:
+            raise UserError(f"override {override!r}: expected STAGE.KEY=VALUE with STAGE one of {', '.join(seen)}")
+        apply_override(configs[stage_name], rest)
+    return Pipeline(spec, path, stages)

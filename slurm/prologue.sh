@@ -1,0 +1,70 @@
+# ---- common to every stage script (slurm/prologue.sh); this script: slurm/{{TEMPLATE}} ----
+set -euo pipefail
+cd {{WORKDIR}}
+# The project's venv first on PATH (rlm-train, accelerate, vllm): nothing to activate.
+export PATH={{VENV_BIN}}:"$PATH"
+export PYTHONUNBUFFERED=1
+PY={{PYTHON}}
+# The launch state: the scripts, logs/ and exit/ (rlm-train launch creates them before sbatch).
+STATE={{STATE_DIR}}
+TASK=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-local}}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}
+{{ENV}}
+SERVER_PIDS=()
+finish() {  # stop this job's servers, record the exit status for `rlm-train launch --status`
+  local code=$? pid
+  for pid in "${SERVER_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${SERVER_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  echo "$code" >"$STATE/exit/{{STAGE}}.$TASK"
+}
+trap finish EXIT
+trap 'exit 143' TERM               # scancel or the time limit: still record it
+rlm() { "$PY" -m rlm_train.cli "$@"; }
+gpu_slice() {  # START COUNT: that slice of the GPUs Slurm gave this job, as a CUDA_VISIBLE_DEVICES list
+  local all
+  IFS=, read -ra all <<<"${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $(($1 + $2 - 1)))}"
+  (IFS=,; echo "${all[*]:$1:$2}")
+}
+wait_health() {  # URL TIMEOUT_S PID: until the server answers, or fail when it dies first
+  "$PY" - "$1" "$2" "${3:-0}" <<'PYEOF'
+import os, sys, time, urllib.request
+url, timeout, pid = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+deadline = time.monotonic() + timeout
+while time.monotonic() < deadline:
+    if pid and not os.path.exists(f"/proc/{pid}"):
+        sys.exit(f"the server (pid {pid}) exited before {url} answered; see its log in the state dir")
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            if reply.status == 200:
+                sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(1)
+sys.exit(f"no answer from {url} within {timeout:.0f} s")
+PYEOF
+}
+start_servers() {  # RECIPE|PORT|GPUS ...: each `rlm-train serve` on its own slice of the GPUs, then wait for all
+  local spec recipe port gpus offset=0 i ports=()
+  for spec in "$@"; do
+    IFS='|' read -r recipe port gpus <<<"$spec"
+    if [ "$gpus" -gt 0 ]; then
+      CUDA_VISIBLE_DEVICES=$(gpu_slice "$offset" "$gpus") "$PY" -m rlm_train.cli serve --recipe "$recipe" \
+        >"$STATE/logs/{{STAGE}}-server-$port.$TASK.log" 2>&1 &
+      offset=$((offset + gpus))
+    else
+      "$PY" -m rlm_train.cli serve --recipe "$recipe" >"$STATE/logs/{{STAGE}}-server-$port.$TASK.log" 2>&1 &
+    fi
+    SERVER_PIDS+=($!)
+    ports+=("$port")
+  done
+  for i in "${!ports[@]}"; do
+    wait_health "http://127.0.0.1:${ports[$i]}/health" {{SERVER_TIMEOUT_S}} "${SERVER_PIDS[$i]}"
+  done
+  if [ "$offset" -gt 0 ] && [ {{OWN_GPUS}} -gt 0 ]; then
+    CUDA_VISIBLE_DEVICES=$(gpu_slice "$offset" {{OWN_GPUS}})  # the stage's own work: the GPUs after the servers'
+    export CUDA_VISIBLE_DEVICES
+  fi
+}
+echo "stage {{STAGE}} of {{PIPELINE}}: job $TASK on $(hostname) at $(date -u +%FT%TZ)"
+SERVERS=({{SERVERS}})  # the servers this stage talks to on 127.0.0.1 (pipeline `background` serve stages)
+if [ ${#SERVERS[@]} -gt 0 ]; then start_servers "${SERVERS[@]}"; fi
+# ---- end of the common part ----
