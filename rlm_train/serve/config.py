@@ -32,6 +32,8 @@ class VLLMConfig(StrictModel):
     """The Python interpreter that has vLLM installed (default: the one running rlm-train)."""
     args: list[str] = Field(default_factory=list)
     """Extra vLLM flags, e.g. ["--max-model-len", "4096", "--dtype", "bfloat16"]."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables for vLLM only, e.g. {VLLM_CPU_KVCACHE_SPACE: "2"} (GiB of KV cache on CPU)."""
     start_timeout_s: float = Field(900.0, gt=0)
     """Seconds to wait for vLLM's /health before giving up (the CPU build takes minutes)."""
     stop_timeout_s: float = Field(30.0, gt=0)

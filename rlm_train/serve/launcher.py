@@ -248,6 +248,11 @@ def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tupl
         notes.append(f"model {config.model}: converted from the packaged GGUF into {model_dir} on the first real run "
                      "(~2 minutes, once); adapter and template checks wait for it")
         converted = False
+    elif dry_run and not packaged and not (Path(config.model).expanduser() / "config.json").is_file():
+        # A pipeline's dry run plans the server before the stage that writes the model ran.
+        model_dir = Path(config.model).expanduser()
+        notes.append(f"model {config.model}: not found on this machine (a real run stops here)")
+        converted = False
     else:
         model_dir = loading.resolve_model(config.model)  # converts (or updates) the packaged Gemma once
         converted = True
@@ -297,7 +302,7 @@ def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tupl
     command += list(config.args)
     log_file = Path(config.log_file).expanduser() if config.log_file else \
         loading.cache_root() / "serve" / f"vllm-{port}.log"
-    return LaunchPlan(command=command, env={}, model_dir=model_dir, served_name=served, adapters=adapters,
+    return LaunchPlan(command=command, env=dict(config.env), model_dir=model_dir, served_name=served, adapters=adapters,
                       chat_template=template, host=config.host, port=port, log_file=log_file, notes=notes)
 
 

@@ -43,6 +43,10 @@ QUERIES_ONE = {
         "Find the special magic number for {key} in the text. What is it?",
         "Which number does the text give for {key}?",
         "Look up the value recorded for {key}.",
+        "{key}: which number goes with it?",
+        "I need the number linked to {key}. What is it?",
+        "The text mentions {key} together with a number. Which number?",
+        "Search the document for {key} and return its number.",
     ),
     "heldout": (
         "Somewhere in the document a number is tied to {key}. Report it.",
@@ -54,6 +58,8 @@ QUERIES_ALL = {
         "What are all the special magic numbers for {key} mentioned in the provided text?",
         "List every special magic number for {key} that appears in the text.",
         "Give all the numbers the text states for {key}.",
+        "{key} appears with several numbers. List them all.",
+        "Return every number connected to {key}.",
     ),
     "heldout": (
         "Report every number that the document ties to {key}.",

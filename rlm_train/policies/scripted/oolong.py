@@ -80,7 +80,7 @@ def question_code(query: str, labels: list[str]) -> tuple[str, str]:
     as written (dates are parsed in code), so the program is the question's text plus code."""
     q = query[query.rfind("Question:"):]
     label = re.search(r"'(\w+)'", q)
-    user = re.search(r"\buser (\d+)", q)
+    user = re.search(r"\buser (\d+)", q, re.IGNORECASE)
     dates = re.findall(_DATE, q)
     conditions = []
     prelude = ""
