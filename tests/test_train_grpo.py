@@ -418,3 +418,18 @@ def test_rl_prompt_set_round_trip(tmp_path):
         ps = load_prompt_set(source, GRPORLMConfig())
         assert ps.rows == [{"prompt": row["prompt"], "task_id": task["id"]}]
         assert ps.tasks == {task["id"]: task} and ps.base_dirs[task["id"]] == tmp_path
+
+
+def test_vllm_server_window_fits_every_request_an_episode_may_send():
+    """The GRPO vLLM server's --max-model-len comes from the RLM config: the longest sub-call
+    the loop lets through fits, so an ordinary llm_query is never refused for its length."""
+    from rlm_train.config import load_config
+    from rlm_train.rlm.window import server_window_tokens, sub_call_tokens
+    from rlm_train.train.grpo import vllm_serve_command
+    from rlm_train.train.grpo_config import GRPOConfig
+
+    cfg = load_config(GRPOConfig, "recipes/qwen3-8b-grpo.yaml")
+    words = vllm_serve_command(cfg).split()
+    window = int(words[words.index("--max-model-len") + 1])
+    assert window >= server_window_tokens(cfg.rlm) >= sub_call_tokens(cfg.rlm)
+    assert window >= cfg.rollout.max_completion_tokens + 2048

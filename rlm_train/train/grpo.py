@@ -142,8 +142,12 @@ def _overlong_line(cfg: GRPOConfig) -> str:
 
 
 def _max_model_len(cfg: GRPOConfig) -> int:
-    # first prompt (system + query, ~1k tokens) + everything after it
-    return cfg.rollout.max_completion_tokens + 2048
+    """The server's window: an episode's completion after its first prompt (system + query,
+    ~2k tokens), and every request the RLM config lets an episode send (its longest
+    sub-call included), so no ordinary llm_query is refused for its length."""
+    from rlm_train.rlm.window import server_window_tokens
+
+    return max(cfg.rollout.max_completion_tokens + 2048, server_window_tokens(cfg.rlm))
 
 
 def plan(cfg: GRPOConfig, source: str) -> str:
