@@ -195,3 +195,22 @@ def test_bad_pipeline_input_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "stage filter (3/3) cannot start:" in err and "unknown key 'min_turnz'" in err
     assert not (tmp_path / "tasks").exists() and not (tmp_path / "out" / "pipeline" / "tasks.state.json").exists()
+
+
+def test_a_pipeline_with_an_eval_stage_writes_its_report_viewer_and_prints_the_results(tmp_path):
+    stages = [small_stages()[0],
+              {"name": "eval", "run": "eval",
+               "with": {"tasks": ["tasks/heldout.jsonl"], "out": "ev", "concurrency": 2, "progress": False,
+                        "methods": [{"name": "teacher", "policy": "scripted", "sub_policy": "oracle"}]}}]
+    recipe = write_recipe(tmp_path / "p.yaml", stages)
+    run = pipeline(tmp_path, "--recipe", str(recipe))
+    assert run.returncode == 0, run.stderr
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Stages" in report and "## Stage eval (`ev/report.md`)" in report
+    # The eval report's relative links now point into its directory, as seen from out/.
+    assert "](plots/" not in report and ("](../ev/plots/" in report or "plots" not in report)
+    page = (tmp_path / "out" / "viewer.html").read_text()
+    assert "<html" in page.lower() and "teacher" in page
+    # The score table is printed last, after the timings.
+    tail = run.stdout[run.stdout.index("timings:"):]
+    assert "results of stage eval" in tail and "| teacher" in tail

@@ -149,14 +149,26 @@ class Runner:
                 try:
                     self.timings.write(self.order)
                     self.say(f"timings: {self.timings.path}")
+                    if code == 0:
+                        self._summary()
                 except OSError as exc:  # a full disk must not hide the stage's own error
-                    self.error(f"{self.timings.path}: not written ({exc.strerror or exc})")
+                    self.error(f"{exc.filename or self.timings.path}: not written ({exc.strerror or exc})")
                 for line in self.errors:
                     print(line, file=sys.stderr, flush=True)
             finally:
                 for sig, handler in {**held, **previous}.items():
                     signal.signal(sig, handler)
         return code
+
+    def _summary(self) -> None:
+        """OUT_DIR/report.md and viewer.html, then the eval stages' score tables, printed last."""
+        from rlm_train.pipeline.summary import results_tables, write_summary
+
+        written = write_summary(self.pipeline, self.timings.table(self.order))
+        self.say(f"report: {', '.join(str(p) for p in written)}")
+        tables = results_tables(self.pipeline)
+        if tables:
+            self.say("\n" + tables.rstrip())
 
     def _check_plans(self, fate: dict[str, str]) -> dict[str, Plan]:
         """Each stage that will run plans itself (its own --dry-run) before any stage runs, so a
@@ -190,12 +202,15 @@ class Runner:
                 self.header(index, stage, f"skipped ({why})", fate)
                 self.timings.record(stage.name, "skipped" if fate[stage.name] == "skip" else "not selected")
                 continue
-            for name in stage.after:
-                if pipeline.stage(name).background and name not in self.servers:
-                    self._start_server(pipeline.stage(name), fate)
-                    if self.stop_requested():
-                        self.error(f"interrupted while starting {name}; run the same command again to resume")
-                        return EXIT_INTERRUPTED
+            # Every server this stage needs starts at once (their start-ups overlap), then each is waited for.
+            needed = [name for name in stage.after if pipeline.stage(name).background and name not in self.servers]
+            for name in needed:
+                self._launch_server(pipeline.stage(name), fate)
+            for name in needed:
+                self._wait_server(pipeline.stage(name))
+                if self.stop_requested():
+                    self.error(f"interrupted while starting {name}; run the same command again to resume")
+                    return EXIT_INTERRUPTED
             code = self._run_stage(index, stage, fate, fingerprints[stage.name], states.get(stage.name),
                                    plans[stage.name])
             if code != 0:
@@ -203,7 +218,7 @@ class Runner:
             self._stop_servers([name for name, last in last_user.items() if last == index and name in self.servers])
         return 0
 
-    def _start_server(self, stage: Stage, fate: dict[str, str]) -> None:
+    def _launch_server(self, stage: Stage, fate: dict[str, str]) -> None:
         index = self.order.index(stage.name)
         log_file = self.pipeline.state_dir / f"{stage.name}.log"
         server = BackgroundServer(stage, log_file, serve_command(stage))
@@ -213,6 +228,9 @@ class Runner:
         self.header(index, stage, f"starting in the background: {shell_command(stage)} (log: {log_file})", fate)
         server.start()
         self.servers[stage.name] = server
+
+    def _wait_server(self, stage: Stage) -> None:
+        server = self.servers[stage.name]
         last = [-60.0]
 
         def progress(elapsed: float, line: str) -> None:
