@@ -99,6 +99,9 @@ def check_port_free(host: str, port: int, flag: str) -> None:
     """A UserError naming the flag when host:port cannot be bound (in use, or not an address here)."""
     try:
         with socket.socket(_family(host)) as s:
+            # As the server itself binds: connections of a server stopped moments ago (TIME_WAIT) do
+            # not hold the port, a listening socket still does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
     except OSError as exc:
         if exc.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
