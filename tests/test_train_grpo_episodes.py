@@ -256,3 +256,13 @@ def test_prompt_set_without_its_task_file_fails_before_loading(tmp_path):
     with pytest.raises(UserError, match="task_file 'gone/tasks.jsonl' not found"):
         run_grpo(cfg, "test")
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_trim_drops_a_torn_line_with_its_number_and_keeps_the_rest(tmp_path, capsys):
+    from rlm_train.train.grpo_episodes import trim_jsonl
+
+    log = tmp_path / "rollouts.jsonl"
+    log.write_text('{"grpo_step": 1}\n{"grpo_step": 3}\n{"grpo_st')
+    assert trim_jsonl(log, lambda r: r["grpo_step"] < 2) == 2
+    assert log.read_text() == '{"grpo_step": 1}\n'
+    assert f"{log}:3: not a JSON record" in capsys.readouterr().err

@@ -14,6 +14,8 @@ One rule for every over-long episode, however it was cut:
 
 from __future__ import annotations
 
+import sys
+
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
@@ -163,7 +165,17 @@ def trim_jsonl(path: Path | None, keep: Callable[[dict], bool]) -> int:
     if path is None or not path.is_file():
         return 0
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and keep(json.loads(line))]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by the kill this run resumes from: dropped, and said so
+            print(f"{path}:{number}: not a JSON record (torn by an interrupted run?); dropped", file=sys.stderr)
+            continue
+        if isinstance(record, dict) and keep(record):
+            kept.append(line if line.endswith("\n") else line + "\n")
     dropped = sum(1 for line in lines if line.strip()) - len(kept)
     if dropped:
         tmp = path.with_name(f".{path.name}.trim-{os.getpid()}")
