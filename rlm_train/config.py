@@ -55,6 +55,17 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     _set_dotted(data, parts, yaml.safe_load(raw) if raw.strip() else "", f"override {override!r}")
 
 
+def get_dotted(data: Any, dotted: str, default: Any = None) -> Any:
+    """The value at a dotted key of nested dicts (`rollout.vllm_gpus`), or `default` where a
+    section or the key is missing."""
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
 def _set_dotted(data: dict[str, Any], parts: list[str], value: Any, what: str) -> None:
     node = data
     for part in parts[:-1]:

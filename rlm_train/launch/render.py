@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from rlm_train.config import get_dotted
 from rlm_train.errors import UserError
 from rlm_train.launch.resources import SlurmResources, sbatch_lines
 
@@ -72,26 +73,17 @@ def _venv_python() -> Path:
     return Path(sys.executable).absolute()
 
 
-def _get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
 def server_port(server: dict[str, Any]) -> int:
     """Where a serve config answers /health: vLLM's port, or the gateway's when it serves alone."""
-    if _get(server, "vllm.model"):
-        return int(_get(server, "vllm.port", 8000) or 8000)
-    return int(_get(server, "gateway.port", 8100) or 8100)
+    if get_dotted(server, "vllm.model"):
+        return int(get_dotted(server, "vllm.port", 8000) or 8000)
+    return int(get_dotted(server, "gateway.port", 8100) or 8100)
 
 
 def vllm_port(config: dict[str, Any]) -> int:
     from urllib.parse import urlparse
 
-    url = urlparse(str(_get(config, "rollout.vllm_server_url", "http://127.0.0.1:8000")))
+    url = urlparse(str(get_dotted(config, "rollout.vllm_server_url", "http://127.0.0.1:8000")))
     return url.port or 8000
 
 
@@ -100,7 +92,7 @@ def render(job: StageScript, pipeline_name: str, state_dir: Path, workdir: Path)
     r = job.resources
     python = _venv_python()
     config = job.config
-    grpo_vllm = job.run == "grpo" and _get(config, "rollout.backend") == "vllm_server"
+    grpo_vllm = job.run == "grpo" and get_dotted(config, "rollout.backend") == "vllm_server"
     values = {
         "WORKDIR": _q(workdir), "VENV_BIN": _q(python.parent), "PYTHON": _q(python), "STATE_DIR": _q(state_dir),
         "PIPELINE": pipeline_name, "STAGE": job.name, "COMMAND": job.run, "TEMPLATE": job.template,
@@ -110,9 +102,9 @@ def render(job: StageScript, pipeline_name: str, state_dir: Path, workdir: Path)
         "SERVERS": " ".join(_q(f"{s.recipe}|{s.port}|{s.gpus}") for s in job.servers),
         "EXTRA_ARGS": " ".join(_q(a) for a in job.extra_args),
         "NODES": str(r.nodes), "GPUS_PER_NODE": str(job.own_gpus), "MASTER_PORT": str(r.master_port),
-        "ACCELERATE_CONFIG": _q(_get(config, "launch.accelerate_config")),
+        "ACCELERATE_CONFIG": _q(get_dotted(config, "launch.accelerate_config")),
         "VLLM_NODES": str(r.vllm_nodes), "VLLM_PORT": str(vllm_port(config)),
-        "VLLM_GPUS": str(int(_get(config, "rollout.vllm_gpus", 0) or 0) if grpo_vllm else 0),
+        "VLLM_GPUS": str(int(get_dotted(config, "rollout.vllm_gpus", 0) or 0) if grpo_vllm else 0),
     }
     where = f"slurm/{job.template}"
     values["PROLOGUE"] = fill((TEMPLATE_DIR / "prologue.sh").read_text(), values, "slurm/prologue.sh").rstrip("\n")

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from rlm_train.config import StrictModel, build_config
+from rlm_train.config import StrictModel, build_config, get_dotted
 from rlm_train.errors import UserError
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
@@ -93,24 +93,15 @@ def mem_mb(mem: str | None) -> int | None:
     return int(mem)
 
 
-def _get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
 def implied_gpus(run: str, config: dict[str, Any]) -> int:
     """GPUs per node the stage's own config asks for, when its `slurm:` section does not say."""
-    if run not in ("sft", "grpo") or _get(config, "device", "auto") == "cpu":
+    if run not in ("sft", "grpo") or get_dotted(config, "device", "auto") == "cpu":
         return 0
-    need = int(_get(config, "requires.gpus", 0) or 0)
-    if _get(config, "device") == "cuda":
-        need = max(need, int(_get(config, "launch.num_processes", 1) or 1), 1)
-    if need and run == "grpo" and _get(config, "rollout.backend") == "vllm_server":
-        need += int(_get(config, "rollout.vllm_gpus", 0) or 0)
+    need = int(get_dotted(config, "requires.gpus", 0) or 0)
+    if get_dotted(config, "device") == "cuda":
+        need = max(need, int(get_dotted(config, "launch.num_processes", 1) or 1), 1)
+    if need and run == "grpo" and get_dotted(config, "rollout.backend") == "vllm_server":
+        need += int(get_dotted(config, "rollout.vllm_gpus", 0) or 0)
     return need
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rlm_train.config import get_dotted
 from rlm_train.errors import UserError
 from rlm_train.train.common import (
     LaunchSettings,
@@ -124,7 +125,7 @@ def check_resume_config(cfg: Any, stage: str, checkpoint: str | None, may_change
     differing = [key for key in _differing_keys(saved, json.loads(cfg.model_dump_json()))
                  if not any(key == k or key.startswith(k + ".") for k in may_change)]
     if differing:
-        shown = ", ".join(f"{k} ({_at(saved, k)!r} -> {_at(json.loads(cfg.model_dump_json()), k)!r})" for k in differing[:6])
+        shown = ", ".join(f"{k} ({get_dotted(saved, k)!r} -> {get_dotted(json.loads(cfg.model_dump_json()), k)!r})" for k in differing[:6])
         raise UserError(
             f"resume: {checkpoint} was written with a different config ({shown}); use the old values, "
             f"a new output_dir, or resume=never to start fresh"
@@ -136,12 +137,6 @@ def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
         keys = list(dict.fromkeys([*a, *b]))
         return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
     return [] if a == b else [prefix.rstrip(".")]
-
-
-def _at(data: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
 
 
 def installed_reporters(wanted: Sequence[str], stage: str) -> list[str]:
