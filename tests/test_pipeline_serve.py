@@ -19,6 +19,7 @@ import yaml
 
 from rlm_train.serve.launcher import free_port
 from rlm_train.testing.tiny_models import build_tokenizer
+from rlm_train.testing import fake_vllm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,15 +62,7 @@ def model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fake_python(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fake-vllm")
-    pkg = root / "vllm" / "entrypoints" / "openai"
-    pkg.mkdir(parents=True)
-    for d in (root / "vllm", root / "vllm" / "entrypoints", pkg):
-        (d / "__init__.py").write_text("")
-    (pkg / "api_server.py").write_text(FAKE_SERVER)
-    wrapper = root / "python"
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{root}:{REPO}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{sys.executable}" "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
+    return fake_vllm.fake_vllm_python(root, FAKE_SERVER)
 
 
 def write_pipeline(tmp_path: Path, model: Path, python: Path, port: int, start_timeout_s: float = 120) -> Path:

@@ -26,6 +26,7 @@ from rlm_train import cli
 from rlm_train.models import loading
 from rlm_train.serve.launcher import group_alive
 from rlm_train.testing.tiny_models import build_tokenizer
+from rlm_train.testing import fake_vllm
 
 REPO = Path(__file__).resolve().parents[1]
 needs_gateway = pytest.mark.skipif(
@@ -94,15 +95,7 @@ def model(tmp_path_factory):
 def fake_vllm_python(tmp_path_factory):
     """An interpreter wrapper under which `import vllm` finds the fake server."""
     root = tmp_path_factory.mktemp("fake-vllm")
-    pkg = root / "vllm" / "entrypoints" / "openai"
-    pkg.mkdir(parents=True)
-    for d in (root / "vllm", root / "vllm" / "entrypoints", pkg):
-        (d / "__init__.py").write_text("")
-    (pkg / "api_server.py").write_text(FAKE_SERVER)
-    wrapper = root / "python"
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{root}:{REPO}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{sys.executable}" "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
+    return fake_vllm.fake_vllm_python(root, FAKE_SERVER)
 
 
 @pytest.fixture(scope="module")
