@@ -142,6 +142,8 @@ def test_forced_answer_turns_and_error_turns():
     traj["turns"][2]["forced"] = True
     samples, dropped = samples_of(traj)
     assert [s.turn for s in samples] == [0, 1] and dropped == {"forced_turn": 1}
+    samples, dropped = samples_of(traj, keep_forced_turns=True)  # a model evaluated under a turn budget
+    assert [s.turn for s in samples] == [0, 1, 2] and not dropped
     traj = make_traj(THREE_TURNS)
     traj["turns"][1]["executions"][0]["error"] = "NameError: name 'hits' is not defined"
     assert len(samples_of(traj)[0]) == 3

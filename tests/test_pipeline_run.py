@@ -214,3 +214,34 @@ def test_a_pipeline_with_an_eval_stage_writes_its_report_viewer_and_prints_the_r
     # The score table is printed last, after the timings.
     tail = run.stdout[run.stdout.index("timings:"):]
     assert "results of stage eval" in tail and "| teacher" in tail
+
+    # Once an upstream stage changes, that eval's results are of another config: they are no
+    # longer reported (not printed, not in report.md) until the eval reruns.
+    changed = pipeline(tmp_path, "--recipe", str(recipe), "--only", "tasks", "tasks.seed=5")
+    assert changed.returncode == 0, changed.stderr
+    assert "results of stage eval" not in changed.stdout
+    assert "## Stage eval" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_code_change_in_what_a_stage_depends_on_changes_its_fingerprint(tmp_path, monkeypatch):
+    """A new teacher program must rerun `generate` (and what follows), not reuse old trajectories;
+    a change elsewhere in the package does not touch it."""
+    from rlm_train.pipeline import recipe as recipe_module
+
+    root = tmp_path / "pkg"
+    for part in ("tasks", "policies", "rlm", "repl", "rollouts", "serve"):
+        (root / part).mkdir(parents=True)
+        (root / part / "mod.py").write_text(f"# {part}\n")
+    monkeypatch.setattr(recipe_module, "PACKAGE_ROOT", root)
+    recipe = write_recipe(tmp_path / "p.yaml", small_stages(samples=1))
+
+    def fingerprints():
+        return recipe_module.load_pipeline(recipe).fingerprints()
+
+    before = fingerprints()
+    (root / "serve" / "mod.py").write_text("# serve, changed\n")
+    assert fingerprints() == before
+    (root / "policies" / "mod.py").write_text("# a new teacher program\n")
+    after = fingerprints()
+    assert after["tasks"] == before["tasks"]
+    assert after["generate"] != before["generate"] and after["filter"] != before["filter"]

@@ -130,6 +130,22 @@ def test_no_code_and_no_final_gets_feedback_then_answer_now():
     assert "used all your turns" in traj["messages"][-2]["content"]
 
 
+def test_the_answer_now_turn_has_its_own_token_cap():
+    asked: list[tuple[bool, int]] = []
+
+    class Recording(CallablePolicy):
+        async def chat(self, messages, sampling=None, hints=None):
+            asked.append((bool((hints or {}).get("last_turn")), sampling.max_tokens))
+            return await super().chat(messages, sampling, hints)
+
+    policy = Recording(lambda messages, hints: block("print(1)"))
+    run("q", "c", policy, max_iterations=2, root_max_tokens=600, answer_max_tokens=64)
+    assert asked == [(False, 600), (False, 600), (True, 64)]
+    asked.clear()
+    run("q", "c", policy, max_iterations=1, root_max_tokens=600)  # unset: the root cap
+    assert asked == [(False, 600), (True, 600)]
+
+
 def test_policy_failure_is_recorded_not_raised():
     from rlm_train.models.base import PolicyError
 

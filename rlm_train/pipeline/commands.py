@@ -5,8 +5,9 @@
     rlm-train pipeline --recipe R --from sft                              # rerun sft and what follows
     rlm-train pipeline --recipe R --only eval filter.min_turns=3          # one stage; a stage's key changed
 
-A stage is skipped when it finished with the same config (its own and every stage upstream) and its
-outputs exist; a changed config reruns it and everything after it, its old outputs moved aside to
+A stage is skipped when it finished with the same config (its own and every stage upstream), the
+same rlm-train code it depends on (task generators, teacher, loop, filter, trainer) and its outputs
+exist; a changed config or code reruns it and everything after it, its old outputs moved aside to
 OUT_DIR/pipeline/stale/. Ctrl-C stops the running stage cleanly; the same command resumes it.
 """
 
@@ -53,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _fate_text(fate: str, state: dict | None, fingerprint: str) -> str:
     if fate == "skip":
-        return "skip: finished before with this config, outputs present"
+        return "skip: finished before with this config and code, outputs present"
     if fate == "not selected":
         return "not run (--from/--only)"
     if fate == "idle":
@@ -63,7 +64,7 @@ def _fate_text(fate: str, state: dict | None, fingerprint: str) -> str:
     if state is None:
         return "run"
     if state.get("fingerprint") != fingerprint:
-        return "run: config changed since its last run (its old outputs move to OUT_DIR/pipeline/stale/)"
+        return "run: config or code changed since its last run (its old outputs move to OUT_DIR/pipeline/stale/)"
     if state.get("status") != "done":
         return f"run: resume (its last run: {state.get('status')})"
     return "run: an upstream stage runs, or its outputs are missing"

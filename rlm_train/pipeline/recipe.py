@@ -37,6 +37,18 @@ from rlm_train.errors import UserError
 
 # The commands a stage may run, and whether they take a recipe.
 STAGE_COMMANDS = ("tasks make", "generate", "filter", "sft", "grpo", "eval", "serve")
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# The code (under rlm_train/) that decides what a stage writes besides its config: a new task
+# wording, teacher program or filter rule must rerun the stage, not reuse yesterday's outputs.
+CODE_DEPENDENCIES = {
+    "tasks make": ("tasks",),
+    "generate": ("tasks", "policies", "rlm", "repl"),
+    "filter": ("rollouts",),
+    "sft": ("train",),
+    "grpo": ("train", "rlm", "policies", "tasks"),
+    "eval": ("eval", "rlm", "policies", "tasks"),
+}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -115,9 +127,23 @@ class Stage:
         return header + yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True)
 
     def fingerprint(self, upstream: list[str]) -> str:
-        """Changes when this stage's config or any upstream stage's fingerprint changes."""
-        text = self.config_text + "\n".join(upstream)
+        """Changes when this stage's config, the code it depends on, or any upstream stage's
+        fingerprint changes."""
+        text = self.config_text + code_digest(CODE_DEPENDENCIES.get(self.run, ())) + "\n".join(upstream)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def code_digest(parts: tuple[str, ...], root: Path | None = None) -> str:
+    """A hash of the Python sources under root/PART (root: the installed rlm_train package)."""
+    root = root or PACKAGE_ROOT
+    digest = hashlib.sha256()
+    for part in parts:
+        target = root / part
+        files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
+        for file in files:
+            if file.is_file():
+                digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class Pipeline:

@@ -197,7 +197,7 @@ class Runner:
             if stage.background:
                 continue
             if fate[stage.name] != "run":
-                why = "finished before with the same config; outputs present" if fate[stage.name] == "skip" \
+                why = "finished before with the same config and code; outputs present" if fate[stage.name] == "skip" \
                     else "not selected (--from/--only)"
                 self.header(index, stage, f"skipped ({why})", fate)
                 self.timings.record(stage.name, "skipped" if fate[stage.name] == "skip" else "not selected")

@@ -10,16 +10,22 @@ from pathlib import Path
 
 from rlm_train.formats import write_text_atomic
 from rlm_train.pipeline.recipe import Pipeline
+from rlm_train.pipeline.state import is_finished, read_state
 
 _LINK = re.compile(r"(\]\()(?!https?://|/|#)([^)]+\))")
 
 
 def eval_dirs(pipeline: Pipeline) -> list[tuple[str, Path]]:
-    """(stage name, out directory) of every eval stage whose report exists."""
+    """(stage name, out directory) of every eval stage finished with today's config and code. The
+    report of an eval whose config, or an upstream stage's, changed since stays out (it is moved
+    aside when that eval reruns), so the tables never show results of another config."""
+    fingerprints = pipeline.fingerprints()
     found = []
     for stage in pipeline.stages:
         out = stage.config.get("out") if stage.run == "eval" else None
-        if out and (Path(out) / "report.md").is_file():
+        if not out or not (Path(out) / "report.md").is_file():
+            continue
+        if is_finished(read_state(pipeline, stage), fingerprints[stage.name]):
             found.append((stage.name, Path(out)))
     return found
 

@@ -81,6 +81,8 @@ class RLMConfig(StrictModel):
     """Sub-call prompt/response characters kept in the trajectory (lengths are always kept)."""
     root_max_tokens: int = Field(1024, ge=1)
     """Max new tokens per root turn."""
+    answer_max_tokens: int | None = Field(None, ge=1)
+    """Max new tokens of the answer-now turn (a FINAL block needs few); None = root_max_tokens."""
     sub_max_tokens: int = Field(512, ge=1)
     """Max new tokens per sub-call."""
     temperature: float = Field(0.0, ge=0)
@@ -350,7 +352,8 @@ async def _run_turn(tree: _Tree, episode: _Episode, session_future: asyncio.Futu
     """One root turn: ask the model, run its code, feed the output back. Returns (turn, final)."""
     config = tree.config
     episode.budget.check()
-    sampling = SamplingParams(max_tokens=config.root_max_tokens, temperature=config.temperature)
+    max_tokens = config.answer_max_tokens if forced and config.answer_max_tokens else config.root_max_tokens
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=config.temperature)
     hints = {**tree.hints, "role": "root", "depth": episode.depth, "turn": turn_index, "last_turn": forced}
     if episode.depth > 0:
         hints["query"] = episode.query

@@ -32,7 +32,8 @@ def root_tokens(config: RLMConfig, chars_per_token: float = CHARS_PER_TOKEN) -> 
     feedback = math.ceil(config.feedback_chars / chars_per_token) + 2 * MESSAGE_TOKENS
     turns = config.max_iterations * (config.root_max_tokens + feedback)
     answer_now = math.ceil(len(prompts.ANSWER_NOW_PROMPT) / chars_per_token) + MESSAGE_TOKENS
-    return system + QUERY_TOKENS + turns + answer_now + config.root_max_tokens + 2 * MESSAGE_TOKENS
+    last = config.answer_max_tokens or config.root_max_tokens
+    return system + QUERY_TOKENS + turns + answer_now + last + 2 * MESSAGE_TOKENS
 
 
 def sub_call_tokens(config: RLMConfig, chars_per_token: float = CHARS_PER_TOKEN) -> int:

@@ -49,6 +49,9 @@ class FilterConfig(StrictModel):
     """Drop samples whose whole conversation (history + output) is longer than this."""
     drop_turns_without_code: bool = True
     """Drop samples whose turn has neither a code block nor a FINAL (the loop had to nag)."""
+    keep_forced_turns: bool = False
+    """Train on the loop's answer-now turn too (keep `max_iterations` in keep_outcomes with it):
+    for a model evaluated under a turn budget that ends with that prompt."""
     drop_error_turns: bool = False
     """Drop samples whose code raised an error (the recovery turns after them are kept)."""
     dedupe: bool = True
@@ -199,7 +202,7 @@ def turn_samples(traj: TrajectoryRecord, config: FilterConfig, dropped: Counter[
 
 
 def turn_drop_reason(turn: TurnRecord, output: str, history: list[dict[str, str]], config: FilterConfig) -> str | None:
-    if turn.get("forced"):
+    if turn.get("forced") and not config.keep_forced_turns:
         return "forced_turn"  # the answer-now turn was prompted, not chosen
     if config.drop_turns_without_code and not turn.get("code_blocks") and turn.get("final") is None:
         return "no_code"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from rlm_train.policies.scripted import generic
-from rlm_train.policies.scripted.view import EpisodeView, repl_block
+from rlm_train.policies.scripted.view import EpisodeView, double_quoted, repl_block
 
 _KEY_RE = re.compile(r"\b[a-z]+-[a-z]+\b")
 _QUOTED_RE = re.compile(r"[\"“']([^\"”']{2,80})[\"”']")
@@ -42,20 +42,30 @@ def _peek_code(view: EpisodeView) -> str:
     )
 
 
+def _keys_code(view: EpisodeView, keys: list[str]) -> str:
+    """The line(s) that set `keys`. Where the keys are hyphenated words, the program copies
+    the question and reads them with a regex: copying a sentence is easier for a small
+    model than spelling a key it has never seen, and the same code serves any wording."""
+    if _KEY_RE.findall(view.query):
+        return f"question = {double_quoted(view.query)}\nkeys = list(dict.fromkeys(re.findall(r\"\\b[a-z]+-[a-z]+\\b\", question)))"
+    return f"keys = {keys!r}"
+
+
 def _search_code(keys: list[str], view: EpisodeView) -> str:
     """Three ways to find the number(s) written after a key, whatever the sentence says.
     `\\b` after the key keeps `quiet-harbour` from matching `quiet-harbor`."""
     style = view.rng.randrange(3)
+    head = f"import re\n{_keys_code(view, keys)}"
     if style == 0:
-        return f"""import re
+        return f"""{head}
 found = {{}}
-for key in {keys!r}:
+for key in keys:
     found[key] = list(dict.fromkeys(re.findall(re.escape(key) + r"\\b\\D{{0,60}}?(\\d+)", context)))
     print(("FOUND " + key + ": " + ", ".join(found[key])) if found[key] else ("NO MATCH " + key))"""
     if style == 1:
-        return f"""import re
+        return f"""{head}
 found = {{}}
-for key in {keys!r}:
+for key in keys:
     values = []
     start = context.find(key)
     while start != -1:
@@ -66,11 +76,11 @@ for key in {keys!r}:
         start = context.find(key, start + 1)
     found[key] = values
     print(("FOUND " + key + ": " + ", ".join(values)) if values else ("NO MATCH " + key))"""
-    return f"""import re
+    return f"""{head}
 sentences = re.split(r"(?<=[.!?])\\s+", context)
 print(len(sentences), "sentences")
 found = {{}}
-for key in {keys!r}:
+for key in keys:
     hits = [s for s in sentences if re.search(re.escape(key) + r"\\b", s)]
     for s in hits[:5]:
         print(">", s[:200])
@@ -78,19 +88,20 @@ for key in {keys!r}:
     print(("FOUND " + key + ": " + ", ".join(found[key])) if found[key] else ("NO MATCH " + key))"""
 
 
-def _verify_code(keys: list[str]) -> str:
-    # A second look at each hit in its sentence before answering.
-    return f"""import re
-for key in {keys!r}:
+def _verify_code() -> str:
+    # A second look at each hit in its sentence before answering (`keys` is the search's).
+    return """import re
+for key in keys:
     for m in re.finditer(re.escape(key) + r"\\b", context):
         print("CHECK", context[max(0, m.start() - 60):m.end() + 60].replace("\\n", " "))"""
 
 
-def _recovery_code(keys: list[str]) -> str:
+def _recovery_code(view: EpisodeView, keys: list[str]) -> str:
     # Case-insensitive, any separator between the key's words, and a wider window.
     return f"""import re
+{_keys_code(view, keys)}
 found = globals().get("found") or {{}}
-for key in {keys!r}:
+for key in keys:
     if found.get(key):
         continue
     loose = r"[\\s_-]*".join(re.escape(part) for part in re.split(r"[\\s_-]+", key))
@@ -119,7 +130,7 @@ def next_turn(view: EpisodeView) -> str:
     found_all = "FOUND" in last and "NO MATCH" not in last
     if found_all and "CHECK" not in seen and not view.last_turn and view.rng.random() < 0.3:
         intro = view.rng.choice(["Found it; let me check the sentence before answering.", "A quick check of each hit."])
-        return f"{intro}\n{repl_block(_verify_code(keys))}"
+        return f"{intro}\n{repl_block(_verify_code())}"
     if view.last_turn or "RECOVERY" in last or "CHECK" in last or found_all:
         intro = view.rng.choice(["I have the value(s); submitting.", "The search found the needle.", "Done searching."])
         return f"{intro}\n{repl_block(_final_code(view))}"
@@ -127,8 +138,8 @@ def next_turn(view: EpisodeView) -> str:
         intro = view.rng.choice(
             ["The exact pattern found nothing; trying a looser search.", "No exact hit. Let me search case-insensitively."]
         )
-        return f"{intro}\n{repl_block(_recovery_code(keys))}"
-    if view.turn == 0 and view.rng.random() < 0.3:
+        return f"{intro}\n{repl_block(_recovery_code(view, keys))}"
+    if view.turn == 0 and view.rng.random() < 0.1:
         intro = view.rng.choice(["First, a look at the context.", "Let me peek at the data.", "Start by checking the size and format."])
         return f"{intro}\n{repl_block(_peek_code(view))}"
     intro = view.rng.choice(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from rlm_train.policies.scripted.view import EpisodeView, repl_block
+from rlm_train.policies.scripted.view import EpisodeView, double_quoted, repl_block
 
 DEFAULT_LABELS = ["history", "geography", "science", "technology", "politics", "education"]
 
@@ -41,7 +41,7 @@ _PROMPTS = [
 
 def classify_code(view: EpisodeView, labels: list[str]) -> str:
     """Parse every record, classify the instances in batches, leave `records`, `pred`
-    (None where a batch's reply did not parse), `missing` and the helpers the retry uses.
+    (None or a stray word where a batch's reply did not parse), `missing` and the helpers the retry uses.
     Kept short: a small model has to write it back token by token."""
     batch = view.rng.choice([25, 40, 50])
     # The label list is joined in code, so the program does not spell the labels twice.
@@ -55,8 +55,8 @@ replies = llm_query_batched([ask + "\\n".join(r[2] for r in c) for c in chunks])
 pred = []
 for c, reply in zip(chunks, replies):
     got = [w.strip().lower() for w in reply.splitlines() if w.strip()]
-    pred += [g if g in LABELS else None for g in got] if len(got) == len(c) else [None] * len(c)
-missing = [i for i, p in enumerate(pred) if p is None]
+    pred += got if len(got) == len(c) else [None] * len(c)
+missing = [i for i, p in enumerate(pred) if p not in LABELS]
 print(len(records), "records parsed,", len(missing), "unlabeled")"""
 
 
@@ -66,61 +66,41 @@ def retry_code(view: EpisodeView) -> str:
 for i, reply in zip(missing, again):
     words = [w for w in re.findall(r"[a-z]+", reply.lower()) if w in LABELS]
     pred[i] = words[0] if words else None
-missing = [i for i, p in enumerate(pred) if p is None]
+missing = [i for i, p in enumerate(pred) if p not in LABELS]
 print("after retry:", len(missing), "unlabeled")"""
 
 
-_DATE = r"[A-Z][a-z]{2} \d{2}, \d{4}"
+def question_text(query: str) -> str:
+    """The question sentence of an oolong query ("Question: ... ?"), without the answer-form tail."""
+    q = query[query.rfind("Question:") + len("Question:"):].strip()
+    return re.split(r"\s+Answer with ", q)[0].strip()
 
 
-def question_code(query: str, labels: list[str]) -> tuple[str, str]:
-    """(aggregation code that sets `answer`, kind) for the question in the query. It reads
-    the question's anchors, not its wording: a quoted 'label' asks for a count, "user N"
-    and two dates narrow the records, "least"/"fewest" flips the extreme. Values are copied
-    as written (dates are parsed in code), so the program is the question's text plus code."""
-    q = query[query.rfind("Question:"):]
-    label = re.search(r"'(\w+)'", q)
-    user = re.search(r"\buser (\d+)", q, re.IGNORECASE)
-    dates = re.findall(_DATE, q)
-    conditions = []
-    prelude = ""
-    if user:
-        conditions.append(f"r[1] == {user.group(1)}")
-    if len(dates) >= 2:
-        prelude = (
-            "import datetime\n"
-            "def day(text):\n    return datetime.datetime.strptime(text, '%b %d, %Y').date()\n"
-            f"lo, hi = day({dates[0]!r}), day({dates[1]!r})\n"
-        )
-        conditions.append("lo <= day(r[0]) <= hi")
-    cond = " and ".join(conditions) or "True"
-    if label:
-        if cond == "True":
-            return f"answer = sum(1 for p in pred if p == {label.group(1)!r})", "count"
-        return prelude + f"answer = sum(1 for r, p in zip(records, pred) if {cond} and p == {label.group(1)!r})", "count"
-    most = not re.search(r"\b(least|fewest|rarest)\b", q)
-    return prelude + _extreme(cond, labels, most=most), "label"
+# The aggregation is one program for every question: it reads the question's anchors
+# (a quoted 'label' asks for a count, "user N" and two dates narrow the records,
+# least/fewest flips the extreme) from the question string copied into the code. So a
+# model that learns it needs to copy the question, not to map each wording to code.
+AGGREGATE_CODE = """import datetime
+day = lambda text: datetime.datetime.strptime(text, '%b %d, %Y').date()
+user = re.findall(r"user (\\d+)", question, re.I)
+dates = [day(d) for d in re.findall(r"\\w{3} \\d\\d, \\d{4}", question)]
+keep = [p for r, p in zip(records, pred) if (not user or r[1] == int(user[0])) and (not dates or dates[0] <= day(r[0]) <= dates[-1])]
+counts = {name: keep.count(name) for name in LABELS}
+print(counts)
+label = re.findall(r"'(\\w+)'", question)
+answer = counts[label[0]] if label else (min if re.search("least|fewest", question) else max)(counts, key=counts.get)
+print('ANSWER', answer)"""
 
 
-def _extreme(cond: str, labels: list[str], most: bool) -> str:
-    pick = "max" if most else "min"
-    test = "p" if cond == "True" else f"p and {cond}"
-    return (
-        "counts = {label: 0 for label in LABELS}\n"
-        f"for r, p in zip(records, pred):\n    if {test}:\n        counts[p] += 1\n"
-        f"print(sorted(counts.items(), key=lambda kv: -kv[1]))\n"
-        f"answer = {pick}(counts, key=counts.get)"
-    )
-
-
-def _answer_code(view: EpisodeView, labels: list[str]) -> str:
-    code, _ = question_code(view.query, labels)
-    return code + "\nprint('ANSWER', answer)"
+# Aggregate, print, and submit in the same cell when every record got a label (else the
+# next turn retries the unparsed ones first).
+ANSWER_CODE = AGGREGATE_CODE + "\nif not missing:\n    FINAL_VAR('answer')"
 
 
 def next_turn(view: EpisodeView) -> str:
-    """Classification and aggregation run in one cell (a short, complete program), then
-    the answer is submitted; a peek first sometimes, a retry when replies did not parse."""
+    """Classification and aggregation run in one cell (a short, complete program) that
+    submits when every record got a label; a peek first sometimes, a retry when replies
+    did not parse, then the submit."""
     labels = query_labels(view.query)
     last = view.last_output
     seen = view.all_outputs
@@ -128,13 +108,13 @@ def next_turn(view: EpisodeView) -> str:
     needs_retry = bool(unlabeled) and unlabeled[-1] != "0" and "after retry" not in seen
     if needs_retry and not view.last_turn:
         return "Some replies did not parse; asking again one instance at a time.\n" + repl_block(
-            retry_code(view) + "\n" + _answer_code(view, labels)
+            retry_code(view) + "\n" + ANSWER_CODE
         )
     if view.last_turn or "ANSWER" in last:
         return view.rng.choice(["Submitting the aggregate.", "That is the answer."]) + "\n" + repl_block(
             view.rng.choice(["FINAL_VAR('answer')", "FINAL(str(answer))"])
         )
-    if view.turn == 0 and view.rng.random() < 0.2:
+    if view.turn == 0 and view.rng.random() < 0.1:
         return view.rng.choice(["Let me look at the record format first.", "First a peek at the data."]) + "\n" + repl_block(
             peek_code(view)
         )
@@ -144,4 +124,5 @@ def next_turn(view: EpisodeView) -> str:
             "Each instance needs a topic; I ask the sub-model in batches and aggregate for the question.",
         ]
     )
-    return f"{intro}\n{repl_block(classify_code(view, labels) + chr(10) + _answer_code(view, labels))}"
+    program = f"question = {double_quoted(question_text(view.query))}\n{classify_code(view, labels)}\n{ANSWER_CODE}"
+    return f"{intro}\n{repl_block(program)}"

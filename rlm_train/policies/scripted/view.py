@@ -33,6 +33,13 @@ class EpisodeView:
         return "\n".join(self.outputs)
 
 
+def double_quoted(text: str) -> str:
+    """`text` as a Python string literal, always in double quotes: repr() picks the quote by
+    content, and a question with a quoted 'label' would then switch style between tasks."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
 def repl_block(code: str) -> str:
     """`code` as the fenced ```repl block the RLM loop runs."""
     return f"```repl\n{code.strip()}\n```"
