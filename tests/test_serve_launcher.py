@@ -276,3 +276,25 @@ def test_gateway_alone_in_front_of_a_running_server(tmp_path):
                 proc.kill()
                 proc.wait()
     assert "stopped (SIGINT); the gateway has exited" in stderr.read_text()
+
+
+@needs_gateway
+def test_with_its_gateway_the_vllm_window_is_sized_for_the_episodes(capsys, model, python_without_vllm):
+    from rlm_train.rlm import RLMConfig
+    from rlm_train.rlm.window import server_window_tokens
+
+    def plan_of(*extra: str) -> dict:
+        code, out, err = serve(capsys, "--model", str(model), "--port", "0", "--gateway", "--gateway-port", "0",
+                               "--vllm-python", str(python_without_vllm), "--dry-run", *extra)
+        assert code == 0, err
+        return yaml.safe_load(out.split("\n", 1)[1])
+
+    notes = plan_of()["notes"]
+    command = next(n for n in notes.splitlines() if n.startswith("vLLM command:"))
+    assert command.endswith(f"--max-model-len {server_window_tokens(RLMConfig())}")
+    smaller = RLMConfig(sub_model_chars=12_000, root_max_tokens=512, max_iterations=2)
+    notes = plan_of("gateway.rlm.sub_model_chars=12000", "gateway.rlm.root_max_tokens=512",
+                    "gateway.rlm.max_iterations=2")["notes"]
+    assert f"--max-model-len {server_window_tokens(smaller)}" in notes
+    notes = plan_of("--vllm-args=--max-model-len=4096")["notes"]  # given and too small: kept, with a warning
+    assert "--max-model-len=4096" in notes and "warning: vLLM --max-model-len 4096 is below" in notes
