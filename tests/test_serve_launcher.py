@@ -298,3 +298,6 @@ def test_with_its_gateway_the_vllm_window_is_sized_for_the_episodes(capsys, mode
     assert f"--max-model-len {server_window_tokens(smaller)}" in notes
     notes = plan_of("--vllm-args=--max-model-len=4096")["notes"]  # given and too small: kept, with a warning
     assert "--max-model-len=4096" in notes and "warning: vLLM --max-model-len 4096 is below" in notes
+    code, _, err = serve(capsys, "--model", str(model), "--port", "0", "--gateway", "--gateway-port", "0",
+                         "--vllm-python", str(python_without_vllm), "--dry-run", "--vllm-args=--max-model-len=abc")
+    assert code == 2 and "--max-model-len 'abc' is not a whole number" in err and len(err.strip().splitlines()) == 1
