@@ -68,6 +68,23 @@ def test_openai_builds_a_working_policy_with_env_key(monkeypatch):
         assert srv.headers[-1]["authorization"] == "Bearer sk-from-env"
 
 
+def test_client_options_reach_the_policy_streaming_and_health_included():
+    with MockOpenAIServer() as srv:
+        policy = build_policy("openai:tiny", [srv.base_url], ClientOptions(stream=False, health_timeout_s=3))
+        assert isinstance(policy, OpenAIPolicy) and policy.health_timeout_s == 3
+
+        async def go():
+            try:
+                return await policy.chat([{"role": "user", "content": "hi"}])
+            finally:
+                await policy.aclose()
+
+        assert asyncio.run(go()).text == "echo: hi"
+        assert "stream" not in srv.bodies[-1]  # one JSON answer, not server-sent events
+        streaming = build_policy("openai:tiny", [srv.base_url])
+        assert streaming.stream is True
+
+
 def test_openai_key_defaults_to_empty(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with MockOpenAIServer() as srv:

@@ -159,6 +159,12 @@ def test_resume_from_a_different_config_names_the_keys(tmp_path):
     ckpt = str(tmp_path / "out" / "checkpoint-6")
     longer = load_config(SFTConfig, TINY_RECIPE, base + ["training.max_steps=40", "evaluation.every_steps=3"])
     check_resume_config(longer, "sft", ckpt, RESUME_MAY_CHANGE)  # longer training, more evaluation: fine
+    # A checkpoint from an older rlm-train whose config lacked a field added since: not a difference.
+    older = json.loads(old.model_dump_json())
+    del older["lora"]["r"]
+    (tmp_path / "out" / "sft_config.json").write_text(json.dumps(older))
+    check_resume_config(old, "sft", ckpt, RESUME_MAY_CHANGE)
+    (tmp_path / "out" / "sft_config.json").write_text(old.model_dump_json())
     changed = load_config(SFTConfig, TINY_RECIPE, base + ["lora.r=4", "training.learning_rate=0.5"])
     with pytest.raises(UserError) as err:
         check_resume_config(changed, "sft", ckpt, RESUME_MAY_CHANGE)

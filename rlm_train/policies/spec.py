@@ -90,6 +90,11 @@ class ClientOptions(StrictModel):
     """HTTP requests in flight at once per policy (root turns and sub-calls together)."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the API key ("EMPTY" when unset, which is what vLLM expects)."""
+    stream: bool = True
+    """Stream answers: a server that sends tokens is slow, not dead, so only silence for the whole
+    timeout counts against it (false: one JSON answer, for servers that cannot stream)."""
+    health_timeout_s: float = Field(10.0, gt=0)
+    """Seconds for a server's /health to answer when a request went silent (busy, or dead)."""
 
 
 def build_policies(policy: str | None, sub_policy: str | None = None, base_urls: list[str] | None = None,
@@ -122,7 +127,8 @@ def build_policy(spec: str, base_urls: list[str] | None = None, client: ClientOp
         api_key = os.environ.get(client.api_key_env) or "EMPTY"
         args = {**args, "base_urls": urls, "api_key": api_key, "name": spec}
         options = {"request_timeout_s": client.request_timeout_s, "max_retries": client.max_retries,
-                   "max_concurrency": client.max_concurrency}
+                   "max_concurrency": client.max_concurrency, "stream": client.stream,
+                   "health_timeout_s": client.health_timeout_s}
     cls = _load(kind, spec)
     policy = cls(**args, **options)
     policy.name = spec

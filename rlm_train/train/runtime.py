@@ -132,11 +132,14 @@ def check_resume_config(cfg: Any, stage: str, checkpoint: str | None, may_change
         )
 
 
-def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = list(dict.fromkeys([*a, *b]))
-        return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+def _differing_keys(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ. A key the saved config lacks is a field added to
+    rlm-train since that run: the run cannot have set it, so it is not a difference."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = list(dict.fromkeys([*saved, *now]))
+        return [k for key in keys if key in saved
+                for k in _differing_keys(saved[key], now.get(key), f"{prefix}{key}.")]
+    return [] if saved == now else [prefix.rstrip(".")]
 
 
 def installed_reporters(wanted: Sequence[str], stage: str) -> list[str]:
