@@ -153,6 +153,7 @@ class Pipeline:
         self.out_dir = Path(spec.out_dir)
         self.stages = stages
         self.requires = list(spec.requires)
+        self._fingerprints: dict[str, str] | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -165,11 +166,15 @@ class Pipeline:
         raise UserError(f"{self.path}: no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")
 
     def fingerprints(self) -> dict[str, str]:
-        """Each stage's fingerprint, chained through its `after` stages."""
-        out: dict[str, str] = {}
-        for stage in self.stages:
-            out[stage.name] = stage.fingerprint([out[name] for name in stage.after])
-        return out
+        """Each stage's fingerprint, chained through its `after` stages. Computed once (it hashes
+        the code each stage depends on): the run and its report then compare stage states with
+        the same fingerprints the run wrote into them."""
+        if self._fingerprints is None:
+            out: dict[str, str] = {}
+            for stage in self.stages:
+                out[stage.name] = stage.fingerprint([out[name] for name in stage.after])
+            self._fingerprints = out
+        return dict(self._fingerprints)
 
     def write_stage_recipes(self) -> None:
         """Write each stage's resolved recipe where its argv points (only when it changed)."""
