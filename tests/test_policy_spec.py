@@ -49,6 +49,18 @@ def test_openai_without_base_url_says_what_to_pass():
         build_policy("openai:m", ["localhost:8000"])
 
 
+def say_hi(policy):
+    """One chat request, then the policy's connections closed."""
+
+    async def go():
+        try:
+            return await policy.chat([{"role": "user", "content": "hi"}])
+        finally:
+            await policy.aclose()
+
+    return asyncio.run(go())
+
+
 def test_openai_builds_a_working_policy_with_env_key(monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-from-env")
     with MockOpenAIServer() as srv:
@@ -58,13 +70,7 @@ def test_openai_builds_a_working_policy_with_env_key(monkeypatch):
         assert policy.model == "tiny" and policy.base_urls == [srv.base_url, srv.base_url]
         assert policy.request_timeout_s == 5 and policy.max_concurrency == 64
 
-        async def go():
-            try:
-                return await policy.chat([{"role": "user", "content": "hi"}])
-            finally:
-                await policy.aclose()
-
-        assert asyncio.run(go()).text == "echo: hi"
+        assert say_hi(policy).text == "echo: hi"
         assert srv.headers[-1]["authorization"] == "Bearer sk-from-env"
 
 
@@ -73,13 +79,7 @@ def test_client_options_reach_the_policy_streaming_and_health_included():
         policy = build_policy("openai:tiny", [srv.base_url], ClientOptions(stream=False, health_timeout_s=3))
         assert isinstance(policy, OpenAIPolicy) and policy.health_timeout_s == 3
 
-        async def go():
-            try:
-                return await policy.chat([{"role": "user", "content": "hi"}])
-            finally:
-                await policy.aclose()
-
-        assert asyncio.run(go()).text == "echo: hi"
+        assert say_hi(policy).text == "echo: hi"
         assert "stream" not in srv.bodies[-1]  # one JSON answer, not server-sent events
         streaming = build_policy("openai:tiny", [srv.base_url])
         assert streaming.stream is True
@@ -90,11 +90,7 @@ def test_openai_key_defaults_to_empty(monkeypatch):
     with MockOpenAIServer() as srv:
         policy = build_policy("openai:tiny", [srv.base_url])
 
-        async def go():
-            await policy.chat([{"role": "user", "content": "hi"}])
-            await policy.aclose()
-
-        asyncio.run(go())
+        say_hi(policy)
         assert srv.headers[-1]["authorization"] == "Bearer EMPTY"
 
 
