@@ -365,3 +365,52 @@ def test_isolation_report_names_every_layer():
         assert layer in rep
     if os.geteuid() == 0:  # this project's dev machines: everything is available
         assert rep["missing"] == [], rep
+
+
+# --------------------------------------------------------------------------- waiting for frames
+def _voluntary_switches(pid: int) -> int:
+    return psutil.Process(pid).num_ctx_switches().voluntary
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="polling is only used with two CPUs or more")
+def test_back_to_back_cells_are_polled_for_not_slept_for(session):
+    """Cells within protocol.SPIN_S of each other (the code blocks of one model turn): the
+    worker polls for the next frame instead of sleeping, so it rarely blocks at all."""
+    for _ in range(20):
+        session.execute("x = 1")
+    before = _voluntary_switches(session.pid)
+    for _ in range(300):
+        session.execute("x = 1")
+    sleeps = _voluntary_switches(session.pid) - before
+    assert sleeps < 150, f"the worker slept {sleeps} times in 300 back-to-back cells"
+
+
+def test_cells_far_apart_are_slept_for_not_polled_for(session):
+    """Between the turns of an episode (model time) neither side may burn CPU polling."""
+    for _ in range(5):
+        session.execute("x = 1")
+    time.sleep(0.01)  # the next gap is longer than SPIN_S: the worker stops polling after it
+    session.execute("x = 1")
+    spent = _cpu_seconds(session.pid)
+    host_spent = time.thread_time()
+    time.sleep(0.3)
+    assert _cpu_seconds(session.pid) - spent < 0.02
+    assert time.thread_time() - host_spent < 0.02
+    _assert_works(session)
+
+
+def test_a_host_thread_on_one_cpu_never_polls():
+    """With one CPU to run on, polling would only keep the worker from running."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        with REPLSession("", config=FAST) as s:
+            assert not s._may_spin
+            _assert_works(s)
+    finally:
+        os.sched_setaffinity(0, cpus)
