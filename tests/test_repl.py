@@ -414,3 +414,30 @@ def test_a_host_thread_on_one_cpu_never_polls():
             _assert_works(s)
     finally:
         os.sched_setaffinity(0, cpus)
+
+
+def test_a_host_thread_polls_only_while_its_cell_is_the_only_one_running(monkeypatch, session):
+    """In a generation run many sessions are busy at once: their host threads sleep on the
+    worker's reply and leave the cores to the workers and the event loop."""
+    from rlm_train.repl import protocol
+
+    polls = []
+    real_spin = protocol.spin_until_readable
+    monkeypatch.setattr(protocol, "spin_until_readable", lambda sock, s: polls.append(s) or real_spin(sock, s))
+
+    def cells() -> int:
+        polls.clear()
+        for _ in range(100):
+            session.execute("x = 1")
+        return len(polls)
+
+    alone = cells()
+    with REPLSession("", config=FAST) as busy:
+        sleeper = threading.Thread(target=busy.execute, args=("import time; time.sleep(2)",))
+        sleeper.start()
+        time.sleep(0.2)  # its cell is running
+        beside_another = cells()
+        sleeper.join()
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert alone > 50
+    assert beside_another == 0

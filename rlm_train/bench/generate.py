@@ -11,6 +11,12 @@ Goal: wall / ideal <= 1.2, for the median of 3 timed runs (each run's ratio is p
 too). Also reported: one episode alone (measured in the same call), and peak memory of
 this process and of the whole process tree (REPL workers included).
 
+What the sandbox's security layers cost (issue 11: cgroups, the minimal root, seccomp +
+keyring) is measured in the same call: 3 more runs without them, alternating with the
+timed runs (on off off on on off), each variant on a warm fork-server of its own. Goal:
+median with / median without <= 1.2 / 1.12 (the goal over what the code before those
+layers measured on a quiet machine), which holds whatever phase this machine is in.
+
 The server runs in its own process, so its CPU time is not counted as client overhead,
 as with a real vLLM server. On a 2-core machine it still takes CPU from the run (the
 bench prints how much, beside this process's own), so the ratio here errs on the slow side.
@@ -39,6 +45,7 @@ LATENCY_S = 0.1
 TIMED_RUNS = 3
 
 GOAL_RATIO = 1.2  # wall / ideal, with every sandbox layer on
+GOAL_LAYERS_RATIO = round(1.2 / 1.12, 2)  # with the layers / without them, same call
 
 
 def _serve(latency_s: float, port_out, stop) -> None:
@@ -104,6 +111,17 @@ def _run(base_url: str, tasks: Path, out: Path, concurrency: int) -> tuple[float
     return time.perf_counter() - started, summary
 
 
+def _use_layers(on: bool) -> None:
+    """Every sandbox layer, or none of those issue 11 added; the fork-server is started
+    here, untimed, as a long-running process has it warm."""
+    from rlm_train.bench.sandbox import LAYER_VARIANTS
+    from rlm_train.repl import REPLSession
+    from rlm_train.repl.session import disable_layers
+
+    disable_layers(() if on else LAYER_VARIANTS["all_off"])
+    REPLSession("warm-up").close()
+
+
 def _cpu_s(pid: int) -> float:
     import psutil
 
@@ -136,9 +154,20 @@ def bench_generate(episodes: int = EPISODES, concurrency: int = CONCURRENCY, lat
             # This machine's speed drifts run to run: the ratio is the median of a few runs,
             # each from a cold start (its own client, connections and sandbox sessions).
             cpu_self, cpu_server = time.process_time(), _cpu_s(server_pid)
-            runs = [_run(base_url, tmp / "tasks.jsonl", tmp / f"run-{i}", concurrency) for i in range(TIMED_RUNS)]
-            cpu_self = (time.process_time() - cpu_self) / TIMED_RUNS
-            cpu_server = (_cpu_s(server_pid) - cpu_server) / TIMED_RUNS
+            runs = []
+            bare_walls = []
+            for i in range(TIMED_RUNS):
+                order = (False, True) if i % 2 else (True, False)
+                for layers_on in order:
+                    _use_layers(layers_on)
+                    wall, summary = _run(base_url, tmp / "tasks.jsonl", tmp / f"run-{i}-{int(layers_on)}", concurrency)
+                    if layers_on:
+                        runs.append((wall, summary))
+                    else:
+                        bare_walls.append(wall)
+            _use_layers(True)
+            cpu_self = (time.process_time() - cpu_self) / (2 * TIMED_RUNS)
+            cpu_server = (_cpu_s(server_pid) - cpu_server) / (2 * TIMED_RUNS)
             # Memory is sampled in a second, untimed run: reading ~150 processes' smaps costs
             # enough CPU on 2 cores to distort the timing.
             with _PeakMemory() as memory:
@@ -154,6 +183,8 @@ def bench_generate(episodes: int = EPISODES, concurrency: int = CONCURRENCY, lat
     walls = [w for w, _ in runs]
     wall = statistics.median(walls)
     ratio = wall / ideal
+    bare_wall = statistics.median(bare_walls)
+    layers_ratio = wall / bare_wall
     outcomes = {str(k): n for k, n in sum((Counter(s["outcomes"]) for _, s in runs), Counter()).items()}
     summary = runs[-1][1]
     peak_self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -162,6 +193,8 @@ def bench_generate(episodes: int = EPISODES, concurrency: int = CONCURRENCY, lat
         "root_turns": ROOT_TURNS, "sub_calls_per_episode": SUB_CALLS,
         "wall_s": round(wall, 3), "ideal_s": round(ideal, 3), "ratio": round(ratio, 3),
         "walls_s": [round(w, 3) for w in walls], "ratios": [round(w / ideal, 3) for w in walls],
+        "without_layers_wall_s": round(bare_wall, 3), "without_layers_walls_s": [round(w, 3) for w in bare_walls],
+        "layers_ratio": round(layers_ratio, 3), "goal_layers_ratio": GOAL_LAYERS_RATIO,
         "single_episode_s": round(single, 3), "single_episode_ideal_s": per_episode,
         "episodes_per_s": round(episodes / wall, 1),
         "outcomes": outcomes, "mean_score": summary["mean_score"],
@@ -176,6 +209,10 @@ def bench_generate(episodes: int = EPISODES, concurrency: int = CONCURRENCY, lat
           f"concurrency {concurrency}, mock server {latency_s * 1000:.0f} ms")
     print(f"    wall {wall:.2f} s   ideal {ideal:.2f} s   wall/ideal {ratio:.3f}   goal <= {GOAL_RATIO}  {verdict(ratio <= GOAL_RATIO)}")
     print(f"    median of {len(walls)} runs; each run's wall/ideal: {', '.join(f'{w / ideal:.2f}' for w in walls)}")
+    print(f"    without the sandbox's security layers (cgroups, minimal root, seccomp + keyring), alternating runs: "
+          f"wall/ideal {bare_wall / ideal:.3f} ({', '.join(f'{w / ideal:.2f}' for w in bare_walls)})")
+    print(f"    what the layers cost: with / without {layers_ratio:.3f}   goal <= {GOAL_LAYERS_RATIO} (1.2 over the "
+          f"1.12 measured before them)  {verdict(layers_ratio <= GOAL_LAYERS_RATIO)}")
     print(f"    one episode alone {single:.3f} s (ideal {per_episode:.1f} s); {episodes / wall:.1f} episodes/s; "
           f"outcomes over all runs {outcomes}, mean score {summary['mean_score']}")
     print(f"    REPL alone: {concurrency} sessions started + closed at once in {repl_starts:.2f} s "

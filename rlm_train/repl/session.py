@@ -50,6 +50,11 @@ LAYERS = {
     "cgroup_freeze": "threads a cell leaves behind run between cells",
 }
 EXPECTED_LAYERS = tuple(LAYERS)
+# Cells running in this process now. A host thread polls for its cell's reply only while
+# it is the only one: with several sessions busy (a generation run) the cores are better
+# left to their workers and to the event loop.
+_running_cells = 0
+_running_lock = threading.Lock()
 _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlevel = 60, 60, 3
 
@@ -268,8 +273,18 @@ class REPLSession:
 
     # --- cells ---------------------------------------------------------------
     def execute(self, code: str) -> ExecResult:
+        global _running_cells
         if self._closed:
             raise RuntimeError("REPLSession is closed")
+        with _running_lock:
+            _running_cells += 1
+        try:
+            return self._execute(code)
+        finally:
+            with _running_lock:
+                _running_cells -= 1
+
+    def _execute(self, code: str) -> ExecResult:
         restarted_before = False
         if self._sock is None:  # the previous cell killed the worker: fresh namespace
             self._start()
@@ -311,7 +326,7 @@ class REPLSession:
     def _next_frame(self, sock: socket.socket, left: float) -> dict:
         if left <= 0 or self._poll is None:
             raise protocol.FrameTimeout("cell timeout")
-        if self._spin:
+        if self._spin and _running_cells == 1:
             protocol.spin_until_readable(sock, protocol.SPIN_S)
         # poll on fds registered once per session: half what select() costs per frame here
         ready = self._poll.poll(min(math.ceil(left * 1000), 2**31 - 1))
