@@ -223,3 +223,18 @@ def test_a_run_started_before_a_setting_existed_resumes_after_the_upgrade(tmp_pa
     manifest.write_text(json.dumps(old))
     with pytest.raises(UserError, match=r"rlm\.max_iterations is 9 there, 4 here"):
         run_generate(config(tmp_path, tasks, policy="scripted"))
+
+
+def test_bench_generate_times_runs_with_and_without_the_sandbox_layers(capsys):
+    """`rlm-train bench generate`, small: every timed run with the layers is paired with one
+    without them, every episode finishes, and the sandbox has every layer back afterwards."""
+    from rlm_train.bench.generate import TIMED_RUNS, bench_generate
+    from rlm_train.repl import REPLSession
+
+    results = bench_generate(episodes=4, concurrency=2, latency_s=0.01)
+    assert len(results["walls_s"]) == len(results["without_layers_walls_s"]) == TIMED_RUNS
+    assert results["outcomes"] == {"final": 4 * TIMED_RUNS}
+    assert results["layers_ratio"] == pytest.approx(results["wall_s"] / results["without_layers_wall_s"], rel=0.01)
+    assert "what the layers cost: with / without" in capsys.readouterr().out
+    with REPLSession("") as session:
+        assert session.isolation["seccomp"] and session.isolation["minimal_root"]
