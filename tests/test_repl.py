@@ -441,3 +441,15 @@ def test_a_host_thread_polls_only_while_its_cell_is_the_only_one_running(monkeyp
     if len(os.sched_getaffinity(0)) >= 2:
         assert alone > 50
     assert beside_another == 0
+
+
+def test_a_frozen_session_takes_a_cell_bigger_than_its_socket_buffer(session):
+    """The cell's frame is queued before the thaw, and what the socket did not take at once
+    is sent after it: a frozen worker gets every byte of a 2 MB cell."""
+    assert session.execute("x = 1").error is None
+    time.sleep(0.2)  # past the freeze delay
+    if session._control is not None and session._control.freeze_fd >= 0:
+        assert session._control.frozen
+    result = session.execute("s = '" + "a" * 2_000_000 + "'\nprint(len(s))")
+    assert result.error is None and result.stdout == "2000000\n"
+    _assert_works(session)

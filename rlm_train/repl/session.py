@@ -295,9 +295,11 @@ class REPLSession:
         waited = 0.0
         timeout = self.config.timeout_s
         try:
+            exec_frame = {"op": "exec", "code": code}
             if self._control is not None:
-                self._control.thaw()
-            protocol.send(sock, {"op": "exec", "code": code}, deadline=t0 + timeout)
+                protocol.send_in_two_steps(sock, exec_frame, t0 + timeout, between=self._control.thaw)
+            else:
+                protocol.send(sock, exec_frame, deadline=t0 + timeout)
             while True:
                 left = timeout - (time.monotonic() - t0 - waited)
                 msg = self._next_frame(sock, left)
