@@ -2,7 +2,7 @@
 and the session's CPU time. Outside the sandbox, so plain paths (cgroups.host_paths).
 
 What this costs per cell is what it adds to the host -> worker round trip (`bench runtime`
-prices it): a lock and a set insertion to schedule the freeze, a lock to cancel it, and
+prices it): two locks and a set insertion to schedule the freeze, a lock to cancel it, and
 only rarely a read of the CPU time (see `SessionControl.over_budget`).
 """
 
