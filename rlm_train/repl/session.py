@@ -55,6 +55,16 @@ EXPECTED_LAYERS = tuple(LAYERS)
 # left to their workers and to the event loop.
 _running_cells = 0
 _running_lock = threading.Lock()
+
+
+def _no_cells_after_fork() -> None:
+    """A forked host (a DataLoader worker) runs none of its parent's cells, and must not
+    inherit the lock held by a parent thread at the fork."""
+    global _running_cells, _running_lock
+    _running_cells, _running_lock = 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_no_cells_after_fork)
 _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlevel = 60, 60, 3
 
