@@ -338,14 +338,14 @@ class REPLSession:
     def _next_frame(self, sock: socket.socket, left: float) -> dict:
         if left <= 0 or self._poll is None:
             raise protocol.FrameTimeout("cell timeout")
-        if self._spin and _running_cells == 1:
-            protocol.spin_until_readable(sock, protocol.SPIN_S)
-        # poll on fds registered once per session: half what select() costs per frame here
-        ready = self._poll.poll(min(math.ceil(left * 1000), 2**31 - 1))
-        if not ready:
-            raise protocol.FrameTimeout("cell timeout")
-        if sock.fileno() not in [fd for fd, _ in ready]:
-            raise protocol.PeerClosed("worker exited")  # its parent reported its death
+        polled = self._spin and _running_cells == 1 and protocol.spin_until_readable(sock, protocol.SPIN_S)
+        if not polled:  # nothing yet: sleep until the worker's frame, its death, or the cell clock
+            # poll on fds registered once per session: half what select() costs per frame here
+            ready = self._poll.poll(min(math.ceil(left * 1000), 2**31 - 1))
+            if not ready:
+                raise protocol.FrameTimeout("cell timeout")
+            if sock.fileno() not in [fd for fd, _ in ready]:
+                raise protocol.PeerClosed("worker exited")  # its parent reported its death
         msg = protocol.recv_data(sock, max_bytes=self.config.max_message_mb << 20,
                                  deadline=time.monotonic() + max(left, 0.05))
         if not isinstance(msg, dict):
