@@ -15,7 +15,8 @@ What the sandbox's security layers cost (issue 11: cgroups, the minimal root, se
 keyring) is measured in the same call: 5 more runs without them, alternating with the
 timed runs (on off off on on off ...), each variant on a warm fork-server of its own. Goal:
 median with / median without <= 1.2 / 1.12 (the goal over what the code before those
-layers measured on a quiet machine), which holds whatever phase this machine is in.
+layers measured on a quiet machine): a ratio within one call, so the machine's drift
+(0.05 of wall/ideal within half an hour here) hits both sides alike.
 
 The server runs in its own process, so its CPU time is not counted as client overhead,
 as with a real vLLM server. On a 2-core machine it still takes CPU from the run (the
