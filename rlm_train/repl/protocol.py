@@ -102,13 +102,16 @@ def _send_until(sock: socket.socket, data: bytes, deadline: float) -> None:
         view = view[sent:]
 
 
+def _frame(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload)) + payload
+
+
 def _send_payload(sock: socket.socket, payload: bytes, fds=(), deadline: float | None = None) -> None:
-    header = HEADER.pack(len(payload))
     if fds:
-        socket.send_fds(sock, [header], list(fds))
+        socket.send_fds(sock, [HEADER.pack(len(payload))], list(fds))
         data = payload
     else:
-        data = header + payload
+        data = _frame(payload)
     if deadline is not None:
         _send_until(sock, data, deadline)
     else:
@@ -124,8 +127,7 @@ def send_in_two_steps(sock: socket.socket, obj, deadline: float, between) -> Non
     """Send a trusted frame: what the socket takes at once, then `between()`, then the
     rest (bounded by `deadline`). The host queues a cell's frame before it thaws the
     worker, so the worker wakes once, to find the frame waiting, instead of twice."""
-    payload = dumps(obj)
-    data = HEADER.pack(len(payload)) + payload
+    data = _frame(dumps(obj))
     try:
         sent = sock.send(data, socket.MSG_DONTWAIT)
     except BlockingIOError:
@@ -136,7 +138,7 @@ def send_in_two_steps(sock: socket.socket, obj, deadline: float, between) -> Non
 
 
 def send_raw(sock: socket.socket, payload: bytes, deadline: float | None = None) -> None:
-    """Send an already pickled payload as one frame."""
+    """Send an already encoded payload (pickle or JSON) as one frame."""
     _send_payload(sock, payload, deadline=deadline)
 
 

@@ -86,7 +86,7 @@ class Worker:
             raise RuntimeError("sub-calls are only available in the REPL process, not in forked children")
         payload = protocol.dumps_data({"op": op, "items": items})  # TypeError for non-plain contexts
         try:
-            self.sock.sendall(protocol.HEADER.pack(len(payload)) + payload)
+            protocol.send_raw(self.sock, payload)
             reply = protocol.recv(self.sock)
         except (OSError, protocol.ProtocolError) as exc:
             raise RuntimeError(f"lost the host channel during {op}: {exc}") from None
