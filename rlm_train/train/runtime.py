@@ -136,9 +136,7 @@ def _differing_keys(saved: Any, now: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ. A key the saved config lacks is a field added to
     rlm-train since that run: the run cannot have set it, so it is not a difference."""
     if isinstance(saved, dict) and isinstance(now, dict):
-        keys = list(dict.fromkeys([*saved, *now]))
-        return [k for key in keys if key in saved
-                for k in _differing_keys(saved[key], now.get(key), f"{prefix}{key}.")]
+        return [k for key in saved for k in _differing_keys(saved[key], now.get(key), f"{prefix}{key}.")]
     return [] if saved == now else [prefix.rstrip(".")]
 
 

@@ -47,7 +47,7 @@ def _keys_code(view: EpisodeView, keys: list[str]) -> str:
     the question and reads them with a regex: copying a sentence is easier for a small
     model than spelling a key it has never seen, and the same code serves any wording."""
     if _KEY_RE.findall(view.query):
-        return f"question = {double_quoted(view.query)}\nkeys = list(dict.fromkeys(re.findall(r\"\\b[a-z]+-[a-z]+\\b\", question)))"
+        return f"question = {double_quoted(view.query)}\nkeys = list(dict.fromkeys(re.findall(r\"{_KEY_RE.pattern}\", question)))"
     return f"keys = {keys!r}"
 
 
