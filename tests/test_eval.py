@@ -240,7 +240,7 @@ def test_cli_bad_inputs_fail_before_anything_starts(tmp_path, capsys):
     base = ["eval", "--tasks", str(tasks), "--out", str(out)]
     # A model path that does not exist: refused before any method runs (the scripted one first here).
     assert cli.main(base + ["--method", "teacher=scripted", "--method", "tuned=hf:/no/such/model"]) == 2
-    assert "method 'tuned': model path /no/such/model does not exist" in capsys.readouterr().err
+    assert "method 'tuned': model /no/such/model: not found on this machine" in capsys.readouterr().err
     assert not out.exists()
     # ... while a dry run lists it and goes on.
     assert cli.main(base + ["--method", "tuned=hf:/no/such/model+adapter:/no/adapter", "--dry-run"]) == 0

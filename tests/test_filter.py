@@ -1,6 +1,7 @@
 """`rlm-train filter`: each rule on hand-made trajectories, then the whole stage on disk."""
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -215,15 +216,68 @@ def test_filter_stage_writes_datasets_jsonl_rl_set_and_report(tmp_path, rlm_cli)
     val_tasks = {r["task_id"] for r in sft["validation"]}
     assert not val_tasks & {r["task_id"] for r in sft["train"]}
 
+    # Every task has SFT samples, so none is an RL prompt: GRPO on SFT's own tasks learns little.
     rl = load_from_disk(str(out / "rl"))
-    assert rl["train"].num_rows == 9 and rl["validation"].num_rows == 1
-    assert {r["task_id"] for r in rl["validation"]} == val_tasks
+    assert rl["train"].num_rows == 0 and "task_file" in rl["train"].column_names
+    assert report["rl"]["dropped"] == {"used_by_sft": 10} and report["rl"]["sft_data"] == [str((out / "sft").resolve())]
+
+    # The RL tasks, sampled by the SFT model: rl_only writes the RL set alone, with each task's pass rate
+    # from these episodes, leaving out SFT's tasks (t0 again here) and tasks outside the window.
+    scores = {"t0": [1.0, 0.0], "r1": [1.0, 0.0, 0.0, 0.0], "r2": [1.0] * 4, "r3": [0.0] * 4, "r4": [1.0, 1.0, 0.0, 1.0]}
+    rl_tasks = tmp_path / "rl-tasks.jsonl"
+    rl_tasks.write_text("".join(json.dumps({"schema": "rlm-train/task/v1", "id": t, "family": "niah", "query": f"q{t[1:]}",
+                                            "context": "c", "answer": ["42"], "scorer": "all_strings", "meta": {}}) + "\n"
+                                for t in scores))
+    rl_run = tmp_path / "rl-run"
+    rl_run.mkdir()
+    (rl_run / "manifest.json").write_text(json.dumps({"schema": "rlm-train/generate-run/v1", "tasks_file": str(rl_tasks)}))
+    for task_id, task_scores in scores.items():
+        for k, score in enumerate(task_scores):
+            append_jsonl(rl_run / "shard-20260101T000000-0of1-1.jsonl",
+                         make_traj([block("FINAL(42)")], task_id=task_id, sample=k, score=score))
+    rl_out = tmp_path / "rl-data"
+    result = subprocess.run(rlm_cli + ["filter", "--trajectories", str(rl_run), "--out", str(rl_out), "rl_only=true",
+                                       f"sft_data=[{out / 'sft'}]", "rl_min_pass_rate=0.01", "rl_max_pass_rate=0.9",
+                                       "validation_fraction=0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in rl_out.iterdir()) == ["filter_report.json", "rl", "rl-train.jsonl", "rl-validation.jsonl"]
+    assert re.search(r"RL task: pass_rate_out_of_range +2\n", result.stdout) and "SFT samples" not in result.stdout
+    rl = load_from_disk(str(rl_out / "rl"))
+    assert {r["task_id"]: r["pass_rate"] for r in rl["train"]} == {"r1": 0.25, "r4": 0.75}
     prompt_row = rl["train"][0]
-    assert [m["role"] for m in prompt_row["prompt"]] == ["system", "user"]
-    assert prompt_row["task_file"] == str(tasks.resolve()) and json.loads(prompt_row["answer_json"]) == ["42"]
+    assert [m["role"] for m in prompt_row["prompt"]] == ["system", "user"] and prompt_row["episodes"] == 4
+    assert prompt_row["task_file"] == str(rl_tasks.resolve()) and json.loads(prompt_row["answer_json"]) == ["42"]
     assert prompt_row["scorer"] == "all_strings"
-    rates = {r["task_id"]: r["pass_rate"] for split in ("train", "validation") for r in rl[split]}
-    assert rates == {**{f"t{i}": 0.5 for i in range(10)}, "t0": pytest.approx(2 / 3)}
+    rl_report = json.loads((rl_out / "filter_report.json").read_text())
+    assert rl_report["rl"]["dropped"] == {"used_by_sft": 1, "pass_rate_out_of_range": 2}
+    assert rl_report["rl"]["sft_data"] == [str((out / "sft").resolve())] and rl_report["rl"]["sft_tasks"] == 10
+
+    # A window no task falls in: one line, nothing written.
+    result = subprocess.run(rlm_cli + ["filter", "--trajectories", str(rl_run), "--out", str(tmp_path / "none"),
+                                       "rl_only=true", "rl_min_pass_rate=0.3", "rl_max_pass_rate=0.4"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no RL prompt kept (pass_rate_out_of_range 5)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "none").exists()
+
+
+def test_grpo_is_warned_when_its_prompts_are_sft_tasks(tmp_path):
+    """GRPO's prompts checked against the SFT data the RL set names and the data the model was tuned on."""
+    from rlm_train.rlm import RLMConfig
+    from rlm_train.rollouts.rl_prompts import load_prompt_set, sft_overlap
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"schema": "rlm-train/task/v1", "id": f"t{i}", "family": "niah", "query": "q",
+                                         "context": "c", "answer": ["42"], "scorer": "all_strings", "meta": {}}) + "\n"
+                             for i in range(4)))
+    sft_rows = tmp_path / "sft-train.jsonl"
+    sft_rows.write_text("".join(json.dumps({"messages": [], "task_id": t}) + "\n" for t in ("t1", "t2", "t9")))
+    model = tmp_path / "sft-out" / "merged"
+    model.mkdir(parents=True)
+    (model.parent / "sft_config.json").write_text(json.dumps({"dataset": str(sft_rows)}))
+    prompt_set = load_prompt_set(tasks, RLMConfig())
+    [warning] = sft_overlap(prompt_set, str(model))
+    assert warning.startswith(f"2 of 4 prompt tasks (2 of 4 prompts) are SFT tasks of {sft_rows}")
+    assert sft_overlap(prompt_set, str(tmp_path / "base-model")) == []
 
 
 def test_nothing_kept_still_writes_empty_datasets_with_their_columns(tmp_path, capsys):

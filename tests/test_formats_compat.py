@@ -49,9 +49,12 @@ def test_old_run_filters_again_into_the_same_samples(tmp_path):
     root = _copy(tmp_path)
     report = run_filter(FilterConfig(trajectories=[str(root / "run")], out=str(tmp_path / "again")))
     old = json.loads((FIXTURE / "data" / "filter_report.json").read_text())
-    old["rl"]["task_files"] = [str(root / "tasks.jsonl")]  # written as /tmp/fx/tasks.jsonl
-    for section in ("episodes", "turns", "sft", "rl"):
+    for section in ("episodes", "turns", "sft"):
         assert json.dumps(report[section], sort_keys=True) == json.dumps(old[section], sort_keys=True), section
+    # Since the RL set leaves out SFT's tasks, the old run's two tasks (both in SFT) give no RL prompt.
+    assert old["rl"]["train"] + old["rl"]["validation"] == 2
+    assert (report["rl"]["train"], report["rl"]["validation"], report["rl"]["dropped"]) == (0, 0, {"used_by_sft": 2})
+    assert report["rl"]["task_files"] == [str(root / "tasks.jsonl")]  # the old one says /tmp/fx/tasks.jsonl
     new_lines = (tmp_path / "again" / "sft-train.jsonl").read_text().splitlines()
     old_lines = (FIXTURE / "data" / "sft-train.jsonl").read_text().splitlines()
     assert [json.loads(x)["messages"] for x in new_lines] == [json.loads(x)["messages"] for x in old_lines]

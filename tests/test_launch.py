@@ -1,7 +1,8 @@
 """`rlm-train launch`: every template rendered for every recipe and checked with `bash -n`;
 submission order, dependencies and the paths a script writes, checked by stand-in Slurm
-commands at the moment `sbatch` is called; bad input refused before anything is submitted.
-(tests/test_slurm.py runs the same on a real Slurm.)"""
+commands at the moment `sbatch` is called; bad input refused before anything is submitted; the
+early SIGTERM passed from the batch script to the stage's command; `--resume` planned from exit
+records and stand-in Slurm states. (tests/test_slurm.py runs the same on a real Slurm.)"""
 
 import json
 import os
@@ -168,6 +169,7 @@ def test_every_template_renders_in_one_pipeline_and_bash_accepts_it(tmp_path, ca
     assert '--shard "$SHARD/$SHARDS"' in gen and "SHARDS=4" in gen and f"SERVERS=('{state.absolute()}/gen-server.yaml|8000|1')" in gen
     assert "--no-progress 'base_urls=[http://127.0.0.1:8000/v1]'" in gen
     assert "#SBATCH --nodes=2" in sft and "#SBATCH --exclusive" in sft and "#SBATCH --mem=0" in sft
+    assert "--cpus-per-task=" not in sft.split("# ---- common")[0]  # exclusive: all of the node's CPUs
     assert '--machine_rank "$SLURM_NODEID"' in sft and "scontrol show hostnames" in sft
     assert "ACCELERATE_CONFIG=recipes/accelerate/fsdp-8gpu.yaml" in sft
     assert "VLLM_NODES=1" in grpo and "#SBATCH --nodes=3" in grpo and "VLLM_GPUS=2" in grpo
@@ -221,7 +223,12 @@ def small_pipeline(tmp_path: Path, **slurm) -> Path:
     ({"partition": "nope"}, {}, "slurm.partition 'nope' does not exist on this cluster; partitions: cpu, gpu"),
     ({}, {"FAKE_SINFO": "a|1|8|1000|(null)|up"}, "no partition given and the cluster has no default one"),
     ({"nodes": 9, "partition": "cpu"}, {}, "slurm.nodes=9 but partition cpu has 8 node(s)"),
-    ({"mem": "2T"}, {}, "slurm.mem=2T but partition gpu's nodes have 1000000 MB"),
+    ({"mem": "2T"}, {}, "stage tasks: slurm.mem=2T asks 2097152 MB per node but partition gpu's nodes have 1000000 MB"),
+    ({"cpus_per_task": 128}, {}, "stage tasks: slurm.cpus_per_task=128 asks 128 CPUs per node but partition gpu's nodes have 96"),
+    # What the job asks for by default is checked too: 8 CPUs and 96G per GPU.
+    ({"gpus_per_node": 8}, {"FAKE_SINFO": "gpu*|4|48|1000000|gpu:h100:8(S:0-1)|up"},
+     "stage tasks: slurm.cpus_per_task=64 (default: 8 per GPU x 8) asks 64 CPUs per node but partition gpu's nodes "
+     "have 48; set slurm.cpus_per_task <= 48 or exclusive: true"),
 ])
 def test_resources_the_cluster_lacks_are_refused_before_anything_is_submitted(tmp_path, fake_slurm, monkeypatch,
                                                                              slurm, env, message):
@@ -322,3 +329,128 @@ def test_a_rendered_script_starts_its_servers_then_stops_them(tmp_path, fake_slu
     assert f"127.0.0.1:{port}" in log, log
     with pytest.raises(OSError):  # stopped with the job
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
+def test_a_term_to_the_batch_script_reaches_the_stage_command_and_a_rerun_resumes(tmp_path, fake_slurm):
+    """What `--signal=B:TERM@N` does on a node, here with plain bash: the TERM reaches the batch script
+    alone; the script passes it to the stage's command (generation, its server never answering),
+    waits for it to stop, and records 143. The same script run again resumes and completes."""
+    import signal
+    import time
+
+    from rlm_train.bench.scenario import scenario_responder, write_scenario_tasks
+    from rlm_train.rollouts.shards import check_run
+    from rlm_train.testing.mock_server import FailPlan, MockOpenAIServer
+
+    write_scenario_tasks(tmp_path / "tasks.jsonl", 2)
+    with MockOpenAIServer(responder=scenario_responder, fail_plan=FailPlan(p=1.0, mode="hang", hang_s=600)) as server:
+        stages = [{"name": "gen", "run": "generate",
+                   "with": {"tasks": str(tmp_path / "tasks.jsonl"), "out": str(tmp_path / "gen"), "policy": "openai:mock",
+                            "base_urls": [server.base_url], "samples": 1, "concurrency": 2, "rlm": {"max_iterations": 4}}}]
+        pipeline = tmp_path / "p.yaml"
+        pipeline.write_text(yaml.safe_dump({"name": "p", "out_dir": str(tmp_path / "p"), "stages": stages}))
+        assert launch(pipeline).returncode == 0
+        state = tmp_path / "p" / "pipeline" / "slurm"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        job = subprocess.Popen(["bash", str(state / "gen.sbatch")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env)
+        deadline = time.monotonic() + 120
+        while server.counts["hang"] < 1 and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.counts["hang"] >= 1, "the stage never asked its server"
+        job.send_signal(signal.SIGTERM)  # to the batch shell only, as B: does
+        out, _ = job.communicate(timeout=60)  # the shell passed it on: nothing waits for the hung requests
+        assert job.returncode == 143, out
+        pid = int(re.search(r"stage gen: SIGTERM at \S+: passed to the stage's command \(pid (\d+)\)", out).group(1))
+        assert "SIGTERM: stopping" in out  # generation's own handler ran
+        assert not Path(f"/proc/{pid}").exists()  # waited for, not orphaned
+        assert (state / "exit" / "gen.local").read_text().strip() == "143"
+
+        server.fail_plan = FailPlan()
+        again = subprocess.run(["bash", str(state / "gen.sbatch")], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (state / "exit" / "gen.local").read_text().strip() == "0"
+    assert check_run([tmp_path / "gen"]).complete
+
+
+def write_launch_record(tmp_path: Path) -> tuple[Path, Path]:
+    """tasks -> gen (3 shards) -> filter, launched through the stand-in sbatch (jobs 100, 101, 102)."""
+    stages = [{"name": "tasks", "run": "tasks make", "recipe": str(REPO / "recipes/tasks-tiny.yaml"),
+               "with": {"out_dir": str(tmp_path / "tasks")}},
+              {"name": "gen", "run": "generate", "recipe": str(REPO / "recipes/generate-scripted-cpu.yaml"),
+               "with": {"tasks": str(tmp_path / "tasks/train.jsonl"), "out": str(tmp_path / "gen")},
+               "slurm": {"shards": 3, "max_parallel": 2}},
+              {"name": "filter", "run": "filter", "recipe": str(REPO / "recipes/filter-paper.yaml"),
+               "with": {"trajectories": [str(tmp_path / "gen")], "out": str(tmp_path / "data")}}]
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": "p", "out_dir": str(tmp_path / "p"), "stages": stages}))
+    proc = launch(pipeline)
+    assert proc.returncode == 0, proc.stderr
+    return pipeline, tmp_path / "p" / "pipeline" / "slurm"
+
+
+def test_resume_resubmits_what_did_not_complete_and_keeps_the_job_history(tmp_path, fake_slurm, capsys, monkeypatch):
+    from rlm_train.launch import status
+    from rlm_train.launch.cluster import JobState
+
+    _, state = write_launch_record(tmp_path)
+    slurm: dict[str, list[JobState]] = {}
+    monkeypatch.setattr(status, "job_states", lambda ids: {i: slurm.get(i, []) for i in ids})
+    # tasks completed; gen's shard 0 completed, shard 1 stopped by the time limit's early signal,
+    # shard 2 killed at the limit before recording; filter cancelled by Slurm (its afterok can never hold).
+    (state / "exit" / "tasks.100").write_text("0\n")
+    (state / "exit" / "gen.101_0").write_text("0\n")
+    (state / "exit" / "gen.101_1").write_text("143\n")
+    slurm.update({"101": [JobState("101_1", "FAILED"), JobState("101_2", "TIMEOUT")],
+                  "102": [JobState("102", "CANCELLED", "DependencyNeverSatisfied")]})
+    run = str(tmp_path / "p")
+    assert cli.main(["launch", "--status", run]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"gen\s+job 101\[3\]\s+TIMEOUT\s+101_1 exit 143 \(143: stopped by SIGTERM", out), out
+    assert re.search(rf"filter\s+job 102\s+CANCELLED\s+never runs: gen timed out; fix it, then rlm-train launch --resume {run}", out)
+
+    # A failed shard while another still waits: not yet (its job would run beside the resubmitted one).
+    slurm["101"], waiting = [JobState("101_1", "FAILED"), JobState("101_2", "PENDING")], slurm["101"]
+    assert cli.main(["launch", "--resume", run]) == 2
+    assert "nothing to resume yet: gen (job 101, FAILED; 101_2 not ended) still queued or running" in capsys.readouterr().err
+    slurm["101"] = waiting
+
+    assert cli.main(["launch", "--resume", run, "--dry-run"]) == 0
+    assert re.search(r"^gen: would resubmit \S+/gen.sbatch \[tasks 1,2\]", capsys.readouterr().out, re.M)
+    assert len([c for c in fake_slurm() if c["cmd"] == "sbatch"]) == 3  # the launch's three, nothing more
+
+    assert cli.main(["launch", "--resume", run]) == 0
+    out = capsys.readouterr().out
+    submits = [c for c in fake_slurm() if c["cmd"] == "sbatch"][3:]  # after the launch's three
+    assert [(Path(c["args"][-1]).stem, c["id"]) for c in submits] == [("gen", 103), ("filter", 104)]
+    assert "--array=1,2%2" in submits[0]["args"]  # only the shards that did not exit 0
+    assert "--dependency=afterok:103" in submits[1]["args"]  # on the new gen job; tasks is done
+    assert "gen: job 103 [tasks 1,2]  (was job 101: TIMEOUT" in out
+    assert "filter: job 104 after gen (103)  (was job 102: CANCELLED, never runs: gen timed out" in out
+    assert "resubmitted 2 stage(s); completed, not rerun: tasks;" in out
+    record = json.loads((state / "launch.json").read_text())
+    by_name = {s["name"]: s for s in record["stages"]}
+    assert by_name["gen"]["job_id"] == "103" and by_name["gen"]["attempts"] == [
+        {"job_id": "101", "tasks": None}, {"job_id": "103", "tasks": [1, 2]}]
+    assert by_name["tasks"]["attempts"] == [{"job_id": "100", "tasks": None}] and len(record["resumed"]) == 1
+
+    # While the resubmitted jobs wait or run: nothing to resume yet, one line.
+    slurm.update({"103": [JobState("103_1", "RUNNING"), JobState("103_2", "PENDING")],
+                  "104": [JobState("104", "PENDING", "Dependency")]})
+    assert cli.main(["launch", "--resume", run]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nothing to resume yet: gen (job 103, RUNNING), filter (job 104, PENDING) still queued" in err
+
+    # Once they end well, shard 0 of the first job and shards 1, 2 of the second make gen complete
+    # (shard 1's old 143 no longer counts).
+    for name in ("gen.103_1", "gen.103_2", "filter.104"):
+        (state / "exit" / name).write_text("0\n")
+    slurm.update({"103": [], "104": []})
+    assert cli.main(["launch", "--status", run]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"gen\s+job 103\[3\]\s+COMPLETED\s+3 task\(s\), exit 0", out), out
+    assert "resubmitted by launch --resume; earlier job(s): 101" in out
+    assert cli.main(["launch", "--resume", run]) == 2
+    assert capsys.readouterr().err.strip().endswith("nothing to resume: all 3 stage(s) completed")
+    assert cli.main(["launch", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no launch found" in capsys.readouterr().err

@@ -159,3 +159,144 @@ def test_an_older_gemma_conversion_is_brought_up_to_date(tmp_path):
     before = (target / "tokenizer.json").stat().st_mtime_ns
     loading.ensure_gemma3_270m(cache=tmp_path)  # up to date: nothing rewritten
     assert (target / "tokenizer.json").stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------------------
+# Hub ids: resolved through a Hugging Face cache written offline (laid out as `hf download` leaves it)
+
+from rlm_train.models import hub  # noqa: E402
+from rlm_train.testing.hub_cache import write_hub_snapshot  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory, tiny_model):
+    """A hub cache holding the tiny random Qwen3 (a stand-in for Qwen/Qwen3-8B) as `org/tiny`,
+    at `main` and at the tag `v1`; returns (cache, snapshot)."""
+    cache = tmp_path_factory.mktemp("hf") / "hub"
+    snapshot = write_hub_snapshot(cache, "org/tiny", tiny_model)
+    write_hub_snapshot(cache, "org/tiny", tiny_model, revision="v1")
+    return cache, snapshot
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch, tmp_path):
+    """HF_HUB_CACHE on the fake cache, HF_HUB_OFFLINE=1, and a working directory with no `org/` in it."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache[0]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return hub_cache
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("Qwen/Qwen3-8B", hub.HubModel("Qwen/Qwen3-8B")),
+    ("Qwen/Qwen3-8B@main", hub.HubModel("Qwen/Qwen3-8B", "main")),
+    ("org/m.v2@refs/pr/1", hub.HubModel("org/m.v2", "refs/pr/1")),
+    ("gemma3-270m", None), ("./org/name", None), ("/abs/name", None), ("~/org/name", None),
+    ("a/b/c", None), ("a//b", None), ("org/na--me", None), ("org/../x", None), ("org/x y", None), ("org/", None),
+])
+def test_hub_id_parsing(spec, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert hub.hub_model(spec) == expected
+
+
+def test_a_path_under_an_existing_directory_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert hub.hub_model("runs/model") is None  # runs/ is here: a path (an earlier stage may write it)
+    with pytest.raises(UserError, match=r"^model 'runs/model': not found on this machine; pass a Hugging Face"):
+        loading.resolve_model("runs/model")
+
+
+def test_hub_cache_follows_the_environment_when_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hub.hub_cache_dir() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert hub.hub_cache_dir() == tmp_path / "hub"
+
+
+def test_a_cached_hub_id_resolves_to_its_snapshot(offline_hub, tmp_path, monkeypatch):
+    cache, snapshot = offline_hub
+    assert loading.resolve_model("org/tiny") == snapshot
+    assert loading.resolve_model("org/tiny@v1") == snapshot  # a tag, through refs/
+    assert loading.resolve_model(f"org/tiny@{snapshot.name}") == snapshot  # a commit
+    assert loading.model_missing("org/tiny") == "" and loading.model_name("org/tiny@v1") == "org/tiny"
+    assert loading.model_plan_note("org/tiny") == f"  (Hugging Face cache: {snapshot})"
+    # HF_HOME alone finds it too (HF_HUB_CACHE unset: HF_HOME/hub).
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    assert loading.resolve_model("org/tiny") == snapshot
+    # The id goes wherever a model spec goes: tokenizer, config, adapter checks.
+    tok = loading.load_tokenizer("org/tiny")
+    assert tok.chat_template == (loading.TEMPLATES_DIR / "qwen3.jinja").read_text()
+    assert loading.model_config("org/tiny")["model_type"] == "qwen3"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    loading.write_adapter_meta(adapter, "org/tiny", "auto")
+    assert loading.check_adapter(adapter, "org/tiny") == adapter
+
+
+def test_a_hub_id_not_in_the_cache_is_one_line_with_the_download_command(offline_hub, tmp_path):
+    cache, snapshot = offline_hub
+    for spec, command in (("org/absent", "hf download org/absent"),
+                          ("org/tiny@v2", "hf download org/tiny --revision v2")):
+        with pytest.raises(UserError) as info:
+            loading.resolve_model(spec)
+        message = str(info.value)
+        assert message == (f"model {spec!r}: not in the Hugging Face cache ({cache}) and no such directory here; "
+                           f"download it: {command}")
+        assert loading.model_plan_note(spec).endswith(f"download it: {command}; a real run stops here)")
+    # A snapshot with only config.json (`hf download org/cfg config.json`): not a model yet.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text('{"model_type": "qwen3"}')
+    write_hub_snapshot(cache, "org/cfg", partial)
+    with pytest.raises(UserError, match=r"has no config.json or no weights; download the whole model: hf download org/cfg$"):
+        loading.resolve_model("org/cfg")
+
+
+def test_a_spec_that_is_neither_a_directory_nor_a_hub_id_is_one_line(offline_hub):
+    with pytest.raises(UserError) as info:
+        loading.resolve_model("org//tiny")
+    assert str(info.value).startswith("model 'org//tiny': not found on this machine, and not a Hub id (org/name[@revision]); ")
+    assert "\n" not in str(info.value)
+
+
+def test_an_hf_policy_loads_a_hub_id_and_answers(offline_hub):
+    from rlm_train.models.base import SamplingParams
+    from rlm_train.policies.spec import build_policy
+
+    policy = build_policy("hf:org/tiny")
+    assert policy.name == "hf:org/tiny"
+    import asyncio
+
+    completion = asyncio.run(policy.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=4)))
+    assert 0 < completion.completion_tokens <= 4  # a random tiny model: only that it generates
+    with pytest.raises(UserError, match="hf download org/absent$"):
+        build_policy("hf:org/absent+adapter:/no/adapter")
+
+
+def test_sft_grpo_and_serve_dry_runs_resolve_a_cached_hub_id(offline_hub, tmp_path, capsys):
+    from conftest import REPO
+    from rlm_train import cli
+    from rlm_train.testing.tiny_models import rlm_sample, write_jsonl
+
+    _, snapshot = offline_hub
+    data = write_jsonl(tmp_path / "sft.jsonl", [rlm_sample(0)])
+    for stage, inputs in (("sft", f"dataset={data}"), ("grpo", f"prompts={data}")):
+        argv = [stage, "--recipe", str(REPO / f"recipes/tiny-cpu-{stage}.yaml"), inputs, f"output_dir={tmp_path / stage}"]
+        assert cli.main([*argv, "model=org/tiny", "--dry-run"]) == 0, capsys.readouterr().err
+        assert f"model        org/tiny  (Hugging Face cache: {snapshot})" in capsys.readouterr().out
+        assert cli.main([*argv, "model=org/absent", "--dry-run"]) == 0  # a plan shows it, a real run stops
+        assert ("model        org/absent  (not in the Hugging Face cache" in (out := capsys.readouterr().out)
+                and "download it: hf download org/absent; a real run stops here)" in out)
+    # vLLM gets the snapshot; requests name the model by its id.
+    assert cli.main(["serve", "--model", "org/tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"--model {snapshot} --served-model-name org/tiny " in out and "(models: org/tiny)" in out
+    assert cli.main(["serve", "--model", "org/absent", "--dry-run"]) == 0
+    assert "model org/absent: not in the Hugging Face cache" in (out := capsys.readouterr().out)
+    assert "download it: hf download org/absent (a real run stops here)" in out
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "grpo").exists()

@@ -30,12 +30,21 @@ def test_tasks_generate_filter_feed_sft_and_grpo(tmp_path):
     assert sft_rows and all(row["messages"][-1]["role"] == "assistant" for row in sft_rows)
     assert all(row["messages"][0]["role"] == "system" for row in sft_rows)
 
-    # The RL prompt set resolves back to the task records and their contexts.
+    # The RL prompt set: RL-split tasks sampled again (by the SFT model in a real pipeline), filtered
+    # rl_only against the SFT set. It resolves back to the task records and their contexts.
+    rl_tasks = tmp_path / "rl-tasks.jsonl"
+    cli("tasks", "make", "--family", "niah", "--n", "4", "--context-tokens", "8000", "--seed", "3", "--split", "rl",
+        "--out", str(rl_tasks))
+    cli("generate", "--tasks", str(rl_tasks), "--policy", "scripted", "--samples", "2", "--out", str(tmp_path / "gen-rl"),
+        "--no-progress")
+    cli("filter", "--trajectories", str(tmp_path / "gen-rl"), "--out", str(data_dir / "rl-set"), "rl_only=true",
+        f"sft_data=[{data_dir / 'sft'}]", "validation_fraction=0")
     from rlm_train.rlm import RLMConfig
-    from rlm_train.train.grpo import load_context, load_prompt_set
+    from rlm_train.train.grpo import load_context, load_prompt_set, sft_overlap
 
-    prompt_set = load_prompt_set(data_dir / "rl", RLMConfig())
-    task_ids = {json.loads(line)["id"] for line in tasks.read_text().splitlines()}
+    prompt_set = load_prompt_set(data_dir / "rl-set" / "rl", RLMConfig())
+    assert sft_overlap(prompt_set, str(tmp_path / "model")) == []
+    task_ids = {json.loads(line)["id"] for line in rl_tasks.read_text().splitlines()}
     assert prompt_set.rows and {row["task_id"] for row in prompt_set.rows} <= task_ids
     some_id = prompt_set.rows[0]["task_id"]
     task = prompt_set.tasks[some_id]

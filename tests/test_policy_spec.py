@@ -23,6 +23,7 @@ from rlm_train.policies.spec import ClientOptions, build_policies, build_policy,
     ("hf:out/sft", ("hf", {"path": "out/sft", "adapter": None})),
     ("hf:/models/base+adapter:/runs/lora", ("hf", {"path": "/models/base", "adapter": "/runs/lora"})),
     ("hf:a+b/model+adapter:x", ("hf", {"path": "a+b/model", "adapter": "x"})),
+    ("hf:Qwen/Qwen3-8B@main+adapter:runs/sft/adapter", ("hf", {"path": "Qwen/Qwen3-8B@main", "adapter": "runs/sft/adapter"})),
 ])
 def test_parse_valid_specs(spec, expected):
     assert parse_policy_spec(spec) == expected
@@ -31,9 +32,9 @@ def test_parse_valid_specs(spec, expected):
 @pytest.mark.parametrize("spec, fragment", [
     ("gpt4", "valid forms: scripted | oracle | openai:MODEL"),
     ("", "valid forms"),
-    ("mock:echo", "hf:PATH[+adapter:PATH]"),
+    ("mock:echo", "hf:MODEL[+adapter:PATH]"),
     ("openai:", "names no model"),
-    ("hf:", "names no model path"),
+    ("hf:", "names no model: use hf:MODEL"),
     ("hf:base+adapter:", "empty adapter path"),
 ])
 def test_parse_invalid_specs(spec, fragment):

@@ -114,7 +114,7 @@ def serve(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_a_model_that_does_not_exist(capsys, tmp_path):
     code, _, err = serve(capsys, "--model", str(tmp_path / "nope"))
-    assert code == 2 and "not found: pass a Hugging Face model directory" in err
+    assert code == 2 and "not found on this machine; pass a Hugging Face model directory" in err
 
 
 def test_an_adapter_of_another_base_is_refused_naming_both(capsys, model, tmp_path, python_without_vllm):
@@ -301,3 +301,53 @@ def test_with_its_gateway_the_vllm_window_is_sized_for_the_episodes(capsys, mode
     code, _, err = serve(capsys, "--model", str(model), "--port", "0", "--gateway", "--gateway-port", "0",
                          "--vllm-python", str(python_without_vllm), "--dry-run", "--vllm-args=--max-model-len=abc")
     assert code == 2 and "--max-model-len 'abc' is not a whole number" in err and len(err.strip().splitlines()) == 1
+
+
+@needs_gateway
+def test_a_window_past_the_models_positions(capsys, tmp_path, python_without_vllm):
+    """A model of 4,096 positions: a --max-model-len past them is refused before vLLM starts (vLLM
+    refuses it only after loading the weights); the window sized for a gateway stops at them, with a
+    warning that longer requests are refused mid-episode."""
+    from rlm_train.rlm import RLMConfig
+    from rlm_train.rlm.window import server_window_tokens
+
+    small = write_model(tmp_path / "small")
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    base = ["--model", str(small), "--port", "0", "--vllm-python", str(python_without_vllm), "--dry-run"]
+    code, _, err = serve(capsys, *base, "--vllm-args=--max-model-len=8192")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--max-model-len 8192 is longer than the 4096 positions of" in err
+    code, out, err = serve(capsys, *base, "--gateway", "--gateway-port", "0")
+    assert code == 0, err
+    notes = yaml.safe_load(out.split("\n", 1)[1])["notes"]
+    assert next(n for n in notes.splitlines() if n.startswith("vLLM command:")).endswith("--max-model-len 4096")
+    assert (f"warning: vLLM --max-model-len 4096: the model holds 4096 positions, fewer than the "
+            f"{server_window_tokens(RLMConfig())} tokens the gateway's RLM config can send") in notes
+
+
+def test_a_hub_id_is_served_from_its_cached_snapshot_under_its_id(tmp_path, monkeypatch, fake_vllm_python):
+    """`--model org/tiny` (a tiny random Qwen3 in a Hugging Face cache written offline): vLLM gets the
+    snapshot directory, requests name the id, and adapters are checked against that base."""
+    from rlm_train.errors import UserError
+    from rlm_train.serve.config import VLLMConfig
+    from rlm_train.serve.launcher import plan_vllm
+    from rlm_train.testing.hub_cache import write_hub_snapshot
+    from rlm_train.testing.tiny_models import build_tiny_qwen3
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    snapshot = write_hub_snapshot(tmp_path / "hub", "org/tiny", build_tiny_qwen3(tmp_path / "tiny"))
+    adapter = write_adapter(tmp_path / "adapter", "org/tiny")  # our metadata names the base by its id
+    plan = plan_vllm(VLLMConfig(model="org/tiny", adapters={"mine": str(adapter)}, python=str(fake_vllm_python), port=0))
+    command = plan.command
+    assert plan.model_dir == snapshot and plan.served_name == "org/tiny"
+    assert command[command.index("--model") + 1] == str(snapshot)
+    assert command[command.index("--served-model-name") + 1] == "org/tiny"
+    assert f"mine={adapter.resolve()}" in command
+    other = {"base_model": "org/bigger", "base": {**loading.base_fingerprint("org/tiny"), "hidden_size": 128},
+             "chat_template": "auto"}
+    with pytest.raises(UserError, match="was trained on a different base model than org/tiny"):
+        plan_vllm(VLLMConfig(model="org/tiny", adapters={"x": str(write_adapter(tmp_path / "x", None, meta_base=other))},
+                             python=str(fake_vllm_python), port=0))

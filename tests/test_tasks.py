@@ -210,6 +210,24 @@ def test_train_and_heldout_tasks_share_no_items_keys_or_seeds():
         check_disjoint(train, train[:1])
 
 
+def test_rl_split_shares_no_items_keys_or_seeds_with_train_or_heldout(tmp_path):
+    """GRPO's tasks (split rl) come from corpus items and keys of their own: nothing SFT's tasks show."""
+    from rlm_train.tasks.niah import key_pool
+    from rlm_train.tasks.suite import TaskSuiteConfig, build_suite
+
+    for pool in (corpora.instances, corpora.paragraphs, corpora.source_files, corpora.essay_blocks, key_pool):
+        rl = set(pool("rl"))
+        assert rl and not rl & set(pool("train")) and not rl & set(pool("heldout"))
+    rl_tasks = [t for f in FAMILIES for t in make_tasks(f, 2, 8000, seed=0, split="rl")]
+    assert all(t["id"].startswith(f"{t['family']}-rl-") for t in rl_tasks)
+    for other in ("train", "heldout"):
+        check_disjoint([t for f in FAMILIES for t in make_tasks(f, 2, 8000, seed=0, split=other)], rl_tasks)
+    # A suite writes rl.jsonl only when a family asks for RL tasks.
+    manifest = build_suite(TaskSuiteConfig(out_dir=str(tmp_path), context_tokens=[2000],
+                                           families={"niah": {"train": 1, "rl": 2, "heldout": 1}}), progress=lambda _: None)
+    assert manifest["counts"]["rl"] == {"niah": 2} and len((tmp_path / "rl.jsonl").read_text().splitlines()) == 2
+
+
 # ---------------------------------------------------------------- oracle
 
 

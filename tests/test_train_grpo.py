@@ -18,7 +18,6 @@ import pytest
 
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
-from rlm_train.models.base import SamplingParams
 from rlm_train.records import Outcome
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,13 +172,84 @@ def test_one_grpo_step_scripted_episodes(tiny, tmp_path):
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
 
 
+class OneGroupAgrees(ScriptedBackend):
+    """harbor as in ScriptedBackend (its rewards differ); every meadow episode prints the context, then answers
+    right (equal rewards: a zero-advantage group). Each sampled token comes back with logprob -20, a sampler far
+    from the trainer, so every importance ratio p_trainer / p_sampler is far above the clip (3)."""
+
+    def turn_text(self, prompt: str) -> str:
+        if "magic number for meadow" not in prompt:
+            return super().turn_text(prompt)
+        if prompt.count("<|im_start|>assistant") == 1:
+            return "```repl\nprint(context[-200:])\n```"
+        return f"```repl\nFINAL('{NEEDLES['meadow']}')\n```"
+
+    def generate_batch(self, prompts, sampling):
+        from rlm_train.train.grpo_backends import GenOutput
+
+        return [GenOutput(out.ids, [-20.0] * len(out.ids)) for out in super().generate_batch(prompts, sampling)]
+
+
+@pytest.mark.slow
+def test_zero_advantage_group_leaves_the_loss_and_token_weights_reach_it(tiny, tmp_path):
+    """A group whose episodes all got the same reward adds nothing to the loss or to dapo's token normaliser:
+    the step's loss equals the loss of the other group alone. Importance weights are per token by default,
+    clipped, and logged with the dropped groups in metrics.jsonl."""
+    import math
+
+    import torch
+
+    from rlm_train.models.loading import end_of_turn_ids, load_tokenizer
+    from rlm_train.train.grpo import run_grpo
+
+    cfg = _cfg(tiny, tmp_path / "out", "training.max_steps=1")
+    assert (cfg.training.drop_zero_advantage_groups, cfg.rollout.vllm_importance_sampling_mode) == (True, "token_truncate")
+    tokenizer = load_tokenizer(tiny["model"])
+    backend = OneGroupAgrees(tokenizer, end_of_turn_ids(tokenizer))
+    seen: dict = {}
+    run_grpo(cfg, "test", backend_factory=lambda trainer: backend,
+             on_batch=lambda output, extra: seen.update(output=output, inputs=extra["inputs"]),
+             on_trainer=lambda trainer: seen.update(trainer=trainer))
+    output, inputs, trainer = seen["output"], seen["inputs"], seen["trainer"]
+    episodes = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "out" / "rollouts.jsonl").open()}
+    live = [i for i, inp in enumerate(inputs) if inp["task_id"] == "needle-harbor"]
+    dead = [i for i, inp in enumerate(inputs) if inp["task_id"] == "needle-meadow"]
+    assert len(live) == len(dead) == 3
+    assert len({episodes[inputs[i]["rlm_episode_id"]]["rewards"]["task_score"] for i in dead}) == 1
+    assert len({episodes[inputs[i]["rlm_episode_id"]]["rewards"]["task_score"] for i in live}) == 2
+
+    # The agreeing group has no trained token left; the normaliser counts the other group's only.
+    trained = (output["completion_mask"] * output["tool_mask"]).sum(dim=1)
+    assert all(trained[i] == 0 for i in dead) and all(trained[i] > 0 for i in live)
+    assert sum(episodes[inputs[i]["rlm_episode_id"]]["model_tokens"] for i in dead) > 0  # it had tokens to dilute with
+    assert int(output["num_items_in_batch"]) == int(trained[live].sum())
+    assert output["advantages"].shape == output["completion_ids"].shape  # importance weights per token
+
+    def rows(batch: dict, keep: list[int]) -> dict:
+        return {k: v[keep] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+
+    alone = {**rows(output, live), "num_items_in_batch": trained[live].sum()}
+    with torch.no_grad():
+        loss, loss_alone = (float(trainer.compute_loss(trainer.model, batch)) for batch in (output, alone))
+    assert loss != 0 and loss == pytest.approx(loss_alone, rel=1e-5)
+
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    step = next(m for m in metrics if "loss" in m)
+    assert step["frac_reward_zero_std"] == 0.5 and step["rlm/dropped_groups"] == 1 and step["rlm/dropped_episodes"] == 3
+    ratios = [step[f"sampling/importance_sampling_ratio/{k}"] for k in ("min", "mean", "max")]
+    assert all(math.isfinite(r) for r in ratios) and ratios == pytest.approx([3.0, 3.0, 3.0])  # every ratio clipped
+    assert step["sampling/importance_sampling_ratio/bounded_frac"] == 1.0
+    assert step["sampling/sampling_logp_difference/mean"] > 5  # what the clip corrected
+
+
 @pytest.mark.slow
 def test_one_grpo_step_in_process_generation(tiny, tmp_path):
     """The CPU path end to end: root turns sampled from the trainer's own (random) model."""
     from rlm_train.train.grpo import run_grpo
 
+    # Kept even when its rewards agree (a random model's usually do), to compare its loss mask with the episode.
     cfg = _cfg(tiny, tmp_path / "out", "training.max_steps=1", "training.num_generations=2", "training.batch_size=2",
-               "rlm.max_iterations=1", "rlm.root_max_tokens=6")
+               "rlm.max_iterations=1", "rlm.root_max_tokens=6", "training.drop_zero_advantage_groups=false")
     batches = []
     summary = run_grpo(cfg, "test", on_batch=lambda output, extra: batches.append((output, extra["inputs"])))
     assert summary["global_step"] == 1
@@ -194,6 +264,13 @@ def test_one_grpo_step_in_process_generation(tiny, tmp_path):
         if len(ep["turns"]) > 1:
             assert ep["env_tokens"] > 0
         assert ep["rewards"]["task_score"] in (0.0, 1.0)
+    # In-process generate reports its sampling logprobs: the trainer scores the same tokens the same way
+    # (token by token: an off-by-one or a missing temperature would put ratios far from 1).
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    step = next(m for m in metrics if "loss" in m)
+    for key in ("min", "mean", "max"):
+        assert step[f"sampling/importance_sampling_ratio/{key}"] == pytest.approx(1.0, abs=1e-3)
+    assert step["sampling/sampling_logp_difference/max"] < 1e-3
 
 
 def test_vllm_server_backend_records_logprobs(tiny):
@@ -342,33 +419,6 @@ def test_slurm_launch_renders_the_grpo_job_and_its_vllm_command(rlm_cli, tmp_pat
     assert cmd.returncode == 0 and cmd.stdout.startswith("env VLLM_SERVER_DEV_MODE=1 vllm serve ")
 
 
-def test_batching_generator_groups_and_never_deadlocks():
-    import time
-
-    from rlm_train.train.grpo_backends import BatchingGenerator, GenOutput
-
-    class OneAtATime:
-        max_inflight = 1
-
-        def __init__(self):
-            self.batches = []
-
-        def generate_batch(self, prompts, sampling):
-            self.batches.append((len(prompts), sampling.max_tokens))
-            time.sleep(0.02)
-            return [GenOutput([p[0]]) for p in prompts]
-
-    async def main(backend):
-        gen = BatchingGenerator(backend, wait_s=0.01)
-        return await asyncio.wait_for(asyncio.gather(
-            *(gen.generate([i], SamplingParams(max_tokens=4 if i % 2 else 8)) for i in range(10))), 10)
-
-    backend = OneAtATime()
-    outs = asyncio.run(main(backend))
-    assert [o.ids for o in outs] == [[i] for i in range(10)]  # each answer goes back to its own request
-    assert sorted(backend.batches) == [(5, 4), (5, 8)]  # one batch per sampling setting
-
-
 def test_prompt_set_from_filter_dataset(tmp_path):
     """The RL prompt set as `rlm-train filter` writes it: prompt + task_id + task (JSON), save_to_disk."""
     from datasets import Dataset
@@ -426,10 +476,10 @@ def test_vllm_server_window_fits_every_request_an_episode_may_send():
     from rlm_train.config import load_config
     from rlm_train.rlm.window import server_window_tokens, sub_call_tokens
     from rlm_train.train.grpo import vllm_serve_command
-    from rlm_train.train.grpo_config import GRPOConfig
+    from rlm_train.train.grpo_config import GRPOConfig, completion_token_cap
 
     cfg = load_config(GRPOConfig, "recipes/qwen3-8b-grpo.yaml")
     words = vllm_serve_command(cfg).split()
     window = int(words[words.index("--max-model-len") + 1])
     assert window >= server_window_tokens(cfg.rlm) >= sub_call_tokens(cfg.rlm)
-    assert window >= cfg.rollout.max_completion_tokens + 2048
+    assert window >= completion_token_cap(cfg) + 2048

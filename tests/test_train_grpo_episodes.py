@@ -71,7 +71,7 @@ def test_mask_and_penalty_rewards_on_constructed_episodes():
     assert masked[0] == pytest.approx(1 + 0.5 * 1.0) and masked[4] == pytest.approx(0 + 0.5 * 0.75)
 
     penalized, names = totals(_cfg("reward.overlong=penalty", "reward.overlong_penalty=1.0",
-                                   "reward.overlong_buffer_tokens=64"))
+                                   "reward.overlong_buffer_tokens=64", "rollout.max_completion_tokens=512"))
     assert names == ["task_score", "repl_format", "overlong"]
     # Cut between turns (b) and mid-turn (c) get the same penalty on top of what they earned.
     assert penalized[1] == pytest.approx(0.5 * 0.5 * 1.0 - 1.0)
@@ -238,6 +238,69 @@ def test_config_checks_before_any_loading(tmp_path):
         _cfg("training.mask_truncated_completions=true")  # replaced by reward.overlong
 
 
+def test_completion_cap_and_ddp_timeout_follow_the_episode_budgets():
+    """The token cap may not cut episodes short of their turn budget, and ranks wait at least 2 x the
+    hard episode cap for each other; both refused in one line naming the two numbers."""
+    from rlm_train.errors import UserError
+    from rlm_train.train.grpo_config import (
+        check_config,
+        completion_token_cap,
+        ddp_timeout_s,
+        turn_budget_tokens,
+    )
+
+    cfg = _cfg()
+    budget = turn_budget_tokens(cfg.rlm)
+    assert completion_token_cap(cfg) == budget  # unset: the turn budget
+    # More turns, longer turns or more REPL output per turn all need more room.
+    for more in ("rlm.max_iterations=3", "rlm.root_max_tokens=96", "rlm.feedback_chars=8000"):
+        assert turn_budget_tokens(_cfg(more).rlm) > budget
+    assert budget > cfg.rlm.max_iterations * cfg.rlm.root_max_tokens
+    check_config(_cfg(f"rollout.max_completion_tokens={budget}"), "r.yaml")
+    with pytest.raises(UserError, match=rf"^r.yaml: rollout.max_completion_tokens={budget - 1} is below the {budget} "):
+        check_config(_cfg(f"rollout.max_completion_tokens={budget - 1}"), "r.yaml")
+
+    # Hard cap: 3 x rlm.max_wall_s (300 s) = 900 s; 6 episodes per rank at concurrency 8 run in one wave.
+    assert ddp_timeout_s(cfg) == 1800  # transformers' default is already 2 x 900
+    assert ddp_timeout_s(_cfg("rlm.max_wall_s=600")) == 3600
+    assert ddp_timeout_s(_cfg("rlm.max_wall_s=600", "rollout.concurrency=3")) == 7200  # two waves
+    # Held-out episodes on the main process (the others wait): 20 at concurrency 8, 900 s each, 3 waves.
+    assert ddp_timeout_s(cfg, eval_episodes=20) == 2 * 900 * 3
+    check_config(_cfg("rlm.max_wall_s=600", "training.ddp_timeout=3600"), "r.yaml")
+    with pytest.raises(UserError, match=r"training.ddp_timeout=3599s is below 3600s = 2 x the hard episode cap of 1800s"):
+        check_config(_cfg("rlm.max_wall_s=600", "training.ddp_timeout=3599"), "r.yaml")
+
+
+def test_zero_advantage_groups_and_importance_weights():
+    """The two pure pieces the trainer applies to TRL's batch (train/losses.py)."""
+    import math
+
+    import torch
+
+    from rlm_train.train.grpo_config import GRPOConfig
+    from rlm_train.train.losses import importance_weights, zero_advantage_groups
+
+    # Groups of 3: equal rewards leave float dust (1e-13 after std scaling), one scored episode leaves 0s.
+    adv = torch.tensor([1.2, -0.6, -0.6, 3e-13, -1e-13, -2e-13, 0.0, 0.0, 0.0, 0.0, 1e-3, -1e-3])
+    assert zero_advantage_groups(adv, 3).tolist() == [False, True, True, False]
+
+    trainer = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, -1.0, -1.0, 0.0]])
+    sampler = torch.tensor([[-1.0, -0.5, -3.0 - math.log(5.0), 0.0], [-1.0, float("nan"), -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # row 0: the last position is padding; row 1: feedback
+    w, bounded = importance_weights(trainer, sampler, mask, "token_truncate", None, 3.0)
+    assert w.shape == (2, 4)  # one weight per token
+    assert w[0].tolist() == pytest.approx([1.0, math.exp(-1.5), 3.0, 1.0])  # ratio 5 clipped to 3
+    assert w[1].tolist() == [1.0, 1.0, 1.0, 1.0]  # NaN sampler logprob and unmasked tokens: no correction
+    assert bounded.tolist() == [[False, False, True, False], [False] * 4]
+    w, _ = importance_weights(trainer, sampler, mask, "token_mask", 0.5, 3.0)
+    assert w[0].tolist() == [1.0, 0.0, 0.0, 1.0]  # exp(-1.5) < 0.5 and 5 > 3: dropped
+    w, bounded = importance_weights(trainer, sampler, mask, "sequence_truncate", None, 3.0)
+    assert w.shape == (2, 1) and w[0, 0] == pytest.approx(5 * math.exp(-1.5)) and not bounded.any()  # one product
+    w, _ = importance_weights(trainer, sampler, mask, "sequence_mask", None, 1.1)
+    assert w.tolist() == [[0.0], [1.0]]  # the whole episode dropped for its product of 1.12
+    assert GRPOConfig.model_fields["rollout"].default.vllm_importance_sampling_mode == "token_truncate"
+
+
 def test_prompt_set_without_its_task_file_fails_before_loading(tmp_path):
     import json
 
@@ -256,6 +319,34 @@ def test_prompt_set_without_its_task_file_fails_before_loading(tmp_path):
     with pytest.raises(UserError, match="task_file 'gone/tasks.jsonl' not found"):
         run_grpo(cfg, "test")
     assert not (tmp_path / "out").exists()
+
+
+def test_batching_generator_groups_and_never_deadlocks():
+    import time
+
+    from rlm_train.models.base import SamplingParams
+    from rlm_train.train.grpo_backends import BatchingGenerator, GenOutput
+
+    class OneAtATime:
+        max_inflight = 1
+
+        def __init__(self):
+            self.batches = []
+
+        def generate_batch(self, prompts, sampling):
+            self.batches.append((len(prompts), sampling.max_tokens))
+            time.sleep(0.02)
+            return [GenOutput([p[0]]) for p in prompts]
+
+    async def main(backend):
+        gen = BatchingGenerator(backend, wait_s=0.01)
+        return await asyncio.wait_for(asyncio.gather(
+            *(gen.generate([i], SamplingParams(max_tokens=4 if i % 2 else 8)) for i in range(10))), 10)
+
+    backend = OneAtATime()
+    outs = asyncio.run(main(backend))
+    assert [o.ids for o in outs] == [[i] for i in range(10)]  # each answer goes back to its own request
+    assert sorted(backend.batches) == [(5, 4), (5, 8)]  # one batch per sampling setting
 
 
 def test_resume_trim_drops_a_torn_line_with_its_number_and_keeps_the_rest(tmp_path, capsys):

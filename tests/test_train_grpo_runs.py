@@ -13,6 +13,7 @@ import pytest
 
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
+from rlm_train.records import Outcome
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDLES = {"harbor": "7421", "meadow": "3906"}
@@ -45,20 +46,23 @@ def _cfg(model: Path, tasks: Path, out: Path, *overrides: str):
 
 
 class ScriptedTurns:
-    """Stands in for sampling: per group, plan 0 answers right, plan 1 wrong, plan 2 rambles without ever
-    ending its turn (cut by rollout.max_completion_tokens: over-long). The turn is read from the count of
-    stop tokens in the prompt; the plan from arrival order at turn 0 and a marker in the model's first turn."""
+    """Stands in for sampling: per group, plan 0 answers right, plan 1 wrong, plan 2 calls llm_query (over-long
+    where rlm.max_subcalls=0 refuses it: an episode budget; otherwise it answers right next turn). The turn is read
+    from the count of stop tokens in the prompt; the plan from arrival order at turn 0 and a marker in the model's
+    first turn."""
 
     def __init__(self, tokenizer, stop_id: int, first_prompt_stops: int):
         self.tokenizer, self.stop_id, self.base = tokenizer, stop_id, first_prompt_stops
         self.counts: Counter[str] = Counter()
+        self.batches: list[tuple[int, float]] = []  # (requests, temperature) of each call
 
-    def text(self, prompt: str, turn: int) -> str | None:
+    def text(self, prompt: str, turn: int) -> str:
         key = next(k for k in NEEDLES if f"magic number for {k}" in prompt)
         if turn == 0:
             plan = self.counts[key] % 3
             self.counts[key] += 1
-            return None if plan == 2 else f"```repl\n# plan {plan}\nprint(len(context))\n```"
+            code = "llm_query('What is the number?')" if plan == 2 else "print(len(context))"
+            return f"```repl\n# plan {plan}\n{code}\n```"
         if "# plan 1" in prompt:
             return "```repl\nFINAL('0000')\n```"
         return f"```repl\nFINAL('{NEEDLES[key]}')\n```"
@@ -66,14 +70,11 @@ class ScriptedTurns:
     def generate_batch(self, prompts, sampling):
         from rlm_train.train.grpo_backends import GenOutput
 
+        self.batches.append((len(prompts), sampling.temperature))
         outs = []
         for ids in prompts:
             text = self.text(self.tokenizer.decode(ids), (ids.count(self.stop_id) - self.base) // 2)
-            if text is None:  # ramble: as many non-stop tokens as allowed
-                filler = self.tokenizer("filler ", add_special_tokens=False)["input_ids"]
-                outs.append(GenOutput((filler * sampling.max_tokens)[:sampling.max_tokens]))
-            else:
-                outs.append(GenOutput(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.stop_id]))
+            outs.append(GenOutput(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.stop_id]))
         return outs
 
 
@@ -103,8 +104,7 @@ def test_gemma3_grpo_step_trains_on_turns_that_end_at_end_of_turn(tiny, tmp_path
     assert stops[:2] == [106, 1]
     adapter = _sft_adapter(tiny["gemma"], tmp_path / "sft-adapter", dropout=0.1)
     cfg = _cfg(tiny["gemma"], tiny["tasks"], tmp_path / "out", "training.max_steps=1", f"adapter={adapter}",
-               "lora.r=4", "lora.alpha=8", "rollout.max_completion_tokens=120", "rlm.root_max_tokens=100",
-               "save_merged=true", "merged_dtype=float32")
+               "lora.r=4", "lora.alpha=8", "rlm.max_subcalls=0", "save_merged=true", "merged_dtype=float32")
     backend = ScriptedTurns(tokenizer, 106, first_prompt_stops=1)
     seen: dict = {}
     summary = run_grpo(cfg, "test", backend_factory=lambda trainer: backend,
@@ -131,8 +131,8 @@ def test_gemma3_grpo_step_trains_on_turns_that_end_at_end_of_turn(tiny, tmp_path
             # Ends on 106, counted as a proper end by TRL: trained, with a non-zero advantage.
             assert output["completion_ids"][i][int(output["completion_mask"][i].sum()) - 1] == 106
             assert loss_mask[i] > 0 and abs(advantages[i]) > 0.1
-        else:  # over-long (overlong=mask): no loss, no advantage, no reward
-            assert ep["end"] == "overlong" and loss_mask[i] == 0 and advantages[i] == 0
+        else:  # over-long by the sub-call budget (overlong=mask): no loss, no advantage, no reward
+            assert ep["end"] == "overlong" and ep["outcome"] == Outcome.BUDGET and loss_mask[i] == 0 and advantages[i] == 0
             assert ep["rewards"]["task_score"] is None
     assert ends == {"ok": 4, "overlong": 2}
     # The two ok episodes of a group share the baseline without the over-long one: +1 and -1 (std-scaled).
@@ -140,7 +140,7 @@ def test_gemma3_grpo_step_trains_on_turns_that_end_at_end_of_turn(tiny, tmp_path
     assert ok_adv[0] == ok_adv[1] == -ok_adv[2] == -ok_adv[3]
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
     clipped = [m["completions/clipped_ratio"] for m in metrics if "completions/clipped_ratio" in m]
-    assert clipped == [pytest.approx(2 / 6)]  # the two cut episodes, not all six
+    assert clipped == [0.0]  # every episode ends on 106, and none reads as truncated
     assert (tmp_path / "out" / "merged" / "model.safetensors").is_file()
 
 
@@ -152,8 +152,7 @@ def test_resume_continues_the_step_count_and_logs_each_rollout_once(tiny, tmp_pa
     tokenizer = load_tokenizer(tiny["qwen"])
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     out = tmp_path / "out"
-    overrides = ("training.max_steps=4", "training.save_steps=2", "rollout.max_completion_tokens=120",
-                 "rlm.root_max_tokens=100")
+    overrides = ("training.max_steps=4", "training.save_steps=2")
     cfg = _cfg(tiny["qwen"], tiny["tasks"], out, *overrides)
 
     class Crash(Exception):
@@ -170,6 +169,8 @@ def test_resume_continues_the_step_count_and_logs_each_rollout_once(tiny, tmp_pa
     rollouts = out / "rollouts.jsonl"
     before = Counter(json.loads(line)["grpo_step"] for line in rollouts.open())
     assert before == {0: 6, 1: 6, 2: 6, 3: 6} and (out / "checkpoint-2").is_dir()
+    partial = json.loads((out / "adapter" / "partial.json").read_text())  # the newest checkpoint's adapter
+    assert partial["step"] == 2 and partial["stopped_by"].startswith("Crash")
 
     # A different config is refused before any model loads, naming the key.
     changed = _cfg(tiny["qwen"], tiny["tasks"], out, *overrides, "training.learning_rate=0.5")
@@ -231,8 +232,9 @@ def test_adapter_of_another_base_is_refused_before_loading(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_held_out_score_is_logged_and_the_best_checkpoint_is_kept(tiny, tmp_path):
-    """Held-out RLM episodes (the trained model as the root policy, through the eval code) every step:
-    eval_rlm_score and its per-family score in metrics.jsonl, and adapter/ holds the best step's weights."""
+    """Held-out RLM episodes (the model being trained as the root policy, generated through the rollouts' backend,
+    several at once, through the eval code) every step: eval_rlm_score and its per-family score in metrics.jsonl,
+    and adapter/ holds the best step's weights."""
     from safetensors.torch import load_file
 
     from rlm_train.models.loading import load_tokenizer
@@ -243,11 +245,14 @@ def test_held_out_score_is_logged_and_the_best_checkpoint_is_kept(tiny, tmp_path
     out = tmp_path / "out"
     cfg = _cfg(tiny["qwen"], tiny["tasks"], out, "training.max_steps=2", "training.save_steps=1",
                "training.save_total_limit=null", "evaluation.every_steps=1", f"evaluation.tasks=[{tiny['tasks']}]",
-               "evaluation.rlm.max_iterations=1", "evaluation.rlm.root_max_tokens=8", "rollout.max_completion_tokens=120",
-               "rlm.root_max_tokens=100")
+               "evaluation.rlm.max_iterations=1", "evaluation.rlm.root_max_tokens=8")
     seen: dict = {}
-    run_grpo(cfg, "test", backend_factory=lambda trainer: ScriptedTurns(tokenizer, im_end, 2),
-             on_trainer=lambda trainer: seen.update(trainer=trainer))
+    backend = ScriptedTurns(tokenizer, im_end, 2)
+    run_grpo(cfg, "test", backend_factory=lambda trainer: backend, on_trainer=lambda trainer: seen.update(trainer=trainer))
+    # The held-out episodes (greedy) went through the same backend as the rollouts (sampled), both tasks' turns
+    # in one call: not one episode at a time through HF generate.
+    assert max(n for n, temperature in backend.batches if temperature == 0) == 2
+    assert max(n for n, temperature in backend.batches if temperature > 0) == 6
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     scores = {m["step"]: m["eval_rlm_score"] for m in metrics if "eval_rlm_score" in m}
     assert sorted(scores) == [1, 2]
@@ -259,3 +264,115 @@ def test_held_out_score_is_logged_and_the_best_checkpoint_is_kept(tiny, tmp_path
     at_other = load_file(out / f"checkpoint-{3 - best}" / "adapter_model.safetensors")
     assert all((kept[k] == at_best[k]).all() for k in kept)
     assert any((kept[k] != at_other[k]).any() for k in kept)
+
+
+# A `rlm-train grpo` process whose step-2 rollout is under way (a generation call lasting GENERATION_S, the
+# episodes' sandboxes open) when SIGTERM comes; the scripted backend stands in for sampling, as above.
+GENERATION_S = 8.0
+_SIGTERM_DRIVER = """
+import json, sys, time
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import test_train_grpo_runs as t
+from rlm_train import cli
+from rlm_train.models.loading import load_tokenizer
+from rlm_train.repl import REPLSession
+import rlm_train.train.grpo as grpo
+
+model, tasks, out, generation_s = sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+sessions = {"opened": 0, "closed": 0}
+opened, closed = REPLSession.__init__, REPLSession.close
+
+def counted_init(self, *args, **kwargs):
+    opened(self, *args, **kwargs)
+    sessions["opened"] += 1
+
+def counted_close(self):
+    sessions["closed"] += not self._closed
+    closed(self)
+
+REPLSession.__init__, REPLSession.close = counted_init, counted_close
+tokenizer = load_tokenizer(model)
+im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+class SlowSecondStep(t.ScriptedTurns):
+    def __init__(self, trainer):
+        super().__init__(tokenizer, im_end, 2)
+        self.trainer = trainer
+
+    def generate_batch(self, prompts, sampling):
+        turns = {(ids.count(self.stop_id) - self.base) // 2 for ids in prompts}
+        if self.trainer.state.global_step == 1 and 1 in turns:  # step 2, turn 2: every episode's sandbox is open
+            print("ROLLOUT-UNDER-WAY", flush=True)
+            time.sleep(generation_s)
+        return super().generate_batch(prompts, sampling)
+
+grpo.default_backend_factory = lambda cfg, tokenizer, stop_ids: SlowSecondStep
+code = cli.main(["grpo", "--recipe", str(t.REPO / "recipes" / "tiny-cpu-grpo.yaml"), f"model={model}",
+                 f"prompts={tasks}", f"output_dir={out}", "reward.format_weight=0", "rollout.sub_policy=scripted",
+                 "rollout.max_completion_tokens=null", "training.max_steps=4", "training.save_steps=100"])
+time.sleep(1.0)  # sandboxes close in background threads
+print("SESSIONS " + json.dumps(sessions), flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_rollout_abandons_the_step_and_the_rerun_resumes(tiny, tmp_path):
+    """SIGTERM while a GRPO step's episodes run: the step is dropped at once (episodes cancelled, sandboxes
+    closed), the last completed step is checkpointed and its adapter exported as a partial result, the process
+    exits 143 (128 + SIGTERM) long before the step would have ended; the same command then resumes there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rlm_train.models.loading import load_tokenizer
+    from rlm_train.train.grpo import run_grpo
+
+    out = tmp_path / "out"
+    log = tmp_path / "grpo.log"
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_DRIVER, str(REPO / "tests"), str(tiny["qwen"]),
+                             str(tiny["tasks"]), str(out), str(GENERATION_S)], cwd=REPO,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while "ROLLOUT-UNDER-WAY" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    partial = out / "adapter" / "partial.json"
+    while not partial.is_file() and time.monotonic() - sent < 60:
+        time.sleep(0.05)
+    exported_s = time.monotonic() - sent
+    proc.wait(timeout=120)
+    exited_s = time.monotonic() - sent
+    text = log.read_text()
+    print(f"SIGTERM -> checkpoint and adapter/ in {exported_s:.1f} s, exit in {exited_s:.1f} s "
+          f"(the generation call under way lasts {GENERATION_S:g} s)")
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert exported_s < GENERATION_S / 2  # did not wait for the generation call, let alone the step
+    assert exited_s < GENERATION_S + 15  # only that call, still running in its thread, delays the exit
+    assert "Traceback" not in text
+    sessions = json.loads(text.split("SESSIONS ", 1)[1].splitlines()[0])
+    assert sessions["opened"] == 12 and sessions["closed"] == 12  # step 1's six and the abandoned step's six
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["global_step"] == 1 and summary["partial_step"] == 1
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file() and not (out / "checkpoint-2").exists()
+    assert json.loads(partial.read_text())["step"] == 1
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (out / "checkpoint-1" / "adapter_model.safetensors").read_bytes()
+    assert "partial result" in text and "run the same command again to resume" in text
+
+    # The rerun resumes at step 1: step 2 is trained again, every rollout is logged once, the final adapter
+    # replaces the partial one.
+    tokenizer = load_tokenizer(tiny["qwen"])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    cfg = _cfg(tiny["qwen"], tiny["tasks"], out, "rollout.max_completion_tokens=null", "training.max_steps=3",
+               "training.save_steps=100")
+    summary = run_grpo(cfg, "test", backend_factory=lambda trainer: ScriptedTurns(tokenizer, im_end, 2))
+    assert summary["resumed_from"].endswith("checkpoint-1") and summary["global_step"] == 3
+    assert summary["exit_code"] == 0 and not partial.exists()
+    assert Counter(json.loads(line)["grpo_step"] for line in (out / "rollouts.jsonl").open()) == {0: 6, 1: 6, 2: 6}
+    assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in m] == [1, 2, 3]

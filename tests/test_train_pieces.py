@@ -92,7 +92,7 @@ def test_packed_rows_over_the_bound_are_refused_for_dense_attention():
     assert dense_mask_problem("sdpa", 65_536, 1) is None  # one sample a row: plain causal, no mask
     assert dense_mask_problem("flash_attention_2", 65_536, 4) is None  # varlen
     why = dense_mask_problem("sdpa", 65_536, 4)
-    assert why and "dense 65,536x65,536" in why and "flash_attention_2" in why and "4.0 GiB" in why
+    assert why and "dense 65,536x65,536" in why and "training.batch_size=1" in why and "4.0 GiB" in why
 
 
 def test_sft_refuses_a_long_packed_row_before_loading_the_model(tmp_path, monkeypatch):
@@ -217,7 +217,10 @@ def test_gpu_recipes_read_what_filter_writes_and_follow_their_guidance():
     assert Path(lora["dataset"]) == data / "sft" and Path(full["dataset"]) == data / "sft"
     assert Path(grpo["prompts"]) == data / "rl"  # filter --out DATA writes DATA/sft and DATA/rl
     for recipe in (lora, full):
-        assert recipe["attn_implementation"] == "flash_attention_2"  # packed rows: varlen, no dense mask
+        # Nothing to install (sdpa), and one sample a row, so even the longest row builds no dense mask.
+        t = recipe["training"]
+        assert recipe["attn_implementation"] == "sdpa"
+        assert dense_mask_problem("sdpa", t["batch_size"] * t["max_length"], t["batch_size"]) is None
         assert recipe["evaluation"]["every_steps"] > 0
         assert recipe["training"]["save_steps"] % recipe["evaluation"]["every_steps"] == 0
     t = grpo["training"]

@@ -1,5 +1,6 @@
 """SIGTERM and SIGINT to `rlm-train sft`: it stops within seconds after the step it is on, with a
-checkpoint, exit code 128+signal and no final adapter; the same command then resumes from it."""
+checkpoint whose adapter is exported as a partial result, exit code 128+signal; the same command then
+resumes from it."""
 
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ def test_sigterm_and_sigint_stop_with_a_checkpoint_and_the_next_run_resumes(tmp_
     summary = json.loads((out / "summary.json").read_text())
     stopped_at = summary["global_step"]
     assert summary["stopped_by"] == "SIGTERM" and (out / f"checkpoint-{stopped_at}").is_dir()
-    assert not (out / "adapter").exists()  # an unfinished run leaves no final weights to mistake for done
+    # The checkpoint's adapter, marked partial: weights to use, while the exit code says the run is unfinished.
+    assert json.loads((out / "adapter" / "partial.json").read_text())["step"] == stopped_at
+    assert summary["partial_step"] == stopped_at and not (out / "merged").exists()
     assert "run the same command again to resume" in log.read_text()
 
     # The next run (here: a target two steps further) resumes from that checkpoint.
@@ -75,7 +78,7 @@ def test_sigterm_and_sigint_stop_with_a_checkpoint_and_the_next_run_resumes(tmp_
     capsys.readouterr()
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["resumed_from"].endswith(f"checkpoint-{stopped_at}") and resumed["global_step"] == stopped_at + 2
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "adapter" / "partial.json").exists()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]
     assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
@@ -90,3 +93,40 @@ def test_sigterm_and_sigint_stop_with_a_checkpoint_and_the_next_run_resumes(tmp_
     assert interrupted["stopped_by"] == "SIGINT" and interrupted["global_step"] > stopped_at + 2
     assert (out / f"checkpoint-{interrupted['global_step']}").is_dir()
     assert "Traceback" not in log.read_text()
+
+
+_FAILED_SAVE = """
+import os, sys
+import torch.distributed as dist
+from rlm_train.errors import UserError
+from rlm_train.train.common import fail_together, main_process_only, process_rank
+
+dist.init_process_group("gloo")
+
+@main_process_only
+def save():
+    raise UserError("out/adapter: no space left on device")
+
+try:
+    save()
+except Exception as exc:
+    print(f"rank {process_rank()}: {type(exc).__name__}: {exc}", flush=True)
+fail_together(lambda: None, "a later step")  # every rank is still in step: nobody hung
+print(f"rank {process_rank()}: done", flush=True)
+"""
+
+
+def test_a_save_that_fails_on_the_main_process_fails_on_every_process(tmp_path):
+    """Two processes (gloo): the main one's save raises; the other raises too, naming it, instead of waiting at
+    a barrier for a process that has left."""
+    port = str(29600 + os.getpid() % 1000)
+    procs = [subprocess.Popen([sys.executable, "-c", _FAILED_SAVE], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "rank 0: UserError: out/adapter: no space left on device" in outs[0]
+    assert "rank 1: RuntimeError: save failed on process 0: UserError: out/adapter: no space left on device" in outs[1]
+    assert all(f"rank {rank}: done" in out for rank, out in enumerate(outs))

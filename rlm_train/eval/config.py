@@ -23,7 +23,7 @@ class MethodConfig(StrictModel):
     name: str
     """The row's name, also its run directory (`OUT/runs/NAME`): letters, digits, `_.+-`."""
     policy: str
-    """Root policy spec: scripted | oracle | openai:MODEL | hf:PATH[+adapter:PATH]."""
+    """Root policy spec: scripted | oracle | openai:MODEL | hf:MODEL[+adapter:PATH]."""
     sub_policy: str | None = None
     """Policy for sub-calls (llm_query); default: the root policy. Not allowed with `direct`."""
     base_urls: list[str] = Field(default_factory=list)

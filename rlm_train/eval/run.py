@@ -67,7 +67,7 @@ def missing_paths(config: EvalConfig, skip: frozenset[str] = frozenset()) -> lis
     """Input paths that do not exist on this machine: task files, training task files, and
     the model and adapter directories of hf: policies (methods in `skip` excepted). A real
     run stops at the first before anything starts; a dry run lists them."""
-    from rlm_train.models.loading import GEMMA3_270M
+    from rlm_train.models.loading import model_missing
 
     problems = []
     for flag, files in (("tasks", config.tasks), ("train_tasks", config.train_tasks)):
@@ -85,10 +85,8 @@ def missing_paths(config: EvalConfig, skip: frozenset[str] = frozenset()) -> lis
             kind, args = parse_policy_spec(spec)
             if kind != "hf":
                 continue
-            path = Path(args["path"]).expanduser()
-            if args["path"] != GEMMA3_270M and not (path / "config.json").is_file():
-                why = "does not exist" if not path.exists() else "is not a Hugging Face model directory (no config.json)"
-                problems.append(f"method {method.name!r}: model path {args['path']} {why}")
+            if why := model_missing(args["path"]):
+                problems.append(f"method {method.name!r}: model {args['path']}: {why}")
             adapter = args.get("adapter")
             if adapter and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
                 why = "does not exist" if not Path(adapter).expanduser().exists() else "is not a PEFT adapter (no adapter_config.json)"

@@ -123,12 +123,16 @@ def check_resources(stage: str, r: SlurmResources, cluster: ClusterInfo) -> list
     if r.gpus_per_node and r.gpus_per_node > part.gpus_per_node:
         problems.append(f"{where}: needs {r.gpus_per_node} GPU(s) per node but partition {name} has "
                         f"{part.gpus_per_node} per node; lower slurm.gpus_per_node or pick a GPU partition")
+    # What the job asks for per node (its defaults filled in), not only what the recipe wrote:
+    # one task per node, so cpus_per_task is the CPUs per node.
     if r.cpus_per_task and part.cpus_per_node and r.cpus_per_task > part.cpus_per_node:
-        problems.append(f"{where}: slurm.cpus_per_task={r.cpus_per_task} but partition {name}'s nodes have "
-                        f"{part.cpus_per_node} CPUs")
+        problems.append(f"{where}: {r.shown('cpus_per_task')} asks {r.cpus_per_task} CPUs per node but partition "
+                        f"{name}'s nodes have {part.cpus_per_node}; set slurm.cpus_per_task <= {part.cpus_per_node} "
+                        "or exclusive: true")
     need_mb = mem_mb(r.mem)
     if need_mb and part.mem_mb_per_node and need_mb > part.mem_mb_per_node:
-        problems.append(f"{where}: slurm.mem={r.mem} but partition {name}'s nodes have {part.mem_mb_per_node} MB")
+        problems.append(f"{where}: {r.shown('mem')} asks {need_mb} MB per node but partition {name}'s nodes have "
+                        f"{part.mem_mb_per_node} MB; set slurm.mem <= {part.mem_mb_per_node // 1024}G or exclusive: true")
     if cluster.accounts_enforced and r.account is None and cluster.accounts is not None and not cluster.default_account:
         problems.append(f"{where}: this cluster charges jobs to accounts and you have no default one; "
                         f"set slurm.account (yours: {', '.join(cluster.accounts) or 'none'})")
@@ -146,9 +150,10 @@ def dry_submit(script: str) -> None:
         raise UserError(f"{script}: sbatch --test-only refused it: {message[-1] if message else proc.returncode}")
 
 
-def submit(script: str, after: list[str]) -> str:
-    """Submit one script, held until every job in `after` ends well; returns its job id."""
-    args = ["sbatch", "--parsable"]
+def submit(script: str, after: list[str], extra: list[str] | None = None) -> str:
+    """Submit one script, held until every job in `after` ends well; returns its job id. `extra`:
+    sbatch options that override the script's own (`--array=1,3` for a resumed array job)."""
+    args = ["sbatch", "--parsable", *(extra or [])]
     if after:
         # Fail fast: a dependency that can never be met cancels this job instead of leaving it pending.
         args += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]

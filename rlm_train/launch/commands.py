@@ -4,11 +4,13 @@
     rlm-train launch --recipe recipes/pipeline.yaml --slurm             # check, then submit in order
     rlm-train launch --recipe recipes/qwen3-8b-sft-lora.yaml --slurm --resource partition=gpu
     rlm-train launch --status runs/pipeline                             # jobs, exit codes, outputs
+    rlm-train launch --resume runs/pipeline                             # resubmit what did not complete
 
 Before anything is submitted: every stage's own dry run (its config), its resources against
 the cluster (partition, nodes, GPUs, CPUs, memory, account) and `sbatch --test-only`. Then each
 stage is submitted with `--dependency=afterok:` on the stages it comes after (a failed stage
-cancels what waits for it); a failed submission cancels the jobs already submitted.
+cancels what waits for it); a failed submission cancels the jobs already submitted. `--resume`
+(launch/resume.py) submits a launch again from the stages that failed, timed out or were cancelled.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import Any
 from rlm_train.errors import UserError
 
 LAUNCH_SCHEMA = "rlm-train/launch/v1"
-ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status", metavar="RUN", help="show the jobs of a launch: the pipeline's out_dir "
                                                         "(or a stage launch's --out, or the recipe)")
     parser.add_argument("--wait", action="store_true", help="with --status: poll until no job is pending or running")
+    parser.add_argument("--resume", metavar="RUN", help="submit a launch (as --status names it) again from the stages that "
+                                                        "failed, timed out or were cancelled; completed stages are not rerun")
     parser.add_argument("--stage-command", help="the command a single stage recipe runs (default: its first line)")
     parser.add_argument("--out", help="single stage recipes: where the launch state goes (default runs/launch/NAME)")
     parser.add_argument("--stages", help="only these stages (comma-separated); their `after` outside the list is dropped")
@@ -46,12 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.resume:
+        if args.status or args.recipe:
+            raise UserError("--resume RUN resubmits an existing launch; drop --status / --recipe")
+        from rlm_train.launch.resume import resume
+
+        return resume(args.resume, dry_run=args.dry_run)
     if args.status:
         from rlm_train.launch.status import show_status
 
         return show_status(args.status, wait=args.wait)
     if not args.recipe:
-        raise UserError("pass --recipe FILE (and --slurm), or --status RUN")
+        raise UserError("pass --recipe FILE (and --slurm), --status RUN or --resume RUN")
     if not args.slurm:
         raise UserError("pass --slurm: Slurm is the one launcher (to run the stages on this machine: rlm-train pipeline)")
     return launch(args)
@@ -60,11 +69,16 @@ def main(args: argparse.Namespace) -> int:
 def launch(args: argparse.Namespace) -> int:
     from rlm_train.launch.jobs import apply_resource_flags, build_scripts, load_launch_pipeline, select_stages, stage_plan
     from rlm_train.launch.render import render
+    from rlm_train.launch.resources import step_budget_warning
 
     pipeline = load_launch_pipeline(args.recipe, args.overrides, args.stage_command, args.out)
     apply_resource_flags(pipeline, args.resource, args.partition, args.account)
     stages = select_stages(pipeline, args.stages)
     scripts = build_scripts(pipeline, stages)
+    for job in scripts:
+        budget = step_budget_warning(job.run, job.config, job.resources, f"stage {job.name}")
+        if budget:
+            print(f"rlm-train launch: warning: {budget}", file=sys.stderr)
     state = (pipeline.state_dir / "slurm").absolute()
     outputs: dict[str, dict[str, Any]] = {}
     by_name = {stage.name: stage for stage in stages}
@@ -121,6 +135,7 @@ def launch(args: argparse.Namespace) -> int:
         "out_dir": str(pipeline.out_dir), "workdir": str(Path.cwd().absolute()),
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "stages": [{"name": job.name, "run": job.run, "job_id": ids[job.name], "shards": job.resources.shards,
+                    "attempts": [{"job_id": ids[job.name], "tasks": None}],
                     "after": job.after, "script": str(job.script.absolute()), "log": job.log_pattern,
                     "outputs": outputs[job.name]} for job in scripts],
     }
@@ -155,6 +170,7 @@ def refuse_if_active(state: Path) -> None:
     if not path.is_file():
         return
     from rlm_train.launch.cluster import job_states
+    from rlm_train.launch.status import ACTIVE
 
     previous = json.loads(path.read_text())
     ids = [stage["job_id"] for stage in previous.get("stages", [])]

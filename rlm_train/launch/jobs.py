@@ -21,7 +21,7 @@ import yaml
 from rlm_train.config import apply_override, read_recipe
 from rlm_train.errors import UserError
 from rlm_train.launch.render import TEMPLATES, Server, StageScript, check_server_port, server_port, server_recipe_text
-from rlm_train.launch.resources import resolve_resources
+from rlm_train.launch.resources import fill_defaults, resolve_resources
 from rlm_train.pipeline.recipe import STAGE_COMMANDS, Pipeline, PipelineSpec, Stage, StageSpec, load_pipeline
 
 _FIRST_LINE = re.compile(r"rlm-train (" + "|".join(re.escape(c) for c in STAGE_COMMANDS) + r")\b")
@@ -129,6 +129,7 @@ def build_scripts(pipeline: Pipeline, stages: list[Stage]) -> list[StageScript]:
             extra.append(f"base_urls=[http://127.0.0.1:{port}/v1]")
             own = 0
         resources.gpus_per_node = own + sum(s.gpus for s in servers)
+        fill_defaults(resources, where)
         log = state / "logs" / (f"{stage.name}-%A_%a.out" if resources.shards > 1 else f"{stage.name}-%j.out")
         scripts.append(StageScript(
             name=stage.name, run=stage.run, argv=stage.argv, resources=resources,

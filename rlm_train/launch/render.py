@@ -98,6 +98,7 @@ def render(job: StageScript, pipeline_name: str, state_dir: Path, workdir: Path)
         "PIPELINE": pipeline_name, "STAGE": job.name, "COMMAND": job.run, "TEMPLATE": job.template,
         "ENV": "\n".join(f"export {k}={_q(v)}" for k, v in r.env.items()) or "# (no slurm.env)",
         "ARGV": " ".join(_q(a) for a in job.argv), "RECIPE": _q(job.argv[-1]),
+        "SHUTDOWN_S": str(max(r.signal_s or 0, 30)),  # torchrun's own default is 30 s
         "SHARDS": str(r.shards), "SERVER_TIMEOUT_S": str(r.server_timeout_s), "OWN_GPUS": str(job.own_gpus),
         "SERVERS": " ".join(_q(f"{s.recipe}|{s.port}|{s.gpus}") for s in job.servers),
         "EXTRA_ARGS": " ".join(_q(a) for a in job.extra_args),

@@ -2,8 +2,9 @@
 
 A job's state comes from Slurm (squeue, then sacct or scontrol) and from the exit record the
 script itself writes (OUT/pipeline/slurm/exit/STAGE.JOB[_TASK]), which outlives the
-controller's memory of ended jobs. A stage that never ran because one it waits for failed
-says so, naming that stage.
+controller's memory of ended jobs. A stage that never ran because one it waits for failed,
+timed out or was cancelled says so, naming that stage. `rlm-train launch --resume`
+(launch/resume.py) resubmits from the same rows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rlm_train.launch.cluster import JobState, job_states
 
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
+ENDED = {"FAILED": "failed", "TIMEOUT": "timed out", "CANCELLED": "was cancelled", "OUT_OF_MEMORY": "ran out of memory"}
 
 
 def find_launch(run: str) -> Path:
@@ -37,10 +39,29 @@ def find_launch(run: str) -> Path:
                     "(or the --out of a stage launch)")
 
 
-def exit_codes(state: Path, stage: str, job_id: str) -> dict[str, int]:
+def attempts(stage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stage's submissions, oldest first: {job_id, tasks} (tasks: the array indices it reran,
+    None for all); a launch.json written before `--resume` existed has its one job."""
+    return stage.get("attempts") or [{"job_id": stage["job_id"], "tasks": None}]
+
+
+def exit_codes(state: Path, stage: dict[str, Any]) -> dict[str, int]:
+    """Exit records by task (`JOB` or `JOB_INDEX`), each task's from the newest submission that ran
+    it: an index a resumed array job reruns no longer counts its old record."""
+    name = stage["name"]
+    owner: dict[str, str] = {}  # array index ("" for a plain job) -> the job that last ran it
+    for attempt in attempts(stage):
+        indices = attempt.get("tasks")
+        if indices is None:
+            owner = {"": attempt["job_id"]}
+        for index in indices or []:
+            owner[str(index)] = attempt["job_id"]
     codes = {}
-    for path in (state / "exit").glob(f"{stage}.{job_id}*"):
-        task = path.name[len(stage) + 1:]
+    for path in (state / "exit").glob(f"{name}.*"):
+        task = path.name[len(name) + 1:]
+        job, _, index = task.partition("_")
+        if owner.get(index, owner.get("")) != job:
+            continue
         try:
             codes[task] = int(path.read_text().strip() or -1)
         except ValueError:
@@ -49,22 +70,25 @@ def exit_codes(state: Path, stage: str, job_id: str) -> dict[str, int]:
 
 
 def stage_state(stage: dict[str, Any], states: list[JobState], codes: dict[str, int]) -> tuple[str, str]:
-    """(STATE, detail) of one stage from its jobs' Slurm states and exit records."""
+    """(STATE, detail) of one stage from its newest job's Slurm states and its exit records."""
     expected = int(stage.get("shards") or 1)
     slurm = [s.state for s in states]
     failed = {task: code for task, code in codes.items() if code != 0}
+    ended = sorted({s for s in slurm if s in FAILED})
     if any(s in ("RUNNING", "COMPLETING", "CONFIGURING") for s in slurm):
         done = sum(1 for c in codes.values() if c == 0)
         return "RUNNING", f"{done}/{expected} task(s) done" if expected > 1 else ""
     if failed:
         shown = ", ".join(f"{t} exit {c}" for t, c in sorted(failed.items()))
-        return "FAILED", shown
+        if 143 in failed.values():
+            shown += " (143: stopped by SIGTERM, the time limit's early signal or scancel)"
+        # Slurm's word where it says more than "FAILED" (TIMEOUT, OUT_OF_MEMORY, CANCELLED, ...).
+        return next((s for s in ended if s != "FAILED"), "FAILED"), shown
     if len(codes) >= expected:
         return "COMPLETED", f"{expected} task(s), exit 0" if expected > 1 else "exit 0"
     reasons = sorted({s.reason for s in states if s.reason})
     if any(s == "PENDING" for s in slurm):
         return "PENDING", ", ".join(reasons)
-    ended = sorted({s for s in slurm if s in FAILED})
     if ended:
         return ended[0], ", ".join(reasons) or "ended without an exit record (killed before the script ran?)"
     if "COMPLETED" in slurm:
@@ -78,16 +102,20 @@ def status_rows(record: dict[str, Any], state: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     by_name: dict[str, dict[str, Any]] = {}
     for stage in stages:
-        codes = exit_codes(state, stage["name"], stage["job_id"])
+        codes = exit_codes(state, stage)
         name, detail = stage_state(stage, all_states.get(stage["job_id"], []), codes)
-        # The stage(s) whose failure stops this one: a failed `after` stage, or what stopped it.
-        roots = sorted({root for a in stage.get("after", []) if by_name.get(a, {}).get("state") in FAILED
-                        for root in by_name[a]["roots"]})
+        # The stage(s) whose failure stops this one: an `after` stage that failed, timed out or was
+        # cancelled (Slurm's afterok never holds for it), or what stopped that one.
+        dead = {a: by_name[a] for a in stage.get("after", []) if by_name.get(a, {}).get("state") in FAILED}
+        roots = sorted({root for row in dead.values() for root in row["roots"]})
         if roots and name not in ("COMPLETED", "RUNNING"):
             name = "CANCELLED" if name != "PENDING" else "PENDING"
-            detail = f"never runs: {', '.join(roots)} failed; fix it and launch again"
+            ended = ", ".join(f"{r} {ENDED.get(by_name[r]['state'], 'ended ' + by_name[r]['state'])}" for r in roots)
+            detail = f"never runs: {ended}; fix it, then rlm-train launch --resume {record.get('out_dir')}"
         row = {**stage, "state": name, "detail": detail, "roots": roots or [stage["name"]],
-               "failed_tasks": [t for t, c in codes.items() if c != 0]}
+               "failed_tasks": [t for t, c in codes.items() if c != 0],
+               "done_tasks": sorted(int(t.partition("_")[2] or 0) for t, c in codes.items() if c == 0),
+               "queued_or_running": sorted(s.job_id for s in all_states.get(stage["job_id"], []) if s.state in ACTIVE)}
         rows.append(row)
         by_name[stage["name"]] = row
     return rows
@@ -131,13 +159,17 @@ def error_lines(logs: list[str]) -> list[str]:
 
 
 def format_status(record: dict[str, Any], rows: list[dict[str, Any]], state: Path) -> str:
-    lines = [f"pipeline {record.get('pipeline')} (recipe {record.get('recipe')}), submitted {record.get('submitted')}",
-             f"state: {state}"]
+    resumed = f", resumed {', '.join(record['resumed'])}" if record.get("resumed") else ""
+    lines = [f"pipeline {record.get('pipeline')} (recipe {record.get('recipe')}), submitted {record.get('submitted')}"
+             f"{resumed}", f"state: {state}"]
     width = max(len(r["name"]) for r in rows) if rows else 5
     for row in rows:
         shards = f"[{row['shards']}]" if int(row.get("shards") or 1) > 1 else ""
         job = f"{row['job_id']}{shards}"
         lines.append(f"  {row['name']:<{width}}  job {job:<10} {row['state']:<10} {row['detail']}".rstrip())
+        earlier = [a["job_id"] for a in attempts(row)[:-1]]
+        if earlier:
+            lines.append(f"    resubmitted by launch --resume; earlier job(s): {', '.join(earlier)}")
         logs = log_files(row)
         shown = logs[0] if len(logs) == 1 else row["log"].replace("%A", row["job_id"])
         lines.append(f"    log: {shown}" + ("" if len(logs) > 1 or Path(shown).exists() else " (not written)"))

@@ -1,4 +1,4 @@
-"""In-process transformers policy: `hf:PATH` or `hf:PATH+adapter:ADAPTER`.
+"""In-process transformers policy: `hf:MODEL` or `hf:MODEL+adapter:ADAPTER` (MODEL: any spec `loading.resolve_model` takes).
 
 Loads through `rlm_train.models.loading` (the one place weights, tokenizers and
 templates are read). `generate` is blocking, so `chat` runs it in a worker thread;

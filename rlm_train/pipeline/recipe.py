@@ -15,7 +15,8 @@
         background: true               # beside the stages that list it in `after` (rlm-train pipeline
         with: {vllm: {model: gemma3-270m, port: 8011}}   # starts it for them, waits for /health, stops it)
     requires:                          # made outside the pipeline; checked before any stage runs
-      - {path: models/Qwen3-8B, how: "huggingface-cli download Qwen/Qwen3-8B --local-dir models/Qwen3-8B"}
+      - model: Qwen/Qwen3-8B           # a Hub id: found in the Hugging Face cache, else `hf download Qwen/Qwen3-8B`
+      - {path: data/corpus.txt, how: "make corpus"}
 
 Each stage's resolved recipe (recipe + `with`) is written to OUT_DIR/pipeline/NAME.yaml and
 the stage runs as `rlm-train RUN --recipe OUT_DIR/pipeline/NAME.yaml`: the same command a
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlm_train.config import StrictModel, _deep_merge, build_config, read_recipe
 from rlm_train.errors import UserError
@@ -87,10 +88,37 @@ class StageSpec(StrictModel):
 
 
 class Requirement(StrictModel):
-    path: str
-    """A file or directory a stage reads that no stage makes (a downloaded model, ...)."""
+    """Something a stage reads that no stage makes: a path, or a model."""
+
+    path: str | None = None
+    """A file or directory a stage reads that no stage makes (a corpus, a local model directory, ...)."""
+    model: str | None = None
+    """A model spec a stage names (rlm_train.models.loading): a Hub id such as `Qwen/Qwen3-8B` is
+    looked for in the Hugging Face cache, and when missing the line says `hf download Qwen/Qwen3-8B`."""
     how: str = ""
     """The command that makes it, shown when it is missing."""
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Requirement:
+        if (self.path is None) == (self.model is None):
+            raise ValueError("give exactly one of path (a file or directory) and model (e.g. Qwen/Qwen3-8B)")
+        return self
+
+    @property
+    def target(self) -> str:
+        """What the stages name: the path or the model spec."""
+        return str(self.model if self.model is not None else self.path)
+
+    def missing(self) -> str:
+        """"" when it is on this machine, else one line: why not and how to make it. Nothing is
+        downloaded (a Hub model is only looked for in the cache)."""
+        if self.model is not None:
+            from rlm_train.models.loading import model_missing
+
+            why = model_missing(self.model)
+        else:
+            why = "" if Path(str(self.path)).expanduser().exists() else "not found"
+        return f"{why}; make it first: {self.how}" if why and self.how else why
 
 
 class PipelineSpec(StrictModel):
@@ -101,7 +129,7 @@ class PipelineSpec(StrictModel):
     stages: list[StageSpec]
     """The stages, in the order they run locally."""
     requires: list[Requirement] = Field(default_factory=list)
-    """Paths made outside the pipeline; `rlm-train pipeline` checks them before any stage runs."""
+    """Paths and models made outside the pipeline; `rlm-train pipeline` checks them before any stage runs."""
 
 
 class Stage:
@@ -222,4 +250,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         if stage_name not in configs or not rest:
             raise UserError(f"override {override!r}: expected STAGE.KEY=VALUE with STAGE one of {', '.join(seen)}")
         apply_override(configs[stage_name], rest)
-    return Pipeline(spec, path, stages)
+    pipeline = Pipeline(spec, path, stages)
+    from rlm_train.pipeline.chain import fit_server_windows
+
+    fit_server_windows(pipeline)  # servers' windows from the stages that talk to them, before anything reads the configs
+    return pipeline

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 from rlm_train.errors import UserError
@@ -129,9 +128,8 @@ class Runner:
         fate = decide(pipeline, states, fingerprints, self.from_stage, self.only_stage)
         if any(f == "run" for f in fate.values()):
             for req in pipeline.requires:
-                if not Path(req.path).expanduser().exists():
-                    how = f"; make it first: {req.how}" if req.how else ""
-                    raise UserError(f"{pipeline.path}: requires {req.path}: not found{how}")
+                if why := req.missing():
+                    raise UserError(f"{pipeline.path}: requires {req.target}: {why}")
         pipeline.write_stage_recipes()
         plans = self._check_plans(fate)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

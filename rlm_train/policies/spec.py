@@ -3,7 +3,9 @@
     scripted                  the programmatic teacher (no model, any machine)
     oracle                    answers from the task's reference (tests, upper bounds)
     openai:MODEL              an OpenAI-compatible server (vLLM); needs --base-url, repeatable
-    hf:PATH[+adapter:PATH]    in-process transformers, optionally with a PEFT adapter
+    hf:MODEL[+adapter:PATH]   in-process transformers, optionally with a PEFT adapter; MODEL is a
+                              model directory, a Hub id in the Hugging Face cache (Qwen/Qwen3-8B)
+                              or gemma3-270m (rlm_train.models.loading.resolve_model)
 
 Backends are imported only when built, so parsing a spec (and `rlm-train
 --help`) never pays for torch or transformers. This is the one composition root:
@@ -23,7 +25,8 @@ from rlm_train.errors import UserError
 from rlm_train.models.base import Policy
 
 VALID_FORMS = ("scripted | oracle | openai:MODEL (with --base-url http://HOST:PORT/v1, repeatable) "
-               "| hf:PATH[+adapter:PATH]")
+               "| hf:MODEL[+adapter:PATH] (MODEL: a model directory, a cached Hub id such as Qwen/Qwen3-8B, "
+               "or gemma3-270m)")
 
 
 def _scripted() -> type:
@@ -55,7 +58,8 @@ _BACKENDS = {"scripted": _scripted, "oracle": _oracle, "openai": _openai, "hf": 
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split a spec into its kind and arguments, e.g. ("hf", {"path": "out/m", "adapter": None})."""
+    """Split a spec into its kind and arguments, e.g. ("hf", {"path": "out/m", "adapter": None});
+    an hf: model (`path`) is any model spec `resolve_model` takes, a Hub id included."""
     s = (spec or "").strip()
     kind, sep, rest = s.partition(":")
     if s in ("scripted", "oracle"):
@@ -71,7 +75,8 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
         if not marker:
             path, adapter = rest, None
         if not path.strip():
-            raise UserError(f"policy spec {spec!r} names no model path: use hf:PATH or hf:PATH+adapter:PATH")
+            raise UserError(f"policy spec {spec!r} names no model: use hf:MODEL or hf:MODEL+adapter:PATH "
+                            "(MODEL: a model directory or a Hub id such as Qwen/Qwen3-8B)")
         if adapter is not None and not adapter.strip():
             raise UserError(f"policy spec {spec!r} has an empty adapter path: use hf:PATH+adapter:ADAPTER_DIR")
         return "hf", {"path": path.strip(), "adapter": adapter.strip() if adapter else None}
@@ -103,7 +108,7 @@ def build_policies(policy: str | None, sub_policy: str | None = None, base_urls:
     """The root policy and the sub-policy (None: sub-calls use the root policy). The
     sub-policy's servers default to the root's."""
     if not policy:
-        raise UserError("no policy: pass --policy (scripted | openai:MODEL | hf:PATH) or set `policy` in the recipe")
+        raise UserError("no policy: pass --policy (scripted | openai:MODEL | hf:MODEL) or set `policy` in the recipe")
     client = client or ClientOptions()
     root = build_policy(policy, base_urls, client)
     sub = build_policy(sub_policy, sub_base_urls or base_urls, client) if sub_policy else None

@@ -17,7 +17,7 @@ from rlm_train.stage import Output, add_stage_arguments, missing_inputs, prepare
 def add_policy_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--policy/--sub-policy/--base-url, shared by every command that runs episodes.
     `required=False` where a recipe may name the policy instead."""
-    parser.add_argument("--policy", required=required, help="scripted | openai:MODEL | hf:PATH[+adapter:PATH]")
+    parser.add_argument("--policy", required=required, help="scripted | openai:MODEL | hf:MODEL[+adapter:PATH]")
     parser.add_argument("--sub-policy", help="policy for llm_query sub-calls (default: the root policy)")
     parser.add_argument(
         "--base-url", action="append", default=[], help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1 (repeatable)"

@@ -3,8 +3,10 @@
 Every request an episode sends must fit the window with its max tokens, or the server
 answers 400: the root conversation at its longest (system prompt, query, every turn with
 its REPL feedback, the answer-now turn), and one sub-call at its longest
-(`sub_model_chars` of prompt plus `sub_max_tokens`). The launcher of a vLLM server for
-RLM episodes sizes the window from this, rather than from a fixed margin.
+(`sub_model_chars` of prompt plus `sub_max_tokens`). Whatever starts a vLLM server for
+RLM episodes sizes the window from this, rather than from a fixed margin: `rlm-train serve
+--gateway` for its gateway, GRPO's `--vllm-command` for its rollouts, and a pipeline for its
+background servers from the stages that talk to them (`pipeline/chain.py: fit_server_windows`).
 
     tokens = server_window_tokens(RLMConfig(), chars_per_token=3.0)
 """
@@ -41,7 +43,17 @@ def sub_call_tokens(config: RLMConfig, chars_per_token: float = CHARS_PER_TOKEN)
     return math.ceil(config.sub_model_chars / chars_per_token) + MESSAGE_TOKENS + config.sub_max_tokens
 
 
+def direct_tokens(config: RLMConfig, context_chars: int, chars_per_token: float = CHARS_PER_TOKEN) -> int:
+    """The one request of a context-in-prompt baseline (eval's `direct: true`): up to
+    `context_chars` of context with the query, and the root turn's max tokens for the reply."""
+    return math.ceil(context_chars / chars_per_token) + QUERY_TOKENS + 2 * MESSAGE_TOKENS + config.root_max_tokens
+
+
+def rounded(tokens: int) -> int:
+    """A window of at least `tokens`, rounded up to a multiple of 256."""
+    return -(-tokens // 256) * 256
+
+
 def server_window_tokens(config: RLMConfig, chars_per_token: float = CHARS_PER_TOKEN) -> int:
     """The window every request of an episode fits in (rounded up to a multiple of 256)."""
-    need = max(root_tokens(config, chars_per_token), sub_call_tokens(config, chars_per_token))
-    return -(-need // 256) * 256
+    return rounded(max(root_tokens(config, chars_per_token), sub_call_tokens(config, chars_per_token)))

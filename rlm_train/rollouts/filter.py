@@ -4,6 +4,12 @@ repair FINAL / FINAL_VAR misuse by rule, split each episode into one sample per 
 (history so far as input, that turn as the only trained output), drop over-long turns,
 dedupe, and split train/validation by task.
 
+The RL prompt set never holds a task SFT trains on (GRPO on a task the model was taught to
+solve learns little): tasks of this run's SFT samples and of `sft_data` are left out. With
+`rl_only` the filter writes only the RL prompt set, each task's pass rate measured from the
+trajectories it reads: those of the SFT model on the RL tasks, so the pass-rate window keeps
+the tasks GRPO's starting policy solves sometimes but not always.
+
 Every rule is a pure function of records, so each one is tested on hand-made trajectories.
 """
 
@@ -12,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +69,14 @@ class FilterConfig(StrictModel):
     rl_min_pass_rate: float = Field(0.0, ge=0.0, le=1.0)
     """RL prompt set: keep tasks whose mean score over their episodes is at least this."""
     rl_max_pass_rate: float = Field(1.0, ge=0.0, le=1.0)
-    """RL prompt set: keep tasks whose mean score is at most this (e.g. 0.9 drops always-solved tasks)."""
+    """RL prompt set: keep tasks whose mean score is at most this (e.g. 0.9 drops always-solved tasks).
+    With a window (min > 0 or max < 1), tasks without a scored episode are dropped too."""
+    rl_only: bool = False
+    """Write only the RL prompt set (rl/, rl-*.jsonl, filter_report.json), pass rates from these
+    trajectories: for trajectories of the SFT model (GRPO's starting policy) on the RL tasks."""
+    sft_data: list[str] = Field(default_factory=list)
+    """SFT datasets (sft/ or sft-*.jsonl of an earlier `rlm-train filter`) whose tasks the RL prompt set
+    leaves out; filter_report.json records them, and GRPO checks its prompts against them."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,7 +246,7 @@ def dedupe(samples: list[Sample], dropped: Counter[str]) -> list[Sample]:
 
 
 # ---------------------------------------------------------------------------------------
-# Split by task, RL prompt set
+# Split by task
 
 
 def split_tasks(task_ids: list[str], fraction: float, seed: int) -> set[str]:
@@ -245,45 +258,6 @@ def split_tasks(task_ids: list[str], fraction: float, seed: int) -> set[str]:
     n_val = min(len(ids) - 1, max(1, round(fraction * len(ids))))
     ranked = sorted(ids, key=lambda t: hashlib.sha256(f"{seed}:{t}".encode()).hexdigest())
     return set(ranked[:n_val])
-
-
-def rl_prompts(records: list[TrajectoryRecord], tasks: dict[str, tuple[TaskRecord, str]],
-               config: FilterConfig, dropped: Counter[str]) -> list[dict[str, Any]]:
-    """One prompt per task with what the reward needs: the task reference (file + id), its
-    answer and scorer, and the pass rate of the generating policy."""
-    by_task: dict[str, list[TrajectoryRecord]] = defaultdict(list)
-    for r in records:
-        task_id = r.get("task_id")
-        if task_id is not None:
-            by_task[task_id].append(r)
-    rows = []
-    for task_id in sorted(by_task):
-        group = by_task[task_id]
-        if task_id not in tasks:
-            dropped["task_not_found"] += 1
-            continue
-        task, task_file = tasks[task_id]
-        scores = [score for r in group if (score := r.get("score")) is not None]
-        pass_rate = sum(scores) / len(scores) if scores else None
-        if pass_rate is not None and not (config.rl_min_pass_rate <= pass_rate <= config.rl_max_pass_rate):
-            dropped["pass_rate_out_of_range"] += 1
-            continue
-        first = next((r for r in group if len(r.get("messages") or []) >= 2), None)
-        if first is None:
-            dropped["malformed"] += 1
-            continue
-        rows.append({
-            "prompt": [{"role": m["role"], "content": m["content"]} for m in first["messages"][:2]],
-            "query": task["query"],
-            "task_id": task_id,
-            "task_file": task_file,
-            "family": task.get("family"),
-            "scorer": task.get("scorer"),
-            "answer_json": json.dumps(task.get("answer"), ensure_ascii=False),
-            "pass_rate": pass_rate,
-            "episodes": len(group),
-        })
-    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,6 +294,7 @@ def select(config: FilterConfig) -> dict[str, Any]:
     from rlm_train.errors import UserError
     from rlm_train.rollouts import store
     from rlm_train.rollouts.generate import load_scorer
+    from rlm_train.rollouts.rl_prompts import prompt_rows, sft_task_ids
 
     if not config.trajectories:
         raise UserError("no trajectories: pass --trajectories DIR (the --out of `rlm-train generate`)")
@@ -337,6 +312,7 @@ def select(config: FilterConfig) -> dict[str, Any]:
     records.sort(key=lambda r: (str(r.get("task_id")), r.get("sample") or 0))
     bad_task_lines: list[str] = []
     tasks = load_task_index(config, manifests, bad_task_lines)
+    earlier_sft_tasks = sft_task_ids(config.sft_data)
 
     # Records written without a scorer get scored here when their task is known.
     scorer = load_scorer()
@@ -354,7 +330,7 @@ def select(config: FilterConfig) -> dict[str, Any]:
     dropped_turns: Counter[str] = Counter()
     samples: list[Sample] = []
     kept = 0
-    for traj in records:
+    for traj in [] if config.rl_only else records:
         reason = trajectory_drop_reason(traj, config)
         if reason:
             dropped_episodes[reason] += 1
@@ -366,9 +342,17 @@ def select(config: FilterConfig) -> dict[str, Any]:
 
     validation = split_tasks([str(r.get("task_id")) for r in records], config.validation_fraction, config.split_seed)
     dropped_rl: Counter[str] = Counter()
-    rl_rows = rl_prompts(records, tasks, config, dropped_rl)
+    sft_tasks = {s.task_id for s in samples if s.task_id is not None} | earlier_sft_tasks
+    rl_rows = prompt_rows(records, tasks, (config.rl_min_pass_rate, config.rl_max_pass_rate), dropped_rl, sft_tasks)
+    # Tasks of the train split draw on the corpus items SFT's tasks show, though their ids differ.
+    from_train_split = sum(1 for r in rl_rows if (tasks[r["task_id"]][0].get("meta") or {}).get("split") == "train")
     warning = None
-    if not samples and not rl_rows:
+    if config.rl_only:
+        if not rl_rows:
+            reasons = ", ".join(f"{k} {n}" for k, n in dropped_rl.most_common()) or "no task"
+            warning = (f"{', '.join(config.trajectories)}: no RL prompt kept ({reasons}); widen rl_min_pass_rate / "
+                       "rl_max_pass_rate or sample more episodes per task")
+    elif not samples and not rl_rows:
         warning = nothing_kept(config, records, dropped_episodes)
     elif not samples:
         warning = (f"no SFT sample kept (episodes dropped: {', '.join(f'{k} {n}' for k, n in dropped_episodes.most_common())}"
@@ -376,7 +360,7 @@ def select(config: FilterConfig) -> dict[str, Any]:
     return {"warning": warning, "records": records, "read": read, "tasks": tasks, "bad_task_lines": bad_task_lines,
             "scored_here": scored_here, "kept": kept, "samples": samples, "validation": validation,
             "dropped_episodes": dropped_episodes, "dropped_turns": dropped_turns, "rl_rows": rl_rows,
-            "dropped_rl": dropped_rl}
+            "dropped_rl": dropped_rl, "sft_tasks": sft_tasks, "from_train_split": from_train_split}
 
 
 def nothing_kept(config: FilterConfig, records: list[TrajectoryRecord], dropped: Counter[str]) -> str:
@@ -398,12 +382,15 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
     import sys
     from pathlib import Path
 
+    from rlm_train.errors import UserError
     from rlm_train.formats import write_jsonl_atomic, write_text_atomic
     from rlm_train.rollouts.rl_prompts import write_rl_prompt_set
 
     chosen = select(config)
     assert config.out is not None  # select refused None
     samples, validation, rl_rows, read = chosen["samples"], chosen["validation"], chosen["rl_rows"], chosen["read"]
+    if config.rl_only and not rl_rows:
+        raise UserError(chosen["warning"])  # the RL set is all this run makes: an empty one is nothing to train on
     if chosen["warning"]:
         print(f"warning: {chosen['warning']}", file=sys.stderr)
     sft = {"train": [s.row() for s in samples if s.task_id not in validation],
@@ -413,10 +400,13 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_datasets(out / "sft", sft, _sft_features())
-    for split in ("train", "validation"):
-        write_jsonl_atomic(out / f"sft-{split}.jsonl", sft[split])
+    if not config.rl_only:
+        write_datasets(out / "sft", sft, _sft_features())
+        for split in ("train", "validation"):
+            write_jsonl_atomic(out / f"sft-{split}.jsonl", sft[split])
     write_rl_prompt_set(out, rl)
+    # The SFT sets this RL set was made disjoint from: GRPO re-reads them to check its prompts.
+    sft_sets = [str(Path(p).resolve()) for p in config.sft_data] + ([] if config.rl_only else [str((out / "sft").resolve())])
 
     repairs = Counter(name for s in samples for name in s.repairs)
     n_samples = len(samples)
@@ -433,8 +423,10 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
         "sft": {split: {"samples": len(rows), "tasks": len({r["task_id"] for r in rows})} for split, rows in sft.items()},
         "rl": {"train": len(rl["train"]), "validation": len(rl["validation"]),
                "dropped": dict(sorted(chosen["dropped_rl"].items())),
-               "task_files": sorted({t[1] for t in tasks.values()})},
-        "outputs": {"sft": str(out / "sft"), "rl": str(out / "rl"), "jsonl": str(out)},
+               "task_files": sorted({t[1] for t in tasks.values()}),
+               "sft_data": sft_sets, "sft_tasks": len(chosen["sft_tasks"]),
+               "from_train_split": chosen["from_train_split"]},
+        "outputs": {**({} if config.rl_only else {"sft": str(out / "sft")}), "rl": str(out / "rl"), "jsonl": str(out)},
         "warning": chosen["warning"],
         "config": config.model_dump(),
     }
@@ -451,36 +443,3 @@ def _sft_features():
         "score": Value("float64"), "trajectory_id": Value("string"), "policy": Value("string"),
         "repairs": [Value("string")],
     })
-
-
-def format_report(report: dict[str, Any]) -> str:
-    inputs, episodes, turns = report["inputs"], report["episodes"], report["turns"]
-    bad = inputs.get("bad_lines") or []
-    bad_tasks = inputs.get("bad_task_lines") or []
-    lines = [f"{inputs['trajectories']} trajectories read from {inputs['files']} files"
-             + (f" ({inputs['torn_lines']} torn lines skipped)" if inputs["torn_lines"] else "")
-             + (f" ({inputs['duplicate_records']} duplicate records skipped)" if inputs["duplicate_records"] else "")]
-    if bad:
-        lines.append(f"{len(bad)} corrupt trajectory lines skipped: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    if bad_tasks:
-        lines.append(f"{len(bad_tasks)} bad task-file lines skipped (as generate did): "
-                     f"{bad_tasks[0].partition(': ')[0]}{' ...' if len(bad_tasks) > 1 else ''}")
-    lines += ["", f"{'rule':<34}{'dropped':>9}"]
-    for reason, n in episodes["dropped"].items():
-        lines.append(f"{'episode: ' + reason:<34}{n:>9}")
-    lines.append(f"{'episodes kept':<34}{episodes['kept']:>9}")
-    for reason, n in turns["dropped"].items():
-        lines.append(f"{'turn: ' + reason:<34}{n:>9}")
-    lines.append(f"{'SFT samples (one per turn)':<34}{turns['samples']:>9}")
-    repairs = report["repairs"]
-    for name, n in repairs.items():
-        if name not in ("samples_repaired", "fraction_repaired"):
-            lines.append(f"{'repaired: ' + name:<34}{n:>9}")
-    lines.append(f"{'samples repaired':<34}{repairs['samples_repaired']:>9}  ({repairs['fraction_repaired']:.1%})")
-    sft, rl = report["sft"], report["rl"]
-    lines += ["",
-              f"SFT train {sft['train']['samples']} samples / {sft['train']['tasks']} tasks, "
-              f"validation {sft['validation']['samples']} samples / {sft['validation']['tasks']} tasks -> {report['outputs']['sft']}",
-              f"RL prompts train {rl['train']}, validation {rl['validation']} -> {report['outputs']['rl']}"
-              + ("" if rl["task_files"] else "  (no task file found: pass --tasks to build the RL set)")]
-    return "\n".join(lines)

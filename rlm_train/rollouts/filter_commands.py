@@ -2,6 +2,7 @@
 
     rlm-train filter --trajectories runs/gen --out data/sft-niah
     rlm-train filter --recipe recipes/filter-paper.yaml max_turn_chars=8000
+    rlm-train filter --trajectories runs/gen-rl --out data/rl-set rl_only=true sft_data=[data/sft-niah/sft]
 
 Priority: recipe < command-line flags < KEY=VALUE overrides.
 """
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
 from rlm_train.stage import Kind, Output, add_stage_arguments, check_output, missing_inputs, prepare
 
-# What run_filter writes under --out: (name, kind).
-OUTPUTS: list[tuple[str, Kind]] = [("sft", "dir"), ("sft-train.jsonl", "file"), ("sft-validation.jsonl", "file"),
-           ("rl", "dir"), ("rl-train.jsonl", "file"), ("rl-validation.jsonl", "file"), ("filter_report.json", "file")]
+# What run_filter writes under --out: (name, kind); with rl_only, the SFT ones are not written.
+SFT_OUTPUTS: list[tuple[str, Kind]] = [("sft", "dir"), ("sft-train.jsonl", "file"), ("sft-validation.jsonl", "file")]
+RL_OUTPUTS: list[tuple[str, Kind]] = [("rl", "dir"), ("rl-train.jsonl", "file"), ("rl-validation.jsonl", "file"),
+                                      ("filter_report.json", "file")]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +40,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from rlm_train.rollouts.filter import format_report, run_filter
+    from rlm_train.rollouts.filter import run_filter
 
     config = config_from_args(args)
     # run_filter's own first checks, here too, so a dry run fails where a real run would.
@@ -47,8 +50,9 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
     flag = "--out" if args.out else "out"
     outputs = [Output("out", config.out, "dir", flag),
-               *(Output(name, str(Path(config.out) / name), kind, flag) for name, kind in OUTPUTS)]
-    inputs = {"trajectories": config.trajectories, "tasks": config.tasks}
+               *(Output(name, str(Path(config.out) / name), kind, flag)
+                 for name, kind in (RL_OUTPUTS if config.rl_only else SFT_OUTPUTS + RL_OUTPUTS))]
+    inputs = {"trajectories": config.trajectories, "tasks": config.tasks, "sft_data": config.sft_data}
     notes = [] if config.tasks else ["tasks: the task files named in the runs' manifests"]
     missing = missing_inputs(inputs)
     notes += missing
@@ -60,9 +64,16 @@ def main(args: argparse.Namespace) -> int:
             check_output(out.path, out.kind, out.flag)
 
         chosen = select(config)
+        if config.rl_only and not chosen["rl_rows"]:
+            raise UserError(chosen["warning"])  # as run_filter would
         dropped = ", ".join(f"{k} {n}" for k, n in chosen["dropped_episodes"].most_common()) or "none"
-        notes.append(f"would keep {chosen['kept']} of {len(chosen['records'])} episodes (dropped: {dropped}): "
-                     f"{len(chosen['samples'])} SFT samples, {len(chosen['rl_rows'])} RL prompts")
+        dropped_rl = ", ".join(f"{k} {n}" for k, n in chosen["dropped_rl"].most_common()) or "none"
+        notes.append(f"would keep {len(chosen['rl_rows'])} RL prompts (tasks dropped: {dropped_rl})" if config.rl_only
+                     else f"would keep {chosen['kept']} of {len(chosen['records'])} episodes (dropped: {dropped}): "
+                          f"{len(chosen['samples'])} SFT samples, {len(chosen['rl_rows'])} RL prompts")
+        if config.rl_only and chosen["from_train_split"]:
+            notes.append(f"warning: {chosen['from_train_split']} RL tasks come from the train corpus split, which "
+                         "SFT's tasks draw from; make RL tasks with `rl:` counts in the suite recipe")
         if chosen["warning"]:
             notes.append(f"warning: {chosen['warning']}")
     if prepare("filter", args, config, inputs=inputs, outputs=outputs, notes=notes):
@@ -70,3 +81,47 @@ def main(args: argparse.Namespace) -> int:
     report = run_filter(config)
     print(format_report(report))
     return 0
+
+
+def format_report(report: dict[str, Any]) -> str:
+    inputs, episodes, turns = report["inputs"], report["episodes"], report["turns"]
+    bad = inputs.get("bad_lines") or []
+    bad_tasks = inputs.get("bad_task_lines") or []
+    lines = [f"{inputs['trajectories']} trajectories read from {inputs['files']} files"
+             + (f" ({inputs['torn_lines']} torn lines skipped)" if inputs["torn_lines"] else "")
+             + (f" ({inputs['duplicate_records']} duplicate records skipped)" if inputs["duplicate_records"] else "")]
+    if bad:
+        lines.append(f"{len(bad)} corrupt trajectory lines skipped: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    if bad_tasks:
+        lines.append(f"{len(bad_tasks)} bad task-file lines skipped (as generate did): "
+                     f"{bad_tasks[0].partition(': ')[0]}{' ...' if len(bad_tasks) > 1 else ''}")
+    sft, rl = report["sft"], report["rl"]
+    rl_only = "sft" not in report["outputs"]
+    lines += ["", f"{'rule':<34}{'dropped':>9}"]
+    if not rl_only:
+        for reason, n in episodes["dropped"].items():
+            lines.append(f"{'episode: ' + reason:<34}{n:>9}")
+        lines.append(f"{'episodes kept':<34}{episodes['kept']:>9}")
+        for reason, n in turns["dropped"].items():
+            lines.append(f"{'turn: ' + reason:<34}{n:>9}")
+        lines.append(f"{'SFT samples (one per turn)':<34}{turns['samples']:>9}")
+        repairs = report["repairs"]
+        for name, n in repairs.items():
+            if name not in ("samples_repaired", "fraction_repaired"):
+                lines.append(f"{'repaired: ' + name:<34}{n:>9}")
+        lines.append(f"{'samples repaired':<34}{repairs['samples_repaired']:>9}  ({repairs['fraction_repaired']:.1%})")
+    for reason, n in rl.get("dropped", {}).items():
+        lines.append(f"{'RL task: ' + reason:<34}{n:>9}")
+    lines.append("")
+    if not rl_only:
+        lines.append(f"SFT train {sft['train']['samples']} samples / {sft['train']['tasks']} tasks, "
+                     f"validation {sft['validation']['samples']} samples / {sft['validation']['tasks']} tasks -> "
+                     f"{report['outputs']['sft']}")
+    lines.append(f"RL prompts train {rl['train']}, validation {rl['validation']} -> {report['outputs']['rl']}"
+                 + ("" if rl["task_files"] else "  (no task file found: pass --tasks to build the RL set)"))
+    if rl.get("sft_tasks"):
+        lines.append(f"RL prompts share no task with SFT's {rl['sft_tasks']} tasks ({', '.join(rl['sft_data'])})")
+    if rl.get("from_train_split"):
+        lines.append(f"note: {rl['from_train_split']} RL tasks come from the train corpus split, whose documents and "
+                     "keys SFT's tasks show too; make RL tasks with `rl:` counts in the suite recipe (rl.jsonl)")
+    return "\n".join(lines)

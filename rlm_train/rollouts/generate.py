@@ -46,7 +46,7 @@ class GenerateConfig(StrictModel):
     out: str | None = None
     """Run directory: manifest.json, shard-*.jsonl, summary.json. Re-running the same command resumes."""
     policy: str | None = None
-    """Root policy spec: scripted | openai:MODEL | hf:PATH[+adapter:PATH]."""
+    """Root policy spec: scripted | openai:MODEL | hf:MODEL[+adapter:PATH]."""
     sub_policy: str | None = None
     """Policy for sub-calls (llm_query); default: the root policy."""
     base_urls: list[str] = Field(default_factory=list)

@@ -1,4 +1,5 @@
-"""The RL prompt set: written by `rlm-train filter`, read by `rlm-train grpo`.
+"""The RL prompt set: built from trajectories (`prompt_rows`) and written by `rlm-train filter`, read
+by `rlm-train grpo`.
 
 On disk (`<out>/rl/`, a `datasets` save_to_disk DatasetDict with train and validation splits,
 and the same rows in `<out>/rl-{train,validation}.jsonl`), one row per task:
@@ -8,22 +9,79 @@ and for reports `query`, `family`, `scorer`, `answer_json`, `pass_rate`, `episod
 `load_prompt_set` reads that, a task file (`rlm-train/task/v1` JSONL, e.g. from `rlm-train tasks`),
 or rows that carry the task record itself under `task` (a JSON string or object; `context_path`
 relative to the dataset, or absolute).
+
+An RL prompt set shares no task with the SFT data it was made against (filter_report.json beside it
+names those sets); `sft_overlap` tells GRPO when its prompts do share tasks with that data or with
+the data its starting model was tuned on (sft_config.json beside the model or adapter).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlm_train.errors import UserError
-from rlm_train.records import check_task
+from rlm_train.records import TaskRecord, TrajectoryRecord, check_task
 from rlm_train.rlm import RLMConfig
 
 # ---------------------------------------------------------------------------
-# Writer
+# Builder and writer
+
+
+def prompt_rows(records: list[TrajectoryRecord], tasks: dict[str, tuple[TaskRecord, str]],
+                pass_rates: tuple[float, float], dropped: Counter[str],
+                sft_tasks: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """The rows of an RL prompt set from trajectories (`rlm-train filter`): one per task, with what the
+    reward needs (the task reference: file + id; its answer and scorer) and the pass rate of the policy
+    that generated the episodes. Tasks in `sft_tasks` (SFT trains on them) and tasks whose pass rate is
+    outside `pass_rates` (low, high; with a window set, a task with no scored episode too) are left out,
+    counted in `dropped` by reason."""
+    low, high = pass_rates
+    window = low > 0.0 or high < 1.0
+    by_task: dict[str, list[TrajectoryRecord]] = defaultdict(list)
+    for r in records:
+        task_id = r.get("task_id")
+        if task_id is not None:
+            by_task[task_id].append(r)
+    rows = []
+    for task_id in sorted(by_task):
+        group = by_task[task_id]
+        if task_id in sft_tasks:
+            dropped["used_by_sft"] += 1
+            continue
+        if task_id not in tasks:
+            dropped["task_not_found"] += 1
+            continue
+        task, task_file = tasks[task_id]
+        scores = [score for r in group if (score := r.get("score")) is not None]
+        pass_rate = sum(scores) / len(scores) if scores else None
+        if pass_rate is None and window:
+            dropped["no_scored_episode"] += 1
+            continue
+        if pass_rate is not None and not (low <= pass_rate <= high):
+            dropped["pass_rate_out_of_range"] += 1
+            continue
+        first = next((r for r in group if len(r.get("messages") or []) >= 2), None)
+        if first is None:
+            dropped["malformed"] += 1
+            continue
+        rows.append({
+            "prompt": [{"role": m["role"], "content": m["content"]} for m in first["messages"][:2]],
+            "query": task["query"],
+            "task_id": task_id,
+            "task_file": task_file,
+            "family": task.get("family"),
+            "scorer": task.get("scorer"),
+            "answer_json": json.dumps(task.get("answer"), ensure_ascii=False),
+            "pass_rate": pass_rate,
+            "episodes": len(group),
+        })
+    return rows
+
 
 
 def _rl_features():
@@ -155,3 +213,84 @@ def initial_messages(task: dict[str, Any], context: Any, rlm: RLMConfig) -> list
         {"role": "system", "content": prompts.system_prompt(rlm.prompt_style, context, rlm.sub_model_chars)},
         {"role": "user", "content": prompts.first_user_prompt(task["query"], context)},
     ]
+
+
+# ---------------------------------------------------------------------------
+# Disjoint from SFT
+
+
+def sft_task_ids(datasets: list[str]) -> set[str]:
+    """Every task id in SFT datasets (a save_to_disk directory, all its splits, or a JSONL file),
+    from the `task_id` column `rlm-train filter` writes."""
+    ids: set[str] = set()
+    for name in datasets:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            from datasets import DatasetDict, load_from_disk
+
+            try:
+                loaded = load_from_disk(str(path))
+            except Exception as exc:
+                raise UserError(f"sft_data {path}: not a `datasets` save_to_disk directory "
+                                f"({str(exc).splitlines()[0]})") from None
+            for split in (loaded.values() if isinstance(loaded, DatasetDict) else [loaded]):
+                if "task_id" not in split.column_names:
+                    raise UserError(f"sft_data {path}: no task_id column; pass the sft/ that `rlm-train filter` wrote")
+                ids.update(str(t) for t in split.unique("task_id") if t is not None)
+        elif path.is_file():
+            from rlm_train.formats import read_jsonl
+
+            ids.update(str(row["task_id"]) for row in read_jsonl(path) if row.get("task_id") is not None)
+        else:
+            raise UserError(f"sft_data {path}: not found; pass the sft/ (or sft-*.jsonl) of `rlm-train filter`")
+    return ids
+
+
+def recorded_sft_data(prompts: str | os.PathLike) -> list[str]:
+    """The SFT sets an RL prompt set was made disjoint from: filter_report.json beside `rl/` or
+    `rl-*.jsonl` names them (none for a task file or an older filter's set)."""
+    path = Path(prompts).expanduser()
+    report = path.parent / "filter_report.json"
+    if not report.is_file():
+        return []
+    try:
+        return [str(p) for p in json.loads(report.read_text()).get("rl", {}).get("sft_data", [])]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def tuned_on(*models: str | None) -> list[str]:
+    """The dataset an SFT run trained a model on: sft_config.json in the output_dir holding the
+    model, its adapter/ or merged/ (or a checkpoint)."""
+    found = []
+    for model in models:
+        config = Path(model).expanduser().parent / "sft_config.json" if model else None
+        if config is not None and config.is_file():
+            try:
+                dataset = json.loads(config.read_text()).get("dataset")
+            except (OSError, ValueError):
+                continue
+            if dataset and dataset not in found:
+                found.append(str(dataset))
+    return found
+
+
+def sft_overlap(prompt_set: PromptSet, model: str, adapter: str | None = None) -> list[str]:
+    """Warnings, one line each, when GRPO's prompts share tasks with SFT data: the sets the RL set
+    was made against and the one the starting model was tuned on. An SFT set that cannot be read
+    any more is named, not fatal: the check only warns."""
+    prompt_tasks = {row["task_id"] for row in prompt_set.rows}
+    warnings = []
+    for dataset in dict.fromkeys(recorded_sft_data(prompt_set.source) + tuned_on(model, adapter)):
+        try:
+            shared = prompt_tasks & sft_task_ids([dataset])
+        except UserError as exc:
+            warnings.append(f"cannot check the prompts against SFT data: {exc}")
+            continue
+        if shared:
+            rows = sum(1 for row in prompt_set.rows if row["task_id"] in shared)
+            warnings.append(
+                f"{len(shared)} of {len(prompt_tasks)} prompt tasks ({rows} of {len(prompt_set.rows)} prompts) are SFT "
+                f"tasks of {dataset}: GRPO on tasks the model was tuned to solve learns little; make the prompts with "
+                f"`rlm-train filter rl_only=true sft_data=[{dataset}]` from RL-split trajectories")
+    return warnings

@@ -26,7 +26,8 @@ from rlm_train.stage import Output, add_stage_arguments, prepare
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     vllm = parser.add_argument_group("vLLM (started with --model)")
-    vllm.add_argument("--model", help="gemma3-270m (the packaged weights) or a Hugging Face model directory")
+    vllm.add_argument("--model", help="gemma3-270m (the packaged weights), a Hugging Face model directory, "
+                      "or a Hub id in the Hugging Face cache (Qwen/Qwen3-8B)")
     vllm.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                       help="a LoRA adapter served as model NAME (repeatable)")
     vllm.add_argument("--served-model-name", help="the base model's name in requests (default: gemma3-270m or the "
@@ -96,7 +97,9 @@ class Progress:
 
 def main(args: argparse.Namespace) -> int:
     from rlm_train.serve.config import ServeConfig
+    from rlm_train.rlm.window import server_window_tokens
     from rlm_train.serve.launcher import check_port_free, format_command, parse_adapters, plan_vllm
+    from rlm_train.serve.vllm_window import WindowNeed
 
     flags = {
         "vllm.model": args.model,
@@ -137,11 +140,11 @@ def main(args: argparse.Namespace) -> int:
         check_port_free(gcfg.host, gcfg.port, "--gateway-port")
     plan = None
     notes: list[str] = []
-    if start_vllm and gateway_on:
-        vcfg = _sized_for_gateway(vcfg, gcfg, notes)
     if start_vllm:
         reserved = ((gcfg.host, gcfg.port),) if gateway_on and gcfg.port else ()
-        plan = plan_vllm(vcfg, dry_run=args.dry_run, reserved_ports=reserved)
+        # The vLLM this command starts for its own gateway gets the window the gateway's episodes need.
+        need = WindowNeed(server_window_tokens(gcfg.rlm), "the gateway's RLM config", "gateway.rlm") if gateway_on else None
+        plan = plan_vllm(vcfg, dry_run=args.dry_run, reserved_ports=reserved, window_need=need)
         notes += plan.notes
         notes.append(f"vLLM command: {format_command(plan.command)}")
         notes.append(f"vLLM URL: {plan.base_url} (models: {', '.join(plan.model_names)})")
@@ -171,38 +174,6 @@ def main(args: argparse.Namespace) -> int:
         if note.startswith("warning:"):
             print(f"rlm-train serve: {note}", file=sys.stderr, flush=True)
     return _run(plan, app, gcfg, vcfg.start_timeout_s, vcfg.stop_timeout_s)
-
-
-def _max_model_len(args: list[str]) -> int | None:
-    """The --max-model-len value in vLLM's extra flags (either spelling), else None."""
-    for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if arg.startswith("--max-model-len=") else \
-            (args[i + 1] if arg == "--max-model-len" and i + 1 < len(args) else None)
-        if value is not None:
-            try:
-                return int(value)
-            except ValueError:
-                raise UserError(f"--vllm-args: --max-model-len {value!r} is not a whole number of tokens") from None
-    return None
-
-
-def _sized_for_gateway(vcfg: Any, gcfg: Any, notes: list[str]) -> Any:
-    """The vLLM this command starts for its own gateway gets the window the gateway's episodes
-    need (rlm.window: the longest root turn and the longest sub-call); a smaller one given
-    explicitly is kept, with a warning, since requests past it are refused mid-episode."""
-    from rlm_train.rlm.window import server_window_tokens
-
-    need = server_window_tokens(gcfg.rlm)
-    given = _max_model_len(vcfg.args)
-    if given is None:
-        notes.append(f"vLLM --max-model-len {need}: sized for the gateway's RLM config (its longest root turn "
-                     "and sub-call; rlm_train/rlm/window.py)")
-        return vcfg.model_copy(update={"args": [*vcfg.args, "--max-model-len", str(need)]})
-    if given < need:
-        notes.append(f"warning: vLLM --max-model-len {given} is below the {need} tokens the gateway's RLM config can "
-                     f"send in one request; longer turns and sub-calls are refused mid-episode (drop the flag to size it, "
-                     f"or lower gateway.rlm.sub_model_chars / root_max_tokens / max_iterations)")
-    return vcfg
 
 
 def _create_app(gcfg: Any) -> Any:

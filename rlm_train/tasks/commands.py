@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--n", type=int, help="number of tasks")
     make.add_argument("--context-tokens", type=int, help="context length in tokens (8000 .. 1000000+)")
     make.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    make.add_argument("--split", default="train", choices=["train", "heldout"],
-                      help="corpus items and keys to draw from (default train)")
+    make.add_argument("--split", default="train", choices=["train", "rl", "heldout"],
+                      help="corpus items and keys to draw from (default train; rl: GRPO's tasks, disjoint from SFT's)")
     make.add_argument("--out", help="output JSONL file")
     make.add_argument("--tokenizer", help="Hugging Face tokenizer directory to count tokens with (default: 4 chars/token)")
     make.add_argument("--inline-max-tokens", type=int, default=None,
@@ -99,7 +99,7 @@ def _contexts_dir(task_file: str) -> str:
 
 def _make_suite(args: argparse.Namespace) -> int:
     from rlm_train.config import load_config
-    from rlm_train.tasks.suite import TaskSuiteConfig, build_suite, plan
+    from rlm_train.tasks.suite import TaskSuiteConfig, build_suite, plan, suite_splits
 
     if args.family or args.n or args.context_tokens or args.out:
         raise UserError("--recipe builds a whole suite; set families/context_tokens/out_dir in the recipe, not flags")
@@ -111,12 +111,13 @@ def _make_suite(args: argparse.Namespace) -> int:
     notes += [f"{split:8s} {family:9s} {tokens:>9,} tokens x {n}" for split, family, tokens, n in batches]
     outputs = [Output("suite", config.out_dir, "dir", "out_dir"),
                *(Output(name, str(out / f"{name}.{ext}"), "file", "out_dir")
-                 for name, ext in (("train", "jsonl"), ("heldout", "jsonl"), ("manifest", "json")))]
+                 for name, ext in [*((split, "jsonl") for split in suite_splits(config)), ("manifest", "json")])]
     if prepare("tasks make", args, config, inputs={"tokenizer": config.tokenizer}, outputs=outputs, notes=notes):
         return 0
     print(f"suite {args.recipe}: {total} tasks in {len(batches)} batches -> {config.out_dir}")
     manifest = build_suite(config, tokenizer=_load_tokenizer(config.tokenizer))
-    print(f"wrote {config.out_dir}/train.jsonl, heldout.jsonl, manifest.json: {json.dumps(manifest['counts'])}")
+    written = ", ".join(f"{split}.jsonl" for split in manifest["files"])
+    print(f"wrote {config.out_dir}/{written}, manifest.json: {json.dumps(manifest['counts'])}")
     return 0
 
 

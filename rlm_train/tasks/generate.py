@@ -82,7 +82,8 @@ def make_tasks(
     family: str, n: int, context_tokens: int, seed: int = 0, tokenizer: Any = None, split: str = "train"
 ) -> list[dict]:
     """`n` tasks of `family` at about `context_tokens` tokens each, from `split`'s corpus
-    items and keys (default `train`; held-out tasks come from `split="heldout"`).
+    items and keys (default `train`; GRPO's tasks come from `split="rl"`, held-out tasks
+    from `split="heldout"`).
 
     The same arguments always give the same tasks. `tokenizer` (an object with
     `.encode`, or a callable) makes `meta.context_tokens` a real count; without it the

@@ -25,7 +25,7 @@ MIN_TOKENS = 1000  # about 30 records: enough for a question with a unique answe
 RECORD_FORMAT = "Date: {date} || User: {user} || Instance: {text}"
 DATE_FORMAT = "%b %d, %Y"  # "Mar 04, 2023"
 # User ids of each split come from disjoint ranges, so they are keys of their split.
-USER_RANGES = {"train": (10_000, 59_999), "heldout": (60_000, 99_999)}
+USER_RANGES = {"train": (10_000, 44_999), "rl": (45_000, 59_999), "heldout": (60_000, 99_999)}
 
 
 @dataclass(frozen=True)

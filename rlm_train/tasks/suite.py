@@ -1,5 +1,6 @@
-"""A task suite from one recipe: train and held-out splits for several families and
-context lengths, written as `train.jsonl`, `heldout.jsonl` and `manifest.json`.
+"""A task suite from one recipe: train and held-out splits (and an RL split for GRPO's
+prompts, when the recipe asks for one) for several families and context lengths, written
+as `train.jsonl`, `heldout.jsonl`, `rl.jsonl` and `manifest.json`.
 
 The splits never share corpus items (each item belongs to one split by hash), keys
 (needle keys, invented names, user ids are drawn per split) or seeds (every task seed
@@ -25,7 +26,10 @@ from rlm_train.tasks.registry import family_names, get_family
 
 class SplitCounts(StrictModel):
     train: int = Field(0, ge=0)
-    """Training tasks of this family per context length."""
+    """Training tasks (SFT's) of this family per context length."""
+    rl: int = Field(0, ge=0)
+    """GRPO's tasks of this family per context length (`rl.jsonl`): corpus items, keys and seeds
+    of their own, so RL prompts never repeat what SFT trained on."""
     heldout: int = Field(0, ge=0)
     """Held-out (evaluation) tasks of this family per context length."""
 
@@ -34,7 +38,7 @@ class TaskSuiteConfig(StrictModel):
     """`rlm-train tasks make --recipe FILE`: a whole suite with train and held-out splits."""
 
     out_dir: str = "data/tasks/suite"
-    """Where train.jsonl, heldout.jsonl, manifest.json (and big contexts) are written."""
+    """Where train.jsonl, heldout.jsonl, rl.jsonl (when asked for), manifest.json (and big contexts) are written."""
     seed: int = 0
     """Suite seed; every task's own seed is derived from it, its family, split, length and index."""
     context_tokens: list[int] = Field(default_factory=lambda: [8000, 32000])
@@ -55,6 +59,12 @@ class TaskSuiteConfig(StrictModel):
         return value
 
 
+def suite_splits(config: TaskSuiteConfig) -> list[str]:
+    """The splits a suite writes: train and heldout always, rl when a family asks for RL tasks."""
+    return [split for split in corpora.SPLITS
+            if split != "rl" or any(counts.rl for counts in config.families.values())]
+
+
 def plan(config: TaskSuiteConfig) -> list[tuple[str, str, int, int]]:
     """(split, family, context_tokens, n) for every batch the suite makes, checked."""
     if not config.families:
@@ -62,7 +72,7 @@ def plan(config: TaskSuiteConfig) -> list[tuple[str, str, int, int]]:
     if not config.context_tokens:
         raise UserError("the suite recipe lists no context_tokens; add e.g. `context_tokens: [8000, 32000]`")
     batches = []
-    for split in corpora.SPLITS:
+    for split in suite_splits(config):
         for family, counts in config.families.items():
             n = getattr(counts, split)
             for tokens in config.context_tokens:
@@ -76,11 +86,14 @@ def build_suite(config: TaskSuiteConfig, tokenizer: Any = None, progress=print) 
     """Generate, check and write the suite; return the manifest."""
     batches = plan(config)
     out = Path(config.out_dir)
-    made: dict[str, list[dict]] = {split: [] for split in corpora.SPLITS}
+    made: dict[str, list[dict]] = {split: [] for split in suite_splits(config)}
     for split, family, tokens, n in batches:
         progress(f"  {split:8s} {family:9s} {tokens:>9,} tokens x {n}")
         made[split].extend(make_tasks(family, n, tokens, config.seed, tokenizer=tokenizer, split=split))
-    check_disjoint(made["train"], made["heldout"])
+    names = list(made)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            check_disjoint(made[a], made[b], (a, b))
     for split, tasks in made.items():
         write_tasks(out / f"{split}.jsonl", tasks, config.inline_max_tokens)
     manifest = {
@@ -93,7 +106,7 @@ def build_suite(config: TaskSuiteConfig, tokenizer: Any = None, progress=print) 
             }
             for split, tasks in made.items()
         },
-        "files": {split: f"{split}.jsonl" for split in corpora.SPLITS},
+        "files": {split: f"{split}.jsonl" for split in made},
     }
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
@@ -152,10 +165,10 @@ def shared_keys(train: Iterable[dict], heldout: Iterable[dict]) -> tuple[dict[st
     return {name: len(values) for name, values in shared.items()}, tasks
 
 
-def check_disjoint(train: list[dict], heldout: list[dict]) -> None:
+def check_disjoint(train: list[dict], heldout: list[dict], names: tuple[str, str] = ("train", "heldout")) -> None:
     a, b = split_keys(train), split_keys(heldout)
     for name in a:
         shared = a[name] & b.get(name, set())
         if shared:
             example = sorted(map(str, shared))[0]
-            raise RuntimeError(f"train and heldout share {len(shared)} {name} value(s), e.g. {example!r}")
+            raise RuntimeError(f"{names[0]} and {names[1]} share {len(shared)} {name} value(s), e.g. {example!r}")

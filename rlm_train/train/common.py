@@ -132,16 +132,34 @@ def wait_for_everyone() -> None:
 
 def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:
     """Run `fn` on the main process only (the others get None), then wait for everyone, so no
-    process reads a file before it exists and no two processes write the same file."""
+    process reads a file before it exists and no two processes write the same file. When `fn`
+    raises, every process raises (see fail_together)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T | None:
-        try:
-            return fn(*args, **kwargs) if is_main_process() else None
-        finally:
-            wait_for_everyone()
+        return fail_together(lambda: fn(*args, **kwargs) if is_main_process() else None, fn.__name__)
 
     return wrapper
+
+
+def fail_together(action: Callable[[], T], what: str) -> T:
+    """Run `action` on every process, then agree on how it went (a collective in place of a barrier):
+    when it raised on any process, every process raises, the one it failed on with its own error and
+    the others with one naming it, instead of waiting at the next collective for a process that is gone."""
+    try:
+        result, error = action(), None
+    except Exception as exc:
+        result, error = None, exc
+    dist = _dist()
+    if dist and dist.get_world_size() > 1:
+        reports: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
+        failed = next(((rank, report) for rank, report in enumerate(reports) if report), None)
+        if error is None and failed is not None:
+            raise RuntimeError(f"{what} failed on process {failed[0]}: {failed[1]}")
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
 
 
 def main_print(*args: Any, **kwargs: Any) -> None:

@@ -82,10 +82,12 @@ def trainer_eval_args(settings: EvaluationSettings, has_validation: bool, save_s
     return args
 
 
-def check_rlm_eval_possible(settings: EvaluationSettings) -> None:
+def check_rlm_eval_possible(settings: EvaluationSettings, through_server: bool = False) -> None:
     """Held-out episodes generate with the main process's full copy of the model: not under FSDP,
-    where each process holds a shard. Checked before any model loads."""
-    if settings.tasks and settings.every_steps and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    where each process holds a shard (unless they generate through a server: `through_server`).
+    Checked before any model loads."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if settings.tasks and settings.every_steps and fsdp and not through_server:
         raise UserError("evaluation.tasks (held-out RLM episodes) cannot run under FSDP, where no process holds the "
                         "whole model; evaluate the saved model with `rlm-train eval` instead, or use validation loss")
     for path in settings.tasks:
@@ -97,17 +99,28 @@ def check_rlm_eval_possible(settings: EvaluationSettings) -> None:
 # Held-out RLM episodes
 
 
+def held_out_episodes(settings: EvaluationSettings) -> int:
+    """Episodes one evaluation runs: tasks in the held-out files x samples (0 when evaluation is off)."""
+    if not (settings.tasks and settings.every_steps):
+        return 0
+    tasks = sum(1 for path in settings.tasks
+                for line in Path(path).expanduser().read_text().splitlines() if line.strip())
+    return tasks * settings.samples
+
+
 def evaluate_and_score(trainer: Any, metrics: dict[str, float], settings: EvaluationSettings,
-                       out: Path, model_name: str) -> dict[str, float]:
+                       out: Path, model_name: str, root: Any = None, concurrency: int = 1) -> dict[str, float]:
     """After the validation loss: run the held-out episodes on the main process (the others wait),
     give every process the scores, log them (eval_rlm_score, eval_rlm_score/FAMILY) and return
-    `metrics` with them added, which is what the best-checkpoint selection reads."""
+    `metrics` with them added, which is what the best-checkpoint selection reads. `root` is the root
+    policy (default: the trainer's model through HF generate, one episode at a time); GRPO passes one
+    over its generation backend, with `concurrency` episodes at once."""
     if not settings.tasks:
         return metrics
     scores: dict[str, float] | None = None
     if is_main_process():
         scores = run_rlm_eval(trainer.model, trainer.processing_class, settings,
-                              out / "eval" / f"step-{trainer.state.global_step}", model_name)
+                              out / "eval" / f"step-{trainer.state.global_step}", model_name, root, concurrency)
     scores = broadcast_from_main(scores)
     assert scores is not None
     logged = {f"eval_{key}": value for key, value in scores.items()}
@@ -116,9 +129,9 @@ def evaluate_and_score(trainer: Any, metrics: dict[str, float], settings: Evalua
 
 
 def run_rlm_eval(model: Any, tokenizer: Any, settings: EvaluationSettings, eval_dir: Path,
-                 model_name: str) -> dict[str, float]:
-    """Held-out episodes with `model` as the root policy, through `run_eval` (resumable per step
-    directory); returns {'rlm_score': mean, 'rlm_score/FAMILY': mean, ...}."""
+                 model_name: str, root: Any = None, concurrency: int = 1) -> dict[str, float]:
+    """Held-out episodes with `model` (or the ready policy `root`) as the root policy, through `run_eval`
+    (resumable per step directory); returns {'rlm_score': mean, 'rlm_score/FAMILY': mean, ...}."""
     from rlm_train.eval.config import BootstrapConfig, EvalConfig, MethodConfig
     from rlm_train.eval.run import run_eval
     from rlm_train.policies.spec import build_policy
@@ -128,13 +141,13 @@ def run_rlm_eval(model: Any, tokenizer: Any, settings: EvaluationSettings, eval_
         methods=[MethodConfig(name=RLM_METHOD, policy=f"hf:{model_name}",
                               sub_policy=None if settings.sub_policy == "same" else settings.sub_policy,
                               sub_base_urls=settings.sub_base_urls)],
-        samples=settings.samples, concurrency=1, progress=False, rlm=settings.rlm,
+        samples=settings.samples, concurrency=concurrency, progress=False, rlm=settings.rlm,
         bootstrap=BootstrapConfig(resamples=100),
     )
     was_training = model.training
     model.eval()
     try:
-        root = LiveModelPolicy(model, tokenizer, f"hf:{model_name}")
+        root = root or LiveModelPolicy(model, tokenizer, f"hf:{model_name}")
         sub = root if settings.sub_policy == "same" else build_policy(settings.sub_policy, settings.sub_base_urls)
         report = run_eval(config, policies={RLM_METHOD: (root, sub)})
     finally:

@@ -1,9 +1,10 @@
-"""GRPO with full RLM episodes as rollouts (TRL `GRPOTrainer` + PEFT): the trainer wiring and `run_grpo`.
+"""GRPO with full RLM episodes as rollouts (TRL `GRPOTrainer` + PEFT): the plan, TRL's config and `run_grpo`.
 
 Each completion TRL asks for is one whole RLM episode in the sandbox whose root model is the policy
 being trained; REPL output is masked out of the loss. The pieces, one module each:
 
     grpo_config     the recipe's config and the checks across its sections
+    grpo_trainer    TRL's GRPOTrainer subclass: zero-advantage groups, importance weights, held-out evaluation
     rl_prompts      (rlm_train.rollouts) the prompt set: a task file or the RL set from `rlm-train filter`
     grpo_backends   token generation: in-process transformers (CPU) or a vLLM server (GPUs)
     grpo_rollout    the episode recorder and TRL's rollout_func
@@ -16,17 +17,19 @@ being trained; REPL output is masked out of the loss. The pieces, one module eac
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 # load_context only for tests/test_pipeline_data.py, which imports it from here (not ours to edit).
-from rlm_train.rollouts.rl_prompts import load_context, load_prompt_set  # noqa: F401
+from rlm_train.rollouts.rl_prompts import load_context, load_prompt_set, sft_overlap  # noqa: F401
 from rlm_train.train.common import lora_config, main_print
-from rlm_train.train.grpo_backends import default_backend_factory
-from rlm_train.train.grpo_config import GRPOConfig, check_config
+from rlm_train.train.grpo_backends import BatchingGenerator, default_backend_factory, one_backend
+from rlm_train.train.grpo_config import GRPOConfig, check_config, completion_token_cap, ddp_timeout_s
 from rlm_train.train.grpo_episodes import RolloutLog
-from rlm_train.train.grpo_rollout import make_rollout_func, sub_policy_factory
+from rlm_train.train.grpo_rollout import GeneratorPolicy, make_rollout_func, sub_policy_factory
+from rlm_train.train.grpo_trainer import make_trainer_class
 from rlm_train.train.grpo_setup import (  # noqa: F401 - check_template_extends is part of this module's API
     apply_stop_ids,
     check_template_extends,
@@ -37,11 +40,12 @@ from rlm_train.train.grpo_setup import (  # noqa: F401 - check_template_extends 
     stop_token_ids,
     trim_logs_for_resume,
 )
-from rlm_train.train.evaluation import check_rlm_eval_possible, evaluate_and_score, tracking_args, trainer_eval_args
+from rlm_train.train.evaluation import check_rlm_eval_possible, held_out_episodes, tracking_args, trainer_eval_args
 from rlm_train.train.grpo_weight_sync import install_ordered_weight_sync
 from rlm_train.train.interrupt import GracefulStop
 from rlm_train.train.rewards import load_task_scorer, make_reward_funcs
 from rlm_train.train.runtime import (
+    FinalWeights,
     Problem,
     plan_footer,
     cuda_count,
@@ -52,40 +56,12 @@ from rlm_train.train.runtime import (
     save_merged,
     save_trained,
     start_run,
-    train,
+    train_until_stopped,
     write_summary,
 )
 
-SHOWN = ("loss", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "learning_rate")
-
-
-def make_trainer_class(on_batch: Callable[[dict, dict], None] | None = None, log: RolloutLog | None = None,
-                       cfg: GRPOConfig | None = None):
-    """GRPOTrainer that keeps the batch rows for rollout_func (TRL hands it only the prompts, and the
-    task each prompt belongs to lives in the other columns of the same rows), writes the batch's
-    episodes to the rollout log once their rewards are in (every rank calls it; the main process writes),
-    and evaluates with held-out RLM episodes (cfg.evaluation) instead of GRPO rollouts on an eval set."""
-    from trl import GRPOTrainer
-
-    class RLMGRPOTrainer(GRPOTrainer):
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            if cfg is None:
-                return {}
-            return evaluate_and_score(self, {}, cfg.evaluation, Path(cfg.output_dir), cfg.model)
-
-        def _generate_and_score_completions(self, inputs):
-            self.rlm_batch_rows = inputs
-            try:
-                output = super()._generate_and_score_completions(inputs)
-            finally:
-                self.rlm_batch_rows = None
-            if log is not None:
-                log.flush()
-            if on_batch is not None:
-                on_batch(output, {"inputs": inputs})
-            return output
-
-    return RLMGRPOTrainer
+SHOWN = ("loss", "reward", "reward_std", "frac_reward_zero_std", "rlm/dropped_groups", "rlm/overlong_frac",
+         "sampling/importance_sampling_ratio/mean", "completions/mean_length", "learning_rate")
 
 
 def resource_problems(cfg: GRPOConfig) -> list[Problem]:
@@ -106,16 +82,35 @@ def resource_problems(cfg: GRPOConfig) -> list[Problem]:
 
 
 def vllm_serve_command(cfg: GRPOConfig) -> str:
-    """The `vllm serve` line for backend vllm_server, with the flags TRL's server mode needs."""
+    """The `vllm serve` line for backend vllm_server, with the flags TRL's server mode needs.
+
+    TRL's server mode needs VLLM_SERVER_DEV_MODE=1, whose routes replace the weights and run code
+    on vLLM's workers, and vLLM's --api-key does not guard them. So the server binds 127.0.0.1
+    when the trainer reaches it there (rollout.vllm_server_url on loopback: slurm.vllm_nodes=0);
+    one that serves other nodes binds every interface and answers only requests carrying the
+    job's token (rlm_train/serve/vllm_auth.py: $RLM_TRAIN_VLLM_TOKEN_FILE; slurm/grpo.sbatch
+    makes one per job). Its window is refused when longer than the model's positions."""
     from urllib.parse import urlparse
 
+    from rlm_train.errors import UserError
+    from rlm_train.serve.vllm_window import model_positions
+    from rlm_train.serve.vllm_auth import MIDDLEWARE
+
     url = urlparse(cfg.rollout.vllm_server_url)
+    local = url.hostname in ("127.0.0.1", "localhost", "::1")
+    window = _max_model_len(cfg)
+    positions = model_positions(cfg.model, [])
+    if positions is not None and window > positions:
+        raise UserError(f"rollout: the vLLM server needs a {window}-token window (rlm budgets, rollout.max_completion_tokens; "
+                        f"rlm_train/rlm/window.py) but {cfg.model} holds {positions} positions (its config.json); lower "
+                        f"rlm.max_iterations / root_max_tokens / sub_model_chars or rollout.max_completion_tokens")
     parts = [
         "env", "VLLM_SERVER_DEV_MODE=1", "vllm", "serve", cfg.model,
-        "--host", "0.0.0.0", "--port", str(url.port or 8000),
+        "--host", "127.0.0.1" if local else "0.0.0.0", "--port", str(url.port or 8000),
+        *([] if local else ["--middleware", MIDDLEWARE]),
         "--data-parallel-size", str(cfg.rollout.vllm_gpus),
         "--dtype", "bfloat16",
-        "--max-model-len", str(_max_model_len(cfg)),
+        "--max-model-len", str(window),
         "--weight-transfer-config", "'{\"backend\": \"nccl\"}'",
         "--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1",
     ]
@@ -128,8 +123,23 @@ def _evaluation_line(cfg: GRPOConfig) -> str:
     if not (e.every_steps and e.tasks):
         return "none (evaluation.every_steps and evaluation.tasks unset)"
     keep = "keeps the best-scoring checkpoint as adapter/" if e.select_best != "none" else "keeps the last weights"
-    return (f"every {e.every_steps} steps: {e.samples} episode(s) per task of {', '.join(e.tasks)}, score per family "
-            f"logged; {keep}")
+    how = (f"generated like the rollouts ({cfg.rollout.backend}), {cfg.rollout.concurrency} at once on the main "
+           "process" + (" after a weight push" if cfg.rollout.backend == "vllm_server" else ""))
+    return (f"every {e.every_steps} steps: {e.samples} episode(s) per task of {', '.join(e.tasks)}, {how}; score per "
+            f"family logged; {keep}")
+
+
+def _signal_line(cfg: GRPOConfig) -> str:
+    t, r = cfg.training, cfg.rollout
+    groups = ("zero-advantage groups left out of the loss and its normaliser" if t.drop_zero_advantage_groups
+              else "zero-advantage groups kept (they dilute the token normaliser)")
+    bounds = f"[{r.vllm_importance_sampling_clip_min or 0:g}, {r.vllm_importance_sampling_clip_max or math.inf:g}]"
+    weights = (f"importance weights {r.vllm_importance_sampling_mode} {bounds} from the sampler's logprobs"
+               if r.vllm_importance_sampling_correction else "no importance weights")
+    clip = f"{t.epsilon:g}" + (f"/{t.epsilon_high:g}" if t.epsilon_high is not None else "")
+    timeout = (f"{t.ddp_timeout}s" if t.ddp_timeout is not None
+               else f"{ddp_timeout_s(cfg)}s (derived{', more with held-out evaluation' if cfg.evaluation.tasks else ''})")
+    return f"{groups}; {weights}; clip {clip}; ddp_timeout {timeout}"
 
 
 def _overlong_line(cfg: GRPOConfig) -> str:
@@ -137,7 +147,7 @@ def _overlong_line(cfg: GRPOConfig) -> str:
     what = ("masked: left out of the loss and of the group's statistics" if r.overlong == "mask"
             else f"trained with reward -{r.overlong_penalty:g}"
             + (f", a share of it within {r.overlong_buffer_tokens} tokens of the cap" if r.overlong_buffer_tokens else ""))
-    return (f"{what} (cut at {cfg.rollout.max_completion_tokens} tokens, by a budget, or past "
+    return (f"{what} (cut at {completion_token_cap(cfg)} tokens, by a budget, or past "
             f"{cfg.rlm.max_wall_s}s of its own time; time waiting on the server never counts)")
 
 
@@ -147,15 +157,17 @@ def _max_model_len(cfg: GRPOConfig) -> int:
     sub-call included), so no ordinary llm_query is refused for its length."""
     from rlm_train.rlm.window import server_window_tokens
 
-    return max(cfg.rollout.max_completion_tokens + 2048, server_window_tokens(cfg.rlm))
+    return max(completion_token_cap(cfg) + 2048, server_window_tokens(cfg.rlm))
 
 
 def plan(cfg: GRPOConfig, source: str) -> str:
     """Human-readable plan: what would run, where outputs go, and what this machine lacks."""
+    from rlm_train.models.loading import model_plan_note
+
     def here(p: str) -> str:
         return "" if Path(p).expanduser().exists() else "  (not found on this machine: a real run stops here)"
 
-    model_note = "" if cfg.model == "gemma3-270m" else here(cfg.model)
+    model_note = model_plan_note(cfg.model)
     t, r = cfg.training, cfg.rollout
     mode = (f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} targets={cfg.lora.target_modules}"
             + (f" from {cfg.adapter}" if cfg.adapter else "")) if cfg.lora.enabled else "full fine-tuning"
@@ -173,13 +185,15 @@ def plan(cfg: GRPOConfig, source: str) -> str:
         f"lr {t.learning_rate:g}, loss {t.loss_type}, beta {t.beta:g}, scale_rewards {t.scale_rewards}",
         f"  episodes     full RLM loop in the sandbox: max_iterations {cfg.rlm.max_iterations}, "
         f"temperature {cfg.rlm.temperature:g}, root_max_tokens {cfg.rlm.root_max_tokens}, "
-        f"max_completion_tokens {r.max_completion_tokens}, concurrency {r.concurrency}",
+        f"max_completion_tokens {completion_token_cap(cfg)}"
+        f"{'' if r.max_completion_tokens else ' (the turn budget)'}, concurrency {r.concurrency}",
         f"  generation   {gen}",
         f"  sub-calls    {sub}",
         f"  reward       {cfg.reward.task_weight:g} x task scorer"
         + (f" + {cfg.reward.format_weight:g} x repl format" if cfg.reward.format_weight else "")
         + "; REPL output tokens masked out of the loss",
         f"  over-long    {_overlong_line(cfg)}",
+        f"  signal       {_signal_line(cfg)}",
         f"  compute      device={cfg.device} dtype={cfg.dtype} threads={cfg.num_threads or 'default'} "
         f"grad_ckpt={t.gradient_checkpointing}",
         f"  outputs      {cfg.output_dir}/ (checkpoint-N/, {'adapter/' if cfg.lora.enabled else 'model/'}, "
@@ -213,21 +227,22 @@ def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float]) ->
         max_grad_norm=t.max_grad_norm,
         beta=t.beta,
         epsilon=t.epsilon,
+        epsilon_high=t.epsilon_high,
         num_iterations=t.num_iterations,
         loss_type=t.loss_type,
         scale_rewards=t.scale_rewards,
         mask_truncated_completions=False,  # reward.overlong decides, through env_mask and the rewards
         reward_weights=reward_weights,
         temperature=cfg.rlm.temperature,  # per-token logprobs are taken at the sampling temperature
-        max_completion_length=r.max_completion_tokens,
+        max_completion_length=completion_token_cap(cfg),
         use_vllm=vllm,
         vllm_mode="server",
         vllm_server_base_url=r.vllm_server_url if vllm else None,
         vllm_server_timeout=r.vllm_server_timeout_s,
-        vllm_importance_sampling_correction=r.vllm_importance_sampling_correction,
-        vllm_importance_sampling_mode=r.vllm_importance_sampling_mode,
-        vllm_importance_sampling_clip_min=r.vllm_importance_sampling_clip_min,
-        vllm_importance_sampling_clip_max=r.vllm_importance_sampling_clip_max,
+        # Ours applies rollout.vllm_importance_sampling_* to every backend (shape_the_loss); TRL's would
+        # only correct generations it made itself, and never the in-process ones.
+        vllm_importance_sampling_correction=False,
+        ddp_timeout=ddp_timeout_s(cfg, held_out_episodes(cfg.evaluation)),
         gradient_checkpointing=t.gradient_checkpointing,
         bf16=cfg.dtype == "bfloat16" and device == "cuda",
         use_cpu=device == "cpu",
@@ -265,9 +280,11 @@ def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None
     model_path = resolve_model(cfg.model)
     if cfg.adapter:
         check_adapter(cfg.adapter, model_path)
-    check_rlm_eval_possible(cfg.evaluation)
+    check_rlm_eval_possible(cfg.evaluation, through_server=cfg.rollout.backend == "vllm_server")
     resume_from = find_resume(cfg, source)
     prompt_set = load_prompt_set(cfg.prompts, cfg.rlm)
+    for warning in sft_overlap(prompt_set, cfg.model, cfg.adapter):
+        main_print(f"[grpo] warning: {warning}")
     tokenizer = load_tokenizer(model_path, chat_template=cfg.chat_template)
     check_template_extends(tokenizer)
     stop_ids = stop_token_ids(tokenizer, model_path)
@@ -294,10 +311,13 @@ def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None
     if cfg.lora.enabled and (lora_dropout_off(model) or cfg.lora.dropout):
         main_print("[grpo] LoRA dropout set to 0: the policy ratio compares two passes over the same tokens")
     reward_funcs, weights = make_reward_funcs(cfg, prompt_set.tasks, scorer, log)
-    rollout = make_rollout_func(cfg, tokenizer, prompt_set,
-                                backend_factory or default_backend_factory(cfg, tokenizer, stop_ids), log, stop_ids,
-                                make_sub)
-    trainer = make_trainer_class(on_batch, log, cfg)(
+    backend = one_backend(backend_factory or default_backend_factory(cfg, tokenizer, stop_ids))
+    rollout = make_rollout_func(cfg, tokenizer, prompt_set, backend, log, stop_ids, make_sub)
+
+    def eval_root(trainer: Any) -> Any:  # held-out episodes generated as the rollouts are
+        return GeneratorPolicy(BatchingGenerator(backend(trainer), cfg.rollout.batch_wait_s), tokenizer, f"hf:{cfg.model}")
+
+    trainer = make_trainer_class(on_batch, log, cfg, eval_root)(
         model=model,
         reward_funcs=reward_funcs,
         args=build_trl_args(cfg, device, weights),
@@ -313,16 +333,23 @@ def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None
     lora_dropout_off(trainer.model)
     if getattr(trainer, "use_vllm", False):
         install_ordered_weight_sync(trainer.vllm_generation, trainer.accelerator)
+    weights = FinalWeights(out, tokenizer, cfg.lora.enabled, model_path, cfg.chat_template, "grpo")
     with GracefulStop("grpo") as stop:
         trainer.add_callback(stop.callback())
-        result, wall = train(trainer, on_trainer, resume_from_checkpoint=str(resume_from) if resume_from else None)
+        run = train_until_stopped(trainer, stop, weights, on_trainer,
+                                  resume_from_checkpoint=str(resume_from) if resume_from else None)
     log.flush()
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    summary = {"output_dir": str(out), "global_step": trainer.state.global_step,
+               "train_loss": run.result.training_loss if run.result else None, "rewards": [h["reward"] for h in history],
+               "resumed_from": str(resume_from) if resume_from else None,
+               "stopped_by": stop.signal_name, "exit_code": stop.exit_code, "wall_s": run.wall_s}
+    if stop.signal_name:  # checkpointed, its weights exported as partial; merged/ is the finished run's to write
+        main_print(f"[grpo] stopped by {stop.signal_name} at step {trainer.state.global_step}; "
+                   "run the same command again to resume")
+        return write_summary(out, {**summary, **run.partial})
     saved = save_trained(trainer, tokenizer, out, cfg.lora.enabled, model_path, cfg.chat_template)
     if cfg.save_merged:
         saved.update(save_merged(Path(saved["adapter_dir"]), model_path, out / "merged", cfg.merged_dtype,
                                  cfg.chat_template))
-    history = [h for h in trainer.state.log_history if "reward" in h]
-    return write_summary(out, {"output_dir": str(out), "global_step": trainer.state.global_step,
-                               "train_loss": result.training_loss, "rewards": [h["reward"] for h in history],
-                               "resumed_from": str(resume_from) if resume_from else None,
-                               "stopped_by": stop.signal_name, "wall_s": wall, **saved})
+    return write_summary(out, {**summary, **saved})

@@ -22,8 +22,42 @@ class GenOutput:
     logprobs: list[float] | None = None  # sampling logprob of each id (vLLM), None when not known
 
 
+class SampledTokenLogprobs:
+    """A generate() logits processor that applies the sampling temperature itself and keeps the
+    log-probability of each drawn token under the distribution it was drawn from, so in-process
+    rollouts report sampling logprobs as a vLLM server does (the importance-sampling correction
+    compares them with the trainer's). It must be the last processor: generate() is called with
+    temperature 1, top_k 0, top_p 1, so no warper runs after it. One step's log-softmax is held at
+    a time; each token's value is read at the next step, once the token is known."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.last: Any = None  # log-softmax of the latest step [B, V]
+        self.taken: list[Any] = []  # [B] per generated token
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        scores = scores / self.temperature
+        if self.last is not None:
+            self.taken.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def per_token(self, new_ids: Any) -> list[list[float]]:
+        """[B][n] logprobs of the generated ids [B, n] (generate may end a step after the last call)."""
+        import torch
+
+        n = new_ids.shape[1]
+        taken = self.taken[:n]
+        if len(taken) < n and self.last is not None:
+            taken.append(self.last.gather(-1, new_ids[:, len(taken):len(taken) + 1]).squeeze(-1))
+        return torch.stack(taken, dim=1).tolist() if taken else [[] for _ in range(new_ids.shape[0])]
+
+
 class TransformersBackend:
-    """Generates with the trainer's current model, in-process (CPU, or one GPU)."""
+    """Generates with the trainer's current model, in-process (CPU, or one GPU); sampled turns come back
+    with their sampling logprobs (greedy ones without)."""
 
     max_inflight = 1  # one model instance: batches run one after another
 
@@ -34,6 +68,7 @@ class TransformersBackend:
 
     def generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenOutput]:
         import torch
+        from transformers import LogitsProcessorList
         from trl.models import unwrap_model_for_generation
 
         trainer = self.trainer
@@ -48,9 +83,11 @@ class TransformersBackend:
             "use_cache": True,
             "do_sample": sampling.temperature > 0,
         }
+        recorder = None
         if sampling.temperature > 0:
             # Plain temperature sampling: TRL scores tokens with logits / temperature and nothing else.
-            kwargs.update(temperature=sampling.temperature, top_p=1.0, top_k=0)
+            recorder = SampledTokenLogprobs(sampling.temperature)
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=LogitsProcessorList([recorder]))
         with unwrap_model_for_generation(
             trainer.model_wrapped, trainer.accelerator,
             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
@@ -61,10 +98,12 @@ class TransformersBackend:
                 out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
             finally:
                 model.train(was_training)
+        new = out[:, width:]
+        logprobs = recorder.per_token(new) if recorder is not None else None
         results = []
-        for row in out[:, width:].tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
-            results.append(GenOutput(row[:cut]))
+        for i, row in enumerate(new.tolist()):
+            cut = next((k + 1 for k, t in enumerate(row) if t in self.stop_ids), len(row))
+            results.append(GenOutput(row[:cut], logprobs[i][:cut] if logprobs is not None else None))
         return results
 
 
@@ -201,3 +240,16 @@ def default_backend_factory(cfg: GRPOConfig, tokenizer: Any, stop_ids: list[int]
         return VLLMServerBackend(client, stop_ids)
 
     return factory
+
+
+def one_backend(factory: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`factory` called once, on first use: the rollouts and the held-out evaluation share one backend
+    (one client per process, or the one in-process model)."""
+    made: list[Any] = []
+
+    def backend(trainer: Any) -> Any:
+        if not made:
+            made.append(factory(trainer))
+        return made[0]
+
+    return backend

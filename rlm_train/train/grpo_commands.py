@@ -34,4 +34,4 @@ def main(args: argparse.Namespace) -> int:
         return 0
     summary = run_grpo(cfg, source=args.recipe)
     print(json.dumps({k: summary.get(k) for k in ("global_step", "train_loss", "rewards", "output_dir")}, default=str))
-    return 0
+    return summary["exit_code"]  # 128+N when a signal stopped it (checkpoint written; rerun resumes)

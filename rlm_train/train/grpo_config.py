@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -28,13 +29,25 @@ class GRPOTrainingSettings(OptimizerLoopSettings):
     beta: float = Field(0.0, ge=0)
     """KL coefficient against the reference model; 0 loads no reference model."""
     epsilon: float = Field(0.2, gt=0)
-    """PPO clipping range of the importance ratio."""
+    """PPO clipping range of the importance ratio (its lower side; the upper too unless epsilon_high is set)."""
+    epsilon_high: float | None = Field(None, gt=0)
+    """Upper clipping range (TRL's epsilon_high; DAPO's clip-higher uses 0.28): a wider upper side lets rare tokens
+    of good episodes gain probability, which keeps exploring. None: the same as epsilon."""
     num_iterations: int = Field(1, ge=1)
     """Optimizer passes over each generated batch (GRPO's mu)."""
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
     """Token loss aggregation (TRL's loss_type); dapo normalizes by trained tokens in the accumulated batch."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage scaling: by the group's reward std, the batch's, or none (Dr. GRPO)."""
+    drop_zero_advantage_groups: bool = True
+    """Leave groups whose every advantage is 0 (all episodes got the same reward, or at most one was scored) out of
+    the loss AND out of its token normaliser, so they do not dilute the groups that carry signal (loss_type dapo and
+    bnpo count trained tokens; grpo and dr_grpo average over episodes, where dropped ones still count). Logged per
+    step as rlm/dropped_groups and rlm/dropped_episodes, beside TRL's frac_reward_zero_std."""
+    ddp_timeout: int | None = Field(None, ge=1)
+    """Seconds a rank waits at a collective before the job aborts (TrainingArguments.ddp_timeout). Ranks wait on
+    each other's episodes, so it must be at least 2 x the hard episode cap times the waves of episodes a rank runs
+    per step; a smaller value is refused. None: derived from those (and from held-out evaluation), at least 1800."""
 
     @model_validator(mode="after")
     def _groups_fit(self) -> "GRPOTrainingSettings":
@@ -57,11 +70,15 @@ class RolloutSettings(StrictModel):
     vllm_gpus: int = Field(1, ge=1)
     """GPUs the vLLM server uses (for its launch command: data-parallel replicas)."""
     vllm_importance_sampling_correction: bool = True
-    """Correct for the vLLM-vs-trainer logprob mismatch with an importance weight (TRL)."""
+    """Weight each sampled token's loss by p_trainer / p_sampler, correcting for the sampler (the vLLM server, or
+    in-process generate) scoring tokens differently from the trainer (TRL's names; applied by rlm-train for both
+    backends, whenever the backend reports sampling logprobs). Ratios logged per step as
+    sampling/importance_sampling_ratio/{min,mean,max} (after the bounds) and .../bounded_frac."""
     vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
-        "sequence_mask")
-    """How the importance weight is bounded (TRL's names): clip it into [min, max] (*_truncate) or drop the token or
-    episode when outside (*_mask), per token or per episode."""
+        "token_truncate")
+    """How the importance weight is formed and bounded (TRL's names): per token (token_*) or one ratio per episode,
+    the product over all its tokens (sequence_*, which over thousands of tokens masks or reweights whole episodes for
+    a few mismatched tokens); clipped into [min, max] (*_truncate) or set to 0 outside it (*_mask)."""
     vllm_importance_sampling_clip_min: float | None = Field(None, ge=0)
     """Lower bound of the importance weight (None: no lower bound)."""
     vllm_importance_sampling_clip_max: float | None = Field(3.0, gt=0)
@@ -69,9 +86,11 @@ class RolloutSettings(StrictModel):
     episode_timeout_s: float | None = Field(None, gt=0)
     """Hard wall-clock cap on one episode, counting time spent waiting on the model server; reaching it is
     infrastructure (the episode is masked, never penalized). None: 3 x rlm.max_wall_s."""
-    max_completion_tokens: int = Field(4096, ge=16)
+    max_completion_tokens: int | None = Field(None, ge=16)
     """Cap on all tokens after the first prompt (root turns + REPL feedback). A turn is cut to fit; the episode
-    then ends with what it has (usually no answer, reward 0)."""
+    then ends over-long. It may not be below what the turn budget allows (`turn_budget_tokens`: the rlm section's
+    turns, their REPL feedback and the answer-now turn), so episodes end by their turn budget, with a chance to
+    answer, rather than cut mid-turn. None: exactly that budget."""
     concurrency: int = Field(64, ge=1)
     """Episodes run at once (root turns of concurrent episodes are batched into one generate call)."""
     batch_wait_s: float = Field(0.02, ge=0)
@@ -137,7 +156,8 @@ class GRPOConfig(StrictModel):
     """`rlm-train grpo` config: one recipe YAML plus KEY=VALUE overrides."""
 
     model: str
-    """Policy to train: a Hugging Face model directory (e.g. a merged SFT output), or 'gemma3-270m'."""
+    """Policy to train: a Hugging Face model directory (e.g. a merged SFT output), a Hub id in the
+    Hugging Face cache ('Qwen/Qwen3-8B'), or 'gemma3-270m'."""
     adapter: str | None = None
     """Start from this LoRA adapter (e.g. the SFT adapter) instead of a fresh one; needs lora.enabled."""
     prompts: str
@@ -187,6 +207,51 @@ class GRPOConfig(StrictModel):
     """How a multi-process run is launched."""
 
 
+def turn_budget_tokens(rlm: RLMConfig) -> int:
+    """Tokens an episode may add after its first prompt within its turn budget: every root turn at
+    rlm.root_max_tokens with REPL feedback at rlm.feedback_chars, then the answer-now turn. It is the root
+    conversation `rlm.window` sizes server windows with, less the first prompt (system prompt and query)."""
+    from rlm_train.rlm import prompts
+    from rlm_train.rlm.window import CHARS_PER_TOKEN, QUERY_TOKENS, root_tokens
+
+    system = math.ceil(len(prompts.system_prompt(rlm.prompt_style, "", rlm.sub_model_chars)) / CHARS_PER_TOKEN)
+    return root_tokens(rlm) - system - QUERY_TOKENS
+
+
+def completion_token_cap(cfg: GRPOConfig) -> int:
+    """rollout.max_completion_tokens, or the turn budget when unset."""
+    return cfg.rollout.max_completion_tokens or turn_budget_tokens(cfg.rlm)
+
+
+def rollout_waves(cfg: GRPOConfig) -> int:
+    """Rounds of episodes one rank runs per generation: its episodes (batch_size x gradient_accumulation_steps,
+    TRL's generation batch) over rollout.concurrency."""
+    t = cfg.training
+    return math.ceil(t.batch_size * t.gradient_accumulation_steps / cfg.rollout.concurrency)
+
+
+def min_ddp_timeout_s(cfg: GRPOConfig) -> float | None:
+    """2 x the longest one rank's rollout may take (the hard episode cap x its waves); None when episodes
+    have no hard cap (rollout.episode_timeout_s and rlm.max_wall_s both null)."""
+    from rlm_train.train.grpo_episodes import episode_timeout_s
+
+    cap = episode_timeout_s(cfg)
+    return None if cap is None else 2 * cap * rollout_waves(cfg)
+
+
+def ddp_timeout_s(cfg: GRPOConfig, eval_episodes: int = 0) -> int:
+    """training.ddp_timeout, or derived: at least 1800 (transformers' default), 2 x a rank's longest rollout,
+    and 2 x the held-out evaluation the other ranks wait for (`eval_episodes` on the main process at
+    rollout.concurrency, each within evaluation.rlm.max_wall_s)."""
+    if cfg.training.ddp_timeout is not None:
+        return cfg.training.ddp_timeout
+    need = [1800.0, min_ddp_timeout_s(cfg) or 0.0]
+    eval_cap = cfg.evaluation.rlm.max_wall_s
+    if eval_episodes and eval_cap is not None:
+        need.append(2 * eval_cap * math.ceil(eval_episodes / cfg.rollout.concurrency))
+    return math.ceil(max(need))
+
+
 def check_config(cfg: GRPOConfig, source: str) -> None:
     """Settings that contradict each other across sections (a UserError naming the keys and the fix)."""
     if cfg.adapter and not cfg.lora.enabled:
@@ -204,9 +269,28 @@ def check_config(cfg: GRPOConfig, source: str) -> None:
     if cfg.requires.gpus and cfg.launch.num_processes > cfg.requires.gpus:
         raise UserError(f"{source}: launch.num_processes={cfg.launch.num_processes} training processes but "
                         f"requires.gpus={cfg.requires.gpus}: one process per GPU; lower launch.num_processes")
-    if cfg.reward.overlong_buffer_tokens >= r.max_completion_tokens:
+    budget = turn_budget_tokens(cfg.rlm)
+    if r.max_completion_tokens is not None and r.max_completion_tokens < budget:
+        rlm = cfg.rlm
+        raise UserError(
+            f"{source}: rollout.max_completion_tokens={r.max_completion_tokens} is below the {budget} tokens the turn "
+            f"budget allows (rlm.max_iterations={rlm.max_iterations} turns of rlm.root_max_tokens={rlm.root_max_tokens} "
+            f"with rlm.feedback_chars={rlm.feedback_chars} of REPL output each, then the answer-now turn), so episodes "
+            f"would be cut mid-turn and counted over-long; set it to at least {budget}, leave it unset, or lower the "
+            "rlm budget")
+    cap = completion_token_cap(cfg)
+    if cfg.reward.overlong_buffer_tokens >= cap:
         raise UserError(f"{source}: reward.overlong_buffer_tokens ({cfg.reward.overlong_buffer_tokens}) must be below "
-                        f"rollout.max_completion_tokens ({r.max_completion_tokens})")
+                        f"rollout.max_completion_tokens ({cap})")
+    need = min_ddp_timeout_s(cfg)
+    if cfg.training.ddp_timeout is not None and need is not None and cfg.training.ddp_timeout < need:
+        from rlm_train.train.grpo_episodes import episode_timeout_s
+
+        raise UserError(
+            f"{source}: training.ddp_timeout={cfg.training.ddp_timeout}s is below {need:g}s = 2 x the hard episode cap "
+            f"of {episode_timeout_s(cfg):g}s (rollout.episode_timeout_s, else 3 x rlm.max_wall_s) x "
+            f"{rollout_waves(cfg)} wave(s) of episodes per rank; a rank waiting on another's episodes would abort the "
+            "job: raise it or leave it unset (derived)")
     if cfg.rollout.backend == "transformers" and cfg.launch.num_processes > 1:
         raise UserError(
             f"{source}: rollout.backend=transformers generates in-process and cannot run with "

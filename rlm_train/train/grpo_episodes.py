@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from rlm_train.records import Outcome
+from rlm_train.train.grpo_config import completion_token_cap
 
 if TYPE_CHECKING:
     from rlm_train.train.grpo_config import GRPOConfig
@@ -104,7 +105,7 @@ def overlong_penalty(end: EpisodeEnd, length: int, cfg: GRPOConfig) -> float | N
     r = cfg.reward
     if end == "overlong":
         return -r.overlong_penalty
-    cap, buffer = cfg.rollout.max_completion_tokens, r.overlong_buffer_tokens
+    cap, buffer = completion_token_cap(cfg), r.overlong_buffer_tokens
     if buffer and length > cap - buffer:
         return -r.overlong_penalty * min(1.0, (length - (cap - buffer)) / buffer)
     return 0.0

@@ -24,6 +24,7 @@ from rlm_train.models.base import Completion, PolicyError, SamplingParams
 from rlm_train.records import TrajectoryRecord
 from rlm_train.rollouts.rl_prompts import PromptSet, load_context
 from rlm_train.train.grpo_backends import BatchingGenerator, GenOutput
+from rlm_train.train.grpo_config import completion_token_cap
 from rlm_train.train.grpo_episodes import (
     EpisodeClock,
     EpisodeEnd,
@@ -33,6 +34,7 @@ from rlm_train.train.grpo_episodes import (
     episode_timeout_s,
     is_scored,
 )
+from rlm_train.train.interrupt import agree_on_abandoning, run_until_stopped
 
 if TYPE_CHECKING:
     from rlm_train.train.grpo_config import GRPOConfig
@@ -210,18 +212,18 @@ def make_rollout_func(cfg: GRPOConfig, tokenizer: Any, prompt_set: PromptSet,
                       sub_policy_factory: Callable[[], Any] | None = None):
     """rollout_func(prompts, trainer) for TRL: one full RLM episode per prompt (TRL repeats each prompt
     num_generations times), returning token ids, env_mask and the episode fields the rewards read.
+    `backend_factory(trainer)` is called at every rollout (grpo_backends.one_backend makes it reuse one).
     `stop_ids` is the one stop set (see grpo.stop_token_ids) the generation and TRL share."""
-    backend_cache: dict[str, Any] = {}
 
     def rollout_func(prompts: list, trainer: Any) -> dict[str, list | None]:
         rows = getattr(trainer, "rlm_batch_rows", None)
         if rows is None or len(rows) != len(prompts):
             raise RuntimeError("rollout_func needs the batch rows: use the trainer from make_trainer_class()")
-        if "backend" not in backend_cache:
-            backend_cache["backend"] = backend_factory(trainer)
-        generator = BatchingGenerator(backend_cache["backend"], cfg.rollout.batch_wait_s)
+        generator = BatchingGenerator(backend_factory(trainer), cfg.rollout.batch_wait_s)
         started = time.monotonic()
-        episodes = asyncio.run(_run_batch(cfg, rows, prompt_set, generator, tokenizer, stop_ids, sub_policy_factory))
+        episodes = run_until_stopped(_run_batch(cfg, rows, prompt_set, generator, tokenizer, stop_ids, sub_policy_factory))
+        agree_on_abandoning(episodes is None)  # a signal came: every rank drops the step (interrupt.py)
+        assert episodes is not None
         if generator.fatal is not None:
             raise RuntimeError(f"rollout generation failed: {generator.fatal}") from generator.fatal
         broken = next((e["recorder"].template_error for e in episodes if e["recorder"].template_error), None)
@@ -281,7 +283,7 @@ async def _run_batch(cfg: GRPOConfig, rows: list[dict[str, Any]], prompt_set: Pr
 
     async def one(task_id: str, sample: int) -> RolloutEpisode:
         task = prompt_set.tasks[task_id]
-        recorder = EpisodeRecorder(generator, tokenizer, stop_ids, cfg.rollout.max_completion_tokens,
+        recorder = EpisodeRecorder(generator, tokenizer, stop_ids, completion_token_cap(cfg),
                                    max_wall_s=cfg.rlm.max_wall_s)
         hints = {"family": task.get("family"), "task_id": task_id, "sample": sample, "meta": task.get("meta") or {}}
         async with semaphore:

@@ -1,10 +1,13 @@
 """What `run_sft` and `run_grpo` both do around their trainer: check the machine, set threads and
-device, prepare the output directory, log metrics, train, save, and write the summary."""
+device, prepare the output directory, log metrics, train (stopping cleanly on a signal, exporting the
+newest checkpoint's weights when a run ends early), save, and write the summary."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +18,13 @@ from rlm_train.errors import UserError
 from rlm_train.train.common import (
     LaunchSettings,
     Requirements,
+    fail_together,
     is_main_process,
     local_world_size,
     main_print,
     main_process_only,
-    wait_for_everyone,
 )
+from rlm_train.train.interrupt import GracefulStop, StepAbandoned
 
 # ---------------------------------------------------------------------------
 # Resources
@@ -196,23 +200,129 @@ def train(trainer: Any, on_trainer: Callable[[Any], None] | None = None, **train
     return result, time.perf_counter() - started
 
 
+@dataclass(frozen=True)
+class FinalWeights:
+    """Where a run's final weights go and what goes with them (the tokenizer, the base an adapter belongs to)."""
+
+    out: Path
+    tokenizer: Any
+    lora: bool
+    model_path: Path
+    chat_template: str
+    stage: str
+
+    @property
+    def target(self) -> Path:
+        return self.out / ("adapter" if self.lora else "model")
+
+    @property
+    def key(self) -> str:
+        return "adapter_dir" if self.lora else "model_dir"
+
+
+@dataclass
+class TrainRun:
+    """How `train_until_stopped` ended: the Trainer's result (None when the last step was abandoned),
+    the wall seconds, and what was exported when the run stopped early."""
+
+    result: Any
+    wall_s: float
+    partial: dict
+
+
+def train_until_stopped(trainer: Any, stop: GracefulStop, weights: FinalWeights,
+                        on_trainer: Callable[[Any], None] | None = None, **train_kwargs: Any) -> TrainRun:
+    """`train`, and what a run does when it does not reach its end (see `interrupt`): a stop at a step's
+    end is checkpointed by the Trainer (StopOnSignal asks it to); a stop during a GRPO rollout abandons
+    the step on every process and the last completed step is checkpointed here. Then, as after an error
+    once a checkpoint exists, the newest checkpoint's weights go to adapter/ (or model/), marked partial:
+    later stages and users have weights, while the exit code still says the run did not finish."""
+    started = time.perf_counter()
+    try:
+        result, _ = train(trainer, on_trainer, **train_kwargs)
+    except StepAbandoned:
+        stop.signal_name = stop.requested or "SIGTERM"
+        result = None
+        step = trainer.state.global_step
+        main_print(f"[{weights.stage}] {stop.signal_name}: step {step + 1} abandoned during its rollout; "
+                   f"the run stops at step {step}")
+        if step > 0 and not (Path(trainer.args.output_dir) / f"checkpoint-{step}").is_dir():
+            # The model and optimizer are those of the last completed step: nothing of this one was applied.
+            trainer._save_checkpoint(trainer.model, trial=None)
+    except BaseException as exc:
+        try:
+            export_partial(weights, (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:300])
+        except Exception as export_error:  # the run's own error is the one to report
+            main_print(f"[{weights.stage}] could not export the newest checkpoint's weights: {export_error}")
+        raise
+    partial = export_partial(weights, stop.signal_name) if stop.signal_name else {}
+    return TrainRun(result, time.perf_counter() - started, partial)
+
+
+PARTIAL_MARKER = "partial.json"
+_ADAPTER_FILE = re.compile(r"adapter_model\.(safetensors|bin)|adapter_config\.json")
+_MODEL_FILE = re.compile(r"(generation_)?config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
+def export_partial(weights: FinalWeights, stopped_by: str) -> dict:
+    """The newest checkpoint's adapter (or full weights) copied to adapter/ (model/) with the tokenizer,
+    as a finished run writes them, plus partial.json (the step and why the run stopped; the final save
+    of a finished run removes it). Main process only and no collective: the others may be gone.
+    Returns {adapter_dir | model_dir, partial_step}, or {} when there is no checkpoint to export."""
+    from rlm_train.models.loading import write_adapter_meta
+    from rlm_train.train.grpo_setup import checkpoint_step, checkpoints
+
+    found = checkpoints(weights.out) if weights.out.is_dir() else []
+    if not is_main_process() or not found:
+        return {}
+    checkpoint, pattern = found[-1], _ADAPTER_FILE if weights.lora else _MODEL_FILE
+    files = [p for p in checkpoint.iterdir() if p.is_file() and pattern.fullmatch(p.name)]
+    if not any(p.suffix in (".safetensors", ".bin") for p in files):
+        main_print(f"[{weights.stage}] {checkpoint} holds no {'adapter' if weights.lora else 'model'} weights as files "
+                   "(a sharded FSDP checkpoint?): nothing exported; resume the run to finish it")
+        return {}
+    step = checkpoint_step(checkpoint)
+    target = weights.target
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for p in files:
+        shutil.copy2(p, staging / p.name)
+    weights.tokenizer.save_pretrained(staging)
+    if weights.lora:
+        write_adapter_meta(staging, str(weights.model_path), weights.chat_template)
+    (staging / PARTIAL_MARKER).write_text(json.dumps({"step": step, "checkpoint": str(checkpoint),
+                                                      "stopped_by": stopped_by}, indent=2) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    main_print(f"[{weights.stage}] partial result: {target} holds {checkpoint.name}'s weights (step {step}; "
+               f"{target / PARTIAL_MARKER}); the run did not finish, so it exits non-zero and stages after it wait; "
+               "run it again to resume")
+    return {weights.key: str(target), "partial_step": step}
+
+
 def save_trained(trainer: Any, tokenizer: Any, out: Path, lora: bool, model_path: Path, chat_template: str,
                  target: Path | None = None) -> dict:
     """adapter/ (LoRA, with the base it belongs to) or model/ (full weights), each with the tokenizer
     and its chat template; returns {adapter_dir | model_dir: path}. Every process must call it (FSDP
-    gathers the weights from all of them); one writes. Fails when no weight file was written."""
+    gathers the weights from all of them); one writes. Fails, on every process, when no weight file
+    was written."""
     from rlm_train.models.loading import write_adapter_meta
 
-    target = target or out / ("adapter" if lora else "model")
+    saved_to = target or out / ("adapter" if lora else "model")
     full_state_dict_for_save(trainer)
-    trainer.save_model(str(target))  # gathers FSDP/DeepSpeed shards; writes on the main process only
-    if is_main_process():
-        tokenizer.save_pretrained(target)
-        if lora:
-            write_adapter_meta(target, str(model_path), chat_template)
-        check_weights_written(target, lora)
-    wait_for_everyone()
-    return {"adapter_dir" if lora else "model_dir": str(target)}
+
+    def save() -> None:
+        trainer.save_model(str(saved_to))  # gathers FSDP/DeepSpeed shards; writes on the main process only
+        if is_main_process():
+            tokenizer.save_pretrained(saved_to)
+            (saved_to / PARTIAL_MARKER).unlink(missing_ok=True)  # an early stop's export, now superseded
+            if lora:
+                write_adapter_meta(saved_to, str(model_path), chat_template)
+            check_weights_written(saved_to, lora)
+
+    fail_together(save, f"saving {saved_to}")
+    return {"adapter_dir" if lora else "model_dir": str(saved_to)}
 
 
 def full_state_dict_for_save(trainer: Any) -> None:
@@ -254,9 +364,11 @@ def save_merged(adapter_dir: Path, model_path: Path, target: Path, dtype: str, c
 
 def write_summary(out: Path, summary: dict) -> dict:
     """summary.json, written by the main process (every process gets the summary back)."""
-    if is_main_process():
+    @main_process_only
+    def write() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    wait_for_everyone()
+
+    write()
     return summary
 
 

@@ -44,6 +44,7 @@ from rlm_train.train.evaluation import (
 from rlm_train.train.interrupt import GracefulStop
 from rlm_train.train.losses import chunked_cross_entropy, completion_loss  # noqa: F401  (re-exported)
 from rlm_train.train.runtime import (
+    FinalWeights,
     Problem,
     check_resume_config,
     plan_footer,
@@ -54,7 +55,7 @@ from rlm_train.train.runtime import (
     save_merged,
     save_trained,
     start_run,
-    train,
+    train_until_stopped,
     write_summary,
 )
 from rlm_train.train.sft_data import (  # noqa: F401  (re-exported: tests and other stages import them from here)
@@ -85,7 +86,8 @@ class SFTConfig(StrictModel):
     """`rlm-train sft` config: one recipe YAML plus KEY=VALUE overrides."""
 
     model: str
-    """Base model: a Hugging Face model directory, or 'gemma3-270m' (the packaged weights)."""
+    """Base model: a Hugging Face model directory, a Hub id in the Hugging Face cache ('Qwen/Qwen3-8B',
+    `hf download` puts it there), or 'gemma3-270m' (the packaged weights)."""
     dataset: str
     """Per-turn SFT dataset from `rlm-train filter`: a save_to_disk directory or a .jsonl file with a `messages` column."""
     output_dir: str
@@ -99,8 +101,9 @@ class SFTConfig(StrictModel):
     amp_bf16: bool = False
     """bf16 autocast for compute on GPUs while weights stay in `dtype` (full fine-tuning: dtype=float32 master weights + this)."""
     attn_implementation: str = "sdpa"
-    """Attention kernel. sdpa/eager work everywhere but turn packed rows into a dense LxL mask (refused over
-    16k tokens a row); flash_attention_2 (GPUs, flash-attn installed) reads packed rows as varlen, no mask."""
+    """Attention kernel. sdpa/eager need nothing installed; with training.batch_size 1 a row is one sample and
+    needs no mask, while packed rows become a dense LxL mask (refused over 16k tokens a row). flash_attention_2
+    (GPUs, the flash-attn package compiled for this torch) reads packed rows as varlen, no mask."""
     num_threads: int | None = None
     """torch CPU threads; null leaves torch's default. Measure (rlm-train bench train): one thread can beat two."""
     lora: LoraSettings = LoraSettings()
@@ -235,16 +238,19 @@ def resource_problems(cfg: SFTConfig) -> list[Problem]:
         # A warning here (most rows are far shorter than max_length); the run checks the real rows.
         problems.append(Problem(f"at worst: {why}", fatal=False))
     if cfg.attn_implementation == "flash_attention_2":
-        problems += missing_package("flash_attn", "attn_implementation=flash_attention_2 needs the flash-attn "
-                                                  "package; install it or use sdpa")
+        # Not this machine's lack alone: the Slurm jobs run this same Python environment.
+        problems += missing_package("flash_attn", "attn_implementation=flash_attention_2 needs the flash-attn package, "
+                                                  "which this Python environment lacks (the GPU jobs run it too): use "
+                                                  "attn_implementation=sdpa with training.batch_size=1, or build flash-attn "
+                                                  "(README, \"On a GPU cluster\")")
     return problems
 
 
 def plan(cfg: SFTConfig, source: str) -> str:
     """Human-readable plan: what would run, where outputs go, and what this machine lacks."""
-    model_note = ""
-    if cfg.model != "gemma3-270m" and not (Path(cfg.model).expanduser() / "config.json").is_file():
-        model_note = "  (not found on this machine: a real run stops here)"
+    from rlm_train.models.loading import model_plan_note
+
+    model_note = model_plan_note(cfg.model)
     data_note = "" if Path(cfg.dataset).expanduser().exists() else "  (not found on this machine: a real run stops here)"
     t = cfg.training
     mode = (f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} targets={cfg.lora.target_modules}"
@@ -260,7 +266,8 @@ def plan(cfg: SFTConfig, source: str) -> str:
         f"lr {t.learning_rate:g} ({t.lr_scheduler}, warmup {t.warmup_steps}), max_length {t.max_length}",
         f"  compute      device={cfg.device} dtype={cfg.dtype}{' +bf16 autocast' if cfg.amp_bf16 else ''} attn={cfg.attn_implementation} threads={cfg.num_threads or 'default'} "
         f"grad_ckpt={t.gradient_checkpointing}",
-        "  loss         last assistant turn only; logits only at trained positions; packed padding-free rows",
+        "  loss         last assistant turn only; logits only at trained positions; "
+        + ("packed padding-free rows" if t.batch_size > 1 else "one sample a row (no attention mask)"),
         f"  outputs      {cfg.output_dir}/ (checkpoint-N/, {'adapter/' if cfg.lora.enabled else 'model/'}"
         f"{', merged/' if cfg.save_merged else ''}, metrics.jsonl, sft_config.json)",
         f"  resume       {cfg.resume}",
@@ -402,12 +409,14 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
         callbacks=[make_metrics_callback(out / "metrics.jsonl", "sft", SHOWN, quiet, rate.record, rate.start)],
     )
     trainer_ref["trainer"] = trainer
+    weights = FinalWeights(out, tokenizer, cfg.lora.enabled, model_path, cfg.chat_template, "sft")
     with GracefulStop("sft") as stop:
         trainer.add_callback(stop.callback())
-        result, wall = train(trainer, on_trainer, resume_from_checkpoint=resume_from)
+        run = train_until_stopped(trainer, stop, weights, on_trainer, resume_from_checkpoint=resume_from)
+    wall = run.wall_s
 
     summary = {
-        "output_dir": str(out), "global_step": trainer.state.global_step, "train_loss": result.training_loss,
+        "output_dir": str(out), "global_step": trainer.state.global_step, "train_loss": run.result.training_loss,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "eval": [{k: v for k, v in h.items() if k.startswith("eval_") or k == "step"}
                  for h in trainer.state.log_history if any(k.startswith("eval_") for k in h)],
@@ -416,10 +425,10 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
         "resumed_from": resume_from, "stopped_by": stop.signal_name, "exit_code": stop.exit_code, **stats,
     }
     summary["tokens_per_s"] = summary["tokens_seen"] / wall if wall > 0 else None
-    if stop.signal_name:  # the checkpoint is written; the final weights are the finished run's to write
+    if stop.signal_name:  # checkpointed, its weights exported as partial; merged/ is the finished run's to write
         main_print(f"[sft] stopped by {stop.signal_name} at step {trainer.state.global_step}; "
                    f"run the same command again to resume")
-        return write_summary(out, summary)
+        return write_summary(out, {**summary, **run.partial})
     summary.update(save_outputs(cfg, trainer, tokenizer, model_path))
     return write_summary(out, summary)
 

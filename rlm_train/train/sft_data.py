@@ -14,6 +14,7 @@ from rlm_train.rollouts.datasets import load_train_split
 
 # sdpa and eager attention turn a packed row's restarting position ids into a dense [L, L] mask
 # (and eager/CPU sdpa into [heads, L, L] float scores): 16k tokens is already ~1 GiB per head.
+# A row of one sample needs no mask: sdpa runs plain causal attention (PyTorch's flash kernel on GPUs).
 DENSE_ATTENTION_MAX_TOKENS = 16_384
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
@@ -177,8 +178,9 @@ def dense_mask_problem(attn_implementation: str, row_tokens: int, batch_size: in
     gib = row_tokens * row_tokens / 2**30
     return (f"attn_implementation={attn_implementation} with packed rows of up to {row_tokens:,} tokens "
             f"(training.batch_size={batch_size}) builds a dense {row_tokens:,}x{row_tokens:,} attention mask "
-            f"(~{gib:.1f} GiB, more per head for the scores); use attn_implementation=flash_attention_2 on GPUs, "
-            f"or lower training.batch_size / training.max_length so a row stays under {DENSE_ATTENTION_MAX_TOKENS:,}")
+            f"(~{gib:.1f} GiB, more per head for the scores); set training.batch_size=1 (one sample a row, no mask; "
+            f"raise gradient_accumulation_steps to keep the samples per step), lower training.max_length so a row "
+            f"stays under {DENSE_ATTENTION_MAX_TOKENS:,}, or use attn_implementation=flash_attention_2 (flash-attn installed)")
 
 
 class PackedCollator:
