@@ -4,7 +4,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-vllm demo install bench bench-soak slurm-up slurm-down test-slurm clean
+.PHONY: test test-vllm demo install bench bench-soak slurm-up slurm-down test-slurm test-cluster clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,13 @@ slurm-down:
 # is up (and stops it after), or skips with the reason (not root, no apt-get).
 test-slurm: $(STAMP)
 	$(VENV)/bin/python -m pytest -m slurm -q tests/test_slurm.py
+
+# The cluster run rehearsed: recipes/qwen3-8b-pipeline.yaml's stage graph through `rlm-train launch --slurm`
+# on a two-node Slurm in network namespaces on this machine (scripts/cluster2_up.sh, as root; installs
+# slurm-wlm and munge with apt-get if missing), tiny CPU stand-ins for the GPU pieces (the test prints each
+# substitution). Skips with the reason where it cannot run (not root, no CAP_NET_ADMIN/CAP_SYS_ADMIN, no apt-get).
+test-cluster: $(STAMP)
+	$(VENV)/bin/python -m pytest -m cluster -q -s tests/test_cluster.py
 
 # The whole loop on one CPU (recipes/demo-cpu.yaml): tasks, teacher trajectories, the SFT
 # set, LoRA SFT of Gemma-3-270m, vLLM serving base and tuned, eval of both on held-out

@@ -84,6 +84,15 @@ def check_task(obj: Any, task_file: str | Path | None = None, seen: set[str] | N
 
 
 # --------------------------------------------------------------------------- trajectory
+# What a recorded cell result is: the filter writes it into its report, the viewer shows it.
+CELL_RESULTS_NOTE = (
+    "A cell's recorded result (its output, error and FINAL) is what the episode's REPL returned, not proof "
+    "of what that cell's code did: an earlier cell of the same episode runs in the same interpreter and can "
+    "decide what later cells return. It cannot reach another episode, the host or the score: the score is "
+    "computed on the host, from the episode's final answer against a reference the sandbox never sees."
+)
+
+
 class ExecutionRecord(TypedDict):
     """One code block run in the REPL."""
 
@@ -130,6 +139,17 @@ class TurnRecord(TypedDict):
     feedback: NotRequired[str]  # the next user message, when the episode went on
 
 
+class RecordingStats(TypedDict):
+    """What the record left out under the trajectory budget (RLMConfig.trajectory_chars)."""
+
+    budget_chars: int
+    charged_chars: int  # counted against the budget (the root's own conversation is not)
+    truncated: bool  # something was left out: dropped_texts or episodes_without_turns
+    dropped_texts: int  # cell and sub-call texts replaced by "[N chars not recorded: ...]"
+    dropped_chars: int  # their characters, and those of the children's left-out conversations
+    episodes_without_turns: int  # child RLMs kept as outcome and stats only
+
+
 class EpisodeStats(TypedDict):
     turns: int
     sub_calls: int
@@ -140,6 +160,8 @@ class EpisodeStats(TypedDict):
     subcalls_total: NotRequired[int]  # the whole call tree (root episode only)
     tokens_total: NotRequired[int]
     wall_s: NotRequired[float]
+    recording: NotRequired[RecordingStats]  # root only; absent in records older than the budget
+    sandbox_wait_s: NotRequired[float]  # waited for a sandbox (its tree's or the gateway's all in use)
 
 
 class EpisodeRecord(TypedDict):

@@ -14,3 +14,4 @@ for name in slurmd slurmctld munged; do
   fi
   rm -f "$pidfile"
 done
+rm -f /run/munge/rlm-slurm-munged.pid  # munged's own copy (slurm_up.sh)

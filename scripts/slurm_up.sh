@@ -34,10 +34,16 @@ chmod 0400 /etc/munge/munge.key
 
 running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-# munged: reuse one that answers, else start ours (its PID file marks it as ours).
+# munged: reuse one that answers, else start ours; $STATE/munged.pid marks it as ours. munged runs as
+# munge, which cannot write into $STATE: it writes its PID file into /run/munge, and we copy it.
 if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
-  runuser -u munge -- munged --pid-file="$STATE/munged.pid" >/dev/null 2>&1 \
+  MUNGE_PID=/run/munge/rlm-slurm-munged.pid
+  rm -f "$MUNGE_PID"
+  runuser -u munge -- munged --pid-file="$MUNGE_PID" >/dev/null 2>&1 \
     || cannot "munged did not start (see /var/log/munge/munged.log)"
+  for _ in $(seq 50); do [ -s "$MUNGE_PID" ] && break; sleep 0.1; done
+  [ -s "$MUNGE_PID" ] || cannot "munged wrote no PID file ($MUNGE_PID)"
+  cp "$MUNGE_PID" "$STATE/munged.pid"
   for _ in $(seq 50); do munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 

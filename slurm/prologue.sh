@@ -14,13 +14,15 @@ STEP_CPUS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
 # torchrun (under accelerate launch) gives its ranks this long to save after it passes them a TERM.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={{SHUTDOWN_S}}
 SERVER_PIDS=()
+JOB_SECRETS=()  # files only this job may read (a server's token): removed when it ends
 MAIN_PID=''  # the stage's command while run_stage waits for it
 TERMS=0
-finish() {  # stop the stage's command and this job's servers, record the exit status for `rlm-train launch --status`
+finish() {  # stop the stage's command and this job's servers, remove its secrets, record the exit status for `rlm-train launch --status`
   local code=$? pid
   if [ -n "$MAIN_PID" ]; then kill -TERM "$MAIN_PID" 2>/dev/null || true; wait "$MAIN_PID" 2>/dev/null || true; fi
   for pid in "${SERVER_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${SERVER_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ ${#JOB_SECRETS[@]} -gt 0 ]; then rm -f -- "${JOB_SECRETS[@]}"; fi
   echo "$code" >"$STATE/exit/{{STAGE}}.$TASK"
 }
 on_term() {  # the time limit's early signal, scancel, or the limit itself

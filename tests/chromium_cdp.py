@@ -1,10 +1,11 @@
 """A headless Chromium driven over the DevTools protocol, with the standard library only
-(a minimal WebSocket client): enough for tests to load a page, run JavaScript in it and
-take a screenshot. Used by tests/test_viewer.py.
+(a minimal WebSocket client): enough for tests to load a page, run JavaScript in it, move
+and click the mouse as a reader does, and take a screenshot. Used by tests/test_viewer.py.
 
     with Chromium.launch(tmp_path) as browser:
         browser.navigate("file:///.../view.html")
         browser.evaluate("document.title")
+        browser.hover(200, 100)
         browser.screenshot(tmp_path / "page.png")
 """
 
@@ -206,11 +207,14 @@ class Chromium:
             raise RuntimeError(f"navigate {url}: {result['errorText']}")
         self.wait_event("Page.loadEventFired", timeout=timeout)
 
-    def evaluate(self, expression: str, timeout: float = 60.0) -> Any:
+    def evaluate(self, expression: str, timeout: float = 60.0, *, as_page: bool = False) -> Any:
         """The value of a JavaScript expression in the page (promises are awaited);
-        a thrown exception becomes a RuntimeError with its text."""
+        a thrown exception becomes a RuntimeError with its text. DevTools may evaluate
+        strings (eval) where the page's Content-Security-Policy forbids it; `as_page`
+        holds the expression to the page's policy."""
         result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True}, timeout=timeout)
+                                                "awaitPromise": True, "allowUnsafeEvalBlockedByCSP": not as_page},
+                           timeout=timeout)
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
             text = details.get("exception", {}).get("description") or details.get("text")
@@ -228,6 +232,32 @@ class Chromium:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{expression!r} stayed false for {timeout:.0f} s")
             time.sleep(interval)
+
+    def on_new_document(self, source: str) -> None:
+        """Run the JavaScript `source` in every page this tab loads from now on, before the
+        page's own scripts (DevTools injects it: the page's CSP does not apply to it)."""
+        self.call("Page.addScriptToEvaluateOnNewDocument", {"source": source})
+
+    def hover(self, x: float, y: float) -> None:
+        """Move the mouse to (x, y) in CSS pixels of the viewport: the page gets real
+        mouseover / mouseenter / mousemove events, as from a user."""
+        self.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+
+    def click(self, x: float, y: float) -> None:
+        """A left click at (x, y), as from a user (press, release: mousedown, mouseup, click)."""
+        self.hover(x, y)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1})
+
+    def set_outer_html(self, selector: str, html: str) -> None:
+        """Replace the first element matching `selector` with `html`, parsed by DevTools
+        (not by the page's script, so the page's Trusted Types do not apply to it)."""
+        self.call("DOM.enable")
+        root = self.call("DOM.getDocument")["root"]["nodeId"]
+        node = self.call("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+        if not node:
+            raise RuntimeError(f"no element matches {selector!r}")
+        self.call("DOM.setOuterHTML", {"nodeId": node, "outerHTML": html})
 
     def console_errors(self) -> list[str]:
         """Uncaught exceptions the page threw so far."""

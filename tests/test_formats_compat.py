@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from rlm_train.records import Outcome, check_task
+from rlm_train.records import CELL_RESULTS_NOTE, Outcome, check_task
 from rlm_train.rollouts import store
 from rlm_train.rollouts.tasks_file import load_tasks
 
@@ -55,6 +55,7 @@ def test_old_run_filters_again_into_the_same_samples(tmp_path):
     assert old["rl"]["train"] + old["rl"]["validation"] == 2
     assert (report["rl"]["train"], report["rl"]["validation"], report["rl"]["dropped"]) == (0, 0, {"used_by_sft": 2})
     assert report["rl"]["task_files"] == [str(root / "tasks.jsonl")]  # the old one says /tmp/fx/tasks.jsonl
+    assert report["cell_results"] == CELL_RESULTS_NOTE  # what the samples' cell outputs are (issue 24)
     new_lines = (tmp_path / "again" / "sft-train.jsonl").read_text().splitlines()
     old_lines = (FIXTURE / "data" / "sft-train.jsonl").read_text().splitlines()
     assert [json.loads(x)["messages"] for x in new_lines] == [json.loads(x)["messages"] for x in old_lines]

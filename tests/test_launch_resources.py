@@ -14,13 +14,19 @@ from rlm_train import cli
 from rlm_train.errors import UserError
 from rlm_train.launch.cluster import ClusterInfo, check_resources, parse_sinfo
 from rlm_train.launch.resources import fill_defaults, resolve_resources, sbatch_lines, step_budget_warning, time_s
+import launch_stand_ins
 from test_launch import every_template_pipeline, split_scripts
+
+# launch_stand_ins' fixtures, here under their own names
+cluster_software = launch_stand_ins.cluster_software
+cluster_environment = launch_stand_ins.cluster_environment
 
 
 def sbatch_options(script: str) -> dict[str, str]:
     return dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S*))?$", script, re.M))
 
 
+@pytest.mark.usefixtures("cluster_environment")  # Qwen/Qwen3-8B cached, vLLM installed: stand-ins
 def test_every_job_asks_for_cpus_memory_and_an_early_signal(tmp_path, capsys, monkeypatch):
     """Defaults from the job's GPUs (its servers' included): 8 CPUs and 96G per GPU; a CPU job 4 CPUs
     and 4G per CPU; exclusive: the whole node. Every srun step passes the job's CPUs on."""
@@ -99,6 +105,7 @@ def test_a_step_budget_that_does_not_fit_the_time_limit_says_how_many_rounds():
         resolve_resources("filter", {}, {"steps_per_hour": 2}, "stage filter")
 
 
+@pytest.mark.usefixtures("cluster_environment")
 def test_the_qwen3_8b_pipeline_fits_its_step_budget(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert cli.main(["launch", "--recipe", "recipes/qwen3-8b-pipeline.yaml", "--slurm", "--dry-run"]) == 0

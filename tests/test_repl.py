@@ -99,6 +99,8 @@ class RecordingHandler:
         return [p[::-1] for p in prompts]
 
     def rlm_batch(self, requests):
+        # Contexts arrive as JSON text for the child's sandbox (EncodedContext); decoded here to compare.
+        requests = [(p, c.decode() if c is not None else None) for p, c in requests]
         self.calls.append(("rlm", requests, threading.current_thread().name))
         return [f"{p}:{len(c) if c is not None else 'none'}" for p, c in requests]
 

@@ -291,9 +291,11 @@ BAD_ITEMS = [  # (op, items as a cell-side Python expression): the host must ans
     ("llm", "[['a']]"), ("llm", "[{'p': 'a'}]"), ("llm", "['a', 2]"), ("llm", "[True]"),
     ("llm", "['a'] * 10_001"), ("llm", "{'0': 'a'}"), ("rlm", "[['p']]"), ("rlm", "[[1, None]]"),
     ("rlm", "['p']"), ("rlm", "[['p', None, 1]]"), ("rlm", "[[None, 'c']]"), ("rlm", "[['p', D]]"),
+    ("rlm", "[['p', {'k': 1}]]"), ("rlm", "[['p', ['[1]', 'a list', 7]]]"),  # a context is [json, type, description]
     ("llm+", "['a']"),  # an op the host does not serve: the session is ended instead
 ]
-GOOD_ITEMS = [("llm", "['alpha', 'beta']"), ("rlm", "[['gamma', {'k': [1, 2]}]]"), ("llm", "['delta']")]
+GOOD_ITEMS = [("llm", "['alpha', 'beta']"), ("rlm", "[['gamma', ['{\"k\": [1, 2]}', 'a dict with 1 keys', 'k']]]"),
+              ("llm", "['delta']")]
 
 
 def _session_cases(rng: random.Random) -> list[tuple[str, str, str]]:

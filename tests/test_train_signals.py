@@ -1,6 +1,7 @@
 """SIGTERM and SIGINT to `rlm-train sft`: it stops within seconds after the step it is on, with a
 checkpoint whose adapter is exported as a partial result, exit code 128+signal; the same command then
-resumes from it."""
+resumes from it. A signal delivered twice at once (scancel and torchrun) is one request, in training and in
+generation; a second one later stops at once."""
 
 from __future__ import annotations
 
@@ -130,3 +131,53 @@ def test_a_save_that_fails_on_the_main_process_fails_on_every_process(tmp_path):
     assert "rank 0: UserError: out/adapter: no space left on device" in outs[0]
     assert "rank 1: RuntimeError: save failed on process 0: UserError: out/adapter: no space left on device" in outs[1]
     assert all(f"rank {rank}: done" in out for rank, out in enumerate(outs))
+
+
+def test_a_signal_repeated_within_moments_is_the_same_request_and_a_later_one_stops_at_once(capsys):
+    """scancel signals every rank and torchrun passes its own signal on: a rank gets SIGTERM twice at once.
+    That is one request (stop with a checkpoint); a second one later (Ctrl-C again) stops at once."""
+    from rlm_train.rollouts.progress import SAME_REQUEST_S, SignalRepeats
+    from rlm_train.train.interrupt import GracefulStop
+
+    assert 1 <= SAME_REQUEST_S <= 10  # seconds: covers two deliveries of one request, not a person's second try
+    with GracefulStop("sft", SignalRepeats(window_s=0.5)) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # Slurm's
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's
+        assert stop.requested == "SIGTERM"
+        time.sleep(0.6)
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)  # a second request, later
+            time.sleep(5)
+    out = capsys.readouterr().out
+    assert "[sft] SIGTERM: stopping with a checkpoint" in out and "[sft] SIGTERM again within 0.5 s: the same request" in out
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle  # put back
+
+
+_GENERATION_SIGNALS = """
+import asyncio, os, signal, sys
+from rlm_train.rollouts.progress import SignalRepeats, StopOnSignals
+
+async def main():
+    stop = StopOnSignals(SignalRepeats(window_s=1.0))
+    stop.install(asyncio.current_task())
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the same request, twice
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        print("stopping", flush=True)
+    await asyncio.sleep(1.2)
+    print("still saving", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # a second request
+    await asyncio.sleep(30)
+    print("not reached", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_generation_takes_a_repeated_signal_as_one_request():
+    proc = subprocess.run([sys.executable, "-c", _GENERATION_SIGNALS], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert proc.stdout == "stopping\nstill saving\n", proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGTERM  # the later one: at once, by the signal itself

@@ -3,6 +3,12 @@ the DevTools protocol, tests/chromium_cdp.py), plus its input handling without a
 
 The browser tests skip when no Chromium is installed (`apt-get install -y chromium`).
 The screenshot is kept under the test's tmp dir and copied to runs/test-artifacts/viewer.png.
+
+Every field of a trajectory is hostile (records come from models and from other people's
+runs): the hostile-record tests put a payload that runs script in any HTML context (markup,
+or a break out of a quoted attribute) into the fields, hover and click the page as a reader
+does, and check that nothing ran, no Content-Security-Policy violation was needed to stop it,
+and the payload reads as text.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from chromium_cdp import Chromium, find_chromium
+from chromium_cdp import Chromium
+import viewer_browser
+from viewer_browser import _open, _violations, block, needs_chromium
 from rlm_train import cli
 from rlm_train.models.base import CallablePolicy
 from rlm_train.rlm import RLMConfig, run_episode
@@ -25,17 +33,13 @@ from rlm_train.viewer.load import load
 from rlm_train.viewer.page import build_html
 
 REPO = Path(__file__).resolve().parents[1]
+browser = viewer_browser.browser  # the fixture
 FIXTURE_RUN = REPO / "tests" / "fixtures" / "a736554" / "run"
 ARTIFACTS = REPO / "runs" / "test-artifacts"
 BIG = 10_000
-needs_chromium = pytest.mark.skipif(find_chromium() is None,
-                                    reason="no Chromium on PATH (apt-get install -y chromium); the page is not rendered")
 
 
 # --------------------------------------------------------------------------- episodes with sub-calls
-def block(code: str) -> str:
-    return f"```repl\n{code}\n```"
-
 
 def _mock_episodes() -> list[dict]:
     """Three real episodes from the loop and the sandbox: a fan-out with a child RLM (which
@@ -147,20 +151,6 @@ def test_fragment_is_what_the_page_reads():
         fragment(model="x")
 
 
-# --------------------------------------------------------------------------- in Chromium
-@pytest.fixture(scope="module")
-def browser():
-    if find_chromium() is None:
-        pytest.skip("no Chromium on PATH (apt-get install -y chromium)")
-    with Chromium.launch(width=1400, height=900) as chromium:
-        yield chromium
-
-
-def _open(browser: Chromium, path: Path, fragment_: str = "") -> None:
-    browser.navigate(path.as_uri() + fragment_)
-    browser.wait_for("document.body.dataset.ready === '1'")
-
-
 def _shown(browser: Chromium) -> int:
     return browser.evaluate("window.__rlmViewer.shown().length")
 
@@ -202,6 +192,8 @@ def test_page_in_chromium_shows_turns_code_outputs_and_the_subcall_tree(browser,
     assert "reply to: " in browser.wait_for("document.querySelector('#detail .child details.sc pre[data-label=response]')"
                                             " && document.querySelector('#detail .child details.sc pre[data-label=response]').textContent")
     assert browser.console_errors() == []
+    assert _violations(browser) == []  # the page's own script and style are what its CSP allows
+    assert browser.evaluate("getComputedStyle(document.querySelector('#detail pre.code')).borderLeftStyle") == "solid"
     browser.evaluate("document.querySelector('#detail .turn[data-turn=\"1\"]').scrollIntoView({block: 'start'})")
     shot = browser.screenshot(tmp_path / "viewer.png")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -283,6 +275,7 @@ def test_ten_thousand_episodes_render_in_seconds(browser, mock_episodes, tmp_pat
     assert render_s < 5.0, report
     assert interact_s < 2.0, report
     assert browser.console_errors() == []
+    assert _violations(browser) == []
 
 
 @needs_chromium

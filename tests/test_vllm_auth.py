@@ -170,12 +170,13 @@ if "--middleware" in args:
     app.add_middleware(getattr(importlib.import_module(module), name))
 uvicorn.run(app, host=opt("--host"), port=int(opt("--port")), log_level="error")
 """
-PROBE = """import json, os, requests
+PROBE = """import json, os, stat, requests
 url = os.environ["EXTRA_ARGS"].split("rollout.vllm_server_url=", 1)[1].split()[0]
 bare = requests.Session()
 bare.trust_env = False
 trl = requests.Session()
-out = {"url": url, "netrc": os.environ.get("NETRC"),
+secrets = [os.environ["NETRC"], os.environ["RLM_TRAIN_VLLM_TOKEN_FILE"]]
+out = {"url": url, "netrc": os.environ.get("NETRC"), "modes": [oct(stat.S_IMODE(os.stat(p).st_mode)) for p in secrets],
        "bare": [bare.get(url + "/v1/models").status_code, bare.post(url + "/collective_rpc").status_code],
        "trl": [trl.get(url + "/v1/models").status_code, trl.post(url + "/collective_rpc").status_code]}
 with open(os.environ["PROBE_RECORD"], "w") as fh:
@@ -188,7 +189,8 @@ def test_a_grpo_job_whose_server_has_a_node_of_its_own_runs_it_behind_the_jobs_t
     """slurm/grpo.sbatch with vllm_nodes=1, as `rlm-train launch` renders it, run by bash with the
     stand-ins above: the job writes a token (mode 600, in its state dir) before the server starts;
     the server binds every interface, on all of its node's GPUs, loading the token middleware; the
-    training step (on the other node) reaches it through $NETRC, while a client without it gets 401."""
+    training step (on the other node) reaches it through $NETRC, while a client without it gets 401.
+    The token and the netrc are gone when the job ends; its logs and exit record stay."""
     import json
     import subprocess
     import sys
@@ -231,11 +233,13 @@ def test_a_grpo_job_whose_server_has_a_node_of_its_own_runs_it_behind_the_jobs_t
     assert (state / "exit" / "grpo.42").read_text().strip() == "0"
 
     token_file, netrc = state / "grpo-vllm-token.42", state / "grpo-vllm-netrc.42"
-    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and stat.S_IMODE(netrc.stat().st_mode) == 0o600
+    assert not token_file.exists() and not netrc.exists()  # removed with the job
+    assert (state / "logs" / "grpo-vllm.42.log").is_file()
     server = json.loads((tmp_path / "server.json").read_text())
     assert server["token_file"] == str(token_file) and server["dev_mode"] == "1"
     argv = " ".join(server["argv"])
     assert f"--host 0.0.0.0 --port {port} --middleware {MIDDLEWARE} --data-parallel-size 8 " in argv
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert probe["url"] == f"http://127.0.0.2:{port}" and probe["netrc"] == str(netrc)
+    assert probe["modes"] == ["0o600", "0o600"]  # while the job ran: its user's alone
     assert probe["bare"] == [401, 401] and probe["trl"] == [200, 200]

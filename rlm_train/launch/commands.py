@@ -6,7 +6,9 @@
     rlm-train launch --status runs/pipeline                             # jobs, exit codes, outputs
     rlm-train launch --resume runs/pipeline                             # resubmit what did not complete
 
-Before anything is submitted: every stage's own dry run (its config), its resources against
+Before anything is submitted: every stage's own dry run (its config), what its job would lack
+that this machine can see (launch/environment.py: packages in this venv, models in the Hugging
+Face cache, inputs no stage makes; `--dry-run` lists them and exits 1), its resources against
 the cluster (partition, nodes, GPUs, CPUs, memory, account) and `sbatch --test-only`. Then each
 stage is submitted with `--dependency=afterok:` on the stages it comes after (a failed stage
 cancels what waits for it); a failed submission cancels the jobs already submitted. `--resume`
@@ -21,7 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from rlm_train.errors import UserError
 
@@ -67,12 +68,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 def launch(args: argparse.Namespace) -> int:
+    from rlm_train.launch.environment import launch_lacks
     from rlm_train.launch.jobs import apply_resource_flags, build_scripts, load_launch_pipeline, select_stages, stage_plan
     from rlm_train.launch.render import render
     from rlm_train.launch.resources import step_budget_warning
+    from rlm_train.pipeline.chain import fit_server_windows
+    from rlm_train.pipeline.plans import Plan
 
     pipeline = load_launch_pipeline(args.recipe, args.overrides, args.stage_command, args.out)
     apply_resource_flags(pipeline, args.resource, args.partition, args.account)
+    # Again after the flags (load_pipeline sized a pipeline's servers before them; a single stage
+    # recipe's slurm.server was not sized yet): sizing a sized window changes nothing.
+    fit_server_windows(pipeline)
     stages = select_stages(pipeline, args.stages)
     scripts = build_scripts(pipeline, stages)
     for job in scripts:
@@ -80,13 +87,13 @@ def launch(args: argparse.Namespace) -> int:
         if budget:
             print(f"rlm-train launch: warning: {budget}", file=sys.stderr)
     state = (pipeline.state_dir / "slurm").absolute()
-    outputs: dict[str, dict[str, Any]] = {}
+    plans: dict[str, Plan] = {}
     by_name = {stage.name: stage for stage in stages}
     for job in scripts:
         stage = by_name[job.name]
         extra = ["--shard", f"0/{job.resources.shards}"] if job.resources.shards > 1 else []
         try:
-            outputs[stage.name] = stage_plan(stage, extra).get("outputs") or {}
+            plans[stage.name] = stage_plan(stage, extra)
         except UserError as exc:
             if not job.after:
                 raise
@@ -94,15 +101,16 @@ def launch(args: argparse.Namespace) -> int:
             # disk now (nothing, or an older run's files) says little about how it will go.
             print(f"rlm-train launch: warning: {exc} (launching anyway: its inputs come from "
                   f"{', '.join(job.after)})", file=sys.stderr)
-            outputs[stage.name] = {}
         job.text = render(job, pipeline.name, state, Path.cwd().absolute())
+    lacks = launch_lacks(pipeline, scripts, plans)
     if args.dry_run:
-        return print_dry_run(pipeline, scripts)
+        return print_dry_run(pipeline, scripts, [lack.line() for lack in lacks])
 
     from rlm_train.launch import cluster
 
     info = cluster.query_cluster()  # sbatch absent or no controller: one clear error here
-    problems = [p for job in scripts for p in cluster.check_resources(job.name, job.resources, info)]
+    problems = [lack.line() for lack in lacks]
+    problems += [p for job in scripts for p in cluster.check_resources(job.name, job.resources, info)]
     if problems:
         for problem in problems:
             print(f"rlm-train launch: {problem}", file=sys.stderr)
@@ -137,7 +145,7 @@ def launch(args: argparse.Namespace) -> int:
         "stages": [{"name": job.name, "run": job.run, "job_id": ids[job.name], "shards": job.resources.shards,
                     "attempts": [{"job_id": ids[job.name], "tasks": None}],
                     "after": job.after, "script": str(job.script.absolute()), "log": job.log_pattern,
-                    "outputs": outputs[job.name]} for job in scripts],
+                    "outputs": (plans[job.name].outputs if job.name in plans else {})} for job in scripts],
     }
     from rlm_train.formats import write_text_atomic
 
@@ -150,7 +158,8 @@ def launch(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_dry_run(pipeline, scripts) -> int:
+def print_dry_run(pipeline, scripts, problems: list[str]) -> int:
+    """The scripts on stdout; on stderr what a real launch would refuse on. Exit 1 when there is any."""
     for job in scripts:
         after = "--dependency=afterok:" + ":".join(f"<{name}>" for name in job.after) if job.after else ""
         print(f"# ==== stage {job.name}: sbatch {after + ' ' if after else ''}{job.script}")
@@ -159,9 +168,13 @@ def print_dry_run(pipeline, scripts) -> int:
             if server.text is not None:
                 print(f"# ==== {server.recipe} (the server this stage starts)")
                 print(server.text.rstrip("\n"))
+    for problem in problems:
+        print(f"rlm-train launch: {problem}", file=sys.stderr)
+    refusal = (f"; {len(problems)} problem(s) above, which a real launch refuses to submit on (the jobs run this "
+               "environment and read these files)" if problems else "")
     print(f"dry run: {len(scripts)} script(s) rendered, nothing submitted or written "
-          f"(state would go to {pipeline.state_dir / 'slurm'})", file=sys.stderr)
-    return 0
+          f"(state would go to {pipeline.state_dir / 'slurm'}){refusal}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def refuse_if_active(state: Path) -> None:

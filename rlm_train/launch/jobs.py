@@ -14,14 +14,12 @@ import io
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from rlm_train.config import apply_override, read_recipe
 from rlm_train.errors import UserError
 from rlm_train.launch.render import TEMPLATES, Server, StageScript, check_server_port, server_port, server_recipe_text
 from rlm_train.launch.resources import fill_defaults, resolve_resources
+from rlm_train.pipeline.plans import Plan, parse_plan
 from rlm_train.pipeline.recipe import STAGE_COMMANDS, Pipeline, PipelineSpec, Stage, StageSpec, load_pipeline
 
 _FIRST_LINE = re.compile(r"rlm-train (" + "|".join(re.escape(c) for c in STAGE_COMMANDS) + r")\b")
@@ -140,8 +138,8 @@ def build_scripts(pipeline: Pipeline, stages: list[Stage]) -> list[StageScript]:
     return scripts
 
 
-def stage_plan(stage: Stage, extra: list[str] | None = None) -> dict[str, Any]:
-    """The stage command's own `--dry-run` plan (inputs, outputs, config), run in this process on
+def stage_plan(stage: Stage, extra: list[str] | None = None) -> Plan:
+    """The stage command's own `--dry-run` plan (inputs, outputs, notes), run in this process on
     a temporary copy of its resolved recipe: a config error stops the launch before submission."""
     from rlm_train import cli
 
@@ -156,10 +154,4 @@ def stage_plan(stage: Stage, extra: list[str] | None = None) -> dict[str, Any]:
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
         why = lines[-1] if lines else f"exit {code}"
         raise UserError(f"stage {stage.name} ({stage.run}): its dry run fails: {why.replace(str(recipe), stage.name)}")
-    text = out.getvalue()
-    body = text.split("\n", 1)[1] if "\n" in text else ""
-    try:
-        plan = yaml.safe_load(body) or {}
-    except yaml.YAMLError:
-        plan = {}
-    return plan if isinstance(plan, dict) else {}
+    return parse_plan(out.getvalue()) or Plan()

@@ -25,8 +25,9 @@ class SandboxConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     timeout_s: float = 30.0
-    """Wall seconds one cell may run, not counting time spent waiting on host sub-calls
-    (those are bounded by the RLM budget and the client timeouts)."""
+    """Wall seconds one cell may run, not counting the time the sub-model takes to answer its
+    sub-calls (bounded by the RLM budget and the client timeouts); the host checking a
+    request counts."""
     memory_mb: int = 2048
     """Memory the session may allocate beyond the (shared) context: every process of it,
     with tmpfs and memfd files (cgroup); per process (RLIMIT_AS) where cgroups are missing."""
@@ -87,7 +88,7 @@ class ExecResult:
     truncated_chars: int = 0  # output characters cut by max_output_chars
     wall_s: float = 0.0
     restarted: bool = False  # the worker died (limit, crash) and the session was restarted
-    subcall_wait_s: float = 0.0  # wall time the cell spent blocked on host sub-calls (not in timeout_s)
+    subcall_wait_s: float = 0.0  # wall time the sub-model took to answer the cell's sub-calls (not in timeout_s)
     # Why the cell failed when the sandbox (not the cell's own code) ended it: "timeout"
     # (timeout_s), "limit" (the session's CPU-time budget), "sandbox" (the worker died or
     # broke the host protocol). None for ordinary cell errors.
@@ -100,7 +101,9 @@ class SubcallHandler(Protocol):
     def llm_batch(self, prompts: list[str]) -> list[str]: ...
 
     def rlm_batch(self, requests: list[tuple[str, Any]]) -> list[str]:
-        """(prompt, context-or-None) pairs from rlm_query; one child RLM each."""
+        """(prompt, context-or-None) pairs from rlm_query; one child RLM each. A context is
+        a `child_context.EncodedContext`: JSON text for the child's REPLSession, which decodes
+        it inside the child's sandbox (`.decode()` gives the data where a handler needs it)."""
         ...
 
 

@@ -1,5 +1,6 @@
 """The host's side of a session's cgroups (cgroups.py makes them): freezing between cells
-and the session's CPU time. Outside the sandbox, so plain paths (cgroups.host_paths).
+and while a cell waits on a sub-call, and the session's CPU time. Outside the sandbox, so
+plain paths (cgroups.host_paths).
 
 What this costs per cell is what it adds to the host -> worker round trip (`bench runtime`
 prices it): two locks and a set insertion to schedule the freeze, a lock to cancel it, and
@@ -9,6 +10,7 @@ only rarely a read of the CPU time (see `SessionControl.over_budget`).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -38,6 +40,7 @@ class _DelayedFreezer:
     def __init__(self):
         self.lock = threading.Lock()
         self.watched: set[SessionControl] = set()
+        self.polled: set[SessionControl] = set()  # waiting on a sub-call, CPU time read each pass
         self.thread: threading.Thread | None = None
         self.parked = False
         self.wake = threading.Lock()  # held while parked; schedule() releases it
@@ -46,8 +49,14 @@ class _DelayedFreezer:
     def schedule(self, control: SessionControl) -> None:
         with control.lock:
             control.freeze_at = time.monotonic() + FREEZE_DELAY_S
+        self._watch(self.watched, control)
+
+    def poll(self, control: SessionControl) -> None:
+        self._watch(self.polled, control)
+
+    def _watch(self, which: set[SessionControl], control: SessionControl) -> None:
         with self.lock:
-            self.watched.add(control)
+            which.add(control)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="rlm-freezer", daemon=True)
                 self.thread.start()
@@ -64,10 +73,15 @@ class _DelayedFreezer:
                 # freeze_at is read without the session's lock: freeze_if_due checks it again.
                 due = [c for c in self.watched if c.freeze_at is None or c.freeze_at <= now]
                 self.watched.difference_update(due)
-                idle = 0 if self.watched or due else idle + 1
+                polled = list(self.polled)
+                idle = 0 if self.watched or due or polled else idle + 1
                 park = self.parked = idle >= self.IDLE_PASSES
             for control in due:
                 control.freeze_if_due(now)
+            done = [control for control in polled if not control.poll_cpu()]
+            if done:
+                with self.lock:
+                    self.polled.difference_update(done)
             if park:
                 self.wake.acquire()  # until schedule() has a session for us again
                 idle = 0
@@ -105,8 +119,13 @@ class SessionControl:
         self.cpu_v2 = True
         self.frozen = False
         self.freeze_at: float | None = None  # when the delayed freezer freezes it
-        self.lock = threading.Lock()  # orders a freeze against the next thaw
+        self.lock = threading.Lock()  # orders a freeze against the next thaw, a poll's kill against release
         self.cpu_cap = cpu_cap
+        # While a cell waits on a sub-call with its CPU time polled: the budget, the worker's
+        # pidfd (the poll kills it at the budget), and the seconds it was killed at.
+        self.wait_budget: float | None = None
+        self.wait_pidfd = -1
+        self.killed_at: float | None = None
         name = f"{owner}.{uid}"
         try:
             if "freeze" in paths:
@@ -142,6 +161,45 @@ class SessionControl:
             if self.frozen:
                 os.pwrite(self.freeze_fd, b"0", 0)
                 self.frozen = False
+
+    def hold(self, budget_s: float, pidfd: int, background: bool) -> None:
+        """The cell waits on a sub-call: nothing of the session may run meanwhile, so it is
+        frozen at once. Where background work is allowed (or nothing can freeze it) its CPU
+        time is read every freezer pass instead, and the worker killed past `budget_s`.
+        `release` ends the hold; the next send to the worker thaws it."""
+        if self.freeze_fd >= 0 and not background:
+            with self.lock:
+                self.freeze_at = None
+                if not self.frozen:
+                    os.pwrite(self.freeze_fd, b"1", 0)
+                    self.frozen = True
+        elif self.cpu_fd >= 0:
+            with self.lock:
+                self.wait_budget, self.wait_pidfd, self.killed_at = budget_s, pidfd, None
+            _freezer.poll(self)
+
+    def release(self) -> float | None:
+        """The wait is over: the CPU seconds the poll killed the worker at, or None."""
+        with self.lock:
+            self.wait_budget, self.wait_pidfd = None, -1
+            killed, self.killed_at = self.killed_at, None
+        return killed
+
+    def poll_cpu(self) -> bool:
+        """The freezer's pass over a session whose cell waits: kill the worker once the
+        session is over its budget. False when there is nothing left to poll."""
+        with self.lock:  # release() cannot run meanwhile: the pidfd is still the worker's
+            if self.wait_budget is None:
+                return False
+            used = self.over_budget(self.wait_budget)
+            if used is None:
+                return True
+            try:
+                signal.pidfd_send_signal(self.wait_pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.wait_budget, self.killed_at = None, used
+            return False
 
     def cpu_seconds(self) -> float:
         """CPU seconds the session's groups were charged so far (0 where unknown)."""

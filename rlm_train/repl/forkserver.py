@@ -47,7 +47,7 @@ import struct
 import sys
 import time
 
-from rlm_train.repl import cgroups, context_copy, protocol, rootfs, sandbox, seccomp, worker
+from rlm_train.repl import cgroups, child_context, context_copy, protocol, rootfs, sandbox, seccomp, worker
 
 # What the fork-server set up for every worker (minimal root, cgroup layout...), copied
 # into each worker's isolation report; and the seccomp program each worker installs.
@@ -185,6 +185,8 @@ def _worker_main(sock_fd: int, req: dict, context, report: dict) -> None:
         # claims us. EOF here means the pool discarded us unclaimed.
         try:
             context = protocol.recv(sock)
+            if isinstance(context, child_context.EncodedContext):  # built here, where the session pays
+                context = child_context.load(sock, context)
         except (OSError, protocol.ProtocolError):
             os._exit(0)
     worker.run(sock, context, cfg["max_output_chars"], bool(cfg.get("allow_background")))

@@ -9,10 +9,14 @@ Two directions, two encodings:
 - The worker -> host: JSON (orjson), because the worker runs the cell's code and
   everything it writes to its socket is the attacker's. The JSON decoder builds only
   str/int/float/bool/None/list/dict, refuses nesting past 1,024 levels without
-  recursing in C, and has no shared references, so the decoded size is bounded by the
-  frame's; the frame is bounded (`max_bytes`) before a byte of it is allocated. A
-  pickle decoder would construct objects, recurse in C on deep nesting (a SIGSEGV of
-  the host) and let a small frame expand exponentially through shared references.
+  recursing in C, and has no shared references, so the decoded size grows with the
+  frame's only linearly; the frame is bounded (`max_bytes`) before a byte of it is
+  allocated. A pickle decoder would construct objects, recurse in C on deep nesting (a
+  SIGSEGV of the host) and let a small frame expand exponentially through shared
+  references. Linearly is still ~25x for `[[],[],...]`, decoded with the GIL held, so
+  the host also counts a frame's values from its bytes before decoding it
+  (`values_within`, at most MAX_VALUES), and the worker refuses to send more
+  (`dumps_frame`): the host's cost is bounded by what it accepts.
 
 Host-side sends to a worker are bounded in time (`deadline`): a worker that stops
 reading cannot block the host.
@@ -26,8 +30,11 @@ cells) never spins, and nothing spins where the process has a single CPU to run 
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import pickle
+import re
 import select
 import socket
 import struct
@@ -38,6 +45,9 @@ import orjson
 HEADER = struct.Struct("<Q")
 MAX_FDS = 8
 SPIN_S = 0.0005  # longest a side polls for the next frame before it sleeps
+# Values (strings, numbers, lists, dicts, dict keys) one worker frame may decode to. A full
+# sub-call request (10,000 rlm_query pairs, session.MAX_BATCH) holds about 60,000.
+MAX_VALUES = 100_000
 
 
 class ProtocolError(Exception):
@@ -80,11 +90,87 @@ def dumps_data(obj) -> bytes:
                         f"list, tuple, dict with str keys) crosses the sandbox ({exc})") from None
 
 
+def dumps_frame(obj) -> bytes:
+    """A worker's frame: dumps_data, and ValueError for more values than the host accepts,
+    so that the cell gets the error instead of the session ending."""
+    payload = dumps_data(obj)
+    if not values_within(payload):
+        raise ValueError(f"cannot send this to the host: it holds more than {MAX_VALUES:,} values (strings, "
+                         f"numbers, lists, dicts and their keys together), the most the host takes in one "
+                         f"request; send fewer, bigger pieces")
+    return payload
+
+
 def loads_data(payload) -> object:
+    if not values_within(payload):
+        raise ProtocolError(f"frame of {len(payload):,} bytes holds more than {MAX_VALUES:,} values")
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"malformed frame: {str(exc)[:200]}") from None
+
+
+# One match per value past the first: the bytes up to and including the next ',' ':' '[' or
+# '{' outside strings, whole strings skipped on the way; or the rest of the bytes looked at
+# when none is left there, which may end inside a string that goes on past them (group 1).
+# Matches are never empty, so those of one call lie end to end from a point outside strings
+# to the end of the bytes looked at, and none starts inside a string.
+_TOKEN = re.compile(rb'(?=.)(?:[^",:\[{]++|"(?:[^"\\]++|\\.)*+")*+(?:[,:\[{]|("(?:[^"\\]++|\\.)*+\\?)?\Z)', re.DOTALL)
+_IN_STRING = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)  # a string's bytes, up to its closing quote
+_SCAN_BYTES = 1 << 16  # what one regex call looks at: the GIL is let go between calls
+_COUNT_BYTES = 1 << 20  # the same for bytes.count
+_STRUCTURE = frozenset(b",:[{")
+
+
+def _structure_below(payload, n: int, limit: int) -> bool:
+    total = 0
+    for start in range(0, n, _COUNT_BYTES):
+        end = min(n, start + _COUNT_BYTES)
+        total += (payload.count(b",", start, end) + payload.count(b":", start, end)
+                  + payload.count(b"[", start, end) + payload.count(b"{", start, end))
+    return total < limit
+
+
+def _string_end(payload, pos: int, n: int) -> int:
+    """Where the string whose bytes start at `pos` closes (its quote), or -1 when it does not."""
+    while True:
+        run = _IN_STRING.match(payload, pos, min(n, pos + _COUNT_BYTES))
+        stop = run.end() if run else pos  # it always matches, if only the empty run
+        if stop < n and payload[stop] == 0x22:  # escapes were read in pairs: this quote closes it
+            return stop
+        if stop == pos or stop >= n:
+            return -1
+        pos = stop
+
+
+def values_within(payload, limit: int = MAX_VALUES) -> bool:
+    """Whether JSON `payload` decodes to at most `limit` values, judged from its bytes before
+    anything is decoded. Every value but the outermost follows a ',' ':' '[' or '{' outside
+    strings, so their number + 1 bounds the values (and the objects decoding makes). A frame
+    shorter than `limit` passes at once; else its bytes are counted, and only when text inside
+    strings takes that count to `limit` are they counted again outside strings only (`_TOKEN`,
+    at most `limit` matches). Malformed JSON is left for the decoder to refuse."""
+    n = len(payload)
+    if n < limit or _structure_below(payload, n, limit):
+        return True
+    pos = found = 0
+    while pos < n:
+        end = min(n, pos + _SCAN_BYTES)
+        # Counted in C: the matches go through zip and a deque, never through Python code.
+        match, count = collections.deque(zip(_TOKEN.finditer(payload, pos, end), itertools.count(1)), maxlen=1)[0]
+        cut = match.start(1)
+        if cut >= 0 or payload[end - 1] not in _STRUCTURE:
+            count -= 1  # the last match ended with the bytes looked at, not at a value
+        found += count
+        if found >= limit:
+            return False
+        pos = end
+        if cut >= 0:  # a string goes on past `end`: find its end in bounded steps
+            close = _string_end(payload, cut + 1, n)
+            if close < 0:
+                return True  # unterminated: the decoder refuses it
+            pos = close + 1
+    return True
 
 
 # --------------------------------------------------------------------------- sending
@@ -144,7 +230,7 @@ def send_raw(sock: socket.socket, payload: bytes, deadline: float | None = None)
 
 def send_data(sock: socket.socket, obj) -> None:
     """The worker's frame (JSON)."""
-    _send_payload(sock, dumps_data(obj))
+    _send_payload(sock, dumps_frame(obj))
 
 
 # --------------------------------------------------------------------------- receiving

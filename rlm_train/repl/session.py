@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable, cast
 
-from rlm_train.repl import cgroup_host, client, protocol
+from rlm_train.repl import cgroup_host, child_context, client, protocol
 from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig, SandboxError, SubcallHandler
 from rlm_train.repl.client import START_TIMEOUT_S, ForkServer, Zygote, acquire_zygote, get_server, pool_payload, release_zygote
 
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 READY_MAX_BYTES = 1 << 20
 MAX_BATCH = 10_000  # prompts in one sub-call frame
-MAX_CONTEXT_DEPTH = 100  # nesting of an rlm_query context
 # Layers the contract promises, and what is weaker without each; a layer that is False in
 # a worker's report is named in the one-line warning.
 LAYERS = {
@@ -130,27 +129,21 @@ def _clip(text, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"\n[... {len(text) - limit} characters cut by the host]"
 
 
-def _depth_within(value, limit: int) -> bool:
-    """Nesting of decoded JSON data at most `limit` levels, without recursion."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            if depth > limit:
-                return False
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return True
+class _OverCPU(Exception):
+    """The session used more CPU time than cpu_time_s (args: the seconds it used)."""
 
 
 class REPLSession:
     """A persistent sandboxed Python namespace (see docs/architecture.md).
 
-    `timeout_s` bounds the wall time of each cell *excluding* the time the cell
-    spends blocked on host sub-calls (llm_query & co.). When a cell breaks a
+    `timeout_s` bounds the wall time of each cell *excluding* the time the sub-model
+    takes to answer its sub-calls (llm_query & co.; the host checking a request counts,
+    and the session is frozen or its CPU time watched while it waits). When a cell breaks a
     limit, kills its worker or breaks the host protocol, the result says so with
     `restarted=True` and `error_kind`; the next `execute` runs in a fresh worker with
     an empty namespace. Nothing the worker sends is trusted: frames are size-capped
-    before they are read, decoded as plain data, and every string is clipped here.
+    before they are read, their values counted before they are decoded, decoded as
+    plain data, and every string is clipped here.
     """
 
     def __init__(self, context: Any = None, config: SandboxConfig | None = None, llm: LLMArg = None):
@@ -180,7 +173,9 @@ class REPLSession:
         t0 = time.perf_counter()
         server = get_server()
         self._server = server
-        payload = pool_payload(self.context)
+        # An rlm_query context (JSON text) always goes to a pooled worker, which decodes it itself.
+        encoded = isinstance(self.context, child_context.EncodedContext)
+        payload = protocol.dumps(self.context) if encoded else pool_payload(self.context)
         for attempt in range(2):
             try:
                 self._spawn(server, payload)
@@ -216,8 +211,13 @@ class REPLSession:
                 raise protocol.ProtocolError("the worker's first frame is not `ready`")
             if payload is not None:
                 protocol.send_raw(self._sock, payload, deadline=deadline)
+            loaded = (protocol.recv_data(self._sock, max_bytes=READY_MAX_BYTES, deadline=deadline)
+                      if isinstance(self.context, child_context.EncodedContext) else {"op": "loaded"})
         except (protocol.ProtocolError, OSError) as exc:
             raise SandboxError(f"REPL worker failed to start: {exc}; {self._death_note()}") from None
+        if not isinstance(loaded, dict) or loaded.get("op") != "loaded":
+            why = loaded.get("error") if isinstance(loaded, dict) else None
+            raise SandboxError(_clip(why, 500) if isinstance(why, str) else "the worker's answer to its context is not `loaded`")
         self.isolation = ready["isolation"]
         _note_report(self.isolation)
         if server.root and server.cgroup_paths:
@@ -305,11 +305,7 @@ class REPLSession:
         waited = 0.0
         timeout = self.config.timeout_s
         try:
-            exec_frame = {"op": "exec", "code": code}
-            if self._control is not None:
-                protocol.send_in_two_steps(sock, exec_frame, t0 + timeout, between=self._control.thaw)
-            else:
-                protocol.send(sock, exec_frame, deadline=t0 + timeout)
+            self._send_to_worker(sock, {"op": "exec", "code": code}, t0 + timeout)
             while True:
                 left = timeout - (time.monotonic() - t0 - waited)
                 msg = self._next_frame(sock, left)
@@ -318,22 +314,38 @@ class REPLSession:
                     self._spin = self._may_spin and time.monotonic() - t0 < protocol.SPIN_S
                     return self._finish_cell(msg, t0, waited, restarted_before)
                 if op in ("llm", "rlm"):
-                    t_sub = time.monotonic()
-                    reply = self._serve_subcall(op, msg.get("items"))
-                    waited += time.monotonic() - t_sub
+                    reply, answering = self._serve_subcall(op, msg.get("items"), t0, waited)
+                    waited += answering
                     left = timeout - (time.monotonic() - t0 - waited)
-                    protocol.send(sock, reply, deadline=time.monotonic() + max(left, 0.05))
+                    self._send_to_worker(sock, reply, time.monotonic() + max(left, 0.05))
                     continue
                 raise protocol.ProtocolError(f"unexpected frame op {_short.repr(op)}")
         except protocol.FrameTimeout:
             return self._fail(f"TimeoutError: the cell ran longer than timeout_s={timeout:g}s "
-                              f"(time waiting on sub-calls excluded); the worker was killed",
+                              f"(time the sub-model took to answer excluded); the worker was killed",
                               t0, waited, "timeout", timed_out=True)
+        except _OverCPU as over:
+            return self._fail(f"CPUTimeExceeded: the session used {over.args[0]:.1f} CPU seconds, over "
+                              f"cpu_time_s={self.config.cpu_time_s:g}; the worker was killed", t0, waited, "limit")
         except protocol.PeerClosed:
             return self._fail(f"WorkerDied: the REPL worker {self._death_note()}", t0, waited, "sandbox")
         except (protocol.ProtocolError, OSError) as exc:
             return self._fail(f"ProtocolError: the worker broke the host protocol ({str(exc)[:300]}); it was killed",
                               t0, waited, "sandbox")
+
+    def _send_to_worker(self, sock: socket.socket, frame: dict, deadline: float) -> None:
+        """A cell or a sub-call's answer. A frozen session gets the frame queued before the
+        thaw, so the worker wakes once, to find it waiting."""
+        if self._control is not None:
+            protocol.send_in_two_steps(sock, frame, deadline, between=self._control.thaw)
+        else:
+            protocol.send(sock, frame, deadline=deadline)
+
+    def _check_cpu(self) -> None:
+        """_OverCPU when the session has used more than cpu_time_s (read only when it can have)."""
+        used = self._control.over_budget(self.config.cpu_time_s) if self._control is not None else None
+        if used is not None:
+            raise _OverCPU(used)
 
     def _next_frame(self, sock: socket.socket, left: float) -> dict:
         if left <= 0 or self._poll is None:
@@ -353,11 +365,7 @@ class REPLSession:
         return msg
 
     def _finish_cell(self, msg: dict, t0: float, waited: float, restarted: bool) -> ExecResult:
-        if self._control is not None:
-            used = self._control.over_budget(self.config.cpu_time_s)
-            if used is not None:
-                return self._fail(f"CPUTimeExceeded: the session used {used:.1f} CPU seconds, over "
-                                  f"cpu_time_s={self.config.cpu_time_s:g}; the worker was killed", t0, waited, "limit")
+        self._check_cpu()
         self._freeze()
         return self._result(msg, time.monotonic() - t0, waited, restarted)
 
@@ -409,15 +417,40 @@ class REPLSession:
                           truncated_chars=cut, wall_s=wall, restarted=restarted, subcall_wait_s=waited)
 
     # --- sub-calls -------------------------------------------------------------
-    def _serve_subcall(self, op: str, items) -> dict:
+    def _serve_subcall(self, op: str, items, t0: float, waited: float) -> tuple[dict, float]:
+        """The answer to one request, and the seconds the sub-model took: all that is left off
+        the cell's clock (checking the request is on it). Meanwhile the session is held
+        (`SessionControl.hold`): frozen, or its CPU time polled against cpu_time_s."""
         try:
-            return {"results": self._call_handler(op, items), "error": None}
+            prompts, pairs = self._checked_request(op, items)
         except Exception as exc:  # surfaces inside the cell as RuntimeError(message)
-            return {"results": None, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+            return {"results": None, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}, 0.0
+        if time.monotonic() - t0 - waited >= self.config.timeout_s:
+            raise protocol.FrameTimeout("checking the request used up the cell's time")
+        self._check_cpu()
+        control = self._control
+        started = time.monotonic()
+        if control is not None:
+            control.hold(self.config.cpu_time_s, self._pidfd, self.config.allow_background)
+        reply: dict[str, Any]
+        try:
+            reply = {"results": self._call_handler(prompts, pairs), "error": None}
+        except Exception as exc:
+            reply = {"results": None, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+        finally:
+            over = control.release() if control is not None else None
+        if over is not None:
+            raise _OverCPU(over)
+        return reply, time.monotonic() - started
 
-    def _call_handler(self, op: str, items) -> list[str]:
+    def _checked_request(self, op: str, items) -> tuple[list[str], list | None]:
+        """The prompts (and rlm_query pairs) of a request, cheapest checks first: its size and
+        whether there is a sub-model at all come before anything walks its items."""
         if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
             raise ValueError(f"a sub-call request needs 1 to {MAX_BATCH} prompts")
+        if self.llm is None:
+            raise RuntimeError("no sub-model configured: this REPL session has llm=None, "
+                               "so llm_query/rlm_query cannot be used here")
         if op == "llm":
             if not all(isinstance(p, str) for p in items):
                 raise ValueError("malformed sub-call request: prompts must be strings")
@@ -425,14 +458,13 @@ class REPLSession:
         else:
             if not all(isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) for it in items):
                 raise ValueError("malformed rlm_query request")
-            if not all(_depth_within(it[1], MAX_CONTEXT_DEPTH) for it in items):
-                raise ValueError(f"an rlm_query context may nest at most {MAX_CONTEXT_DEPTH} levels deep")
-            pairs = [(it[0], it[1]) for it in items]
+            # Contexts stay JSON text here: the child's worker decodes them, charged to its session.
+            pairs = [(it[0], child_context.EncodedContext.from_wire(it[1])) for it in items]
             prompts = [p for p, _ in pairs]
+        return prompts, pairs
+
+    def _call_handler(self, prompts: list[str], pairs: list | None) -> list[str]:
         llm = self.llm
-        if llm is None:
-            raise RuntimeError("no sub-model configured: this REPL session has llm=None, "
-                               "so llm_query/rlm_query cannot be used here")
         if hasattr(llm, "llm_batch"):
             handler = cast(SubcallHandler, llm)
             results = handler.llm_batch(prompts) if pairs is None else handler.rlm_batch(pairs)

@@ -25,7 +25,7 @@ import json  # noqa: F401
 import math  # noqa: F401
 import re  # noqa: F401
 
-from rlm_train.repl import protocol
+from rlm_train.repl import child_context, protocol
 
 PROTO_FD = 3  # the host socket lives here; user code closing it just ends the session
 FD_OUTPUT = "/tmp/.fd_output"  # where fds 1/2 (os.system, subprocess) land
@@ -84,7 +84,7 @@ class Worker:
     def _subcall(self, op: str, items: list) -> list[str]:
         if os.getpid() != self.pid:
             raise RuntimeError("sub-calls are only available in the REPL process, not in forked children")
-        payload = protocol.dumps_data({"op": op, "items": items})  # TypeError for non-plain contexts
+        payload = protocol.dumps_frame({"op": op, "items": items})  # TypeError, ValueError: the cell gets them
         try:
             protocol.send_raw(self.sock, payload)
             reply = protocol.recv(self.sock)
@@ -101,15 +101,16 @@ class Worker:
         prompts = [str(p) for p in prompts]
         return self._subcall("llm", prompts) if prompts else []
 
+    # A child's context goes as JSON text the host passes on undecoded (child_context.py).
     def rlm_query(self, prompt, context=None) -> str:
-        return self._subcall("rlm", [(str(prompt), context)])[0]
+        return self._subcall("rlm", [(str(prompt), child_context.encode(context))])[0]
 
     def rlm_query_batched(self, prompts, contexts=None) -> list[str]:
         prompts = [str(p) for p in prompts]
         contexts = list(contexts) if contexts is not None else [None] * len(prompts)
         if len(contexts) != len(prompts):
             raise ValueError("rlm_query_batched: prompts and contexts differ in length")
-        return self._subcall("rlm", list(zip(prompts, contexts))) if prompts else []
+        return self._subcall("rlm", [(p, child_context.encode(c)) for p, c in zip(prompts, contexts)]) if prompts else []
 
     # --- answer helpers ------------------------------------------------------
     def FINAL(self, answer) -> None:

@@ -12,12 +12,12 @@ share one loop, one concurrency bound and one budget for the whole call tree.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable
 
 from pydantic import Field
 
@@ -35,14 +35,11 @@ from rlm_train.records import (
     TurnRecord,
 )
 from rlm_train.rlm import prompts
-from rlm_train.rlm.budget import Budget, BudgetExhausted
+from rlm_train.rlm.budget import Budget, BudgetExhausted, SandboxSlots
+from rlm_train.rlm.recording import Recording
 from rlm_train.repl.api import ExecResult, SandboxConfig, SandboxError
 from rlm_train.rlm.parsing import FinalCall, extract_code_blocks, find_final
-
-if TYPE_CHECKING:
-    from rlm_train.repl.session import REPLSession
-
-T = TypeVar("T")
+from rlm_train.rlm.sandboxes import CallTree, EpisodeSandbox
 
 # The start of `error` for a root call the server refused (HTTP 400: e.g. longer than its
 # window): the server answered, so this is not a server that is down.
@@ -63,7 +60,15 @@ class RLMConfig(StrictModel):
     max_wall_s: float | None = Field(900.0, gt=0)
     """Wall-clock seconds for the whole episode; None = unlimited."""
     subcall_concurrency: int = Field(16, ge=1)
-    """Sub-calls of one episode tree in flight at once (llm_query_batched fans out up to this)."""
+    """Model calls of one call tree's sub-calls in flight at once: llm_query (llm_query_batched
+    fans out up to this) and every turn of a child RLM; only the root's own turns are outside it."""
+    child_concurrency: int = Field(4, ge=1)
+    """Child RLMs (rlm_query, every depth) of one call tree alive at once, each holding a sandbox;
+    more wait for one to end (rlm_query_batched runs this many at a time)."""
+    sandbox_wait_s: float = Field(60.0, gt=0)
+    """An episode waiting for a sandbox (its tree's child_concurrency, or the gateway's
+    max_sandboxes, all in use) gives up when none was given back for this long: it ends as
+    budget_exhausted, and a child RLM's rlm_query returns a note saying so."""
     prompt_style: str = Field("full", pattern="^(full|compact)$")
     """System prompt variant: `full`, or `compact` for small models."""
     sub_model_chars: int = Field(100_000, ge=1000)
@@ -79,6 +84,11 @@ class RLMConfig(StrictModel):
     """REPL output characters fed back to the model per turn (the rest is cut with a note)."""
     record_chars: int = Field(2000, ge=0)
     """Sub-call prompt/response characters kept in the trajectory (lengths are always kept)."""
+    trajectory_chars: int = Field(2_000_000, ge=0)
+    """Characters one episode's record holds across its call tree: cells' code and output,
+    sub-call prompts and responses, child RLMs' conversations. Past it only their lengths are
+    kept, and stats.recording says what was left out (rlm/recording.py); the root's own
+    conversation, the training data, is always recorded."""
     root_max_tokens: int = Field(1024, ge=1)
     """Max new tokens per root turn."""
     answer_max_tokens: int | None = Field(None, ge=1)
@@ -92,15 +102,6 @@ class RLMConfig(StrictModel):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     """The REPL sandbox of every episode in the tree: sandbox.timeout_s, sandbox.memory_mb,
     sandbox.max_output_chars, ... (fields and defaults: rlm_train.repl.SandboxConfig)."""
-
-
-# REPL cells block their thread while they wait for sub-calls, so the default asyncio
-# executor (a handful of threads on 2 cores) would starve at high concurrency.
-_REPL_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="rlm-repl")
-
-
-async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
-    return await asyncio.get_running_loop().run_in_executor(_REPL_THREADS, fn, *args)
 
 
 def _clip(text: str | None, limit: int) -> str | None:
@@ -119,7 +120,8 @@ class _Tree:
     budget: Budget
     hints: dict[str, Any]
     semaphore: asyncio.Semaphore
-    loop: asyncio.AbstractEventLoop
+    calls: CallTree  # its sub-calls in flight and its sandboxes: what a cancellation stops
+    recording: Recording  # the trajectory budget
     on_turn: Callable[[TurnRecord], None] | None = None
 
 
@@ -186,7 +188,7 @@ class _Episode:
         answer = child["final"]
         if answer is None:
             answer = f"(the child RLM gave no answer: {child['outcome']}{': ' + child['error'] if child['error'] else ''})"
-        self._record_subcall("rlm", prompt, answer, None, started, child=child)
+        self._record_subcall("rlm", prompt, answer, None, started, child=self.tree.recording.child(child))
         return answer
 
     def _record_subcall(self, kind: str, prompt: str, response: str | None, completion: Completion | None,
@@ -221,8 +223,7 @@ class _SubcallBridge:
         self.episode = episode
 
     def _call(self, coro) -> list[str]:
-        future = asyncio.run_coroutine_threadsafe(coro, self.episode.tree.loop)
-        return future.result()
+        return self.episode.tree.calls.call(coro)
 
     def llm_batch(self, prompts_: list[str]) -> list[str]:
         return self._call(self.episode.llm_batch(list(prompts_)))
@@ -240,12 +241,15 @@ async def run_episode(
     hints: dict[str, Any] | None = None,
     task_id: str | None = None,
     on_turn: Callable[[TurnRecord], None] | None = None,
+    sandboxes: SandboxSlots | None = None,
 ) -> TrajectoryRecord:
     """Run one RLM episode and return its `rlm-train/trajectory/v1` record.
 
     Never raises for model, server or sandbox failures: they end the episode with
     outcome `error` (or `budget_exhausted`) and are recorded in the trajectory.
-    `on_turn(turn)` is called after each root turn (progress display).
+    `on_turn(turn)` is called after each root turn (progress display). `sandboxes`: the
+    budget this tree's sandboxes also count against (a gateway's, shared by its requests).
+    Cancelled, it stops the whole call tree and returns (raises) once its sandboxes are gone.
     """
     config = config or RLMConfig()
     sub_policy = sub_policy or policy
@@ -256,10 +260,17 @@ async def run_episode(
         budget=Budget(config.max_subcalls, config.max_tokens, config.max_wall_s),
         hints={**(hints or {}), "query": query},
         semaphore=asyncio.Semaphore(config.subcall_concurrency),
-        loop=asyncio.get_running_loop(),
+        calls=CallTree(asyncio.get_running_loop(),
+                       SandboxSlots(1 + config.child_concurrency, sandboxes, "this call tree's sandboxes")),
+        recording=Recording(config.trajectory_chars),
         on_turn=on_turn,
     )
-    episode = await _run_tree_episode(tree, query, context, 0, tree.budget)
+    try:
+        episode = await _run_tree_episode(tree, query, context, 0, tree.budget)
+    except asyncio.CancelledError:
+        tree.calls.cancel()  # children, sub-calls and running cells of the whole tree
+        await tree.calls.wait_closed()
+        raise
     record: TrajectoryRecord = {
         **episode,
         "schema": TRAJECTORY_SCHEMA,
@@ -273,12 +284,11 @@ async def run_episode(
     stats["subcalls_total"] = tree.budget.subcalls
     stats["tokens_total"] = tree.budget.tokens
     stats["wall_s"] = round(tree.budget.elapsed(), 4)
+    stats["recording"] = tree.recording.stats()
     return record
 
 
 async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int, budget: Budget) -> EpisodeRecord:
-    from rlm_train.repl import REPLSession
-
     config = tree.config
     episode = _Episode(tree=tree, depth=depth, query=query, budget=budget)
     messages = [
@@ -291,16 +301,17 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int, b
     error: str | None = None
     error_kind: ErrorKind | None = None
     started = time.monotonic()
-    sandbox = config.sandbox
-    # The sandbox starts while the model writes its first turn: session start-up
-    # (a fork, tens of ms) hides behind the first model call instead of adding to it.
-    session = asyncio.ensure_future(_in_thread(lambda: REPLSession(context, config=sandbox, llm=_SubcallBridge(episode))))
+    sandbox: EpisodeSandbox | None = None
     try:
+        slot = await tree.calls.slots.take(config.sandbox_wait_s)
+        # The sandbox starts while the model writes its first turn: session start-up
+        # (a fork, tens of ms) hides behind the first model call instead of adding to it.
+        sandbox = EpisodeSandbox(tree.calls, slot, context, config.sandbox, _SubcallBridge(episode))
         for turn_index in range(config.max_iterations + 1):
             forced = turn_index == config.max_iterations
             if forced:
                 messages.append({"role": "user", "content": prompts.ANSWER_NOW_PROMPT})
-            turn, final = await _run_turn(tree, episode, session, messages, turn_index, forced)
+            turn, final = await _run_turn(tree, episode, sandbox, messages, turn_index, forced)
             turns.append(turn)
             if tree.on_turn is not None and depth == 0:
                 tree.on_turn(turn)
@@ -321,7 +332,12 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int, b
         outcome, error_kind = Outcome.ERROR, ErrorKind.INTERNAL
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
     finally:
-        _close_when_ready(session)
+        if sandbox is not None:
+            sandbox.close()
+    stats = _episode_stats(turns, time.monotonic() - started)
+    waited_s = sandbox.slot.waited_s if sandbox is not None else time.monotonic() - started  # None: no slot came
+    if waited_s >= 0.001:
+        stats["sandbox_wait_s"] = round(waited_s, 4)
     return {
         "query": query,
         "depth": depth,
@@ -332,22 +348,11 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int, b
         "error": error,
         "error_kind": error_kind,
         "score": None,
-        "stats": _episode_stats(turns, time.monotonic() - started),
+        "stats": stats,
     }
 
 
-def _close_when_ready(session_future: asyncio.Future[REPLSession]) -> None:
-    """Close the episode's sandbox in the background: reaping the worker need not delay
-    the episode's result, and a session still starting is closed once it exists."""
-
-    def close(fut: asyncio.Future[REPLSession]) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            _REPL_THREADS.submit(fut.result().close)
-
-    session_future.add_done_callback(close)
-
-
-async def _run_turn(tree: _Tree, episode: _Episode, session_future: asyncio.Future[REPLSession],
+async def _run_turn(tree: _Tree, episode: _Episode, sandbox: EpisodeSandbox,
                     messages: list[dict[str, Any]], turn_index: int, forced: bool) -> tuple[TurnRecord, str | None]:
     """One root turn: ask the model, run its code, feed the output back. Returns (turn, final)."""
     config = tree.config
@@ -357,7 +362,9 @@ async def _run_turn(tree: _Tree, episode: _Episode, session_future: asyncio.Futu
     hints = {**tree.hints, "role": "root", "depth": episode.depth, "turn": turn_index, "last_turn": forced}
     if episode.depth > 0:
         hints["query"] = episode.query
-    completion = await tree.policy.chat(list(messages), sampling, hints)
+    # A child RLM's turn is one of the tree's sub-calls: the fan-out bound covers it too.
+    async with tree.semaphore if episode.depth else contextlib.nullcontext():
+        completion = await tree.policy.chat(list(messages), sampling, hints)
     episode.budget.add_tokens(completion.prompt_tokens + completion.completion_tokens)
     text = completion.text
     messages.append({"role": "assistant", "content": text})
@@ -378,7 +385,7 @@ async def _run_turn(tree: _Tree, episode: _Episode, session_future: asyncio.Futu
     final = None
     text_final = find_final(text)
     if turn["code_blocks"] or text_final:
-        final = await _run_code(episode.budget, await session_future, turn, text_final)
+        final = await _run_code(episode.budget, sandbox, turn, text_final)
     else:
         turn["parse_error"] = "no code block and no FINAL"
     turn["final"] = final
@@ -391,13 +398,14 @@ async def _run_turn(tree: _Tree, episode: _Episode, session_future: asyncio.Futu
             feedback = prompts.NO_CODE_FEEDBACK
         messages.append({"role": "user", "content": feedback})
         turn["feedback"] = feedback
+    tree.recording.turn(turn)  # after the feedback: the model reads whole outputs, the record may not
     return turn, final
 
 
-async def _run_code(budget: Budget, session: REPLSession, turn: TurnRecord, text_final: FinalCall | None) -> str | None:
+async def _run_code(budget: Budget, session: EpisodeSandbox, turn: TurnRecord, text_final: FinalCall | None) -> str | None:
     """Run the turn's code blocks until one calls FINAL, then a FINAL written in prose."""
     for code in turn["code_blocks"]:
-        result = await _in_thread(session.execute, code)
+        result = await session.execute(code)
         turn["executions"].append(_result_dict(code, result))
         if result.final is not None:
             return result.final
@@ -409,12 +417,12 @@ async def _run_code(budget: Budget, session: REPLSession, turn: TurnRecord, text
     return final
 
 
-async def _resolve_text_final(session: REPLSession, call: FinalCall) -> tuple[str | None, str | None]:
+async def _resolve_text_final(session: EpisodeSandbox, call: FinalCall) -> tuple[str | None, str | None]:
     """FINAL(...) written in prose: the answer is its text. FINAL_VAR(name) in prose is
     looked up in the REPL, since the model meant the variable."""
     if call.kind == "FINAL":
         return call.argument, None
-    result = await _in_thread(session.execute, f"FINAL_VAR({call.argument!r})")
+    result = await session.execute(f"FINAL_VAR({call.argument!r})")
     if result.final is not None:
         return result.final, None
     return None, (result.error or f"FINAL_VAR({call.argument!r}) gave no value").strip().splitlines()[-1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlm_train.records import ExecutionRecord
+from rlm_train.repl.child_context import describe_context
 
 FULL_SYSTEM_PROMPT = """\
 You answer a query about a context that is too large to read directly. The context \
@@ -62,29 +63,6 @@ ANSWER_NOW_PROMPT = (
     "You have used all your turns. Give your final answer now: one ```repl block that "
     "calls FINAL(...) or FINAL_VAR(...) with your best answer."
 )
-
-
-def describe_context(context: Any) -> tuple[str, str]:
-    """(short type, longer description with sizes) for the prompts."""
-    if isinstance(context, str):
-        chars = len(context)
-        return "a string", f"a string of {chars:,} characters (about {chars // 4:,} tokens)"
-    if isinstance(context, list):
-        lengths = [len(str(item)) for item in context[:10_000]]
-        total = sum(lengths)
-        shown = ", ".join(f"{n:,}" for n in lengths[:8]) + (", ..." if len(lengths) > 8 else "")
-        return (
-            f"a list of {len(context):,} items",
-            f"a list of {len(context):,} items, {total:,} characters in all (item lengths: {shown})",
-        )
-    if isinstance(context, dict):
-        keys = list(context)[:12]
-        more = ", ..." if len(context) > 12 else ""
-        return (
-            f"a dict with {len(context):,} keys",
-            f"a dict with {len(context):,} keys ({', '.join(repr(k)[:60] for k in keys)}{more})",
-        )
-    return type(context).__name__, f"a {type(context).__name__} object"
 
 
 def system_prompt(style: str, context: Any, sub_model_chars: int) -> str:

@@ -11,6 +11,8 @@ trajectories it reads: those of the SFT model on the RL tasks, so the pass-rate 
 the tasks GRPO's starting policy solves sometimes but not always.
 
 Every rule is a pure function of records, so each one is tested on hand-made trajectories.
+The cell outputs in the samples are what each episode's REPL returned (`CELL_RESULTS_NOTE`,
+written into filter_report.json): an earlier cell can decide what later cells return.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 from pydantic import Field
 
 from rlm_train.config import StrictModel
-from rlm_train.records import Outcome, TaskRecord, TrajectoryRecord, TurnRecord
+from rlm_train.records import CELL_RESULTS_NOTE, Outcome, TaskRecord, TrajectoryRecord, TurnRecord
 from rlm_train.rlm.parsing import CODE_FENCE_RE, FinalCall, find_final
 from rlm_train.rollouts.datasets import message_feature, write_datasets
 
@@ -428,6 +430,7 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
                "from_train_split": chosen["from_train_split"]},
         "outputs": {**({} if config.rl_only else {"sft": str(out / "sft")}), "rl": str(out / "rl"), "jsonl": str(out)},
         "warning": chosen["warning"],
+        "cell_results": CELL_RESULTS_NOTE,  # what the samples' tool outputs are
         "config": config.model_dump(),
     }
     write_text_atomic(out / "filter_report.json", json.dumps(report, indent=2) + "\n")

@@ -7,7 +7,8 @@ whose episodes each take minutes does not sit at 0/N with no sign that anything 
 `StopOnSignals`: the first SIGINT or SIGTERM cancels the run's main task. Episodes in
 flight are dropped (not recorded, so a re-run of the same command runs them again), their
 sandboxes are killed, and the caller writes its summary and raises `Stopped`. A second
-signal stops the process at once.
+signal stops the process at once, unless it comes within SAME_REQUEST_S of the first
+(`SignalRepeats`): then it is the same request, delivered twice.
 """
 
 from __future__ import annotations
@@ -37,9 +38,30 @@ class Stopped(KeyboardInterrupt):
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
+# A second stop signal this soon after the first is the same request delivered twice: scancel signals
+# every process of a job while torchrun passes its own signal on to its ranks, and a terminal's Ctrl-C
+# reaches a launcher and the processes it started alike. One later means "stop at once".
+SAME_REQUEST_S = 5.0
+
+
+class SignalRepeats:
+    """When the first stop signal came, to tell a repeat of it (within `window_s`) from a second request."""
+
+    def __init__(self, window_s: float = SAME_REQUEST_S) -> None:
+        self.window_s = window_s
+        self.first_at: float | None = None
+
+    def first(self) -> None:
+        self.first_at = time.monotonic()
+
+    def is_repeat(self) -> bool:
+        return self.first_at is not None and time.monotonic() - self.first_at < self.window_s
+
+
 class StopOnSignals:
-    def __init__(self) -> None:
+    def __init__(self, repeats: SignalRepeats | None = None) -> None:
         self.signum: int | None = None
+        self.repeats = repeats or SignalRepeats()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def install(self, task: asyncio.Task) -> None:
@@ -56,13 +78,17 @@ class StopOnSignals:
             self._loop = None
 
     def _on_signal(self, sig: int, task: asyncio.Task) -> None:
-        if self.signum is not None:  # a second signal: no more waiting
-            signal.signal(sig, signal.SIG_DFL)
+        if self.signum is not None:
+            if self.repeats.is_repeat():
+                return  # the first one's twin: already stopping
+            signal.signal(sig, signal.SIG_DFL)  # a second request: no more waiting
             os.kill(os.getpid(), sig)
             return
         self.signum = sig
-        print(f"\n{signal.Signals(sig).name}: stopping (episodes in flight are dropped; send it again to quit now)",
+        print(f"\n{signal.Signals(sig).name}: stopping (episodes in flight are dropped; send it again, after "
+              f"{self.repeats.window_s:g} s, to quit now)",
               file=sys.stderr, flush=True)
+        self.repeats.first()
         task.cancel()
 
 

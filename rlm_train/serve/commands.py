@@ -157,8 +157,8 @@ def main(args: argparse.Namespace) -> int:
 
             gcfg = gcfg.model_copy(update={"models": list_upstream_models(gcfg.base_urls[0])})
         if gcfg.host not in ("127.0.0.1", "localhost", "::1") and not gcfg.token_env:
-            notes.append(f"warning: the gateway listens on {gcfg.host} without a token: anyone who can reach it "
-                         "runs episodes on your servers (set --token-env)")
+            notes.append(f"gateway: listens on {gcfg.host} without --token-env: it makes a token at start and "
+                         "requires it (the line it prints names the token's file)")
         notes.append(f"gateway: http://{gcfg.host}:{gcfg.port or 'a free port'} in front of "
                      f"{', '.join(gcfg.base_urls)} (models: {', '.join(gcfg.models) or 'the upstream list'})")
         if not args.dry_run:

@@ -49,7 +49,7 @@ class GatewayConfig(StrictModel):
     enabled: bool = False
     """Run the gateway (`--gateway`; implied by `--base-url` without `--model`)."""
     host: str = "127.0.0.1"
-    """Interface the gateway binds (127.0.0.1: this machine only; set a token before opening it up)."""
+    """Interface the gateway binds (127.0.0.1: this machine only; any other address requires a token)."""
     port: int = Field(8100, ge=0, le=65535)
     """The gateway's port; 0 picks a free one."""
     base_urls: list[str] = Field(default_factory=list)
@@ -60,19 +60,40 @@ class GatewayConfig(StrictModel):
     sub_model: str | None = None
     """Upstream model for llm_query sub-calls (default: the request's root model)."""
     token_env: str | None = None
-    """Environment variable holding the bearer token every request must send (unset: no auth)."""
+    """Environment variable holding the bearer token every request must send (unset: none on a
+    loopback address; on any other address a new token each start, in
+    $RLM_TRAIN_CACHE/serve/gateway-PORT.token, mode 600)."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Host names clients may reach the gateway by, besides loopback names, IP addresses and this
+    machine's name; others get 403 (DNS rebinding). `.example.org` allows its subdomains, `*` any name."""
     context_dirs: list[str] = Field(default_factory=list)
     """Directories a request's `context_path` may name files in (empty: context files are refused)."""
     max_concurrent: int = Field(8, ge=1)
     """Episodes running at once."""
     max_queue: int = Field(32, ge=0)
     """Episodes waiting for a slot; beyond it requests get 429 with Retry-After."""
+    max_sandboxes: int = Field(64, ge=2, le=200)
+    """REPL sandboxes all requests hold at once: each running episode's and its child RLMs'. Every
+    request gets an even share, max_sandboxes // max_concurrent (its episode's and
+    `rlm.child_concurrency` lowered to the rest), so no request takes another's; at most 200 (a
+    process holds 256 sandboxes, the fork-server's spares included)."""
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     """Largest request body (inline context included); larger ones get 413."""
     max_context_file_bytes: int = Field(512 * 1024 * 1024, ge=1)
     """Largest context file a request may name; larger ones get 413."""
+    max_body_items: int = Field(1_000_000, ge=1)
+    """Most JSON items (array elements, object members) in a request body, counted before it is
+    decoded; more get 413 (they would cost the gateway ~100 bytes each, decoded)."""
     max_query_chars: int = Field(20_000, ge=1)
     """Longest query; longer ones get 422."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """Seconds a connection has to send a request's headers (from connecting, or from its previous
+    response); then 408 and the connection is closed (a silent one is just closed)."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """Seconds a request has to send its whole body once its headers are in; then 408 and closed."""
+    max_connections: int = Field(1000, ge=1)
+    """Open connections (at most half the process's descriptor limit); a new one past the cap evicts
+    the connection that has waited longest for its request, or gets 503 if every one is being answered."""
     retry_after_s: int = Field(2, ge=1)
     """The Retry-After a 429 sends."""
     keepalive_s: float = Field(10.0, gt=0)

@@ -22,10 +22,11 @@ Endpoints (JSON in and out; errors are `{"error": {"message", "type", "code"}}`)
 - `GET /v1/models`, `GET /health` (no auth), `GET /metrics` (Prometheus text).
 
 Limits: episodes run `max_concurrent` at a time with `max_queue` waiting, beyond that 429
-with Retry-After (nothing is started, so nothing is lost); bodies over `max_body_bytes` get
-413; malformed bodies 422; a `context_path` outside the allowed directories 403; a missing
-or wrong bearer token 401 (when `token_env` is set). A request's budget may lower the
-server's `rlm` settings, never raise them.
+with Retry-After, decided before the body is read (nothing is started, so nothing is lost);
+bodies over `max_body_bytes` or `max_body_items` get 413; malformed bodies 422; a
+`context_path` outside the allowed directories 403; a missing or wrong bearer token 401; a
+foreign Host 403. Deadlines, the connection cap and the checks made before a body is read are
+in gateway_http.py. A request's budget may lower the server's `rlm` settings, never raise them.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from typing import Any, AsyncIterator
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,73 +48,17 @@ from rlm_train.errors import UserError
 from rlm_train.models.base import Policy
 from rlm_train.records import TrajectoryRecord, TurnRecord
 from rlm_train.rlm import RLMConfig, run_episode
+from rlm_train.rlm.budget import SandboxSlots
 from rlm_train.serve.config import GatewayConfig
 
 # Request budgets capped by the server's RLMConfig (a request may lower them, never raise them).
-from rlm_train.serve.gateway_api import _finish_reason, _result, _too_large, _upstream_failure, CAPPED_FIELDS, ChatRequest, GatewayError, RLMExtension, RLMRequest, RequestBudget, _ENDPOINTS, _describe_validation, _error_body, _json, split_chat
+from rlm_train.serve.gateway_api import _finish_reason, _result, _upstream_failure, CAPPED_FIELDS, ChatRequest, GatewayError, RLMExtension, RLMRequest, RequestBudget, _error_body, _json, split_chat
+from rlm_train.serve.gateway_http import check_context_path, find_context_file, read_json
 from rlm_train.serve.gateway_metrics import Metrics, tree_usage
+from rlm_train.serve.gateway_tree import fair_share
 
 # ---------------------------------------------------------------------------
 # The gateway's state
-
-
-class _Edge:
-    """Outermost ASGI layer: the body size limit (Content-Length, and counted while read, for
-    chunked bodies) and the per-endpoint status counts."""
-
-    def __init__(self, app: Any, gateway: "Gateway"):
-        self.app = app
-        self.gateway = gateway
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        endpoint = path if path in _ENDPOINTS else "other"
-        limit = self.gateway.config.max_body_bytes
-        status_seen: list[int] = []
-
-        async def counting_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status_seen.append(message["status"])
-                self.gateway.metrics.requests[(endpoint, message["status"])] += 1
-            await send(message)
-
-        headers = dict(scope.get("headers") or [])
-        if path != "/health":
-            refusal = self.gateway.auth_refusal(headers.get(b"authorization", b"").decode("latin-1"))
-            if refusal is not None:  # before the body is read
-                await _send_error(counting_send, 401, refusal, "authentication_error",
-                                  [(b"www-authenticate", b"Bearer")])
-                return
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            self.gateway.metrics.rejected["too_large"] += 1
-            await _send_error(counting_send, 413, _too_large(limit), "request_too_large")
-            return
-        received = 0
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    self.gateway.metrics.rejected["too_large"] += 1
-                    raise GatewayError(413, _too_large(limit), "request_too_large")
-            return message
-
-        await self.app(scope, limited_receive, counting_send)
-
-
-async def _send_error(send: Any, status: int, message: str, kind: str,
-                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = _error_body(status, message, kind)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class Gateway:
@@ -138,6 +82,8 @@ class Gateway:
                 raise UserError(f"--context-dir {d}: not a directory")
         for name in dict.fromkeys([*config.models, *([config.sub_model] if config.sub_model else [])]):
             self.policy(name)  # bad base URLs fail here, at start-up
+        self.rlm = fair_share(config)
+        self.sandboxes = SandboxSlots(config.max_sandboxes, name="the gateway's sandboxes (gateway.max_sandboxes)")
 
     @staticmethod
     def _read_token(env: str | None) -> str | None:
@@ -182,7 +128,7 @@ class Gateway:
 
     def episode_config(self, budget: RequestBudget | None) -> tuple[RLMConfig, list[str]]:
         """The server's RLMConfig lowered by the request's budget; also the fields that were capped."""
-        base = self.config.rlm
+        base = self.rlm
         if budget is None:
             return base, []
         update: dict[str, Any] = {}
@@ -200,41 +146,18 @@ class Gateway:
             update["temperature"] = budget.temperature
         return base.model_copy(update=update), capped
 
-    def context_file(self, raw: str) -> Path:
-        """A context_path resolved (symlinks too) inside an allowed directory, or 403/404/413."""
-        if "\x00" in raw:
-            raise GatewayError(422, "context_path contains a NUL byte", "invalid_request_error")
-        if not self.context_dirs:
-            self.metrics.rejected["forbidden_path"] += 1
-            raise GatewayError(403, "context files are off on this gateway: send the context inline, or start it "
-                                    "with --context-dir DIR", "permission_error")
-        given = Path(raw)
-        candidates = [given] if given.is_absolute() else [d / given for d in self.context_dirs]
-        inside = []
-        for candidate in candidates:
-            real = candidate.resolve()
-            if any(real == d or real.is_relative_to(d) for d in self.context_dirs):
-                inside.append(real)
-        if not inside:
-            self.metrics.rejected["forbidden_path"] += 1
-            raise GatewayError(403, f"context_path {raw!r} is outside the directories this gateway reads "
-                                    f"contexts from ({', '.join(map(str, self.context_dirs))})", "permission_error")
-        for real in inside:
-            if real.is_file():
-                size = real.stat().st_size
-                if size > self.config.max_context_file_bytes:
-                    self.metrics.rejected["too_large"] += 1
-                    raise GatewayError(413, f"context_path {raw!r} is {size:,} bytes, over the gateway's limit of "
-                                            f"{self.config.max_context_file_bytes:,}", "request_too_large")
-                return real
-        raise GatewayError(404, f"context_path {raw!r}: no such file in the allowed directories", "not_found_error")
-
     async def load_context(self, context: Any, context_path: str | None) -> Any:
         if context_path is None:
             return context
-        path = self.context_file(context_path)
         from rlm_train.formats import read_context_file
 
+        check_context_path(context_path)  # before anything resolves it
+        try:
+            path = await asyncio.to_thread(find_context_file, context_path, self.context_dirs,
+                                           self.config.max_context_file_bytes)
+        except GatewayError as exc:
+            self.metrics.rejected[{403: "forbidden_path", 413: "too_large"}.get(exc.status_code, "invalid")] += 1
+            raise
         try:
             return await asyncio.to_thread(read_context_file, path)
         except UserError as exc:
@@ -284,7 +207,7 @@ class Gateway:
                 on_start()
             policy = self.policy(model)
             sub = self.policy(sub_model) if sub_model and sub_model != model else None
-            record = await run_episode(query, context, policy, sub, config, on_turn=on_turn)
+            record = await run_episode(query, context, policy, sub, config, on_turn=on_turn, sandboxes=self.sandboxes)
         finally:
             self.running -= 1
             self._slots.release()
@@ -326,15 +249,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
                         media_type="application/json", headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> Response:
-        return Response(_error_body(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"),
-                        status_code=500, media_type="application/json")
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        gateway.metrics.rejected["invalid"] += 1
-        return Response(_error_body(422, _describe_validation(exc), "invalid_request_error"), status_code=422,
-                        media_type="application/json")
+    async def _bug(request: Request, exc: Exception) -> Response:  # the traceback goes to the operator's log
+        return Response(_error_body(500, f"internal error ({type(exc).__name__}); the gateway's log has the "
+                                         "details", "server_error"), status_code=500, media_type="application/json")
 
     @app.get("/health")
     async def health() -> Response:
@@ -343,7 +260,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(gateway.metrics.render(gateway.running, gateway.queued, config),
+        return Response(gateway.metrics.render(gateway.running, gateway.queued, config, gateway.sandboxes),
                         media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -352,15 +269,19 @@ def create_app(config: GatewayConfig) -> FastAPI:
                                                  for m in config.models]})
 
     @app.post("/v1/rlm")
-    async def rlm(body: RLMRequest) -> Response:
-        gateway.check_query(body.query)
-        model = gateway.model_name(body.model)
-        sub_model = gateway.model_name(body.sub_model or config.sub_model, "sub_model") \
-            if (body.sub_model or config.sub_model) else None
-        effective, capped = gateway.episode_config(body.budget)
+    async def rlm(request: Request) -> Response:
+        gateway.admit()  # first: a full gateway reads no body
+
+        async def prepare() -> tuple[RLMRequest, str, str | None, RLMConfig, list[str], Any]:
+            body = await read_json(request, RLMRequest, gateway)
+            gateway.check_query(body.query)
+            sub_name = body.sub_model or config.sub_model
+            effective, capped = gateway.episode_config(body.budget)
+            return (body, gateway.model_name(body.model), gateway.model_name(sub_name, "sub_model") if sub_name else None,
+                    effective, capped, await gateway.load_context(body.context, body.context_path))
+
+        body, model, sub_model, effective, capped, context = await gateway.admitted(prepare())
         request_id = f"rlm-{uuid.uuid4().hex[:24]}"
-        gateway.admit()
-        context = await gateway.admitted(gateway.load_context(body.context, body.context_path))
         headers = {"X-Request-Id": request_id}
         if not body.stream:
             record, _ = await gateway.run(body.query, context, model, sub_model, effective)
@@ -396,23 +317,27 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return StreamingResponse(events(), media_type="application/x-ndjson", headers=headers)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> Response:
-        ext = body.rlm or RLMExtension()
-        explicit = ext.context is not None or ext.context_path is not None
-        query, split_context = split_chat(body.messages, explicit)
-        gateway.check_query(query)
-        model = gateway.model_name(body.model)
-        sub_name = ext.sub_model or config.sub_model
-        sub_model = gateway.model_name(sub_name, "sub_model") if sub_name else None
-        budget = ext.budget
-        if body.temperature is not None and (budget is None or budget.temperature is None):
-            budget = (budget or RequestBudget()).model_copy(update={"temperature": body.temperature})
-        effective, capped = gateway.episode_config(budget)
+    async def chat(request: Request) -> Response:
+        gateway.admit()  # first: a full gateway reads no body
+
+        async def prepare() -> tuple[ChatRequest, RLMExtension, str, str, str | None, RLMConfig, list[str], Any]:
+            body = await read_json(request, ChatRequest, gateway)
+            ext = body.rlm or RLMExtension()
+            explicit = ext.context is not None or ext.context_path is not None
+            query, split_context = split_chat(body.messages, explicit)
+            gateway.check_query(query)
+            sub_name = ext.sub_model or config.sub_model
+            budget = ext.budget
+            if body.temperature is not None and (budget is None or budget.temperature is None):
+                budget = (budget or RequestBudget()).model_copy(update={"temperature": body.temperature})
+            effective, capped = gateway.episode_config(budget)
+            context = await gateway.load_context(ext.context, ext.context_path) if explicit else split_context
+            return (body, ext, query, gateway.model_name(body.model),
+                    gateway.model_name(sub_name, "sub_model") if sub_name else None, effective, capped, context)
+
+        body, ext, query, model, sub_model, effective, capped, context = await gateway.admitted(prepare())
         request_id = f"chatcmpl-rlm-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        gateway.admit()
-        context = await gateway.admitted(gateway.load_context(ext.context, ext.context_path)) if explicit \
-            else split_context
 
         def extension(record: TrajectoryRecord) -> dict[str, Any]:
             result = _result(request_id, model, record, effective, capped, ext.include_trajectory)
@@ -490,7 +415,3 @@ async def _drain(queue: asyncio.Queue, task: asyncio.Future, keepalive_s: float)
             return
         yield {"event": "ping"}
 
-
-def asgi_app(app: FastAPI) -> Any:
-    """The app inside its edge layer (body size limit, status counts): what uvicorn serves."""
-    return _Edge(app, app.state.gateway)

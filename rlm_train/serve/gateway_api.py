@@ -3,11 +3,11 @@ request becomes a query and a context. Pure: no server state (gateway.py uses th
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Any, Literal, Sequence
 
 import orjson
 from fastapi import HTTPException
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rlm_train.records import Outcome, TrajectoryRecord
@@ -113,23 +113,31 @@ class GatewayError(HTTPException):
         self.kind = kind
 
 
+# An absolute path of two or more components, not part of a URL or of a longer word.
+_HOST_PATH = re.compile(r"(?<![\w/.:~-])/(?:[^\s/'\"(),;:]+/)+([^\s/'\"(),;:]*)")
+
+
+def scrub_paths(text: str) -> str:
+    """`text` without host paths: each absolute path becomes its last component."""
+    return _HOST_PATH.sub(lambda m: m.group(1) or "(a directory)", text)
+
+
 def _error_body(status: int, message: str, kind: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
+    """Every error body the gateway sends: one line, no host paths."""
+    line = scrub_paths(" ".join(message.split()))
+    return orjson.dumps({"error": {"message": line, "type": kind, "code": status}})
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> str:
+def describe_errors(errors: Sequence[Any]) -> str:
+    """One line from pydantic's errors (the first five)."""
     parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        msg = str(err.get("msg", "invalid"))
-        if err.get("type") == "json_invalid":
-            msg = f"the body is not valid JSON ({err.get('ctx', {}).get('error', msg)})"
-            loc = "body"
-        parts.append(f"{loc}: {msg}")
+    for err in errors[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts)
 
 
@@ -185,18 +193,29 @@ def _result(request_id: str, model: str, record: TrajectoryRecord, effective: RL
             include_trajectory: bool) -> dict[str, Any]:
     usage = tree_usage(record)
     stats = record["stats"]
+    error = scrub_paths(record["error"]) if record["error"] else record["error"]
     return {
         "id": request_id,
         "object": "rlm.result",
         "model": model,
         "answer": record["final"],
         "outcome": str(record["outcome"]),
-        "error": record["error"],
+        "error": error,
         "error_kind": record["error_kind"],
         "usage": {**usage, "turns": stats["turns"], "sub_calls": stats["sub_calls"], "wall_s": stats["wall_s"]},
         "budget": {**{name: getattr(effective, name) for name in CAPPED_FIELDS}, "capped": capped},
-        "trajectory": record if include_trajectory else None,
+        "trajectory": _scrub_errors(record) if include_trajectory else None,
     }
+
+
+def _scrub_errors(record: Any) -> Any:
+    """A trajectory whose `error` fields (the episode's, its children's) carry no host paths;
+    everything else as recorded (what the model and the REPL wrote is the client's own)."""
+    if isinstance(record, dict):
+        return {k: scrub_paths(v) if k == "error" and isinstance(v, str) else _scrub_errors(v) for k, v in record.items()}
+    if isinstance(record, list):
+        return [_scrub_errors(v) for v in record]
+    return record
 
 
 def _finish_reason(record: TrajectoryRecord) -> str:

@@ -6,6 +6,7 @@ from collections import Counter
 
 
 from rlm_train.records import EpisodeRecord, TrajectoryRecord
+from rlm_train.rlm.budget import SandboxSlots
 from rlm_train.serve.config import GatewayConfig
 
 # Request budgets capped by the server's RLMConfig (a request may lower them, never raise them).
@@ -43,7 +44,7 @@ class Metrics:
                 self.buckets[i] += 1
         self.buckets[-1] += 1
 
-    def render(self, running: int, queued: int, config: GatewayConfig) -> str:
+    def render(self, running: int, queued: int, config: GatewayConfig, sandboxes: SandboxSlots) -> str:
         lines = [
             "# HELP rlm_gateway_requests_total HTTP requests answered, by endpoint and status.",
             "# TYPE rlm_gateway_requests_total counter",
@@ -72,6 +73,15 @@ class Metrics:
             "# HELP rlm_gateway_max_queue Episodes allowed to wait.",
             "# TYPE rlm_gateway_max_queue gauge",
             f"rlm_gateway_max_queue {config.max_queue}",
+            "# HELP rlm_gateway_sandboxes REPL sandboxes held now (episodes and child RLMs, until their worker is gone).",
+            "# TYPE rlm_gateway_sandboxes gauge",
+            f"rlm_gateway_sandboxes {sandboxes.held}",
+            "# HELP rlm_gateway_sandboxes_max Most sandboxes held at once so far.",
+            "# TYPE rlm_gateway_sandboxes_max gauge",
+            f"rlm_gateway_sandboxes_max {sandboxes.peak}",
+            "# HELP rlm_gateway_max_sandboxes Sandboxes allowed at once.",
+            "# TYPE rlm_gateway_max_sandboxes gauge",
+            f"rlm_gateway_max_sandboxes {config.max_sandboxes}",
             "# HELP rlm_gateway_tokens_total Model tokens used by finished episodes (whole call tree).",
             "# TYPE rlm_gateway_tokens_total counter",
             *(f'rlm_gateway_tokens_total{{kind="{k}"}} {n}' for k, n in sorted(self.tokens.items())),

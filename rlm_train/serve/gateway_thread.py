@@ -3,15 +3,17 @@ the model names an upstream OpenAI-compatible server lists."""
 
 from __future__ import annotations
 
-from __future__ import annotations
 import json
+import logging
+import sys
 import threading
 import time
 from typing import Any
-from fastapi import FastAPI
-from rlm_train.errors import UserError
 
-from rlm_train.serve.gateway import asgi_app
+from fastapi import FastAPI
+
+from rlm_train.errors import UserError
+from rlm_train.serve.gateway_http import asgi_app, generate_token, guarded_protocol, log, remove_token_file
 
 
 # ---------------------------------------------------------------------------
@@ -20,7 +22,9 @@ from rlm_train.serve.gateway import asgi_app
 
 class GatewayThread:
     """uvicorn serving the gateway in a background thread, on a socket bound before it starts
-    (so a port in use is a UserError here, and port 0 is known at once)."""
+    (so a port in use is a UserError here, and port 0 is known at once). Its connections are
+    guarded (`gateway_http.GuardedH11Protocol`), its refusals logged to stderr; bound to an
+    address other machines reach without a token, it makes one (`token_file`)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import socket
@@ -36,8 +40,19 @@ class GatewayThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
+        gateway = app.state.gateway
+        self.token_file = generate_token(gateway, host, self.port)
+        if self.token_file is not None:
+            print(f"rlm-train serve: the gateway listens on {host} and no --token-env was given: every request "
+                  f"but /health must send 'Authorization: Bearer TOKEN', with the token this start made in "
+                  f"{self.token_file} (mode 600)", file=sys.stderr, flush=True)
+        if not log.handlers:  # the operator's console: one line per refused request
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s rlm-train gateway: %(message)s"))
+            log.addHandler(handler)
         config = uvicorn.Config(asgi_app(app), log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
-                                access_log=False, backlog=2048)
+                                access_log=False, backlog=2048, ws="none",
+                                http=guarded_protocol(gateway.config, gateway.metrics.rejected))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._serve, name="rlm-gateway", daemon=True)
         self.error: BaseException | None = None
@@ -71,6 +86,7 @@ class GatewayThread:
             self.sock.close()
         except OSError:
             pass
+        remove_token_file(self.token_file)
 
     def __enter__(self) -> "GatewayThread":
         return self.start()

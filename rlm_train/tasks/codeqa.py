@@ -12,6 +12,7 @@ import ast
 import random
 import re
 
+from rlm_train.errors import UserError
 from rlm_train.tasks import corpora
 from rlm_train.tasks.common import letters
 from rlm_train.tasks.family import Family
@@ -228,7 +229,8 @@ def generate(rng: random.Random, target_chars: int, split: str) -> dict:
         if built:
             break
     if not built:
-        raise RuntimeError("could not build a codeqa question from the chosen files")
+        raise UserError(f"codeqa: no question could be built from the {len(files)} file(s) a {target_chars}-character "
+                        "context holds; give codeqa a larger context_tokens (its questions compare several files)")
     text, options = built
     order = list(range(4))
     rng.shuffle(order)

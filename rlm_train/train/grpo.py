@@ -70,8 +70,10 @@ def resource_problems(cfg: GRPOConfig) -> list[Problem]:
                                  "recipes/tiny-cpu-grpo.yaml", "slurm/grpo.sbatch")
     if cfg.requires.vllm or cfg.rollout.backend == "vllm_server":
         problems += missing_package(
-            "vllm", "rollout.backend=vllm_server needs the vllm package in the training environment (TRL's server "
-                    "mode imports it to push weights); pip install vllm on the GPU node, or set rollout.backend=transformers"
+            "vllm", f"{'rollout.backend=vllm_server' if cfg.rollout.backend == 'vllm_server' else 'requires.vllm=true'} "
+                    "needs the vllm package in the training environment (TRL's server "
+                    "mode imports it to push weights); install the gpu extra into this environment (pip install -e "
+                    "'.[gpu]' -c constraints/gpu.txt; the GPU jobs run it too), or set rollout.backend=transformers"
         )
     if cfg.rollout.backend == "vllm_server" and cuda_count() == 0:
         problems.append(Problem(

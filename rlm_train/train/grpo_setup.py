@@ -16,7 +16,7 @@ RESUME_MAY_CHANGE = (
     "resume", "training.max_steps", "training.logging_steps", "training.save_steps", "training.save_total_limit",
     "report_to", "num_threads", "rollout.vllm_server_url", "rollout.vllm_server_timeout_s", "rollout.concurrency",
     "rollout.batch_wait_s", "rollout.client", "launch", "requires", "evaluation", "save_merged", "merged_dtype",
-    "run_name", "wandb_project",
+    "run_name", "wandb_project", "training.ddp_timeout",
 )
 
 

@@ -8,7 +8,9 @@ limit (`--signal=B:TERM@N`) and what Ctrl-C sends. The first signal asks the run
   completed step (`runtime.train_until_stopped`).
 
 Either way the next run with `resume: auto` continues from the checkpoint, and the process exits with
-128 + the signal number. A second signal stops at once (the handler is put back).
+128 + the signal number. A second signal stops at once (the handler is put back), unless it comes within
+a few seconds of the first (rollouts/progress.py: SAME_REQUEST_S): scancel signals every rank and torchrun
+passes its own signal on too, so each rank gets the one request twice.
 
 Every process must agree on what it does, or one would wait forever in a collective for the others: the
 flag is combined over processes at each step's end and after each rollout (one scalar all-reduce each)."""
@@ -20,6 +22,7 @@ import concurrent.futures
 import signal
 from typing import Any, Coroutine, TypeVar
 
+from rlm_train.rollouts.progress import SignalRepeats
 from rlm_train.train.common import main_print, sum_over_processes
 
 T = TypeVar("T")
@@ -39,10 +42,11 @@ class GracefulStop:
     """Install with `with GracefulStop(stage) as stop:`, add `stop.callback()` to the trainer;
     `stop.signal_name` is set when training ended because of a signal."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, repeats: SignalRepeats | None = None):
         self.stage = stage
         self.requested: str | None = None
         self.signal_name: str | None = None
+        self.repeats = repeats or SignalRepeats()
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -60,13 +64,17 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self.requested:  # second signal: the user means it
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if self.requested:
+            if self.repeats.is_repeat():  # the first one's twin (scancel + torchrun): already stopping
+                main_print(f"[{self.stage}] {name} again within {self.repeats.window_s:g} s: the same request")
+                return
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second request: the user means it
             raise KeyboardInterrupt(name)
         self.requested = name
         main_print(f"[{self.stage}] {name}: stopping with a checkpoint of the last completed step (a rollout under "
                    f"way is abandoned, a training step finishes first); the next run resumes from it; send it again "
-                   f"to stop at once")
+                   f"(after {self.repeats.window_s:g} s) to stop at once")
+        self.repeats.first()  # once handled: a twin that came in meanwhile waits for this handler
 
     @property
     def exit_code(self) -> int:

@@ -37,6 +37,9 @@ class Problem:
 
     message: str
     fatal: bool = True
+    environment: bool = False
+    """The Python environment lacks it (a package), not this machine's hardware: the Slurm jobs run
+    the same environment, so `rlm-train launch` refuses to submit on it (launch/environment.py)."""
 
 
 def cuda_count() -> int:
@@ -77,8 +80,8 @@ def hardware_problems(requires: Requirements, device: str, bf16: bool, cpu_recip
 
 
 def missing_package(module: str, message: str) -> list[Problem]:
-    """A fatal problem naming the fix when `module` is not importable."""
-    return [] if importlib.util.find_spec(module) is not None else [Problem(message)]
+    """A fatal problem naming the fix when `module` is not importable (a lack of the environment)."""
+    return [] if importlib.util.find_spec(module) is not None else [Problem(message, environment=True)]
 
 
 # ---------------------------------------------------------------------------

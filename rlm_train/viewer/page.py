@@ -7,6 +7,12 @@ The data sits in two `<script type="application/json">` tags:
 - `rlm-details`: one JSON line per episode, in index order. The page parses a line
   only when its episode is opened, so a 10,000-episode file opens at once.
 
+Every field of a record is treated as hostile: the data is JSON that cannot end its
+<script> element (`_script_json`), the page's script builds the DOM with textContent and
+setAttribute only (no HTML strings), and the page's Content-Security-Policy (`csp`) lets
+only the page's own script and style run (by their sha256 hashes, computed as the page is
+written), so an inline handler or a markup sink is refused even if that rule is broken.
+
 Episodes are slimmed, not changed: `messages` (the turns again, as chat) become the
 system prompt (interned once in the string table) and the first user message; a
 turn's `feedback` is taken from `messages` when an old record lacks it; strings longer
@@ -15,6 +21,9 @@ than `max_chars` are clipped with a note. Everything else is the record's own fi
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html
 import json
 import math
 import re
@@ -23,6 +32,7 @@ from typing import Any, Mapping, NamedTuple
 from urllib.parse import quote
 
 from rlm_train.errors import UserError
+from rlm_train.records import CELL_RESULTS_NOTE
 from rlm_train.viewer.load import Loaded
 
 INDEX_COLUMNS = ("id", "method", "family", "task", "sample", "score", "outcome", "tags",
@@ -71,7 +81,7 @@ class _Compactor:
     def episode(self, ep: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in ep.items():
-            if key in ("messages", "turns", "config", "schema"):
+            if key in ("messages", "turns", "config", "schema", "system", "user"):  # system, user: ours, below
                 continue
             out[key] = self.clip(value)
         if isinstance(ep.get("config"), dict):
@@ -163,21 +173,31 @@ def _turn_tags(ep: Mapping[str, Any], found: set[str]) -> None:
                 _turn_tags(sc["child"], found)
 
 
+def _label(value: Any) -> str:
+    """A record's field as the list's text: a string as it is, any other JSON value as JSON."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
 def index_row(ep: Mapping[str, Any], method: int) -> list[Any]:
+    """The list's row: text columns are strings and number columns numbers or null,
+    whatever types the record holds."""
     stats = ep.get("stats") if isinstance(ep.get("stats"), dict) else {}
     assert isinstance(stats, dict)
-    tokens = stats.get("tokens_total")
+    tokens = _num(stats.get("tokens_total"))
     if tokens is None:
-        tokens = (stats.get("prompt_tokens") or 0) + (stats.get("completion_tokens") or 0)
+        tokens = (_num(stats.get("prompt_tokens")) or 0) + (_num(stats.get("completion_tokens")) or 0)
     wall = _num(stats.get("wall_s", stats.get("episode_wall_s")))
     subcalls = stats.get("subcalls_total", stats.get("sub_calls"))
-    query = str(ep.get("query") or "")
+    sample = ep.get("sample")
     final = ep.get("final")
     return [
-        ep.get("id") or "", method, ep.get("family") or "", ep.get("task_id") or "", ep.get("sample"),
-        _num(ep.get("score")), str(ep.get("outcome") or ""), " ".join(tags(ep)),
-        len(ep.get("turns") or []), _num(subcalls), _num(tokens), None if wall is None else round(wall, 3),
-        query[:QUERY_CHARS], None if final is None else str(final)[:FINAL_CHARS],
+        _label(ep.get("id")), method, _label(ep.get("family")), _label(ep.get("task_id")),
+        sample if sample is None or _num(sample) is not None else _label(sample),
+        _num(ep.get("score")), _label(ep.get("outcome")), tags(ep),
+        len(ep.get("turns") or []), _num(subcalls), tokens, None if wall is None else round(wall, 3),
+        _label(ep.get("query"))[:QUERY_CHARS], None if final is None else _label(final)[:FINAL_CHARS],
     ]
 
 
@@ -210,6 +230,27 @@ def _finite(obj: Any) -> Any:
 
 def _asset(name: str) -> str:
     return resources.files("rlm_train.viewer").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def _sha256_source(text: str) -> str:
+    """A CSP hash source for an inline element whose text is exactly `text`."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def csp(script: str, style: str) -> str:
+    """The page's Content-Security-Policy: nothing loads from anywhere; the only script
+    and style that run are the page's own (matched by hash, so no inline handler, no
+    javascript: URL, no eval and no style attribute); Trusted Types make every HTML sink
+    (innerHTML and the like) refuse strings."""
+    return "; ".join([
+        "default-src 'none'",
+        f"script-src {_sha256_source(script)}",
+        f"style-src {_sha256_source(style)}",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "require-trusted-types-for 'script'",
+        "trusted-types 'none'",
+    ])
 
 
 class Page(NamedTuple):
@@ -254,14 +295,17 @@ def render_page(loaded: Loaded, *, title: str | None = None, max_chars: int = 20
         raise UserError(f"{loaded.root}: no trajectory could be shown ({len(problems)} problem(s), the first: {problems[0]})")
     page_title = index["title"]
     assert isinstance(page_title, str)
+    script, style = _asset("viewer.js.txt"), _asset("viewer.css.txt")
     values = {
-        "TITLE": page_title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"),
-        "CSS": _asset("viewer.css.txt"),
-        "JS": _asset("viewer.js.txt"),
+        "CSP": csp(script, style),
+        "TITLE": html.escape(page_title, quote=True),
+        "CSS": style,
+        "JS": script,
         "INDEX": _script_json(index),
         "DETAILS": "\n".join(details),
+        "CELLS": html.escape(CELL_RESULTS_NOTE, quote=True),
     }
     template = _asset("page.html.txt")
     # One pass, so nothing in the data is ever taken for a placeholder.
-    html = re.sub(r"@@(TITLE|CSS|JS|INDEX|DETAILS)@@", lambda m: values[m.group(1)], template)
-    return Page(html, len(rows), problems)
+    text = re.sub(r"@@(CSP|TITLE|CSS|JS|INDEX|DETAILS|CELLS)@@", lambda m: values[m.group(1)], template)
+    return Page(text, len(rows), problems)
