@@ -144,10 +144,10 @@ class RecordingStats(TypedDict):
 
     budget_chars: int
     charged_chars: int  # counted against the budget (the root's own conversation is not)
-    truncated: bool  # something was left out: dropped_texts or episodes_without_turns
+    truncated: bool  # something was left out: dropped_texts or episodes_without_text
     dropped_texts: int  # cell and sub-call texts replaced by "[N chars not recorded: ...]"
     dropped_chars: int  # their characters, and those of the children's left-out conversations
-    episodes_without_turns: int  # child RLMs kept as outcome and stats only
+    episodes_without_text: int  # child RLMs kept as counts only (tokens, outcomes, stats; no text)
 
 
 class EpisodeStats(TypedDict):

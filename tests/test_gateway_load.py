@@ -34,6 +34,7 @@ MODEL = "mock-model"
 BASELINE_S = 20.0
 ATTACK_S = 30.0
 RAMP_S = 3.0
+SLOWLORIS = 1100  # half-sent requests held at once: more than the gateway's connection cap
 SECRET = "the text of a context file only local clients may read"
 
 
@@ -101,7 +102,8 @@ def test_honest_clients_are_served_while_every_attack_runs_at_once(tmp_path):
 
             attackers = subprocess.Popen(
                 [sys.executable, "-m", "rlm_train.testing.gateway_attacks", "--port", str(port),
-                 "--seconds", str(RAMP_S + ATTACK_S), "--secret", SECRET], stdout=subprocess.PIPE, text=True)
+                 "--seconds", str(RAMP_S + ATTACK_S), "--secret", SECRET, "--slowloris", str(SLOWLORIS)],
+                stdout=subprocess.PIPE, text=True)
             time.sleep(RAMP_S)  # every attack under way
             honest.latencies.clear()
             honest.run(ATTACK_S)
@@ -150,5 +152,6 @@ def test_honest_clients_are_served_while_every_attack_runs_at_once(tmp_path):
     assert tally["foreign Host LEAKED"] == 0 and tally["foreign Host 200"] == 0, figures
     assert sandboxes_max <= 64 and sandboxes_after == 0 and running_after == 0, figures
     assert processes_after <= idle_processes and not alive, figures
-    for attack in ("slowloris opened", "huge body", "long context_path", "foreign Host", "fan-out bomb", "streamer"):
+    for attack in ("slowloris opened", "slow body opened", "huge body", "long context_path", "foreign Host",
+                   "fan-out bomb", "streamer"):
         assert any(k.startswith(attack) for k in tally), (attack, figures)  # every attack did run

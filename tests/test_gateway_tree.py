@@ -151,8 +151,8 @@ def child_episodes(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_child_rlms_hold_at_most_their_requests_share_of_sandboxes(upstream, census):
-    """e13e08c: three requests fanning out child RLMs held a sandbox per child at once (here
-    85 each: 258 sandboxes, past the process's 256, so other users' episodes failed to start)."""
+    """e13e08c: three requests fanning out 85 child RLMs each started a sandbox per child at
+    once (one request held 86); the process ran out of its 256 and honest episodes failed."""
     with gateway(upstream) as gw:  # defaults: max_concurrent=8, max_sandboxes=64: a share of 8
         with ThreadPoolExecutor(8) as pool:
             hostile = [pool.submit(post, gw, {"query": f"FANOUT 85 h{i}", "context": f"FANOUT 85 h{i}",
@@ -218,3 +218,44 @@ def test_a_client_that_leaves_stops_its_whole_call_tree(upstream, census):
         assert gauge(gw, "rlm_gateway_episodes_running") == 0 and gauge(gw, "rlm_gateway_sandboxes") == 0
         status, body = post(gw, {"query": "What is the answer?", "context": scenario_context("k9", "Filler. ", 800)})
         assert status == 200 and body["answer"] == "k9"
+
+
+def test_sandbox_slots_hand_over_in_order_count_the_parent_and_give_back_once():
+    import asyncio
+
+    from rlm_train.rlm.budget import SandboxSlots, SandboxWaitExceeded
+
+    async def scenario() -> None:
+        gateway_wide = SandboxSlots(3, name="the gateway's")
+        tree = SandboxSlots(2, gateway_wide, "this tree's")
+        first, second = await tree.take(1.0), await tree.take(1.0)
+        assert (tree.held, gateway_wide.held) == (2, 2)
+        order: list[str] = []
+
+        async def wait(name: str):
+            slot = await tree.take(5.0)
+            order.append(name)
+            return slot
+
+        waiters = [asyncio.ensure_future(wait(n)) for n in ("a", "b")]
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(first.give_back)  # from a REPL thread, as a closed session does
+        await asyncio.to_thread(first.give_back)  # a second time: no effect
+        a = await waiters[0]
+        assert order == ["a"] and (tree.held, gateway_wide.held) == (2, 2) and a.waited_s > 0.04
+        waiters[1].cancel()  # a waiter that leaves takes nothing
+        second.give_back()
+        a.give_back()
+        await asyncio.sleep(0.05)
+        assert (tree.held, gateway_wide.held) == (0, 0) and tree.peak == 2
+        other = SandboxSlots(5, gateway_wide, "another tree's")
+        held = [await other.take(1.0) for _ in range(3)]
+        with pytest.raises(SandboxWaitExceeded, match="all 3 of the gateway's"):
+            await other.take(0.1)  # the gateway-wide budget bounds every tree together
+        assert (other.held, gateway_wide.held) == (3, 3)
+        for slot in held:
+            slot.give_back()
+        await asyncio.sleep(0.05)
+        assert gateway_wide.held == 0
+
+    asyncio.run(scenario())

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 import psutil
+import pytest
 
 from rlm_train.models.base import CallablePolicy
 from rlm_train.repl import REPLSession, SandboxConfig, cgroups
@@ -88,20 +89,29 @@ def test_a_child_rlm_context_is_built_in_the_child_session_not_the_host():
         assert seen["child_group_mb"] > 60, seen  # the objects are the child session's
 
 
-def test_a_child_context_that_is_not_json_fails_the_child_not_the_host():
-    """A forged request whose context is not JSON: the child's worker refuses it while
-    loading, and the cell gets the child's failure as rlm_query's answer."""
-    forged = ('{"op": "rlm", "items": [["q", ["{not json", "a list of 1 items", "x"]]]}').encode()
-    code = ("import os, struct, socket, pickle\np = " + repr(forged) + "\nos.write(3, struct.pack('<Q', len(p)) + p)\n"
+@pytest.mark.parametrize("context,expect", [
+    ("'{not json'", "could not be loaded: unexpected"),
+    # 4.5 MB of JSON that decodes to ~100 MB of objects: past the child's memory_mb, not the host's.
+    ("'[' + '[],' * 1_499_999 + '[]]'", "memory"),
+])
+def test_a_child_context_the_child_cannot_load_fails_the_child_not_the_host(context, expect):
+    """A forged request (written to fd 3) with a context the child's worker cannot build: it
+    fails while loading, in the child's session, and the cell gets that as rlm_query's answer."""
+    code = ("import os, json, struct, socket, pickle\n"
+            f"p = json.dumps({{'op': 'rlm', 'items': [['q', [{context}, 'a list', 'x']]]}}).encode()\n"
+            "os.write(3, struct.pack('<Q', len(p)) + p)\n"
             "sock = socket.socket(fileno=os.dup(3))\nn = struct.unpack('<Q', sock.recv(8, socket.MSG_WAITALL))[0]\n"
             "print(pickle.loads(sock.recv(n, socket.MSG_WAITALL)))")
+    seen = {}
 
     def policy(messages, hints):
+        seen.setdefault("host_mb", _rss_mb())
         return block(code) if _turn(messages) == 0 and hints["depth"] == 0 else block("FINAL('done')")
 
-    traj = _episode(policy, max_depth=1, sandbox=CFG)
+    traj = _episode(policy, max_depth=1, sandbox=SandboxConfig(timeout_s=10, memory_mb=48))
+    assert _rss_mb() - seen["host_mb"] < 40
     out = traj["turns"][0]["executions"][0]["stdout"]
-    assert "could not be loaded" in out and "the child RLM gave no answer" in out, out
+    assert "could not be loaded" in out and expect in out and "the child RLM gave no answer" in out, out
     child = traj["turns"][0]["sub_calls"][0]["child"]
     assert child["outcome"] == "error" and child["error_kind"] == "sandbox"
 
@@ -138,13 +148,18 @@ def test_a_trajectory_is_bounded_by_its_budget_and_says_what_it_left_out(tmp_pat
     last = traj["turns"][-2]
     assert re.fullmatch(r"\[20,\d{3} chars not recorded: past rlm.trajectory_chars\]", last["executions"][0]["stdout"])
     assert "xxxxxxxxxx" in last["feedback"]
-    # The child that ended before it is whole; those that ended after are outcome and stats only.
+    # The child that ended before it is whole; those that ended after are counts only: every
+    # token is still there for usage reports, every text is its length.
+    from rlm_train.serve.gateway_metrics import tree_usage
+
     children = [c["child"] for c in traj["turns"][0]["sub_calls"]]
     assert children[0]["turns"][0]["executions"][0]["stdout"] == "small\n"
-    assert rec["episodes_without_turns"] == sum(1 for c in children if not c["turns"]) >= 1
-    assert all(c["outcome"] == "final" and c["stats"]["turns"] == 4 for c in children[1:])
-    assert all(c["messages"] == [] and c["final"].endswith("not recorded: past rlm.trajectory_chars]")
-               for c in children if not c["turns"])
+    counted = [c for c in children if not c["messages"]]
+    assert rec["episodes_without_text"] == len(counted) >= 1
+    assert all(c["outcome"] == "final" and c["stats"]["turns"] == len(c["turns"]) == 4 for c in children[1:])
+    assert all(c["final"].endswith("not recorded: past rlm.trajectory_chars]") and c["turns"][0]["executions"] == []
+               and c["turns"][0]["completion_tokens"] > 0 for c in counted)
+    assert tree_usage(traj)["total_tokens"] == traj["stats"]["tokens_total"]
     # The readers of trajectories take it as it is: the store, the filter's rules, the viewer.
     from rlm_train.rollouts import store
     from rlm_train.rollouts.filter import FilterConfig, trajectory_drop_reason
@@ -161,7 +176,7 @@ def test_a_trajectory_is_bounded_by_its_budget_and_says_what_it_left_out(tmp_pat
 def test_a_small_episode_is_recorded_whole():
     traj = _episode(lambda m, h: block("print('hi')") if _turn(m) == 0 else block("FINAL('ok')"))
     rec = traj["stats"]["recording"]
-    assert not rec["truncated"] and rec["dropped_texts"] == rec["episodes_without_turns"] == 0
+    assert not rec["truncated"] and rec["dropped_texts"] == rec["episodes_without_text"] == 0
     assert traj["turns"][0]["executions"][0]["stdout"] == "hi\n" and 0 < rec["charged_chars"] < 100
 
 

@@ -9,6 +9,7 @@ tokens, position by position.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import subprocess
 import sys
@@ -409,7 +410,13 @@ def test_slurm_launch_renders_the_grpo_job_and_its_vllm_command(rlm_cli, tmp_pat
     Every template in every variant: tests/test_launch.py."""
     proc = subprocess.run([*rlm_cli, "launch", "--recipe", "recipes/qwen3-8b-grpo.yaml", "--slurm", "--dry-run",
                            "--out", str(tmp_path / "launch")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    # Launched alone, its inputs come from no stage of the launch, and this venv has no vLLM: the dry
+    # run says so (a real launch refuses) and still renders the script.
+    problems = [line for line in proc.stderr.splitlines() if line.startswith("rlm-train launch: stage grpo: ")]
+    if importlib.util.find_spec("vllm") is None:
+        assert "needs the vllm package" in problems.pop(0), proc.stderr
+    assert proc.returncode == 1 and len(problems) == 2, proc.stderr
+    assert "sft-lora/merged: not found here" in problems[0] and "data-rl/rl: not found here" in problems[1]
     script = proc.stdout
     assert "#SBATCH --gpus-per-node=8" in script and "VLLM_NODES=0" in script and "VLLM_GPUS=2" in script
     assert 'rlm grpo --recipe "$RECIPE" --vllm-command' in script and "-m accelerate.commands.launch" in script

@@ -215,7 +215,10 @@ def test_gpu_recipes_read_what_filter_writes_and_follow_their_guidance():
     lora, full, grpo = _yaml("qwen3-8b-sft-lora.yaml"), _yaml("qwen3-8b-sft-full.yaml"), _yaml("qwen3-8b-grpo.yaml")
     data = Path(lora["dataset"]).parent
     assert Path(lora["dataset"]) == data / "sft" and Path(full["dataset"]) == data / "sft"
-    assert Path(grpo["prompts"]) == data / "rl"  # filter --out DATA writes DATA/sft and DATA/rl
+    pipeline = {stage["name"]: stage for stage in _yaml("qwen3-8b-pipeline.yaml")["stages"]}
+    rl_filter = pipeline["filter-rl"]["with"]  # the RL prompts: the SFT model's pass rates, no SFT task
+    assert rl_filter["rl_only"] and Path(grpo["prompts"]) == Path(rl_filter["out"]) / "rl"
+    assert Path(pipeline["grpo"]["with"]["prompts"]) == Path(grpo["prompts"])
     for recipe in (lora, full):
         # Nothing to install (sdpa), and one sample a row, so even the longest row builds no dense mask.
         t = recipe["training"]

@@ -221,7 +221,7 @@ def _every_field_hostile(p) -> dict:
             "stats": dict(stats("stats."), sandbox_wait_s=p("stats.sandbox_wait_s"), recording={
                 "budget_chars": p("recording.budget_chars"), "charged_chars": p("recording.charged_chars"),
                 "truncated": True, "dropped_texts": p("recording.dropped_texts"),
-                "dropped_chars": p("recording.dropped_chars"), "episodes_without_turns": p("recording.episodes_without_turns")}),
+                "dropped_chars": p("recording.dropped_chars"), "episodes_without_text": p("recording.episodes_without_text")}),
             "config": {"note": p("config")},
             "turns": [turn("turn.", [sub_call("sc.", "rlm", child)])]}
 

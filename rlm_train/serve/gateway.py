@@ -414,4 +414,3 @@ async def _drain(queue: asyncio.Queue, task: asyncio.Future, keepalive_s: float)
                 yield queue.get_nowait()
             return
         yield {"event": "ping"}
-

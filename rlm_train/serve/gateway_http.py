@@ -34,7 +34,8 @@ import resource
 import secrets
 import socket
 from pathlib import Path
-from typing import Any, TypeVar
+from collections import Counter
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import h11
 import orjson
@@ -44,6 +45,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rlm_train.serve.config import GatewayConfig
 from rlm_train.serve.gateway_api import _ENDPOINTS, GatewayError, _error_body, _too_large, describe_errors
+
+if TYPE_CHECKING:
+    from rlm_train.serve.gateway import Gateway
 
 log = logging.getLogger("rlm_train.serve.gateway")
 # uvicorn's own warnings about bad requests carry no client address: our one-line refusals replace them.
@@ -76,7 +80,7 @@ class ConnectionGuard:
     """Deadlines and the connection cap of one server, and the connections waiting for their
     request (oldest first: who is evicted at the cap)."""
 
-    def __init__(self, config: GatewayConfig, rejected: Any):
+    def __init__(self, config: GatewayConfig, rejected: Counter[str]):
         self.header_timeout_s = config.header_timeout_s
         self.body_timeout_s = config.body_timeout_s
         soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -191,13 +195,13 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
     def _log_refusal(self, status: int, reason: str) -> None:
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
+        client = _client({"client": self.client})
         what = "(before its request line)" if self._phase == "headers" else \
             f"{self.scope['method']} {self.scope['path']}" if self.scope else "(connection)"
         refused(client, what, status, reason)
 
 
-def guarded_protocol(config: GatewayConfig, rejected: Any) -> type[GuardedH11Protocol]:
+def guarded_protocol(config: GatewayConfig, rejected: Counter[str]) -> type[GuardedH11Protocol]:
     """The protocol class one uvicorn server uses (`uvicorn.Config(http=...)`): its own guard."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": ConnectionGuard(config, rejected)})
 
@@ -247,7 +251,7 @@ class Edge:
     """Outermost ASGI layer: Host, token and Content-Length before any body is read, the
     status counts per endpoint, and one log line per refused request."""
 
-    def __init__(self, app: Any, gateway: Any):
+    def __init__(self, app: Any, gateway: "Gateway"):
         self.app = app
         self.gateway = gateway
         self.hosts = HostCheck(gateway.config)
@@ -374,7 +378,7 @@ def decode_body(body: bytes | bytearray, model: type[ModelT], max_items: int) ->
         raise GatewayError(422, describe_errors(exc.errors()), "invalid_request_error") from None
 
 
-async def read_json(request: Request, model: type[ModelT], gateway: Any) -> ModelT:
+async def read_json(request: Request, model: type[ModelT], gateway: "Gateway") -> ModelT:
     """The request's body as `model`: read (the edge caps its size), counted and decoded in a
     thread. The caller has taken its admission place: only admitted bodies are read at all."""
     body = bytearray()
@@ -450,7 +454,7 @@ def token_file(port: int) -> Path:
     return cache_root() / "serve" / f"gateway-{port}.token"
 
 
-def generate_token(gateway: Any, host: str, port: int) -> Path | None:
+def generate_token(gateway: "Gateway", host: str, port: int) -> Path | None:
     """Bound to a non-loopback address without --token-env: a new random token for this run,
     required from then on and written (mode 600) to the file returned; else None."""
     if gateway.token is not None or is_loopback(host):

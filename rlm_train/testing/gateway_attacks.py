@@ -10,8 +10,12 @@ plays the benchmark scenario (rlm_train/bench/scenario.py), which is the honest 
     NEST           rlm_query two deep (CHILD NEST asks for CHILD DEEP)
     STRAND         two children: CHILD LOOP calls the sub-model in a loop, CHILD SLEEP sleeps
 
-Each attack runs in its own thread until `stop` is set and counts what it saw in `tally`
-(a Counter, keys "ATTACK OUTCOME"): the status codes it got back, connections closed on it.
+The attacks: `slowloris` (half-sent headers, or with `body=True` a body trickling in),
+`huge_bodies`, `long_context_paths`, `foreign_host` (DNS rebinding), `fanout_bombs` (child RLMs
+and sub-calls), `disconnecting_streamers`; `run_all` (or `python -m
+rlm_train.testing.gateway_attacks`) runs them all at once. Each runs in its own thread until
+`stop` is set and counts what it saw in `tally` (a Counter, keys "ATTACK OUTCOME"): the status
+codes it got back, connections closed on it.
 """
 
 from __future__ import annotations
@@ -145,14 +149,20 @@ def percentile(values: list[float], q: float) -> float:
 
 def _loop(stop: threading.Event, tally: Counter[str], name: str, once: Callable[[], str], pause_s: float) -> None:
     while not stop.is_set():
-        tally[f"{name} {once()}"] += 1
-        stop.wait(pause_s)
+        outcome = once()
+        tally[f"{name} {outcome}"] += 1
+        stop.wait(max(pause_s, 0.2) if " 429 " in f" {outcome} " else pause_s)  # as a client that reads Retry-After
 
 
-def slowloris(port: int, stop: threading.Event, tally: Counter[str], sockets: int) -> None:
-    """Hold `sockets` connections that send a request's headers one line every second, and
-    reopen each one the gateway closes."""
+def slowloris(port: int, stop: threading.Event, tally: Counter[str], sockets: int, body: bool = False) -> None:
+    """Hold `sockets` connections that send a request's headers one line every second (or,
+    with `body`, whole headers and then a 1 MB body one byte a second), and reopen each one
+    the gateway closes."""
+    name = "slow body" if body else "slowloris"
     head = f"POST /v1/rlm HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n".encode()
+    if body:
+        head += b"Content-Length: 1000000\r\n\r\n{"
+    drip = b" " if body else b"X-Slow: 1\r\n"
     held: list[socket.socket] = []
 
     def open_one() -> None:
@@ -161,15 +171,15 @@ def slowloris(port: int, stop: threading.Event, tally: Counter[str], sockets: in
             sock.sendall(head)
             sock.setblocking(False)
             held.append(sock)
-            tally["slowloris opened"] += 1
+            tally[f"{name} opened"] += 1
         except OSError:
-            tally["slowloris refused at connect"] += 1
+            tally[f"{name} refused at connect"] += 1
 
     try:
         while not stop.is_set():
             while len(held) < sockets and not stop.is_set():
                 open_one()
-            tally["slowloris held (max)"] = max(tally["slowloris held (max)"], len(held))
+            tally[f"{name} held (max)"] = max(tally[f"{name} held (max)"], len(held))
             for sock in list(held):
                 try:
                     try:
@@ -177,9 +187,9 @@ def slowloris(port: int, stop: threading.Event, tally: Counter[str], sockets: in
                         raise ConnectionError
                     except BlockingIOError:
                         pass  # nothing from the gateway: still held
-                    sock.send(b"X-Slow: 1\r\n")
+                    sock.send(drip)
                 except OSError:
-                    tally["slowloris closed by the gateway"] += 1
+                    tally[f"{name} closed by the gateway"] += 1
                     held.remove(sock)
                     sock.close()
             stop.wait(1.0)
@@ -230,7 +240,7 @@ def foreign_host(port: int, stop: threading.Event, tally: Counter[str], secret: 
     """A web page whose domain was rebound to the gateway's address: its Host is that domain."""
     def once() -> str:
         status, body = post_json(port, {"query": "q", "context_path": "doc.txt"}, {"Host": "evil.example.com"})
-        return "LEAKED" if secret.encode() in body else str(status)
+        return "LEAKED" if secret and secret.encode() in body else str(status)
 
     _loop(stop, tally, "foreign Host", once, 0.1)
 
@@ -282,11 +292,12 @@ def disconnecting_streamers(port: int, stop: threading.Event, tally: Counter[str
     _loop(stop, tally, "streamer", once, 0.2)
 
 
-def run_all(port: int, seconds: float, secret: str, slowloris_sockets: int = 1100, bombs: int = 3) -> Counter[str]:
+def run_all(port: int, seconds: float, secret: str, slowloris_sockets: int = 1100, slow_bodies: int = 60,
+            bombs: int = 3) -> Counter[str]:
     """Every attack at once for `seconds`; what they saw."""
     stop, tally = threading.Event(), Counter[str]()
     attacks: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
-        (slowloris, (slowloris_sockets,)), (huge_bodies, ()), (long_context_paths, ()), (foreign_host, (secret,)),
+        (slowloris, (slowloris_sockets,)), (slowloris, (slow_bodies, True)), (huge_bodies, ()), (long_context_paths, ()), (foreign_host, (secret,)),
         (fanout_bombs, (bombs, 200, 1000)), (disconnecting_streamers, ()),
     ]
     threads = [threading.Thread(target=fn, args=(port, stop, tally, *args)) for fn, args in attacks]
@@ -309,8 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--secret", default="", help="text of a context file a foreign Host must never get back")
+    ap.add_argument("--slowloris", type=int, default=1100, help="requests held open with half their headers sent")
+    ap.add_argument("--slow-bodies", type=int, default=60, help="requests held open with their body trickling in")
     args = ap.parse_args(argv)
-    print(json.dumps(run_all(args.port, args.seconds, args.secret)), flush=True)
+    print(json.dumps(run_all(args.port, args.seconds, args.secret, args.slowloris, args.slow_bodies)), flush=True)
 
 
 if __name__ == "__main__":
