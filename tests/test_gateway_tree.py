@@ -196,16 +196,17 @@ def test_a_child_that_gets_no_sandbox_is_reported_not_stuck(upstream, census):
     assert "no sandbox came free" in child["final"]  # what rlm_query returned to the child's cell
 
 
-def test_a_client_that_leaves_stops_its_whole_call_tree(upstream, census):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_stops_its_whole_call_tree(upstream, census, stream):
     """e13e08c: the left stream's child RLMs kept calling the model, and its root session was
-    closed while its cell still ran in another thread."""
+    closed while its cell still ran in another thread (a left plain request ran to its end)."""
     pings = lambda: sum(1 for b in upstream.bodies if b["messages"][-1]["content"] == "ping")  # noqa: E731
     with gateway(upstream, keepalive_s=0.2) as gw:
         conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
-        conn.request("POST", "/v1/rlm", body=json.dumps({"query": "STRAND", "context": "c", "stream": True}),
+        conn.request("POST", "/v1/rlm", body=json.dumps({"query": "STRAND", "context": "c", "stream": stream}),
                      headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert json.loads(resp.readline())["event"] == "queued"
+        if stream:
+            assert json.loads(conn.getresponse().readline())["event"] == "queued"
         before = pings()
         # The root waits on two children: one calling the model in a loop, one sleeping.
         assert wait_until(lambda: census.live["LOOP"] == 1 and census.live["SLEEP"] == 1 and pings() > before + 3, 20)

@@ -55,7 +55,7 @@ from rlm_train.serve.config import GatewayConfig
 from rlm_train.serve.gateway_api import _finish_reason, _result, _upstream_failure, CAPPED_FIELDS, ChatRequest, GatewayError, RLMExtension, RLMRequest, RequestBudget, _error_body, _json, split_chat
 from rlm_train.serve.gateway_http import check_context_path, find_context_file, read_json
 from rlm_train.serve.gateway_metrics import Metrics, tree_usage
-from rlm_train.serve.gateway_tree import fair_share
+from rlm_train.serve.gateway_tree import fair_share, unless_client_leaves
 
 # ---------------------------------------------------------------------------
 # The gateway's state
@@ -284,7 +284,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         request_id = f"rlm-{uuid.uuid4().hex[:24]}"
         headers = {"X-Request-Id": request_id}
         if not body.stream:
-            record, _ = await gateway.run(body.query, context, model, sub_model, effective)
+            record, _ = await unless_client_leaves(request, gateway.run(body.query, context, model, sub_model, effective))
             return _json(_result(request_id, model, record, effective, capped, body.include_trajectory),
                          headers=headers)
 
@@ -346,7 +346,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 "wall_s": record["stats"]["wall_s"]}
 
         if not body.stream:
-            record, _ = await gateway.run(query, context, model, sub_model, effective)
+            record, _ = await unless_client_leaves(request, gateway.run(query, context, model, sub_model, effective))
             failure = _upstream_failure(record)
             if failure is not None:
                 return Response(_error_body(*failure), status_code=failure[0], media_type="application/json")
