@@ -3,9 +3,10 @@
 attacked through raw sockets and HTTP clients.
 
 Slowloris (header and body deadlines, the connection cap under a small descriptor limit),
-admission before a body is read and item counting before it is decoded, context_path limits
-before resolution, Host checking and the token made for a non-loopback bind, error bodies
-without host paths, and one 4xx with one log line per refused request."""
+context_path limits before resolution, Host checking and the token made for a non-loopback
+bind, error bodies without host paths, and one 4xx with one log line per refused request.
+Request bodies (read before admission, under the reading budget; counted before decoded):
+tests/test_gateway_bodies.py."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def upstream():
         yield srv
 
 
-def connect(port: int, data: bytes = b"") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+def connect(port: int, data: bytes = b"", source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     if data:
         sock.sendall(data)
     return sock
@@ -66,9 +67,9 @@ def reply(sock: socket.socket, timeout_s: float) -> tuple[int | None, dict, bool
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-            timeout_s: float = 30) -> tuple[int, dict, int]:
-    """(status, JSON body, this client's port) of one request through http.client."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+            timeout_s: float = 30, source: str = "127.0.0.1") -> tuple[int, dict, int]:
+    """(status, JSON body, this client's port) of one request through http.client, from `source`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s, source_address=(source, 0))
     conn.connect()
     client_port = conn.sock.getsockname()[1]
     conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
@@ -263,56 +264,6 @@ def test_context_path_limits_before_resolution_and_no_host_paths(upstream, tmp_p
         assert status == 200 and body["answer"] == "key5"
     print(f"context_path: 469 kB path refused in {took * 1000:.0f} ms; /health max {max(latency) * 1000:.0f} ms")
     assert took < 1.0 and max(latency) < 0.5
-
-
-def test_bodies_admitted_before_read_and_counted_before_decoded(upstream):
-    import psutil
-
-    upstream.latency_s = 0.3
-    try:  # one slot, no queue, taken: a body announced next is refused before a byte of it is read
-        with gateway(upstream, max_concurrent=1, max_queue=0, max_body_bytes=32 * 1024 * 1024, keepalive_s=0.1) as gw:
-            conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
-            conn.request("POST", "/v1/rlm", body=json.dumps({"query": "q", "context": context_for(1), "stream": True}),
-                             headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            assert json.loads(resp.readline())["event"] == "queued"
-            sock = connect(gw.port, b"POST /v1/rlm HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                                    b"Content-Length: 30000000\r\n\r\n")
-            status, body, closed = reply(sock, 2)
-            assert (status, closed) == (429, True) and "the gateway is full" in body["error"]["message"]
-            assert json.loads(resp.read().splitlines()[-1])["answer"] == "key1"
-            conn.close()
-    finally:
-        upstream.latency_s = 0.0
-    hostile = b'{"query": "q", "context": [' + b"{}," * 3_000_000 + b"{}]}"  # 9 MB, 3 M objects
-    with gateway(upstream, max_body_bytes=32 * 1024 * 1024) as gw, health_latency(gw.url) as latency:
-        rss = psutil.Process().memory_info().rss
-        started = time.monotonic()
-        for _ in range(2):
-            status, body, _ = post(f"{gw.url}/v1/rlm", None, raw=hostile)
-            assert status == 413 and "more than 1,000,000 JSON items" in body["error"]["message"], body
-        took = (time.monotonic() - started) / 2
-        grew_mb = (psutil.Process().memory_info().rss - rss) / 2**20
-    print(f"bodies: 9 MB body of 3 M items refused in {took * 1000:.0f} ms; RSS +{grew_mb:.0f} MB; "
-          f"/health max {max(latency) * 1000:.0f} ms")
-    assert max(latency) < 0.5 and grew_mb < 100
-    with gateway(upstream, max_body_items=100) as gw:  # the count looks outside strings only
-        text = "x, [y], {z}, \\\", " * 300 + context_for(6)
-        status, body, _ = post(f"{gw.url}/v1/rlm", {"query": "What is the answer?", "context": text})
-        assert status == 200 and body["answer"] == "key6"
-        status, body, _ = post(f"{gw.url}/v1/rlm", {"query": "q", "context": ["a"] * 100})
-        assert status == 413 and "more than 100 JSON items" in body["error"]["message"]
-
-
-def test_count_json_items():
-    from rlm_train.serve.gateway_http import count_json_items
-
-    # 1 + commas + openers outside strings: an empty container's opener counts one item too many.
-    cases = {b'"a, [b] {c}"': 1, b"[1, 2, [3, {}]]": 7, b'{"k": "v, \\" ,", "l": [1, "\\\\", 2]}': 6,
-             b'["\\\\\\"[,"]': 2, b"[" + b"0," * 999 + b"0]": 1001, b'["", "", "", ""]': 5}
-    for text, items in cases.items():
-        assert count_json_items(text, items) <= items, text
-        assert count_json_items(text, items - 1) > items - 1, text
 
 
 def test_foreign_host_header_is_refused(upstream, tmp_path, caplog):

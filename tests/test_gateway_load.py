@@ -7,7 +7,8 @@ here, the attacks in a third process (rlm_train/testing/gateway_attacks.py).
 
 Figures (printed; goals asserted): honest requests answered right (all), honest p99 latency
 under attack against the attack-free run (<= 2x), the gateway's RSS and open descriptors
-(bounded), /health's worst latency, and afterwards nothing of any request left running."""
+(bounded), the bytes of bodies read at once (within the reading budget), /health's worst
+latency, and afterwards nothing of any request left running or being read."""
 
 from __future__ import annotations
 
@@ -120,12 +121,15 @@ def test_honest_clients_are_served_while_every_attack_runs_at_once(tmp_path):
             tally = Counter(json.loads(attackers.communicate(timeout=150)[0].splitlines()[-1]))
             peak_rss, peak_fds, worst_health = sampler.window()
             sandboxes_max = metric(port, "rlm_gateway_sandboxes_max")
+            reading_max = metric(port, "rlm_gateway_reading_bytes_max")
 
             # Afterwards: no episode, sandbox or worker of any request is left.
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and (metric(port, "rlm_gateway_sandboxes") != 0
-                                                   or metric(port, "rlm_gateway_episodes_running") != 0):
+                                                   or metric(port, "rlm_gateway_episodes_running") != 0
+                                                   or metric(port, "rlm_gateway_reading_bytes") != 0):
                 time.sleep(0.2)
+            reading_after = metric(port, "rlm_gateway_reading_bytes")
             sandboxes_after = metric(port, "rlm_gateway_sandboxes")
             running_after = metric(port, "rlm_gateway_episodes_running")
             sampler.stop.set()
@@ -150,8 +154,9 @@ def test_honest_clients_are_served_while_every_attack_runs_at_once(tmp_path):
         f"p99 {p99:.3f}s ({p99 / base_p99:.2f}x)\n"
         f"gateway RSS {base_rss / 2**20:.0f} MB alone, peak {peak_rss / 2**20:.0f} MB under attack; descriptors "
         f"{base_fds} alone, peak {peak_fds}; /health worst {base_health:.3f}s alone, {worst_health:.3f}s under attack\n"
+        f"bodies being read at once (max) {reading_max / 2**20:.0f} MB\n"
         f"sandboxes at once (max) {sandboxes_max:.0f}; after: sandboxes {sandboxes_after:.0f}, episodes running "
-        f"{running_after:.0f}, processes {processes_after} (the fork-server and its pool of {POOL_SIZE}); "
+        f"{running_after:.0f}, bodies being read {reading_after:.0f} bytes, processes {processes_after} (the fork-server and its pool of {POOL_SIZE}); "
         f"left after exit: {len(alive)}\n"
         f"operator log: {refusals} refusal lines\n"
         "attacks: " + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items())))
@@ -164,6 +169,7 @@ def test_honest_clients_are_served_while_every_attack_runs_at_once(tmp_path):
     assert worst_health < 1.0, figures
     assert tally["foreign Host LEAKED"] == 0 and tally["foreign Host 200"] == 0, figures
     assert sandboxes_max <= 64 and sandboxes_after == 0 and running_after == 0, figures
+    assert reading_max <= 256 * 2**20 and reading_after == 0, figures  # gateway.max_reading_bytes
     assert processes_after <= 1 + POOL_SIZE and not alive, figures  # the fork-server and its idle pool
     for attack in ("slowloris opened", "slow body opened", "huge body", "long context_path", "foreign Host",
                    "fan-out bomb", "streamer"):

@@ -14,7 +14,6 @@ import io
 import logging
 import os
 import pickle
-import select
 import socket
 import subprocess
 import sys
@@ -259,6 +258,9 @@ class Zygote:
         except (OSError, protocol.ProtocolError) as exc:
             self.broken = True
             raise SandboxError(f"REPL zygote {self.pid} failed: {exc}") from None
+        except BaseException:
+            self.broken = True  # the channel may be left mid-reply: no later spawn may read it
+            raise
         finally:
             for uid in reply["unused"]:
                 self.server.give_uid(uid)
@@ -267,7 +269,7 @@ class Zygote:
     def close(self) -> None:
         self.ctl.close()  # EOF: the zygote stops its spare worker and exits
         # Wait, so that no spare worker or cgroup outlives close() / shutdown().
-        exited = self.pidfd < 0 or bool(select.select([self.pidfd], [], [], 5.0)[0])
+        exited = self.pidfd < 0 or bool(protocol.wait_ready([self.pidfd], 5.0))
         if self.pidfd >= 0:
             os.close(self.pidfd)
         if exited and self.spare_uid is not None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import select
 import signal
 import socket
 import struct
@@ -318,11 +317,10 @@ def _zygote_main(ctl: socket.socket, req: dict, memfd: int) -> None:
 def _next_request(sock: socket.socket, children: _Children, timeout: float | None = None) -> bool:
     """Wait for a request on sock (at most timeout s), reaping workers as they exit.
     True when sock is readable."""
-    watched: list[socket.socket | int] = [sock, children.wakeup]
-    readable = select.select(watched, [], [], timeout)[0]
+    readable = protocol.wait_ready([sock, children.wakeup], timeout)
     if children.wakeup in readable:
         children.reap()
-    return sock in readable
+    return sock.fileno() in readable
 
 
 # --------------------------------------------------------------------------- fork-server

@@ -19,7 +19,9 @@ Two directions, two encodings:
   (`dumps_frame`): the host's cost is bounded by what it accepts.
 
 Host-side sends to a worker are bounded in time (`deadline`): a worker that stops
-reading cannot block the host.
+reading cannot block the host. Every wait on a descriptor goes through `wait_ready` (poll):
+select() refuses descriptors numbered 1024 and up, which a host holding many connections
+(the gateway) reaches, and then no session could start.
 
 Cells that follow one another within `SPIN_S` (the code blocks of one model turn, a
 bench's loop) are waited for by polling the socket instead of sleeping in the kernel:
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import os
 import pickle
 import re
@@ -173,6 +176,18 @@ def values_within(payload, limit: int = MAX_VALUES) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- waiting
+def wait_ready(fds: list, timeout: float | None, events: int = select.POLLIN) -> list[int]:
+    """The descriptors of `fds` (ints or objects with fileno()) that are ready for `events`
+    within `timeout` seconds (None: no limit; 0: do not wait), as fd numbers. A hang-up or
+    an error counts as ready, as with select(), so the caller's next read reports it."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, events)
+    ms = -1 if timeout is None else min(math.ceil(max(timeout, 0.0) * 1000), 2**31 - 1)
+    return [fd for fd, _ in poller.poll(ms)]
+
+
 # --------------------------------------------------------------------------- sending
 def _send_until(sock: socket.socket, data: bytes, deadline: float) -> None:
     """sendall that gives up at `deadline` (FrameTimeout): the peer stopped reading."""
@@ -182,7 +197,7 @@ def _send_until(sock: socket.socket, data: bytes, deadline: float) -> None:
             sent = sock.send(view, socket.MSG_DONTWAIT)
         except BlockingIOError:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([], [sock], [], left)[1]:
+            if left <= 0 or not wait_ready([sock], left, select.POLLOUT):
                 raise FrameTimeout("the peer stopped reading") from None
             continue
         view = view[sent:]
@@ -258,7 +273,7 @@ def _wait_readable(sock: socket.socket, deadline: float | None) -> None:
     if deadline is None:
         return
     left = deadline - time.monotonic()
-    if left <= 0 or not select.select([sock], [], [], left)[0]:
+    if left <= 0 or not wait_ready([sock], left):
         raise FrameTimeout("timed out waiting for a frame")
 
 
@@ -269,7 +284,7 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytearra
     while got < n:
         if deadline is None:
             k = sock.recv_into(view[got:], min(n - got, 1 << 24))
-        else:  # what already arrived is read without a select first (a frame is usually all there)
+        else:  # what already arrived is read without waiting first (a frame is usually all there)
             try:
                 k = sock.recv_into(view[got:], min(n - got, 1 << 24), socket.MSG_DONTWAIT)
             except BlockingIOError:

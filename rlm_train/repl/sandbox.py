@@ -11,8 +11,9 @@ import ctypes
 import errno
 import os
 import resource
-import select
 import signal
+
+from rlm_train.repl import protocol
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -61,7 +62,7 @@ def die_with_parent_pidfd(parent_pidfd: int) -> None:
     """die_with_parent for a child in its own pid namespace, where getppid() is 0:
     the parent's pidfd turns readable once the parent has exited."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if select.select([parent_pidfd], [], [], 0)[0]:
+    if protocol.wait_ready([parent_pidfd], 0):
         os._exit(1)
 
 

@@ -180,9 +180,9 @@ class REPLSession:
             try:
                 self._spawn(server, payload)
                 break
-            except RuntimeError:
+            except BaseException as exc:  # whatever failed, its uid, descriptors and zygote go back
                 self._kill()
-                if attempt == 1:
+                if attempt == 1 or not isinstance(exc, RuntimeError):
                     raise
         self.start_s = time.perf_counter() - t0
 
@@ -197,9 +197,10 @@ class REPLSession:
             self._zygote = acquire_zygote(self.context, server)
             reply, fds = self._zygote.spawn(config)
             self.zygote_pid = self._zygote.pid
-        sock_fd, status_r, pidfd = fds
         self._uid = reply["uid"]
-        self._sock, self._status_r, self._pidfd = socket.socket(fileno=sock_fd), status_r, pidfd
+        sock_fd, status_r, pidfd = fds
+        self._status_r, self._pidfd = status_r, pidfd
+        self._sock = socket.socket(fileno=sock_fd)
         self._poll = select.poll()
         self._poll.register(sock_fd, select.POLLIN)
         self._poll.register(status_r, select.POLLIN)
@@ -250,7 +251,7 @@ class REPLSession:
         if self._status_r >= 0:
             # The worker's parent writes the status (or closes the pipe) once it has reaped the
             # worker: after this nothing of the session is left.
-            reaped = bool(select.select([self._status_r], [], [], 5.0)[0])
+            reaped = bool(protocol.wait_ready([self._status_r], 5.0))
             os.close(self._status_r)
             self._status_r = -1
         if self._uid is not None and self._server is not None:
@@ -375,13 +376,13 @@ class REPLSession:
         here, so the cell returns at once instead of waiting for an exit that never comes."""
         if self._status_r < 0:
             return "stopped answering"
-        if not select.select([self._status_r], [], [], 0.2)[0]:
+        if not protocol.wait_ready([self._status_r], 0.2):
             if self._pidfd >= 0:
                 try:
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            if not select.select([self._status_r], [], [], 5.0)[0]:
+            if not protocol.wait_ready([self._status_r], 5.0):
                 return "stopped answering"
             return "closed the host channel while still running (it was killed)"
         data = os.read(self._status_r, 4)

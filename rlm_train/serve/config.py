@@ -71,7 +71,8 @@ class GatewayConfig(StrictModel):
     max_concurrent: int = Field(8, ge=1)
     """Episodes running at once."""
     max_queue: int = Field(32, ge=0)
-    """Episodes waiting for a slot; beyond it requests get 429 with Retry-After."""
+    """Episodes waiting for a slot; beyond it requests get 429 with Retry-After (decided once the
+    request's body is read: a body that trickles in holds no place)."""
     max_sandboxes: int = Field(64, ge=2, le=200)
     """REPL sandboxes all requests hold at once: each running episode's and its child RLMs'. Every
     request gets an even share, max_sandboxes // max_concurrent (its episode's and
@@ -79,6 +80,14 @@ class GatewayConfig(StrictModel):
     process holds 256 sandboxes, the fork-server's spares included)."""
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     """Largest request body (inline context included); larger ones get 413."""
+    max_reading_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    """Bytes of request bodies read at once, before their requests compete for an admission place:
+    each body reserves its Content-Length (without one, max_body_bytes) until it is decoded. A body
+    that does not fit takes the room of bodies behind the pace of their deadline (they get 408), or
+    gets 503 before a byte of it is read."""
+    max_client_reading_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """The same for one client address (at least max_body_bytes, at most max_reading_bytes): past
+    it a body takes the room of that address's bodies behind their pace, or gets 429."""
     max_context_file_bytes: int = Field(512 * 1024 * 1024, ge=1)
     """Largest context file a request may name; larger ones get 413."""
     max_body_items: int = Field(1_000_000, ge=1)
@@ -90,7 +99,8 @@ class GatewayConfig(StrictModel):
     """Seconds a connection has to send a request's headers (from connecting, or from its previous
     response); then 408 and the connection is closed (a silent one is just closed)."""
     body_timeout_s: float = Field(30.0, gt=0)
-    """Seconds a request has to send its whole body once its headers are in; then 408 and closed."""
+    """Seconds a request has to send its whole body once its headers are in; then 408 and closed.
+    Also the pace a body must keep to hold its room in the reading budget when others need it."""
     max_connections: int = Field(1000, ge=1)
     """Open connections (at most half the process's descriptor limit); a new one past the cap evicts
     the connection that has waited longest for its request, or gets 503 if every one is being answered."""

@@ -21,8 +21,10 @@ Endpoints (JSON in and out; errors are `{"error": {"message", "type", "code"}}`)
   is a `chat.completion` whose content is the answer, plus an `rlm` object (outcome, turns, ...).
 - `GET /v1/models`, `GET /health` (no auth), `GET /metrics` (Prometheus text).
 
-Limits: episodes run `max_concurrent` at a time with `max_queue` waiting, beyond that 429
-with Retry-After, decided before the body is read (nothing is started, so nothing is lost);
+Limits: a body is read under the reading budget (`max_reading_bytes`, per client address
+`max_client_reading_bytes`: 503 / 429 before a byte is read, gateway_body.py) and decoded; only
+then does the request take an admission place: episodes run `max_concurrent` at a time with
+`max_queue` waiting, beyond that 429 with Retry-After (nothing is started, so nothing is lost);
 bodies over `max_body_bytes` or `max_body_items` get 413; malformed bodies 422; a
 `context_path` outside the allowed directories 403; a missing or wrong bearer token 401; a
 foreign Host 403. Deadlines, the connection cap and the checks made before a body is read are
@@ -53,7 +55,8 @@ from rlm_train.serve.config import GatewayConfig
 
 # Request budgets capped by the server's RLMConfig (a request may lower them, never raise them).
 from rlm_train.serve.gateway_api import _finish_reason, _result, _upstream_failure, CAPPED_FIELDS, ChatRequest, GatewayError, RLMExtension, RLMRequest, RequestBudget, _error_body, _json, split_chat
-from rlm_train.serve.gateway_http import check_context_path, find_context_file, read_json
+from rlm_train.serve.gateway_body import ModelT, ReadingBudget, read_json
+from rlm_train.serve.gateway_http import check_context_path, find_context_file
 from rlm_train.serve.gateway_metrics import Metrics, tree_usage
 from rlm_train.serve.gateway_tree import fair_share, unless_client_leaves
 
@@ -62,7 +65,8 @@ from rlm_train.serve.gateway_tree import fair_share, unless_client_leaves
 
 
 class Gateway:
-    """Policies, admission (running + queued), budgets, context files and metrics of one app."""
+    """Policies, the reading budget, admission (running + queued), budgets, context files and
+    metrics of one app."""
 
     def __init__(self, config: GatewayConfig):
         if not config.base_urls:
@@ -71,6 +75,7 @@ class Gateway:
             raise UserError("the gateway needs the upstream model names: pass --gateway-model NAME")
         self.config = config
         self.metrics = Metrics()
+        self.reading = ReadingBudget(config, self.metrics.rejected)
         self.running = 0
         self.queued = 0
         self._slots: asyncio.Semaphore | None = None
@@ -172,8 +177,13 @@ class Gateway:
 
     # -- admission ------------------------------------------------------------------------
 
+    async def read(self, request: Request, model: type[ModelT]) -> ModelT:
+        """The request's body, read under the reading budget and decoded (gateway_body.py)."""
+        return await read_json(request, model, self.reading, self.config.max_body_items)
+
     def admit(self) -> None:
-        """Take a place in the queue, or 429 at once (nothing started, nothing to lose)."""
+        """Take a place in the queue, or 429 at once (nothing started, nothing to lose). Called
+        once the body is read and decoded, with no await before the place is used or given back."""
         if self.running + self.queued >= self.config.max_concurrent + self.config.max_queue:
             self.metrics.rejected["queue_full"] += 1
             raise GatewayError(429, f"the gateway is full ({self.running} episodes running, {self.queued} waiting); "
@@ -260,7 +270,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(gateway.metrics.render(gateway.running, gateway.queued, config, gateway.sandboxes),
+        return Response(gateway.metrics.render(gateway.running, gateway.queued, config, gateway.sandboxes,
+                                                      gateway.reading),
                         media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -270,17 +281,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.post("/v1/rlm")
     async def rlm(request: Request) -> Response:
-        gateway.admit()  # first: a full gateway reads no body
-
-        async def prepare() -> tuple[RLMRequest, str, str | None, RLMConfig, list[str], Any]:
-            body = await read_json(request, RLMRequest, gateway)
-            gateway.check_query(body.query)
-            sub_name = body.sub_model or config.sub_model
-            effective, capped = gateway.episode_config(body.budget)
-            return (body, gateway.model_name(body.model), gateway.model_name(sub_name, "sub_model") if sub_name else None,
-                    effective, capped, await gateway.load_context(body.context, body.context_path))
-
-        body, model, sub_model, effective, capped, context = await gateway.admitted(prepare())
+        body = await gateway.read(request, RLMRequest)  # a body that trickles in holds no admission place
+        gateway.check_query(body.query)
+        sub_name = body.sub_model or config.sub_model
+        effective, capped = gateway.episode_config(body.budget)
+        model = gateway.model_name(body.model)
+        sub_model = gateway.model_name(sub_name, "sub_model") if sub_name else None
+        gateway.admit()
+        context = await gateway.admitted(gateway.load_context(body.context, body.context_path))
         request_id = f"rlm-{uuid.uuid4().hex[:24]}"
         headers = {"X-Request-Id": request_id}
         if not body.stream:
@@ -318,24 +326,21 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        gateway.admit()  # first: a full gateway reads no body
-
-        async def prepare() -> tuple[ChatRequest, RLMExtension, str, str, str | None, RLMConfig, list[str], Any]:
-            body = await read_json(request, ChatRequest, gateway)
-            ext = body.rlm or RLMExtension()
-            explicit = ext.context is not None or ext.context_path is not None
-            query, split_context = split_chat(body.messages, explicit)
-            gateway.check_query(query)
-            sub_name = ext.sub_model or config.sub_model
-            budget = ext.budget
-            if body.temperature is not None and (budget is None or budget.temperature is None):
-                budget = (budget or RequestBudget()).model_copy(update={"temperature": body.temperature})
-            effective, capped = gateway.episode_config(budget)
-            context = await gateway.load_context(ext.context, ext.context_path) if explicit else split_context
-            return (body, ext, query, gateway.model_name(body.model),
-                    gateway.model_name(sub_name, "sub_model") if sub_name else None, effective, capped, context)
-
-        body, ext, query, model, sub_model, effective, capped, context = await gateway.admitted(prepare())
+        body = await gateway.read(request, ChatRequest)  # a body that trickles in holds no admission place
+        ext = body.rlm or RLMExtension()
+        explicit = ext.context is not None or ext.context_path is not None
+        query, split_context = split_chat(body.messages, explicit)
+        gateway.check_query(query)
+        sub_name = ext.sub_model or config.sub_model
+        budget = ext.budget
+        if body.temperature is not None and (budget is None or budget.temperature is None):
+            budget = (budget or RequestBudget()).model_copy(update={"temperature": body.temperature})
+        effective, capped = gateway.episode_config(budget)
+        model = gateway.model_name(body.model)
+        sub_model = gateway.model_name(sub_name, "sub_model") if sub_name else None
+        gateway.admit()
+        context = await gateway.admitted(gateway.load_context(ext.context, ext.context_path)) if explicit \
+            else split_context
         request_id = f"chatcmpl-rlm-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
 
@@ -404,11 +409,14 @@ async def _drain(queue: asyncio.Queue, task: asyncio.Future, keepalive_s: float)
     """Events from the queue until the task is done, with a ping after each quiet keepalive_s."""
     while True:
         getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter, task}, timeout=keepalive_s, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({getter, task}, timeout=keepalive_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # cancelled with the stream (its client left): no getter left pending
+            if not getter.done():
+                getter.cancel()
         if getter in done:
             yield getter.result()
             continue
-        getter.cancel()
         if task in done:
             while not queue.empty():
                 yield queue.get_nowait()

@@ -13,10 +13,10 @@ Connections (`GuardedH11Protocol`: uvicorn's h11 protocol with deadlines and a c
 Requests (`Edge`, the outermost ASGI layer), before any body is read: the Host header
 (loopback names, IP literals, this machine's name and `allowed_hosts`; a web page whose own
 domain was rebound to this address sends that domain: 403) and the bearer token (neither for
-/health), Content-Length over `max_body_bytes` (413). The endpoint then takes its admission
-place (429 when full), reads the body (`read_json`), counts its JSON items without decoding it
-and decodes it in a thread. `context_path` is checked for length and components before any
-path resolution, which runs in a thread (`check_context_path`, `find_context_file`).
+/health), Content-Length over `max_body_bytes` (413). The endpoint then reads the body under
+the reading budget and decodes it (gateway_body.py), and only then takes its admission place
+(429 when full). `context_path` is checked for length and components before any path
+resolution, which runs in a thread (`check_context_path`, `find_context_file`).
 
 Every refused request is one line in the operator's log (the `rlm_train.serve.gateway`
 logger, printed to stderr by `GatewayThread`): client address, request line, status, reason.
@@ -35,16 +35,14 @@ import secrets
 import socket
 from pathlib import Path
 from collections import Counter
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import h11
 import orjson
-from pydantic import BaseModel, ValidationError
-from starlette.requests import ClientDisconnect, Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rlm_train.serve.config import GatewayConfig
-from rlm_train.serve.gateway_api import _ENDPOINTS, GatewayError, _error_body, _too_large, describe_errors
+from rlm_train.serve.gateway_api import _ENDPOINTS, GatewayError, _error_body, _too_large
 
 if TYPE_CHECKING:
     from rlm_train.serve.gateway import Gateway
@@ -57,8 +55,6 @@ _uvicorn_log.setLevel(logging.ERROR)
 CONTEXT_PATH_MAX_CHARS = 1024
 CONTEXT_PATH_MAX_PARTS = 32
 CLIENT_GONE = 499  # the client left before its request was read: logged by whoever closed it, never sent
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def refused(client: str, what: str, status: int, reason: str) -> None:
@@ -333,65 +329,6 @@ async def _send_error(send: Any, status: int, message: str, kind: str,
 def asgi_app(app: Any) -> Any:
     """The app inside its edge layer (Host, token, body size, refusal log): what uvicorn serves."""
     return Edge(app, app.state.gateway)
-
-
-# ---------------------------------------------------------------------------
-# Request bodies
-
-
-# Every byte but quotes and the characters that open a JSON item: what the item count looks at.
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'",[{')
-
-
-def count_json_items(body: bytes | bytearray, limit: int) -> int:
-    """How many items (array elements and object members, and the text itself) a JSON text holds
-    at most, counted without decoding it: 1 + its commas, `[` and `{` outside strings. Above
-    `limit` it may stop early: then it returns some count over `limit`."""
-    rough = body.count(b",") + body.count(b"[") + body.count(b"{") + 1
-    if rough <= limit:
-        return rough
-    # Outside strings only: drop escaped backslashes and escaped quotes, keep only quotes and
-    # item openers; then every quote delimits a string, and every two strings make an item at least.
-    if b"\\" in body:
-        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    compact = body.translate(None, _NOT_STRUCTURE)
-    strings = compact.count(b'"') // 2
-    if (strings + 1) // 2 > limit:
-        return (strings + 1) // 2
-    return 1 + sum(map(len, compact.split(b'"')[::2]))
-
-
-def decode_body(body: bytes | bytearray, model: type[ModelT], max_items: int) -> ModelT:
-    """A request body as `model`: its items counted first (413 past `max_items`), then decoded."""
-    items = count_json_items(body, max_items)
-    if items > max_items:
-        raise GatewayError(413, f"the body holds more than {max_items:,} JSON items (gateway.max_body_items); send "
-                                "a big context as text, or as a file (context_path)", "request_too_large")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise GatewayError(422, f"invalid request: the body is not valid JSON ({exc})",
-                           "invalid_request_error") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise GatewayError(422, describe_errors(exc.errors()), "invalid_request_error") from None
-
-
-async def read_json(request: Request, model: type[ModelT], gateway: "Gateway") -> ModelT:
-    """The request's body as `model`: read (the edge caps its size), counted and decoded in a
-    thread. The caller has taken its admission place: only admitted bodies are read at all."""
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-    except ClientDisconnect:
-        raise GatewayError(CLIENT_GONE, "the client left before sending its body", "invalid_request_error") from None
-    try:
-        return await asyncio.to_thread(decode_body, body, model, gateway.config.max_body_items)
-    except GatewayError as exc:
-        gateway.metrics.rejected["too_large" if exc.status_code == 413 else "invalid"] += 1
-        raise
 
 
 # ---------------------------------------------------------------------------

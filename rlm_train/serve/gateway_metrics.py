@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-
+from typing import TYPE_CHECKING
 
 from rlm_train.records import EpisodeRecord, TrajectoryRecord
 from rlm_train.rlm.budget import SandboxSlots
 from rlm_train.serve.config import GatewayConfig
+
+if TYPE_CHECKING:
+    from rlm_train.serve.gateway_body import ReadingBudget
 
 # Request budgets capped by the server's RLMConfig (a request may lower them, never raise them).
 
@@ -44,7 +47,8 @@ class Metrics:
                 self.buckets[i] += 1
         self.buckets[-1] += 1
 
-    def render(self, running: int, queued: int, config: GatewayConfig, sandboxes: SandboxSlots) -> str:
+    def render(self, running: int, queued: int, config: GatewayConfig, sandboxes: SandboxSlots,
+               reading: "ReadingBudget") -> str:
         lines = [
             "# HELP rlm_gateway_requests_total HTTP requests answered, by endpoint and status.",
             "# TYPE rlm_gateway_requests_total counter",
@@ -52,6 +56,15 @@ class Metrics:
             "# HELP rlm_gateway_rejected_total Requests refused before an episode started, by reason.",
             "# TYPE rlm_gateway_rejected_total counter",
             *(f'rlm_gateway_rejected_total{{reason="{r}"}} {n}' for r, n in sorted(self.rejected.items())),
+            "# HELP rlm_gateway_reading_bytes Bytes reserved now by request bodies being read (before admission).",
+            "# TYPE rlm_gateway_reading_bytes gauge",
+            f"rlm_gateway_reading_bytes {reading.reserved}",
+            "# HELP rlm_gateway_reading_bytes_max Most bytes reserved by bodies being read at once so far.",
+            "# TYPE rlm_gateway_reading_bytes_max gauge",
+            f"rlm_gateway_reading_bytes_max {reading.peak}",
+            "# HELP rlm_gateway_max_reading_bytes Bytes of bodies allowed to be read at once.",
+            "# TYPE rlm_gateway_max_reading_bytes gauge",
+            f"rlm_gateway_max_reading_bytes {reading.limit}",
             "# HELP rlm_gateway_episodes_started_total Episodes started.",
             "# TYPE rlm_gateway_episodes_started_total counter",
             f"rlm_gateway_episodes_started_total {self.started}",
