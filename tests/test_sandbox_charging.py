@@ -46,9 +46,16 @@ def _episode(policy, context="ctx", **config):
 
 # =========================================================================== child contexts
 def _zygotes_mb(server_pid: int) -> dict[int, float]:
-    """Zygotes of our fork-server and the memory each holds (RSS)."""
-    return {p.pid: p.memory_info().rss / 2**20 for p in psutil.Process(server_pid).children()
-            if p.name() == "rlm-zygote"}
+    """Zygotes of our fork-server and the memory each holds (RSS); a child that exits while it is
+    being looked at (a pooled worker handed out) is not one."""
+    found = {}
+    for p in psutil.Process(server_pid).children():
+        try:
+            if p.name() == "rlm-zygote":
+                found[p.pid] = p.memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def test_a_child_rlm_context_is_built_in_the_child_session_not_the_host():
