@@ -25,21 +25,15 @@ import pytest
 pytest.importorskip("fastapi", reason="the gateway needs fastapi and uvicorn")
 pytest.importorskip("uvicorn", reason="the gateway needs fastapi and uvicorn")
 
+import test_serve_gateway
 from test_serve_gateway import MODEL, context_for, gateway, get, metric, post
 
-from rlm_train.bench.scenario import scenario_responder
 from rlm_train.serve.config import GatewayConfig
 from rlm_train.serve.gateway import create_app
 from rlm_train.serve.gateway_thread import GatewayThread
-from rlm_train.testing.mock_server import MockOpenAIServer
 
 LOG = "rlm_train.serve.gateway"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with MockOpenAIServer(responder=scenario_responder, model=MODEL) as srv:
-        yield srv
+upstream = test_serve_gateway.upstream  # the fixture: the mock model every test here talks to
 
 
 def connect(port: int, data: bytes = b"", source: str = "127.0.0.1") -> socket.socket:
