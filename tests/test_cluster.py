@@ -61,6 +61,8 @@ SUBSTITUTIONS: dict[str, str] = {
     "sft.training.gradient_accumulation_steps=1": "the recipe's accumulation",
     "sft.training.max_length=4096": "the recipe's row length (for 8k-128k-token tasks)",
     "sft.training.logging_steps=1": "the recipe's logging interval (a line per step here)",
+    "sft.training.warmup_steps=0": "the recipe's warmup (10 steps, longer than the 2 here: their learning rate "
+    "would be 0)",
     # grpo: one CPU process generating in-process, for vLLM server mode beside the training GPUs.
     "grpo.device=cpu": "cuda",
     "grpo.dtype=float32": "bf16",
@@ -362,8 +364,13 @@ def test_qwen3_8b_pipeline_rehearsal(cluster, tmp_path):
                                                                                           ("1", "node2")]
     summary = json.loads((output("sft", "output_dir") / "summary.json").read_text())
     assert summary["global_step"] == 2 and summary["exit_code"] == 0
-    assert (output("sft", "output_dir") / "adapter" / "adapter_model.safetensors").is_file()
+    adapter = output("sft", "output_dir") / "adapter" / "adapter_model.safetensors"
     assert (output("sft", "output_dir") / "merged" / "config.json").is_file()
+    # The two ranks trained: LoRA's B matrices start at zero, and moved.
+    from safetensors.torch import load_file
+
+    moved = [name for name, tensor in load_file(adapter).items() if "lora_B" in name and tensor.abs().max() > 0]
+    assert moved, f"{adapter}: every lora_B is still zero"
 
     # The SFT model's pass rates (its server, the RL prompt set), GRPO from the merged model, eval.
     assert check_run([output("generate-rl", "out")]).complete
