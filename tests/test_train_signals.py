@@ -100,7 +100,7 @@ _FAILED_SAVE = """
 import os, sys
 import torch.distributed as dist
 from rlm_train.errors import UserError
-from rlm_train.train.common import fail_together, main_process_only, process_rank
+from rlm_train.train.common import fail_together, leave_process_group, main_process_only, process_rank
 
 dist.init_process_group("gloo")
 
@@ -114,6 +114,7 @@ except Exception as exc:
     print(f"rank {process_rank()}: {type(exc).__name__}: {exc}", flush=True)
 fail_together(lambda: None, "a later step")  # every rank is still in step: nobody hung
 print(f"rank {process_rank()}: done", flush=True)
+leave_process_group()  # as the training commands end
 """
 
 

@@ -100,6 +100,15 @@ def _dist() -> Any:
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def leave_process_group() -> None:
+    """Destroy the process group (if any) before the interpreter exits: a gloo group left for the
+    interpreter's exit to tear down can abort a process that finished its run (`terminate called
+    without an active exception`), turning a good exit into SIGABRT."""
+    dist = _dist()
+    if dist:
+        dist.destroy_process_group()
+
+
 def process_rank() -> int:
     """This process's global rank (0 when not launched with several processes)."""
     dist = _dist()

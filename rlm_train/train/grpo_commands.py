@@ -32,6 +32,12 @@ def main(args: argparse.Namespace) -> int:
     if prepare("grpo", args, cfg, inputs=inputs, outputs=[Output("output_dir", cfg.output_dir, "dir", "output_dir")],
                notes=plan_notes(plan(cfg, args.recipe)), show_plan=True):
         return 0
-    summary = run_grpo(cfg, source=args.recipe)
-    print(json.dumps({k: summary.get(k) for k in ("global_step", "train_loss", "rewards", "output_dir")}, default=str))
+    from rlm_train.train.common import leave_process_group
+
+    try:
+        summary = run_grpo(cfg, source=args.recipe)
+        print(json.dumps({k: summary.get(k) for k in ("global_step", "train_loss", "rewards", "output_dir")},
+                         default=str))
+    finally:
+        leave_process_group()
     return summary["exit_code"]  # 128+N when a signal stopped it (checkpoint written; rerun resumes)

@@ -26,9 +26,12 @@ def main(args: argparse.Namespace) -> int:
     if prepare("sft", args, cfg, inputs=inputs, outputs=[Output("output_dir", cfg.output_dir, "dir", "output_dir")],
                notes=plan_notes(plan(cfg, args.recipe)), show_plan=True):
         return 0
-    from rlm_train.train.common import main_print
+    from rlm_train.train.common import leave_process_group, main_print
 
-    summary = run_sft(cfg, source=args.recipe, quiet=args.quiet)
-    main_print(json.dumps({k: summary[k] for k in ("global_step", "train_loss", "tokens_per_s", "output_dir")},
-                          default=str))
+    try:
+        summary = run_sft(cfg, source=args.recipe, quiet=args.quiet)
+        main_print(json.dumps({k: summary[k] for k in ("global_step", "train_loss", "tokens_per_s", "output_dir")},
+                              default=str))
+    finally:
+        leave_process_group()
     return summary["exit_code"]  # 128+N when a signal stopped it (checkpoint written; rerun resumes)
