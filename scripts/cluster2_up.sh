@@ -35,15 +35,10 @@ cannot() { echo "cluster2_up: cannot start the two-node Slurm here: $*" >&2; exi
 for tool in ip nsenter unshare; do
   command -v "$tool" >/dev/null || cannot "$tool is not installed (iproute2, util-linux)"
 done
-if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-  command -v apt-get >/dev/null || cannot "slurm-wlm is not installed and there is no apt-get"
-  echo "cluster2_up: installing slurm-wlm and munge" >&2
-  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1; then
-    apt-get update -qq >/dev/null 2>&1 || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null \
-      || cannot "apt-get install slurm-wlm munge failed"
-  fi
-fi
+NAME=cluster2_up
+# shellcheck source=scripts/slurm_install.sh
+source "$(dirname "$0")/slurm_install.sh"
+install_slurm_if_missing
 # CAP_NET_ADMIN and CAP_SYS_ADMIN: a throwaway namespace pair proves both before anything is made.
 unshare --net --mount --uts true 2>/dev/null \
   || cannot "no CAP_NET_ADMIN/CAP_SYS_ADMIN (unshare --net --mount --uts failed), e.g. an unprivileged container"

@@ -12,15 +12,10 @@ CONF=/etc/slurm/slurm.conf
 cannot() { echo "slurm_up: cannot start Slurm here: $*" >&2; exit 3; }
 
 [ "$(id -u)" = 0 ] || cannot "needs root (slurmd runs jobs as their users); run as root"
-if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-  command -v apt-get >/dev/null || cannot "slurm-wlm is not installed and there is no apt-get"
-  echo "slurm_up: installing slurm-wlm and munge" >&2
-  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1; then
-    apt-get update -qq >/dev/null 2>&1 || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null \
-      || cannot "apt-get install slurm-wlm munge failed"
-  fi
-fi
+NAME=slurm_up
+# shellcheck source=scripts/slurm_install.sh
+source "$(dirname "$0")/slurm_install.sh"
+install_slurm_if_missing
 
 mkdir -p "$STATE"/{log,ctld,d} /etc/slurm /etc/munge /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge
