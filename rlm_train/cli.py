@@ -1,11 +1,12 @@
 """`rlm-train <command>`: one entry point, thin.
 
-Each command lives in its stage's `commands` module, which exposes
-`add_arguments(parser)` and `main(args) -> int | None`. The module is imported
-only when its command runs, so `rlm-train --help` stays fast (no torch).
-Stage commands share their flags, plan and output checks through `rlm_train.stage`.
+Each command lives in its own module, which exposes `add_arguments(parser)` and
+`main(args) -> int | None`; rlm_train/registry.py lists them (a stage's module also defines its
+`STAGE`). The module is imported only when its command runs, so `rlm-train --help` stays fast
+(no torch). Stage commands share their flags, plan and output checks through `rlm_train.stage`.
 
-Errors: a UserError (or an OSError naming a file) is one line on stderr and exit 2.
+Errors: a UserError (or an OSError naming a file) is one line on stderr and exit 2; so is an
+unknown flag, with the `KEY=VALUE` override it may have meant.
 """
 
 from __future__ import annotations
@@ -13,106 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from types import ModuleType
-from typing import Callable
+from typing import Any
 
-from rlm_train import __version__
+from rlm_train import __version__, registry
 from rlm_train.errors import UserError
-
-# Each command module is imported only when its command runs (plain imports, so tools see them).
-
-
-def _run() -> ModuleType:
-    from rlm_train.rlm import commands
-
-    return commands
-
-
-def _tasks() -> ModuleType:
-    from rlm_train.tasks import commands
-
-    return commands
-
-
-def _generate() -> ModuleType:
-    from rlm_train.rollouts import commands
-
-    return commands
-
-
-def _filter() -> ModuleType:
-    from rlm_train.rollouts import filter_commands
-
-    return filter_commands
-
-
-def _sft() -> ModuleType:
-    from rlm_train.train import sft_commands
-
-    return sft_commands
-
-
-def _grpo() -> ModuleType:
-    from rlm_train.train import grpo_commands
-
-    return grpo_commands
-
-
-def _eval() -> ModuleType:
-    from rlm_train.eval import commands
-
-    return commands
-
-
-def _view() -> ModuleType:
-    from rlm_train.viewer import commands
-
-    return commands
-
-
-def _serve() -> ModuleType:
-    from rlm_train.serve import commands
-
-    return commands
-
-
-def _pipeline() -> ModuleType:
-    from rlm_train.pipeline import commands
-
-    return commands
-
-
-def _launch() -> ModuleType:
-    from rlm_train.launch import commands
-
-    return commands
-
-
-def _bench() -> ModuleType:
-    from rlm_train import bench
-
-    return bench
-
-
-# name -> (loader of its module, one-line help)
-COMMANDS: dict[str, tuple[Callable[[], ModuleType], str]] = {
-    "run": (_run, "run one RLM episode on a context file and print the answer"),
-    "tasks": (_tasks, "make, show and score long-context task sets"),
-    "generate": (_generate, "generate RLM trajectories concurrently (resumable)"),
-    "filter": (_filter, "filter trajectories into SFT and RL datasets"),
-    "sft": (_sft, "supervised fine-tuning (TRL + PEFT) on per-turn samples"),
-    "grpo": (_grpo, "GRPO with full RLM episodes in the sandbox as rollouts"),
-    "eval": (_eval, "evaluate methods on held-out tasks: report with CIs, paired diffs, plots"),
-    "view": (_view, "trajectories as one self-contained HTML page (filters, timelines, sub-call trees)"),
-    "serve": (_serve, "serve a model on vLLM (with LoRA adapters) and/or the RLM gateway"),
-    "pipeline": (_pipeline, "run a pipeline recipe's stages in order, skipping finished ones (resumable)"),
-    "launch": (_launch, "submit a pipeline (or one stage recipe) as dependent Slurm jobs; --status shows them"),
-    "bench": (_bench, "benchmarks reported as ratios against a baseline in the same run"),
-}
 
 
 def _top_level_help() -> str:
-    width = max(len(name) for name in COMMANDS)
+    found = registry.commands()
+    width = max(len(c.name) for c in found)
     lines = [
         "usage: rlm-train <command> [options]",
         "",
@@ -120,9 +30,56 @@ def _top_level_help() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `rlm-train <command> --help` for a command's options."]
+    lines += [f"  {c.name.ljust(width)}  {c.help}" for c in found]
+    lines += ["", "Run `rlm-train <command> --help` for a command's options, `rlm-train config <command>` for its config keys."]
     return "\n".join(lines)
+
+
+def build_parser(name: str, module: Any, help_: str) -> argparse.ArgumentParser:
+    """The command's parser; a stage's lists every config key after its flags."""
+    stage = getattr(module, "STAGE", None)
+    epilog = None
+    if stage is not None:
+        from rlm_train.config_help import format_config_keys
+
+        epilog = format_config_keys(stage.config, stage.name)
+    parser = argparse.ArgumentParser(prog=f"rlm-train {name}", description=help_, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return parser
+
+
+def override_hint(command: str, unknown: list[str], argv: list[str], config: Any) -> str:
+    """For a flag a stage command does not have (`--learning_rate 1e-4`): the `KEY=VALUE` override
+    meant, with the dotted key when the name is one of the config's keys or aliases."""
+    from rlm_train.config_help import resolve_key
+
+    for index, token in enumerate(argv):
+        if token not in unknown or not token.startswith("--"):
+            continue
+        name, eq, value = token[2:].partition("=")
+        if not eq and index + 1 < len(argv) and not argv[index + 1].startswith("-"):
+            value = argv[index + 1]
+        key = resolve_key(config, name.replace("-", "_"))
+        if key is None:
+            return (f"config keys are set as KEY=VALUE, e.g. {name.replace('-', '_')}={value or '...'} "
+                    f"(`rlm-train config {command}` lists them)")
+        return f"config keys are set as KEY=VALUE: {key}={value or '...'}"
+    return ""
+
+
+def _print(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `rlm-train --help | head`
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    except (OSError, ValueError):
+        pass
 
 
 def _describe_os_error(exc: OSError) -> str:
@@ -135,26 +92,36 @@ def _describe_os_error(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_top_level_help())
+        _print(_top_level_help())
         return 0
     if argv[0] == "--version":
-        print(f"rlm-train {__version__}")
+        _print(f"rlm-train {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"rlm-train: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+    found = registry.command(name)
+    if found is None:
+        names = ", ".join(c.name for c in registry.commands())
+        print(f"rlm-train: error: unknown command {name!r}; choose from {names}", file=sys.stderr)
         return 2
-    load, help_ = COMMANDS[name]
     try:
-        module = load()
+        module = found.load()
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("rlm_train"):
             raise
         print(f"rlm-train: error: {name} needs the package {exc.name!r}; install it (make install)", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog=f"rlm-train {name}", description=help_)
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    try:
+        parser = build_parser(name, module, found.help)
+        args, unknown = parser.parse_known_args(rest)
+    except BrokenPipeError:  # `rlm-train sft --help | head`
+        _silence_stdout()
+        return 141
+    if unknown:
+        stage = getattr(module, "STAGE", None)
+        hint = override_hint(name, unknown, rest, stage.config) if stage is not None else ""
+        print(f"rlm-train {name}: error: unrecognized arguments: {' '.join(unknown)}{'; ' + hint if hint else ''}",
+              file=sys.stderr)
+        return 2
     try:
         code = module.main(args)
     except UserError as exc:
@@ -164,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlm-train {name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early, e.g. `rlm-train ... --dry-run | head`
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        except (OSError, ValueError):
-            pass
+        _silence_stdout()
         return 141
     except OSError as exc:
         # A backstop: stage commands check their output paths before any work (rlm_train.stage),

@@ -1,15 +1,15 @@
 """The event loop the host runs on: uvloop where it is installed, asyncio's own otherwise.
 
-Measured on a 2-core machine: opening 512 keep-alive connections at once (what the first
-wave of a generation run does, 64 episodes x 8 sub-calls) costs the client ~190 ms of CPU
-on asyncio's selector loop and ~95 ms on uvloop; serving them costs the mock server
-~130 ms against ~65 ms. Everything here works on either loop.
+uvloop halves the CPU the client and the mock server spend on a generation run's first wave
+of connections (docs/measurements.md). Everything here works on either loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -29,12 +29,16 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
     The objects alive at the start (modules, the config, the task list: ~10^5 of them
     once pydantic and friends are imported) are moved out of the collector's reach for
-    the run: a full collection then walks only what the run made. Measured on a
-    200-episode generation: ~50 ms of collector pauses, one of 17 ms that stalled every
-    episode on the loop. The young generation is also collected every 10,000 rather than
-    700 allocations: most objects of a turn die by reference count first (two young
-    collections instead of ~65 in that run, ~5 ms instead of ~40 ms). Those settings are
-    process-wide: one run() at a time per process (the CLI commands are)."""
+    the run: a full collection then walks only what the run made, where one long pause
+    stalls every episode on the loop. The young generation is also collected every 10,000
+    rather than 700 allocations: most objects of a turn die by reference count first
+    (docs/measurements.md has the numbers). Those settings are
+    process-wide: one run() at a time per process (the CLI commands are).
+
+    Called where a loop already runs in this thread (Jupyter, IPython), `main` runs to the end
+    on a worker thread with a loop of its own (`run_beside_running_loop`)."""
+    if _loop_running():
+        return run_beside_running_loop(main)
     thresholds = gc.get_threshold()
     gc.freeze()  # no collect() first: it would cost the full walk this avoids
     gc.set_threshold(max(thresholds[0], 10_000), *thresholds[1:])
@@ -44,3 +48,50 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def run_beside_running_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on a new loop in a worker thread and wait for it (this thread's loop cannot
+    run it: it is busy running the caller). Interrupted while waiting (Ctrl-C, a notebook's stop
+    button), `main` is cancelled, so its sandboxes close, before the interrupt goes on."""
+    outcome: dict[str, Any] = {}
+    started, finished = threading.Event(), threading.Event()
+
+    async def tracked() -> T:
+        outcome["loop"], outcome["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        started.set()
+        return await main
+
+    def target() -> None:
+        try:
+            with asyncio.Runner(loop_factory=new_event_loop) as runner:
+                outcome["result"] = runner.run(tracked())
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            outcome["error"] = exc
+        finally:
+            started.set()
+            finished.set()
+
+    threading.Thread(target=target, name="rlm-train-loop", daemon=True).start()
+    # An Event, not Thread.join: a KeyboardInterrupt inside join marks a live thread as stopped (3.11).
+    try:
+        while not finished.wait(0.25):  # short waits: an interrupt is handled between them
+            pass
+    except KeyboardInterrupt:
+        started.wait()
+        if "task" in outcome and not finished.is_set():
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile: nothing left to cancel
+                outcome["loop"].call_soon_threadsafe(outcome["task"].cancel)
+        finished.wait()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

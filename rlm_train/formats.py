@@ -5,11 +5,13 @@ Kept at the bottom of the import graph: no heavy imports, no dependency on other
 
 from __future__ import annotations
 
+import enum
 import errno
 import json
 import os
+import secrets
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -20,18 +22,43 @@ from rlm_train.records import check_task
 
 # --------------------------------------------------------------------------- reading JSON Lines
 FAIL, SKIP = "fail", "skip"  # what a bad line does: stop with its line number, or warn and go on
-TORN_LINE = "the last line has no newline (a write was cut off)"
+
+
+class LineProblemKind(enum.StrEnum):
+    """Why the reader left a line out."""
+
+    TORN = "torn"  # the last line has no newline: a write cut off by a crash
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    REFUSED = "refused"  # valid JSON, refused by the caller's `check`
+
+
+@dataclass(frozen=True)
+class LineProblem:
+    """One bad line: where, what kind, and why in words. str() is `path:line: why`."""
+
+    path: Path
+    line: int
+    kind: LineProblemKind
+    why: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.why}"
 
 
 def iter_jsonl(path: str | Path, *, bad_lines: str = FAIL, check: Callable[[dict[str, Any]], str | None] | None = None,
-               problems: list[str] | None = None, fix: str = "fix or delete the line",
+               problems: list[LineProblem] | None = None, fix: str = "fix or delete the line",
                warn: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL file: the one reader every
     stage uses. A bad line (not JSON, not an object, refused by `check`, or a last line
     cut off without its newline by a crash) is `path:line: why`: with bad_lines="fail" a
     UserError that ends with `fix`; with "skip" a warning on stderr, the line is left out
-    and the message appended to `problems` (`warn=False`: no warning, for a file an earlier
-    stage already reported)."""
+    and its `LineProblem` appended to `problems` (`warn=False`: no warning, for a file an
+    earlier stage already reported)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory; pass a JSONL file")
@@ -45,11 +72,11 @@ def iter_jsonl(path: str | Path, *, bad_lines: str = FAIL, check: Callable[[dict
     for lineno, raw in numbered:
         if raw is not None and not raw.strip():
             continue
-        why, obj = _parse_line(raw, check)
-        if why is None:
+        kind, why, obj = _parse_line(raw, check)
+        if kind is None:
             yield lineno, obj
             continue
-        problem = f"{path}:{lineno}: {why}"
+        problem = LineProblem(path, lineno, kind, why)
         if bad_lines == FAIL:
             raise UserError(f"{problem}; {fix}")
         if warn:
@@ -58,18 +85,22 @@ def iter_jsonl(path: str | Path, *, bad_lines: str = FAIL, check: Callable[[dict
             problems.append(problem)
 
 
-def _parse_line(raw: bytes | None, check: Callable[[dict[str, Any]], str | None] | None) -> tuple[str | None, Any]:
+def _parse_line(raw: bytes | None, check: Callable[[dict[str, Any]], str | None] | None
+                ) -> tuple[LineProblemKind | None, str, Any]:
+    """(None, "", object) for a good line, else (kind, why, None)."""
     if raw is None:
-        return TORN_LINE, None
+        return LineProblemKind.TORN, "the last line has no newline (a write was cut off)", None
     try:
         obj = json.loads(raw)
     except ValueError as exc:
         msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        return f"not valid JSON ({msg})", None
+        return LineProblemKind.NOT_JSON, f"not valid JSON ({msg})", None
     if not isinstance(obj, dict):
-        return f"expected a JSON object, got {type(obj).__name__}", None
+        return LineProblemKind.NOT_OBJECT, f"expected a JSON object, got {type(obj).__name__}", None
     why = check(obj) if check is not None else None
-    return why, obj
+    if why is not None:
+        return LineProblemKind.REFUSED, why, None
+    return None, "", obj
 
 
 def read_jsonl(path: str | Path, **options: Any) -> list[dict[str, Any]]:
@@ -87,9 +118,16 @@ def write_jsonl_atomic(path: str | Path, records: Sequence[Mapping[str, Any]]) -
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a whole file so that readers see the old file or the new one, never half. It gets
+    the mode any new file gets (0666 less the umask), so teammates on shared storage can read
+    what a run wrote; secrets are written elsewhere, 0600 (serve/vllm_auth.py: write_private).
+    A path that cannot be written is one UserError naming it, not the temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _new_temp_file(path)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -97,10 +135,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
             raise disk_full(path, "it was not written; the old file, if any, is unchanged") from None
+        if isinstance(exc, OSError):
+            raise _cannot_write(path, exc) from None
         raise
+
+
+def _new_temp_file(path: Path) -> tuple[int, Path]:
+    """A new file beside `path` to write it through: created 0666 so that the umask decides its
+    mode (mkstemp's are 0600), and exclusively, so no existing file is ever opened."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))
+
+
+def _cannot_write(path: Path, exc: OSError) -> UserError:
+    return UserError(f"{path}: cannot write it ({exc.strerror or exc}); pass a path in a directory you can write to")
 
 
 # No space, or over the user's quota: the same thing to whoever runs the job.
@@ -131,7 +187,7 @@ def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
     reported as a UserError naming the disk.
     """
     data = dumps_line(record).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # the umask decides, as for any new file
     try:
         size = os.fstat(fd).st_size
         try:

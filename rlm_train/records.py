@@ -30,17 +30,12 @@ class ErrorKind(enum.StrEnum):
     """Who failed when the outcome is `error` (trajectory["error_kind"])."""
 
     MODEL = "model"  # a root model call failed after the client's retries
+    REFUSED = "refused"  # the server answered a root call with a refusal (HTTP 400/413/422: e.g. past its window)
     SANDBOX = "sandbox"  # the REPL sandbox could not start or keep a worker
     INTERNAL = "internal"  # anything else (a bug)
 
 
 # --------------------------------------------------------------------------- task
-class TaskMeta(TypedDict, total=False):
-    context_tokens: int
-    seed: int
-    split: str
-
-
 class TaskRecord(TypedDict):
     schema: str
     id: str
@@ -172,9 +167,9 @@ class EpisodeRecord(TypedDict):
     messages: list[dict[str, Any]]
     turns: list[TurnRecord]
     final: str | None
-    outcome: str  # an Outcome
+    outcome: Outcome  # on disk its string value; a record read back holds the equal str
     error: str | None
-    error_kind: str | None  # an ErrorKind when outcome is error
+    error_kind: ErrorKind | None  # set when outcome is error
     score: float | None
     stats: EpisodeStats
 

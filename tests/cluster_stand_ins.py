@@ -116,6 +116,7 @@ def _task_for(query: str) -> dict[str, Any] | None:
 
 def teacher_responder(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
     """The scripted teacher's turn for this conversation (a mock server responder)."""
+    from rlm_train.models.base import CallContext, Role
     from rlm_train.policies.scripted import ScriptedTeacher, extractive_answer
     from rlm_train.rlm.prompts import ANSWER_NOW_PROMPT
 
@@ -125,9 +126,9 @@ def teacher_responder(messages: list[dict[str, Any]], body: dict[str, Any]) -> s
     match = _QUERY_RE.match(users[0]) if users else None
     query = match.group(1) if match else (users[0] if users else "")
     task = _task_for(query) or {}
-    hints = {"role": "root", "depth": 0, "query": query, "family": task.get("family"),
-             "task_id": task.get("id", "unknown"), "last_turn": ANSWER_NOW_PROMPT in users[-1]}
-    reply = ScriptedTeacher()._answer(messages, hints)
+    call = CallContext(role=Role.ROOT, depth=0, query=query, last_turn=ANSWER_NOW_PROMPT in users[-1],
+                       hints={"family": task.get("family"), "task_id": task.get("id", "unknown")})
+    reply = ScriptedTeacher()._answer(messages, call)
     if "FINAL" in reply:
         global finals_sent
         finals_sent += 1

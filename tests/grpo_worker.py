@@ -101,7 +101,7 @@ def phase_ordered_push(model_dir: Path, url: str) -> None:
     from rlm_train.models.base import SamplingParams
     from rlm_train.models.loading import load_causal_lm
     from rlm_train.train.grpo_backends import VLLMServerBackend
-    from rlm_train.train.grpo_weight_sync import install_ordered_weight_sync
+    from rlm_train.train.trl_compat import install_ordered_weight_sync
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)

@@ -3,6 +3,7 @@ factory, and `attack`, which runs one hostile cell and checks the host's side.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
@@ -60,17 +61,39 @@ def hostile_session(config: SandboxConfig = CFG, context="ctx", llm=None):
         yield s
 
 
+async def _on_a_loop(s: REPLSession, code: str):
+    """The cell through the RLM loop's path (execute_async), beside a coroutine that ticks
+    every 10 ms: a wait that blocks the event loop shows up as a long gap between ticks."""
+    gap, last = 0.0, time.monotonic()
+
+    async def tick():
+        nonlocal gap, last
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gap, last = max(gap, now - last), now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        result = await s.execute_async(code)
+    finally:
+        ticker.cancel()
+    return result, max(gap, time.monotonic() - last)
+
+
 def attack(s: REPLSession, code: str, max_seconds: float | None = None):
-    """Run one hostile cell and check the host's side: responsive throughout, back
-    within the cell clock, nothing of the session left running, next cell works."""
+    """Run one hostile cell on an event loop, as the RLM loop runs it, and check the host's
+    side: responsive throughout (the loop and other threads), back within the cell clock,
+    nothing of the session left running, the next cell (run blocking) works."""
     beat = Heartbeat()
     t0 = time.monotonic()
     try:
-        r = s.execute(code)
+        r, loop_gap = asyncio.run(_on_a_loop(s, code))
     finally:
         gap = beat.close()
     took = time.monotonic() - t0
     assert gap < 1.0, f"the host stalled for {gap:.2f}s"
+    assert loop_gap < 1.0, f"the event loop stalled for {loop_gap:.2f}s"
     assert took < (max_seconds or s.config.timeout_s + 3), f"execute took {took:.1f}s"
     if s.pid is not None and not s.config.allow_background:
         assert _session_processes(_uid_of(s)) == [s.pid]

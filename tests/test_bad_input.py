@@ -37,6 +37,13 @@ def gen(d: Path, *more: str) -> list[str]:
     return ["generate", "--policy", "scripted", "--out", str(d / "out"), "--no-progress", *more]
 
 
+def sft(d: Path, *overrides: str) -> list[str]:
+    from conftest import REPO
+
+    return ["sft", "--recipe", str(REPO / "recipes/tiny-cpu-sft.yaml"), f"output_dir={d / 'out'}", *overrides,
+            "--dry-run"]
+
+
 def run_dir(d: Path, corrupt_line: int | None = None) -> Path:
     """A finished scripted generate run (optionally with a corrupt line in its shard)."""
     tasks = tasks_file(d, 3)
@@ -68,6 +75,16 @@ CASES = [
     ("recipe-missing", lambda d: gen(d, "--recipe", str(d / "nope.yaml")), 2, "recipe file not found"),
     ("recipe-is-a-directory", lambda d: gen(d, "--recipe", str(d)), 2, "is a directory; pass a YAML recipe file"),
     ("override-without-value", lambda d: gen(d, "--tasks", str(tasks_file(d)), "samples"), 2, "expected KEY=VALUE"),
+    ("override-value-not-yaml", lambda d: gen(d, "--tasks", str(tasks_file(d)), "samples=[1"),
+     2, "override 'samples=[1': the value is not valid YAML (expected ',' or ']'"),
+    ("list-key-given-one-value", lambda d: gen(d, "--tasks", str(tasks_file(d)), "base_urls=http://h:8000/v1"),
+     2, "key 'base_urls': expects a list, got 'http://h:8000/v1'; write base_urls=[http://h:8000/v1]"),
+    ("trl-name-in-the-wrong-section", lambda d: sft(d, "lora.num_train_epochs=2"),
+     2, "unknown key 'lora.num_train_epochs'; did you mean 'training.epochs'?"),
+    ("key-in-the-wrong-section", lambda d: sft(d, "lora.max_length=512"),
+     2, "unknown key 'lora.max_length'; did you mean 'training.max_length'? (it belongs to that section)"),
+    ("trl-name-and-ours-both", lambda d: sft(d, "num_train_epochs=2", "training.epochs=3"),
+     2, "'num_train_epochs' and 'training.epochs' are the same setting"),
     # -- sizes and counts
     ("zero-samples", lambda d: gen(d, "--tasks", str(tasks_file(d)), "--samples", "0"),
      2, "key 'samples': Input should be greater than or equal to 1"),
@@ -80,6 +97,25 @@ CASES = [
     ("shard-out-of-range", lambda d: gen(d, "--tasks", str(tasks_file(d)), "--shard", "4/4"),
      2, "shard_index 4 must be below num_shards 4"),
     ("shard-malformed", lambda d: gen(d, "--tasks", str(tasks_file(d)), "--shard", "half"), 2, "expected I/N"),
+    ("absurd-samples", lambda d: gen(d, "--tasks", str(tasks_file(d)), "--samples", "100000000000000000000"),
+     2, "key 'samples': must be at most 10,000, got 100000000000000000000 (every (task, sample) pair"),
+    ("too-many-pairs", lambda d: gen(d, "--tasks", str(tasks_file(d, 1001)), "--samples", "10000"),
+     2, "1,001 tasks x samples=10,000 = 10,010,000 (task, sample) pairs, above the bound of 10,000,000 a run"),
+    ("absurd-concurrency", lambda d: gen(d, "--tasks", str(tasks_file(d)), "--concurrency", "100000"),
+     2, "key 'concurrency': must be at most 200, got 100000 (each episode in flight holds a REPL sandbox"),
+    ("absurd-eval-samples", lambda d: ["eval", "--tasks", str(tasks_file(d)), "--method", "a=scripted", "--out",
+                                       str(d / "e"), "--no-progress", "--samples", "99999999"],
+     2, "key 'samples': must be at most 10,000"),
+    ("absurd-root-max-tokens", lambda d: gen(d, "--tasks", str(tasks_file(d)), "rlm.root_max_tokens=1000000000"),
+     2, "key 'rlm.root_max_tokens': must be at most 1,000,000"),
+    ("absurd-gateway-concurrency", lambda d: ["serve", "--base-url", "http://127.0.0.1:9/v1", "--max-concurrent",
+                                              "100000", "--dry-run"], 2, "key 'gateway.max_concurrent': must be at most 200"),
+    ("tasks-make-absurd-n", lambda d: ["tasks", "make", "--family", "niah", "--n", "100000000000", "--context-tokens",
+                                       "8000", "--out", str(d / "t.jsonl")],
+     2, "n=100,000,000,000 is above the bound of 100,000 tasks a file"),
+    ("tasks-make-too-many-tokens", lambda d: ["tasks", "make", "--family", "niah", "--n", "50000", "--context-tokens",
+                                              "32000", "--out", str(d / "t.jsonl")],
+     2, "= 1,600,000,000 context tokens, above the bound of 1,000,000,000"),
     ("zero-iterations", lambda d: gen(d, "--tasks", str(tasks_file(d)), "rlm.max_iterations=0"),
      2, "key 'rlm.max_iterations'"),
     ("absurd-sub-model-chars", lambda d: gen(d, "--tasks", str(tasks_file(d)), "rlm.sub_model_chars=10"),
@@ -102,6 +138,10 @@ CASES = [
     ("filter-trajectories-missing", lambda d: ["filter", "--trajectories", str(d / "nope"), "--out", str(d / "f")],
      2, "no such trajectory directory or file"),
     ("tasks-show-empty-directory", lambda d: ["tasks", "show", str(d)], 2, "is a directory with no task file"),
+    ("out-in-proc", lambda d: ["tasks", "make", "--family", "niah", "--n", "1", "--context-tokens", "8000",
+                               "--out", "/proc/x.jsonl"], 2, "/proc/x.jsonl: cannot write"),
+    ("vllm-args-unclosed-quote", lambda d: ["serve", "--model", "gemma3-270m", "--vllm-args", "--chat-template 'x",
+                                            "--dry-run"], 2, "--vllm-args \"--chat-template 'x\": no closing quotation"),
     ("eval-tasks-is-a-directory", lambda d: ["eval", "--tasks", str(d), "--method", "a=scripted",
                                              "--out", str(d / "e"), "--no-progress"], 2, "is a directory"),
     # -- encodings, empty contexts and queries, empty task sets

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from rlm_train import cli
+from rlm_train import cli, registry
 from rlm_train.errors import UserError
 from rlm_train.stage import check_output, format_plan
 
@@ -198,7 +198,7 @@ def test_check_output(tmp_path):
 
 def stage_parsers():
     for name in STAGES:
-        module = cli.COMMANDS[name][0]()
+        module = registry.command(name).load()
         parser = argparse.ArgumentParser(prog=f"rlm-train {name}")
         module.add_arguments(parser)
         if name == "tasks":  # the stage is `tasks make`
@@ -216,7 +216,8 @@ def test_every_stage_has_the_same_recipe_dry_run_and_override_flags():
         assert actions["overrides"].nargs == "*" and actions["overrides"].metavar == "KEY=VALUE", name
         seen["recipe"].add(re.sub(r"of \w+ keys", "of <config> keys", actions["recipe"].help))
         seen["dry_run"].add(actions["dry_run"].help)
-        seen["overrides"].add(actions["overrides"].help)
+        assert actions["plan_json"].option_strings == ["--plan-json"], name
+        seen["overrides"].add(re.sub(r"e\.g\. \S+;", "e.g. <a key of its config>;", actions["overrides"].help))
     assert all(len(helps) == 1 for helps in seen.values()), seen
 
 

@@ -125,7 +125,7 @@ def substitutions(stand_ins: Path) -> list[Substitution]:
         head, _, key = target.partition(".")
         for name in serve if head == "{serve}" else [head]:
             stage = pipeline.stage(name)
-            was = get_dotted(stage.slurm if resource else stage.config, key, "(unset)")
+            was = get_dotted(stage.slurm if resource else stage.raw, key, "(unset)")
             if was != yaml.safe_load(value):
                 out.append(Substitution(name, key, value, resource, was, instead))
     return out
@@ -294,7 +294,7 @@ def test_qwen3_8b_pipeline_rehearsal(cluster, tmp_path):
 
     def output(stage: str, key: str) -> Path:
         """Where the recipe has a stage write (its config's `key`), in the working directory."""
-        return work / pipeline.stage(stage).config[key]
+        return work / pipeline.stage(stage).raw[key]
 
     env = {**cluster, "HF_HUB_CACHE": str(stand_ins / "hf-hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "RLM_REHEARSAL_TASKS": str(output("tasks", "out_dir") / "*.jsonl"), "RLM_REHEARSAL_GATE": str(gate)}
@@ -382,13 +382,13 @@ def test_qwen3_8b_pipeline_rehearsal(cluster, tmp_path):
     assert max(m.get("step", 0) for m in steps) == 2
     methods = json.loads((output("eval", "out") / "report.json").read_text())["methods"]
     print("eval:", {name: (m["episodes"], m["outcomes"], m["score"]["all"]["mean"]) for name, m in methods.items()})
-    recipe_methods = [m["name"] for m in pipeline.stage("eval").config["methods"]]
+    recipe_methods = [m["name"] for m in pipeline.stage("eval").raw["methods"]]
     assert sorted(methods) == sorted(recipe_methods)
     heldout = TASKS_PER_FAMILY["heldout"] * len(FAMILIES)
     assert all(m["episodes"] == m["expected_episodes"] == heldout for m in methods.values()), methods
 
     # Every serve stage ran inside the jobs that needed it, as the stand-in, and answered.
     for stage in (s.name for s in pipeline.stages if s.run == "serve"):
-        log = (work / pipeline.stage(stage).config["vllm"]["log_file"]).read_text()
+        log = (work / pipeline.stage(stage).raw["vllm"]["log_file"]).read_text()
         assert "stand-in vLLM" in log and "Application startup complete" in log, (stage, log[-2000:])
     print("\n".join(phases), f"\nrehearsal: {time.monotonic() - started:.0f} s in all")

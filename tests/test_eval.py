@@ -27,7 +27,7 @@ FAMILIES = ("niah", "oolong", "pairs", "multihop", "codeqa")
 
 
 def wrong_policy():
-    return CallablePolicy(lambda messages, hints: "```repl\nFINAL('zzz wrong')\n```", name="wrong")
+    return CallablePolicy(lambda messages, call: "```repl\nFINAL('zzz wrong')\n```", name="wrong")
 
 
 def run_pairs(run_dir: Path) -> Counter:
@@ -121,7 +121,7 @@ def test_direct_method_reads_the_cut_context_in_its_prompt(tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     write_scenario_tasks(tasks, 3)  # "The answer is: keyI." in the middle of ~1600 characters
 
-    def reader(messages, hints):
+    def reader(messages, call):
         assert messages[0]["role"] == "system" and "Question: What is the answer?" in messages[-1]["content"]
         found = re.search(r"answer is: (\w+)", messages[-1]["content"])
         return found.group(1) if found else "no idea"

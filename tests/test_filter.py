@@ -240,7 +240,8 @@ def test_filter_stage_writes_datasets_jsonl_rl_set_and_report(tmp_path, rlm_cli)
                                        f"sft_data=[{out / 'sft'}]", "rl_min_pass_rate=0.01", "rl_max_pass_rate=0.9",
                                        "validation_fraction=0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in rl_out.iterdir()) == ["filter_report.json", "rl", "rl-train.jsonl", "rl-validation.jsonl"]
+    assert sorted(p.name for p in rl_out.iterdir()) == ["README.md", "filter_report.json", "rl", "rl-train.jsonl",
+                                                        "rl-validation.jsonl"]  # README.md: the dataset card
     assert re.search(r"RL task: pass_rate_out_of_range +2\n", result.stdout) and "SFT samples" not in result.stdout
     rl = load_from_disk(str(rl_out / "rl"))
     assert {r["task_id"]: r["pass_rate"] for r in rl["train"]} == {"r1": 0.25, "r4": 0.75}

@@ -21,7 +21,7 @@ from launch_stand_ins import lacks_of
 from rlm_train import cli
 from rlm_train.launch.cluster import ClusterInfo, Partition, check_resources, parse_sinfo
 from rlm_train.launch.jobs import stage_command_of
-from rlm_train.launch.render import TEMPLATES, written_paths
+from rlm_train.launch.render import written_paths
 from rlm_train.launch.resources import SlurmResources
 
 # launch_stand_ins' fixtures, here under their own names
@@ -178,7 +178,9 @@ def test_every_template_renders_in_one_pipeline_and_bash_accepts_it(tmp_path, ca
     scripts = split_scripts(out)
     assert list(scripts) == ["tasks", "gen", "filter", "sft", "grpo", "grpo1", "eval", "serve"]
     used = {re.search(r"this script: slurm/(\S+) ----", s).group(1) for s in scripts.values()}
-    assert used == set(TEMPLATES.values())
+    from rlm_train import registry
+
+    assert used == {registry.stage(name).slurm_template for name in registry.stage_names()}
     state = tmp_path / "all" / "pipeline" / "slurm"
     for name, script in scripts.items():
         check_script(name, script, state)

@@ -124,7 +124,7 @@ def test_what_a_stage_that_could_not_plan_writes_is_not_called_missing(tmp_path,
     stages = [{"name": "tasks", "run": "tasks make", "recipe": str(REPO / "recipes/tasks-tiny.yaml"),
                "with": {"out_dir": str(tmp_path / "tasks")}},
               {"name": "gen", "run": "generate", "recipe": str(REPO / "recipes/generate-scripted-cpu.yaml"),
-               "with": {"tasks": str(tmp_path / "tasks/train.jsonl"), "out": str(tmp_path / "gen"), "samples": 0}},
+               "with": {"tasks": str(tmp_path / "tasks/train.jsonl"), "out": str(tmp_path / "gen"), "policy": "nope:x"}},
               {"name": "filter", "run": "filter", "recipe": str(REPO / "recipes/filter-paper.yaml"),
                "with": {"trajectories": [str(tmp_path / "gen")], "out": str(tmp_path / "data")}},
               {"name": "sft", "run": "sft", "recipe": str(REPO / "recipes/tiny-cpu-sft.yaml"), "after": ["tasks"],
@@ -133,7 +133,7 @@ def test_what_a_stage_that_could_not_plan_writes_is_not_called_missing(tmp_path,
     pipeline.write_text(yaml.safe_dump({"name": "p", "out_dir": str(tmp_path / "p"), "stages": stages}))
     code = cli.main(["launch", "--recipe", str(pipeline), "--slurm", "--dry-run"])
     err = capsys.readouterr().err
-    assert "rlm-train launch: warning: stage gen (generate): its dry run fails: " in err
+    assert "rlm-train launch: warning: stage gen (generate): its plan fails: " in err
     # filter reads gen's run (unknown, not missing); sft comes after gen too, but its model is no stage's.
     assert lacks_of(code, err) == [f"rlm-train launch: stage sft: model {tmp_path / 'no-model'}: not found here, "
                                    "and no stage of this launch makes it"]

@@ -14,6 +14,7 @@ from rlm_train import cli
 from rlm_train.errors import UserError
 from rlm_train.launch.cluster import ClusterInfo, check_resources, parse_sinfo
 from rlm_train.launch.resources import fill_defaults, resolve_resources, sbatch_lines, step_budget_warning, time_s
+from rlm_train.train.grpo_config import GRPOConfig
 import launch_stand_ins
 from test_launch import every_template_pipeline, split_scripts
 
@@ -60,7 +61,7 @@ def test_slurm_time_limits_in_seconds(value, seconds):
 
 def test_the_early_signal_fits_the_time_limit():
     def filled(**section):
-        r = resolve_resources("sft", {}, section, "p.yaml: stage sft")
+        r = resolve_resources("sft", None, section, "p.yaml: stage sft")
         fill_defaults(r, "p.yaml: stage sft")
         return r
     assert filled(time="04:00:00").signal_s == 600 and filled().signal_s == 600
@@ -79,7 +80,7 @@ def test_what_the_job_asks_for_is_checked_against_the_partition():
         r = resolve_resources(run, config, section, "stage")
         fill_defaults(r, "stage")
         return check_resources(run, r, cluster)
-    grpo = yaml.safe_load((REPO / "recipes/qwen3-8b-grpo.yaml").read_text())
+    grpo = GRPOConfig.model_validate(yaml.safe_load((REPO / "recipes/qwen3-8b-grpo.yaml").read_text()))
     assert checked("grpo", grpo) == [
         "stage grpo: slurm.cpus_per_task=64 (default: 8 per GPU x 8) asks 64 CPUs per node but partition gpu's nodes "
         "have 48; set slurm.cpus_per_task <= 48 or exclusive: true",
@@ -87,14 +88,16 @@ def test_what_the_job_asks_for_is_checked_against_the_partition():
         "have 500000 MB; set slurm.mem <= 488G or exclusive: true"]
     assert checked("grpo", grpo, exclusive=True) == []  # whole nodes: whatever they have
     assert checked("grpo", grpo, cpus_per_task=48, mem="480G") == []
-    assert checked("filter", {}) == []  # 4 CPUs, 16G
+    assert checked("filter", None) == []  # 4 CPUs, 16G
 
 
 def test_a_step_budget_that_does_not_fit_the_time_limit_says_how_many_rounds():
     def warning(max_steps, **section):
-        r = resolve_resources("grpo", {}, section, "p.yaml: stage grpo")
+        r = resolve_resources("grpo", None, section, "p.yaml: stage grpo")
         fill_defaults(r, "p.yaml: stage grpo")
-        return step_budget_warning("grpo", {"training": {"max_steps": max_steps}}, r, "stage grpo")
+        grpo = yaml.safe_load((REPO / "recipes/qwen3-8b-grpo.yaml").read_text())
+        config = GRPOConfig.model_validate({**grpo, "training": {**grpo["training"], "max_steps": max_steps}})
+        return step_budget_warning(config, r, "stage grpo")
     assert warning(300, time="48:00:00", steps_per_hour=4) == (
         "stage grpo: training.max_steps=300 at slurm.steps_per_hour=4 needs 75.0 h but slurm.time=48:00:00 leaves "
         "47.8 h before its early signal: 191 steps fit one job, so training takes 2 jobs (`rlm-train launch --resume "

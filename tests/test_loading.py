@@ -105,10 +105,7 @@ def test_gemma3_template_prefix_and_system(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (loading.cache_root() / "models" / "gemma3-270m-bf16" / "rlm_train_source.json").is_file(),
-                    reason="Gemma-3-270m not converted here (python -c 'from rlm_train.models.loading import "
-                           "ensure_gemma3_270m as e; e()')")
-def test_real_gemma3_270m_tokenizer_and_template():
+def test_real_gemma3_270m_tokenizer_and_template(real_gemma):
     tok = loading.load_tokenizer("gemma3-270m")
     assert len(tok) == 262144
     assert tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == [105, 106]

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from rlm_train.models.base import PolicyError, RequestRefused, SamplingParams
+from rlm_train.models.base import CallContext, PolicyError, RequestRefused, Role, SamplingParams
 from rlm_train.testing.mock_server import FailPlan, MockHTTPError, MockOpenAIServer
 from rlm_train.models.openai_client import OpenAIPolicy
 
@@ -44,7 +44,8 @@ def test_success_captures_usage_and_maps_sampling():
     with MockOpenAIServer(responder=lambda msgs, body: "four is the answer") as srv:
         policy = fast_policy([srv.base_url], api_key="sk-test-key")
         sampling = SamplingParams(max_tokens=50, temperature=0.7, top_p=0.9, stop=["\n\n"], seed=3)
-        c = asyncio.run(call_and_close(policy, USER, sampling, hints={"answer": "SECRET-HINT"}))
+        call = CallContext(role=Role.ROOT, depth=0, query="q", hints={"answer": "SECRET-HINT"})
+        c = asyncio.run(call_and_close(policy, USER, sampling, call))
 
         assert c.text == "four is the answer"
         assert (c.prompt_tokens, c.completion_tokens) == (5, 4)
@@ -54,7 +55,7 @@ def test_success_captures_usage_and_maps_sampling():
         assert body["model"] == "mock-model" and body["messages"] == USER
         assert (body["max_tokens"], body["temperature"], body["top_p"], body["stop"], body["seed"]) == (
             50, 0.7, 0.9, ["\n\n"], 3)
-        assert "SECRET-HINT" not in json.dumps(body) and "hints" not in body  # hints never leave the host
+        assert "SECRET-HINT" not in json.dumps(body) and "hints" not in body  # the call context never leaves the host
         assert srv.headers[-1]["authorization"] == "Bearer sk-test-key"
         assert "sk-test-key" not in repr(policy)
         assert policy.stats == {"requests": 1, "retries": 0, "failures": 0, "prompt_tokens": 5,
@@ -402,6 +403,15 @@ def test_http_module_parses_requests_and_writes_responses():
         parse_request(bytearray(b"garbage\r\n\r\n"))
     response, keep, used = parse_response(bytearray(format_response(429, b"{}", {"Retry-After": "2"})), closed=False)
     assert (response.status, response.headers["retry-after"], response.body, keep) == (429, "2", b"{}", True)
+    # A 100 Continue is skipped; a chunked body with an extension and a trailer is joined.
+    chunked = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" \
+              b"2;x=y\r\nab\r\n1\r\nc\r\n0\r\nTrailer: t\r\n\r\n"
+    response, keep, used = parse_response(bytearray(chunked), closed=False)
+    assert (response.status, response.body, keep, used) == (200, b"abc", True, len(chunked))
+    assert parse_response(bytearray(chunked[:-2]), closed=False) is None  # trailers not ended yet
+    assert parse_response(bytearray(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc"), closed=False) is None
+    with pytest.raises(ValueError):
+        parse_response(bytearray(b"SMTP ready\r\n\r\n"), closed=False)
 
 
 def test_mock_server_does_not_import_the_client():

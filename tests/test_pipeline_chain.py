@@ -11,9 +11,11 @@ import pytest
 import yaml
 
 from rlm_train import cli
+from rlm_train.errors import UserError
 from rlm_train.pipeline.chain import check_chain
-from rlm_train.pipeline.plans import stage_plan
+from rlm_train.pipeline.plans import plan_here
 from rlm_train.pipeline.recipe import load_pipeline
+from rlm_train.stage import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,9 +26,16 @@ def in_repo(monkeypatch):
 
 
 def links_of(recipe: str | Path):
+    """The pipeline, each stage's plan (its error instead, where it cannot plan here) and the links."""
     pipeline = load_pipeline(recipe)
-    plans = {stage.name: stage_plan(stage) for stage in pipeline.stages}
-    return pipeline, plans, check_chain(pipeline, plans)
+    plans: dict[str, Plan | str] = {}
+    for stage in pipeline.stages:
+        try:
+            plans[stage.name] = plan_here(stage)
+        except UserError as exc:
+            plans[stage.name] = str(exc)
+    made = {name: plan if isinstance(plan, Plan) else Plan() for name, plan in plans.items()}
+    return pipeline, plans, check_chain(pipeline, made)
 
 
 def source(links, stage: str, name: str) -> str:
@@ -39,7 +48,7 @@ def test_tiny_cpu_pipeline_chain():
     pipeline, plans, links = links_of("recipes/tiny-cpu-pipeline.yaml")
     assert [s.name for s in pipeline.stages] == ["tasks", "generate", "filter", "sft", "generate-rl", "filter-rl",
                                                  "grpo", "eval"]
-    assert {name: plan.error for name, plan in plans.items() if plan.error} == {}
+    assert {name: plan for name, plan in plans.items() if isinstance(plan, str)} == {}
     assert [link.describe() for link in links if link.broken] == []
     assert source(links, "generate", "tasks") == "stage tasks"
     assert source(links, "filter", "trajectories") == "stage generate"
@@ -60,7 +69,7 @@ def test_qwen3_8b_pipeline_chain_dry_run():
     runs = [s.name for s in pipeline.stages if not s.background]
     assert runs == ["tasks", "generate", "filter", "sft", "generate-rl", "filter-rl", "grpo", "eval"]
     # Every stage plans (a serve stage notes a model or adapter an earlier stage will write).
-    assert {name: plan.error for name, plan in plans.items() if plan.error and not pipeline.stage(name).background} == {}
+    assert {name: plan for name, plan in plans.items() if isinstance(plan, str) and not pipeline.stage(name).background} == {}
     assert [link.describe() for link in links if link.broken] == []
     assert source(links, "generate", "tasks") == "stage tasks"
     assert source(links, "generate", "policy") == "served by serve-teacher"
@@ -174,25 +183,29 @@ def test_every_server_gets_the_window_its_consumers_episodes_need():
     from rlm_train.rlm.window import direct_tokens, rounded, server_window_tokens
 
     pipeline = load_pipeline("recipes/qwen3-8b-pipeline.yaml")
-    generate = RLMConfig(**pipeline.stage("generate").config["rlm"])
-    assert window(pipeline.stage("serve-teacher").config["vllm"]) == server_window_tokens(generate) == 38_144
-    evaluation = EvalConfig(**pipeline.stage("eval").config)
+    generate = pipeline.stage("generate").config.rlm
+    assert isinstance(generate, RLMConfig)
+    assert window(pipeline.stage("serve-teacher").raw["vllm"]) == server_window_tokens(generate) == 38_144
+    evaluation = pipeline.stage("eval").config
+    assert isinstance(evaluation, EvalConfig)
 
     def needs(port: int) -> int:
         return max(rounded(direct_tokens(method_rlm(evaluation.rlm, m), m.max_context_chars)) if m.direct
                    else server_window_tokens(method_rlm(evaluation.rlm, m))
                    for m in evaluation.methods if any(f":{port}/" in url for url in m.base_urls))
 
-    assert window(pipeline.stage("serve-eval").config["vllm"]) == needs(8000)
-    assert window(pipeline.stage("serve-grpo").config["vllm"]) == needs(8001)
+    assert window(pipeline.stage("serve-eval").raw["vllm"]) == needs(8000)
+    assert window(pipeline.stage("serve-grpo").raw["vllm"]) == needs(8001)
     servers = [s for s in pipeline.stages if s.run == "serve"]
-    assert all(window(s.config["vllm"]) <= QWEN3_8B_POSITIONS for s in servers), [s.name for s in servers]
+    assert all(window(s.raw["vllm"]) <= QWEN3_8B_POSITIONS for s in servers), [s.name for s in servers]
+    # The typed config the pipeline reads holds the same window.
+    assert all(s.config.vllm.args == s.raw["vllm"]["args"] for s in servers)
     # The written stage recipe carries it: `rlm-train serve` starts vLLM with this window.
     written = yaml.safe_load(pipeline.stage("serve-teacher").config_text)
     assert written["vllm"]["args"][-2:] == ["--max-model-len", "38144"]
     # A window given large enough is kept as given (either spelling); the demo's 8,192 fits its root turns.
     demo = load_pipeline("recipes/demo-cpu.yaml")
-    assert window(demo.stage("serve-base").config["vllm"]) == 8192
+    assert window(demo.stage("serve-base").raw["vllm"]) == 8192
 
 
 def with_teacher_args(tmp_path: Path, *args: str) -> Path:
@@ -218,7 +231,7 @@ def test_a_server_window_smaller_than_its_consumers_episodes_is_refused_at_plan_
     assert cli.main(["pipeline", "--recipe", str(with_teacher_args(tmp_path, "--max-model-len=38000")), "--dry-run"]) == 2
     assert "serves a 38000-token window" in capsys.readouterr().err
     kept = load_pipeline(with_teacher_args(tmp_path, "--max-model-len=39936"))
-    assert kept.stage("serve-teacher").config["vllm"]["args"][-1] == "--max-model-len=39936"
+    assert kept.stage("serve-teacher").config.vllm.args[-1] == "--max-model-len=39936"
     assert state.exists() == before  # refused before anything is written
 
 
@@ -254,5 +267,5 @@ def test_a_window_past_the_models_positions_is_refused_unless_rope_scaling_stret
     yarn = json.dumps({"rope_scaling": {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 4096}})
     for own in (False, True):
         pipeline = load_pipeline(small_model_pipeline(tmp_path, ["--hf-overrides", yarn], own_server=own))
-        server = pipeline.stages[0].slurm["server"]["vllm"] if own else pipeline.stage("serve").config["vllm"]
+        server = pipeline.stages[0].slurm["server"]["vllm"] if own else pipeline.stage("serve").raw["vllm"]
         assert window(server) == need  # 4,096 x 16 positions hold it

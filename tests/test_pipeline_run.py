@@ -187,13 +187,15 @@ def test_bad_pipeline_input_is_one_line(tmp_path, capsys, monkeypatch):
     assert "requires models/x: not found; make it first: make x" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()  # nothing written before the checks pass
 
-    # A bad key in the last stage stops the pipeline before the first stage runs.
+    # A bad key in the last stage stops the pipeline before the first stage runs: one line naming the
+    # stage, the key and the closest valid one, and nothing else printed.
     stages = small_stages()
     stages[2]["with"]["min_turnz"] = 2
     typo = write_recipe(tmp_path / "typo.yaml", stages)
     assert cli.main(["pipeline", "--recipe", str(typo)]) == 2
-    err = capsys.readouterr().err
-    assert "stage filter (3/3) cannot start:" in err and "unknown key 'min_turnz'" in err
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"rlm-train pipeline: error: {typo}: stage filter: unknown key 'min_turnz'; "
+                                 "did you mean 'min_turns'?\n")
     assert not (tmp_path / "tasks").exists() and not (tmp_path / "out" / "pipeline" / "tasks.state.json").exists()
 
 
@@ -223,25 +225,3 @@ def test_a_pipeline_with_an_eval_stage_writes_its_report_viewer_and_prints_the_r
     assert "## Stage eval" not in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_a_code_change_in_what_a_stage_depends_on_changes_its_fingerprint(tmp_path, monkeypatch):
-    """A new teacher program must rerun `generate` (and what follows), not reuse old trajectories;
-    a change elsewhere in the package does not touch it."""
-    from rlm_train.pipeline import recipe as recipe_module
-
-    root = tmp_path / "pkg"
-    for part in ("tasks", "policies", "rlm", "repl", "rollouts", "serve"):
-        (root / part).mkdir(parents=True)
-        (root / part / "mod.py").write_text(f"# {part}\n")
-    monkeypatch.setattr(recipe_module, "PACKAGE_ROOT", root)
-    recipe = write_recipe(tmp_path / "p.yaml", small_stages(samples=1))
-
-    def fingerprints():
-        return recipe_module.load_pipeline(recipe).fingerprints()
-
-    before = fingerprints()
-    (root / "serve" / "mod.py").write_text("# serve, changed\n")
-    assert fingerprints() == before
-    (root / "policies" / "mod.py").write_text("# a new teacher program\n")
-    after = fingerprints()
-    assert after["tasks"] == before["tasks"]
-    assert after["generate"] != before["generate"] and after["filter"] != before["filter"]

@@ -124,7 +124,7 @@ def test_a_repl_worker_killed_mid_cell_is_a_sandbox_error_and_the_run_goes_on(tm
 
     monkeypatch.setattr(repl, "REPLSession", Tracked)
 
-    def policy(messages, hints):
+    def policy(messages, call):
         turn = sum(1 for m in messages if m["role"] == "assistant")
         code = "import time\ntime.sleep(2)\nprint('slept')" if turn == 0 else "FINAL('ok')"
         return f"```repl\n{code}\n```"

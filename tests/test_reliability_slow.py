@@ -25,7 +25,8 @@ def test_a_slow_steady_server_finishes_every_episode_and_progress_shows_turns_an
     write_scenario_tasks(tmp_path / "tasks.jsonl", 4)
     # Tokens 40 ms apart: a root turn of ~25 tokens takes ~1 s, over three times the 0.3 s timeout.
     with MockOpenAIServer(responder=scenario_responder, token_latency_s=0.04) as server:
-        summary = run_generate(config(tmp_path, server.base_url, concurrency=4, progress=True,
+        # stderr is no terminal here: progress is a plain line every progress_every_s.
+        summary = run_generate(config(tmp_path, server.base_url, concurrency=4, progress=True, progress_every_s=0.2,
                                       client={"request_timeout_s": 0.3, "max_retries": 0}))
         slowest = max(r["latency_s"] for rec in store.read_records(tmp_path / "out") for r in rec["turns"])
     assert summary["records"] == 4 and summary["outcomes"] == {Outcome.FINAL: 4}

@@ -17,7 +17,7 @@ def block(code):
 def turns_policy(*turns):
     """A root policy that plays the given assistant turns in order (the last one repeats)."""
 
-    def answer(messages, hints):
+    def answer(messages, call):
         done = sum(1 for m in messages if m["role"] == "assistant")
         return turns[min(done, len(turns) - 1)]
 
@@ -42,11 +42,11 @@ def test_peek_then_final_records_a_complete_trajectory():
 
 
 def test_depth_two_recursion_degrades_to_llm_query_at_the_limit():
-    def root(messages, hints):
-        depth = hints["depth"]
+    def root(messages, call):
+        depth = call.depth
         return block(f"r = rlm_query('level {depth + 1}', context=context + '|d{depth + 1}')\nFINAL('d{depth}<' + r)")
 
-    def leaf(messages, hints):
+    def leaf(messages, call):
         return f"leaf({messages[-1]['content'].splitlines()[0]})"
 
     traj = run("go deep", "ctx", CallablePolicy(root), CallablePolicy(leaf), max_depth=2)
@@ -134,11 +134,11 @@ def test_the_answer_now_turn_has_its_own_token_cap():
     asked: list[tuple[bool, int]] = []
 
     class Recording(CallablePolicy):
-        async def chat(self, messages, sampling=None, hints=None):
-            asked.append((bool((hints or {}).get("last_turn")), sampling.max_tokens))
-            return await super().chat(messages, sampling, hints)
+        async def chat(self, messages, sampling=None, call=None):
+            asked.append((call.last_turn, sampling.max_tokens))
+            return await super().chat(messages, sampling, call)
 
-    policy = Recording(lambda messages, hints: block("print(1)"))
+    policy = Recording(lambda messages, call: block("print(1)"))
     run("q", "c", policy, max_iterations=2, root_max_tokens=600, answer_max_tokens=64)
     assert asked == [(False, 600), (False, 600), (True, 64)]
     asked.clear()
@@ -149,7 +149,7 @@ def test_the_answer_now_turn_has_its_own_token_cap():
 def test_policy_failure_is_recorded_not_raised():
     from rlm_train.models.base import PolicyError
 
-    def fail(messages, hints):
+    def fail(messages, call):
         raise PolicyError("http://127.0.0.1:9/v1 unreachable after 3 retries")
 
     traj = run("q", "c", CallablePolicy(fail))

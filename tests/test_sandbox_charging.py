@@ -66,9 +66,9 @@ def test_a_child_rlm_context_is_built_in_the_child_session_not_the_host():
     seen: dict = {}
     server = get_server()
 
-    def policy(messages, hints):
+    def policy(messages, call):
         turn = _turn(messages)
-        if hints["depth"] == 0:
+        if call.depth == 0:
             if turn == 0:
                 seen["host_mb"], seen["zygotes"] = _rss_mb(), _zygotes_mb(server.pid)
                 return block(f"r = rlm_query('count them', context=[[] for _ in range({n})])\nFINAL(r)")
@@ -111,9 +111,9 @@ def test_a_child_context_the_child_cannot_load_fails_the_child_not_the_host(cont
             "print(pickle.loads(sock.recv(n, socket.MSG_WAITALL)))")
     seen = {}
 
-    def policy(messages, hints):
+    def policy(messages, call):
         seen.setdefault("host_mb", _rss_mb())
-        return block(code) if _turn(messages) == 0 and hints["depth"] == 0 else block("FINAL('done')")
+        return block(code) if _turn(messages) == 0 and call.depth == 0 else block("FINAL('done')")
 
     traj = _episode(policy, max_depth=1, sandbox=SandboxConfig(timeout_s=10, memory_mb=48))
     assert _rss_mb() - seen["host_mb"] < 40
@@ -130,10 +130,10 @@ def test_a_trajectory_is_bounded_by_its_budget_and_says_what_it_left_out(tmp_pat
     the rest; the model still read every output whole; the root's conversation is whole."""
     flood = "\n".join([block("print('x' * 20000)")] * 12)
 
-    def policy(messages, hints):
+    def policy(messages, call):
         turn = _turn(messages)
-        if hints["depth"] > 0:
-            if hints["query"] == "a":  # a small child, done before the budget is spent
+        if call.depth > 0:
+            if call.query == "a":  # a small child, done before the budget is spent
                 return block("print('small')") if turn == 0 else block("FINAL('a done')")
             return flood if turn < 3 else block("FINAL('child done')")
         if turn == 0:
@@ -250,7 +250,7 @@ def test_a_forged_answer_is_scored_like_any_answer_and_the_limit_is_written_down
 
     task = make_tasks("niah", 1, 2000)[0]
 
-    def policy(messages, hints):
+    def policy(messages, call):
         if _turn(messages) == 0:
             return block(FD3_FORGER)
         return block("import re\nFINAL(re.findall(r'\\d{7}', context)[0])")  # the honest cell

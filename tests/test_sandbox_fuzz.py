@@ -15,6 +15,7 @@ Two levels, fixed iteration counts and a fixed seed, so every run feeds the same
 
 from __future__ import annotations
 
+import asyncio
 import ast
 import json
 import random
@@ -363,9 +364,14 @@ def _assert_bounded(r, cfg: SandboxConfig) -> None:
         text.encode("utf-8")
 
 
+_cells_run = [0]
+
+
 def _timed(s: REPLSession, code: str):
+    """Every other cell runs on an event loop (execute_async, the RLM loop's path)."""
+    _cells_run[0] += 1
     t0 = time.monotonic()
-    r = s.execute(code)
+    r = asyncio.run(s.execute_async(code)) if _cells_run[0] % 2 else s.execute(code)
     took = time.monotonic() - t0
     assert took < s.config.timeout_s + SLACK_S, f"execute took {took:.1f}s"
     return r

@@ -27,7 +27,7 @@ from rlm_train.bench.scenario import scenario_context, scenario_responder
 from rlm_train.rlm import RLMConfig
 from rlm_train.serve.config import GatewayConfig
 from rlm_train.serve.gateway import create_app
-from rlm_train.serve.gateway_api import ChatMessage, split_chat
+from rlm_train.serve.gateway_chat import ChatMessage, split_chat
 from rlm_train.serve.gateway_thread import GatewayThread
 from rlm_train.testing.mock_server import MockOpenAIServer
 
@@ -223,11 +223,8 @@ def test_oversize_and_malformed_requests(upstream):
         chat = f"{gw.url}/v1/chat/completions"
         for payload, message in [
             ({"model": MODEL, "messages": []}, "messages"),
-            ({"model": MODEL, "messages": [{"role": "system", "content": "s"}]}, "no user message"),
             ({"model": MODEL, "messages": [{"role": "wizard", "content": "s"}]}, "messages.0.role"),
-            ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-             "only text parts"),
-            ({"model": MODEL, "n": 3, "messages": [{"role": "user", "content": "q"}]}, "n:"),
+            ({"model": MODEL, "max_tokens": 0, "messages": [{"role": "user", "content": "q"}]}, "max_tokens"),
         ]:
             status, body, _ = post(chat, payload)
             assert status == 422 and message in body["error"]["message"], (payload, body)
@@ -304,16 +301,25 @@ def test_unknown_model_and_upstream_failure(upstream):
 
 
 def test_split_chat():
+    """The last user message is the question; the messages before it the context; a lone message both."""
     def msgs(*pairs):
         return [ChatMessage(role=r, content=c) for r, c in pairs]
 
-    assert split_chat(msgs(("user", "DOC line 1\nline 2\n\nWhat is X?")), False) == ("What is X?", "DOC line 1\nline 2")
-    assert split_chat(msgs(("system", "Be brief."), ("user", "DOC\n\nQ?")), False) == ("Be brief.\n\nQ?", "DOC")
-    assert split_chat(msgs(("user", "just a question")), False) == ("just a question", "just a question")
-    query, context = split_chat(msgs(("user", "DOC\n\n" + "z" * 5000)), False)  # a long last paragraph is not a question
-    assert context.endswith("z" * 5000) and query == "Answer the request in the context."
-    parts = [{"type": "text", "text": "Q?"}, {"type": "text", "text": "a long document " * 10}]
-    assert split_chat([ChatMessage(role="user", content=parts)], False) == ("Q?", "a long document " * 10)
+    # A document, then the question: never split at a blank line.
+    doc = "Para one.\n\nPara two.\n\nThe last paragraph of the document."
+    assert split_chat(msgs(("user", doc), ("user", "What is X?")), False) == ("What is X?", doc)
+    assert split_chat(msgs(("system", "Be brief."), ("user", doc), ("user", "Q?")), False) == ("Be brief.\n\nQ?", doc)
+    # One message: the whole of it is the context and the question.
+    one = "Summarize the following:\n\n" + doc
+    assert split_chat(msgs(("user", one)), False) == (one, one)
+    long_doc = "Summarize the following:\n\n" + "z" * 9000 + "\n\nThe last paragraph."
+    query, context = split_chat(msgs(("user", long_doc)), False)
+    assert context == long_doc and query.startswith("Summarize the following:") and query.endswith("The last paragraph.")
+    assert "the whole message (9,047 characters) is the variable `context`" in query and len(query) < 3300
+    # A conversation: earlier turns labelled by role.
+    assert split_chat(msgs(("user", "old"), ("assistant", "a"), ("user", "Q?")), False) == ("Q?", "user: old\n\nassistant: a")
+    parts = [{"type": "text", "text": "Q part 1"}, {"type": "text", "text": "Q part 2"}]
+    assert split_chat([ChatMessage(role="user", content=parts)], True) == ("Q part 1\n\nQ part 2", None)
     assert split_chat(msgs(("user", "old"), ("assistant", "a"), ("user", "DOC\n\nQ?")), True) == ("DOC\n\nQ?", None)
 
 

@@ -296,8 +296,13 @@ def test_with_its_gateway_the_vllm_window_is_sized_for_the_episodes(capsys, mode
     notes = plan_of("gateway.rlm.sub_model_chars=12000", "gateway.rlm.root_max_tokens=512",
                     "gateway.rlm.max_iterations=2")["notes"]
     assert f"--max-model-len {server_window_tokens(smaller)}" in notes
-    notes = plan_of("--vllm-args=--max-model-len=4096")["notes"]  # given and too small: kept, with a warning
-    assert "--max-model-len=4096" in notes and "warning: vLLM --max-model-len 4096 is below" in notes
+    plan = plan_of("--vllm-args=--max-model-len=4096")  # given and too small: kept, the gateway's config fitted to it
+    notes = plan["notes"]
+    assert "--max-model-len=4096" in notes and ("warning: vLLM --max-model-len 4096 (as given in --vllm-args; the "
+                                                "gateway's RLM config asks") in notes
+    assert "caps a sub-call's prompt at 10,704 characters (gateway.rlm.sub_model_chars 100,000 -> 10,704)" in notes
+    assert "a root conversation at 0 of its 8 turns at their longest" in notes
+    assert plan["config"]["gateway"]["rlm"]["sub_model_chars"] == 10_704
     code, _, err = serve(capsys, "--model", str(model), "--port", "0", "--gateway", "--gateway-port", "0",
                          "--vllm-python", str(python_without_vllm), "--dry-run", "--vllm-args=--max-model-len=abc")
     assert code == 2 and "--max-model-len 'abc' is not a whole number" in err and len(err.strip().splitlines()) == 1
@@ -322,8 +327,8 @@ def test_a_window_past_the_models_positions(capsys, tmp_path, python_without_vll
     assert code == 0, err
     notes = yaml.safe_load(out.split("\n", 1)[1])["notes"]
     assert next(n for n in notes.splitlines() if n.startswith("vLLM command:")).endswith("--max-model-len 4096")
-    assert (f"warning: vLLM --max-model-len 4096: the model holds 4096 positions, fewer than the "
-            f"{server_window_tokens(RLMConfig())} tokens the gateway's RLM config can send") in notes
+    assert (f"warning: vLLM --max-model-len 4096 (the model's 4096 positions; the gateway's RLM config asks "
+            f"{server_window_tokens(RLMConfig())}): caps a sub-call's prompt at 10,704 characters") in notes
 
 
 def test_a_hub_id_is_served_from_its_cached_snapshot_under_its_id(tmp_path, monkeypatch, fake_vllm_python):

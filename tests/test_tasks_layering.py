@@ -116,3 +116,20 @@ def test_no_package_level_import_cycle_through_tasks_or_policies():
     for package in ("rlm_train.models", "rlm_train.tasks"):
         assert "rlm_train.policies" not in graph.get(package, set()), package
     assert "rlm_train.tasks" not in graph.get("rlm_train.models", set())
+
+
+def test_no_module_imports_the_cli():
+    """`rlm_train.cli` is the top: commands, the pipeline and the launcher learn about stages from
+    rlm_train/registry.py and run them as processes, never through the CLI's main(). A `__main__`
+    script (`python -m rlm_train.bench`) is another way to start the CLI, not a module to import."""
+    importers = [module for module in _modules("rlm_train") if module != "rlm_train.cli"
+                 and not module.endswith(".__main__") and {"rlm_train.cli"} & _project_imports(module)]
+    assert importers == []
+    # `from rlm_train import cli` names it too.
+    for module in _modules("rlm_train"):
+        path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+        if not path.exists():
+            path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "rlm_train":
+                assert "cli" not in {alias.name for alias in node.names}, module

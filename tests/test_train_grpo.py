@@ -330,6 +330,7 @@ def test_episode_token_budget_ends_the_episode(tiny):
 
     traj, rec = asyncio.run(episode())
     assert rec.cut == "tokens" and traj["final"] is None
+    assert traj["outcome"] == Outcome.BUDGET and traj["error_kind"] is None  # over-long, not a model error
     assert classify_episode(traj["outcome"], traj["stats"]["wall_s"], rec.cut, rec.clock.policy_s(), 300, 900) == "overlong"
     assert len(rec.completion_ids) <= 60 and rec.env_mask[-1] == 1  # ends on the model's own tokens
 

@@ -28,12 +28,12 @@ def test_every_cut_is_the_same_overlong_end():
     from rlm_train.train.grpo_episodes import classify_episode
 
     budget, timeout = 300.0, 900.0
-    # Cut between turns or mid-turn by rollout.max_completion_tokens (the loop reports an error or a plain end).
-    assert classify_episode(Outcome.ERROR, 12.0, "tokens", 5.0, budget, timeout) == "overlong"
+    # Cut between turns or mid-turn by rollout.max_completion_tokens (the loop records a budget end or a plain end).
+    assert classify_episode(Outcome.BUDGET, 12.0, "tokens", 5.0, budget, timeout) == "overlong"
     assert classify_episode(Outcome.MAX_ITERATIONS, 12.0, "tokens", 5.0, budget, timeout) == "overlong"
     assert classify_episode(Outcome.FINAL, 12.0, "tokens", 5.0, budget, timeout) == "overlong"
     # The recorder's check of the policy's own time, and the loop's sub-call / token budgets.
-    assert classify_episode(Outcome.ERROR, 400.0, "wall", 301.0, budget, timeout) == "overlong"
+    assert classify_episode(Outcome.BUDGET, 400.0, "wall", 301.0, budget, timeout) == "overlong"
     assert classify_episode(Outcome.BUDGET, 40.0, None, 30.0, budget, timeout) == "overlong"
     # The hard timeout: the policy's fault only if its own time was over its budget.
     assert classify_episode(Outcome.BUDGET, 901.0, None, 100.0, budget, timeout) == "infra"
@@ -100,7 +100,7 @@ def test_masked_episodes_are_not_trained():
     class Tok:
         pad_token_id = 0
 
-    episodes = [episode(0, Outcome.MAX_ITERATIONS, None), episode(1, Outcome.ERROR, "tokens"),
+    episodes = [episode(0, Outcome.MAX_ITERATIONS, None), episode(1, Outcome.BUDGET, "tokens"),
                 episode(2, Outcome.MAX_ITERATIONS, "tokens"), episode(3, Outcome.ERROR, None)]
     log = RolloutLog(None)
     out = _collect(_cfg("reward.overlong=mask"), episodes, Tok(), log, step=0)
@@ -162,7 +162,82 @@ def test_time_waiting_on_a_busy_server_never_counts_against_the_policy(tokenizer
     slow_code = ["```repl\nimport time\ntime.sleep(1.0)\n```", "```repl\nFINAL(1)\n```"]
     traj, rec = asyncio.run(episode(slow_code, 0.0))
     assert rec.cut == "wall" and traj["final"] is None
+    # Over-long is the policy's budget running out, never recorded as a model (server) error.
+    assert traj["outcome"] == Outcome.BUDGET and traj["error_kind"] is None and "rlm.max_wall_s" in traj["error"]
     assert classify_episode(traj["outcome"], traj["stats"]["wall_s"], rec.cut, rec.clock.policy_s(), 0.6, 1.8) == "overlong"
+
+
+def test_only_the_root_episodes_own_turns_are_trained_whatever_the_hints_say(tokenizer):
+    """GRPO's recorder trains on a call's tokens from the loop's typed CallContext: depth-0 root turns.
+    A child RLM's turns and the sub-calls (the recorder is also the sub-policy here) are generated but
+    never trained, even with a typo'd hint and a sub-policy that tries to rewrite the call's hints."""
+    import operator
+    from dataclasses import FrozenInstanceError
+
+    from rlm_train.models.loading import end_of_turn_ids
+    from rlm_train.rlm import run_episode
+    from rlm_train.train.grpo_backends import BatchingGenerator, GenOutput
+    from rlm_train.train.grpo_config import GRPORLMConfig
+    from rlm_train.train.grpo_rollout import EpisodeRecorder
+
+    stop = end_of_turn_ids(tokenizer)
+    root_turns = ["```repl\na = llm_query('SUBQ: one word')\nb = rlm_query('CHILDQ', context)\nprint(len(a), b)\n```",
+                  "```repl\nFINAL('done')\n```"]
+    child_turn = "```repl\n# CHILD-TOKENS\nFINAL('c')\n```"
+    asked = {"root": 0, "sub": 0, "child": 0}
+
+    class Server:
+        max_inflight = 8
+
+        def generate_batch(self, prompts, sampling):
+            out = []
+            for prompt in prompts:
+                text = tokenizer.decode(prompt)
+                if "ROOTQ" in text:
+                    who, reply = "root", root_turns[min((prompt.count(stop[0]) - 2) // 2, 1)]
+                elif "SUBQ" in text:
+                    who, reply = "sub", "SUB-TOKENS"
+                else:
+                    who, reply = "child", child_turn
+                asked[who] += 1
+                out.append(GenOutput(tokenizer(reply, add_special_tokens=False)["input_ids"] + [stop[0]]))
+            return out
+
+    refused = []
+
+    class Meddler:
+        """A sub-policy that tries to pass its calls off as the root's before the recorder sees them."""
+
+        name = "meddler"
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def chat(self, messages, sampling=None, call=None):
+            for meddle in (lambda: operator.setitem(call.hints, "depth", 0), lambda: setattr(call, "depth", 0)):
+                try:
+                    meddle()
+                except (TypeError, FrozenInstanceError) as exc:
+                    refused.append(type(exc).__name__)
+            return await self.inner.chat(messages, sampling, call)
+
+        async def aclose(self):
+            return None
+
+    async def episode(hints):
+        rec = EpisodeRecorder(BatchingGenerator(Server(), 0), tokenizer, stop, 4000)
+        config = GRPORLMConfig(max_iterations=3, max_depth=1, max_wall_s=None)
+        return await run_episode("ROOTQ?", "some context", rec, Meddler(rec), config, hints=hints), rec
+
+    traj, rec = asyncio.run(episode({"family": "toy", "dpeth": 0}))  # a typo'd hint is side information only
+    assert traj["final"] == "done" and asked == {"root": 2, "sub": 1, "child": 1}
+    assert refused == ["TypeError", "FrozenInstanceError"]
+    trained = [t for t, m in zip(rec.completion_ids, rec.env_mask) if m]
+    expected = [t for reply in root_turns for t in tokenizer(reply, add_special_tokens=False)["input_ids"] + [stop[0]]]
+    assert trained == expected
+    assert "CHILD-TOKENS" not in tokenizer.decode(rec.completion_ids)  # never even in the feedback
+    with pytest.raises(ValueError, match=r"\['depth'\] are set by the loop"):
+        asyncio.run(episode({"depth": 0}))  # the old way of saying "root" is refused, not obeyed
 
 
 # Qwen3's own template in its essentials: past assistant turns lose their <think> block.

@@ -45,9 +45,9 @@ def _mock_episodes() -> list[dict]:
     """Three real episodes from the loop and the sandbox: a fan-out with a child RLM (which
     makes its own sub-call), a cell that raises, and one that never answers."""
 
-    def root(messages, hints):
+    def root(messages, call):
         turn = sum(1 for m in messages if m["role"] == "assistant")
-        if hints["depth"] > 0:  # the child RLM
+        if call.depth > 0:  # the child RLM
             return "Counting in the child.\n" + block("n = len(context.split())\nok = llm_query(f'is {n} right?')\nFINAL(str(n))")
         return [
             "First a look.\n" + block("print(len(context))\nprint(context[:40])"),

@@ -102,7 +102,7 @@ def test_generate_and_filter_against_vllm(vllm_server, tmp_path):
     assert sorted((r["task_id"], r["sample"]) for r in records) == sorted(
         (json.loads(t)["id"], k) for t in tasks.read_text().splitlines() for k in range(2))
     for record in records:
-        assert record["error_kind"] != ErrorKind.MODEL, record["error"]  # vLLM answered every call
+        assert record["error_kind"] not in (ErrorKind.MODEL, ErrorKind.REFUSED), record["error"]  # vLLM answered every call
         assert record["outcome"] in (Outcome.FINAL, Outcome.MAX_ITERATIONS, Outcome.ERROR), record["outcome"]
         assert record["turns"] and all(t["prompt_tokens"] > 0 and t["completion_tokens"] > 0 for t in record["turns"])
         assert record["score"] is not None
@@ -199,7 +199,7 @@ def test_serve_with_adapter_runs_base_and_adapter_and_stops_cleanly(tmp_path):
             reply = _post_json(f"{gateway_url}/v1/rlm", {"query": "What is the special magic number?", "model": name,
                                                          "context": "The special magic number is 7421. " * 20})
             assert reply["model"] == name and reply["trajectory"]["policy"] == f"openai:{name}"
-            assert reply["error_kind"] != ErrorKind.MODEL, reply["error"]  # vLLM answered every call
+            assert reply["error_kind"] not in (ErrorKind.MODEL, ErrorKind.REFUSED), reply["error"]  # vLLM answered every call
             assert reply["outcome"] in (Outcome.FINAL, Outcome.MAX_ITERATIONS, Outcome.ERROR)
             assert all(t["prompt_tokens"] > 0 and t["completion_tokens"] > 0 for t in reply["trajectory"]["turns"])
         # The adapter is really applied: greedy answers of base and adapter differ.

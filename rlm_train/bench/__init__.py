@@ -4,8 +4,9 @@ ideal) measured in the same run. Never a timed test.
     rlm-train bench runtime     REPL round trip, session start + shared memory, loop overhead
     rlm-train bench tasks       task generation speed
     rlm-train bench generate    trajectory generation at concurrency vs ideal
-    rlm-train bench train       SFT tokens/s, our recipe vs TRL defaults
-    rlm-train bench http        our HTTP/1.1 client vs httpx and aiohttp (when installed)
+    rlm-train bench train       SFT and GRPO tokens/s and FLOP/s as a fraction of this CPU's matmul rate
+    rlm-train bench http        the client's HTTP transport vs asyncio streams and aiohttp, on asyncio
+                                and uvloop: the decision table and its rule
     rlm-train bench eval        eval throughput and loop overhead vs ideal (rlm + direct methods)
     rlm-train bench soak        1,000 episodes against a server failing 5% of requests: exactly-once,
                                 memory, file descriptors and processes (--episodes N to change)
@@ -38,9 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats of timed scenarios (median reported)")
     parser.add_argument("--json-out", help="also write every number to this JSON file")
     parser.add_argument("--episodes", type=int, help="soak: episodes to run (default 1000)")
+    parser.add_argument("--quick", action="store_true",
+                        help="train: a tiny random model and one step of each (checks the bench runs; no figures)")
     server = parser.add_argument_group("bench generate --base-url URL: our harness vs `vllm bench serve` on a real server")
     server.add_argument("--base-url", help="an OpenAI-compatible vLLM server, http://HOST:PORT/v1 (bench/generate_server.py)")
-    server.add_argument("--model", help="the served model (default: the first one /v1/models lists)")
+    server.add_argument("--model", help="the served model (default: the first one /v1/models lists); "
+                                         "bench train: the model to train (default gemma3-270m)")
     server.add_argument("--tokenizer", help="tokenizer dir for vllm bench serve (default: the model's)")
     server.add_argument("--concurrency", type=int, default=8, help="max requests in flight, both sides (default 8)")
 
@@ -58,6 +62,10 @@ def main(args: argparse.Namespace) -> int:
         from rlm_train.errors import UserError
 
         raise UserError(f"--episodes {args.episodes}: only `bench soak` takes it, and it must be at least 1")
+    if args.quick and args.what != "train":
+        from rlm_train.errors import UserError
+
+        raise UserError(f"--quick: only `bench train` takes it, not `bench {args.what}`")
     module_name, fn_name = BENCHES[args.what]
     fn = getattr(importlib.import_module(module_name), fn_name)
     if args.base_url:
@@ -71,6 +79,8 @@ def main(args: argparse.Namespace) -> int:
         results = fn(repeats=args.repeats)
     elif args.episodes is not None:
         results = fn(episodes=args.episodes)
+    elif args.what == "train":
+        results = fn(model=args.model, quick=args.quick)
     else:
         results = fn()
     if args.json_out:

@@ -12,10 +12,10 @@ Ideal time of the episodes: ceil(128 / 32) = 4 waves per method, so 4 x 0.4 s fo
 and 4 x 0.1 s for `direct`, 2.0 s in all. Goal: the `rlm` method's wall / ideal <= 1.35
 for the median of 3 timed runs (each from a cold client and a new eval directory); `bench
 generate` asks 1.2 of the same episodes at twice the concurrency, where more episodes
-share each wave's start. A direct episode is one 100 ms call, so the sandbox session that
-every episode of the loop starts is most of its cost on 2 cores: the bench prints its
-ratio beside the same number of REPL sessions started, run and closed alone, 32 at a
-time, in the same run. The same episodes against a server that answers at once give the
+share each wave's start. A direct episode is one 100 ms call and starts no REPL sandbox
+(its turn is a FINAL in prose); the bench prints its ratio beside what the same number
+of REPL sessions, started, run and closed alone 32 at a time, take in the same run: what
+a sandbox per episode would cost it. The same episodes against a server that answers at once give the
 loop's own cost per episode (sandbox, code, scoring, store), and the report (2000-resample
 intervals, markdown, plots) is timed apart.
 """
@@ -124,8 +124,8 @@ def bench_eval(tasks: int = TASKS, concurrency: int = CONCURRENCY, latency_s: fl
           f"goal <= {GOAL_RATIO}  {verdict(rlm_ratio <= GOAL_RATIO)}   (median of {len(runs)} runs: "
           f"{', '.join(f'{r:.2f}' for r in rlm_ratios)})")
     print(f"    direct: wall {method_s['direct']:.2f} s   ideal {ideal_method['direct']:.2f} s   "
-          f"wall/ideal {method_s['direct'] / ideal_method['direct']:.2f}; its {tasks} REPL sessions alone "
-          f"({concurrency} at a time, one cell each): {sessions_s:.2f} s")
+          f"wall/ideal {method_s['direct'] / ideal_method['direct']:.2f} (it starts no sandbox; {tasks} REPL "
+          f"sessions alone, {concurrency} at a time, one cell each: {sessions_s:.2f} s)")
     print(f"    both: episodes wall {wall:.2f} s   ideal {ideal:.2f} s   wall/ideal {ratio:.3f}   "
           f"(runs: {', '.join(f'{w / ideal:.2f}' for w in episode_walls)})")
     print(f"    {episodes} episodes at {episodes / wall:.1f} episodes/s; scores {scores}")

@@ -1,7 +1,8 @@
 """`rlm-train bench runtime`: (a) REPL round trip, (b) session start and shared memory,
 (c) the cost of each sandbox isolation layer, (d) the RLM loop's overhead on the shared
 scenario (`rlm_train.bench.scenario`) against a local mock server, with the reference
-library `rlms` side by side when it is installed."""
+library `rlms` side by side when it is installed, (e) the host's CPU per cell when 64
+episodes' cells run at once on one event loop, as in a generation run."""
 
 from __future__ import annotations
 
@@ -93,6 +94,65 @@ def _scenario(latency_s: float, repeats: int, context: str) -> dict[str, Any]:
     return out
 
 
+CELL_CPU_SESSIONS = 64
+CELL_CPU_CELLS = 40  # per session
+GOAL_CELL_CPU_MS = 0.08
+
+
+class _InstantSubModel:
+    """A sub-model stand-in that answers at once, on the loop: what is left is the host's cost."""
+
+    async def llm_batch(self, prompts: list[str]) -> list[str]:
+        return ["ok"] * len(prompts)
+
+    async def rlm_batch(self, requests: list[tuple[str, Any]]) -> list[str]:
+        return ["ok"] * len(requests)
+
+
+def host_cpu_per_cell(sessions: int = CELL_CPU_SESSIONS, cells: int = CELL_CPU_CELLS,
+                      code: str = "x = 1") -> float:
+    """Milliseconds of this process's CPU per cell when `sessions` episodes' sandboxes run
+    `cells` cells each, all at once on one event loop through the RLM loop's own path
+    (`rlm.sandboxes.EpisodeSandbox`); session start and close are not counted."""
+    import asyncio
+
+    from rlm_train import eventloop
+    from rlm_train.repl.api import SandboxConfig
+    from rlm_train.rlm.budget import SandboxSlots
+    from rlm_train.rlm.sandboxes import CallTree, EpisodeSandbox
+
+    async def go() -> float:
+        tree = CallTree(asyncio.get_running_loop(), SandboxSlots(sessions, None, "bench"))
+        boxes = [EpisodeSandbox(tree, await tree.slots.take(60), f"context {i}", SandboxConfig(), _InstantSubModel())
+                 for i in range(sessions)]
+        await asyncio.gather(*(box.execute("pass") for box in boxes))  # started, one cell run
+
+        async def run(box: EpisodeSandbox) -> None:
+            for _ in range(cells):
+                result = await box.execute(code)
+                assert result.error is None, result.error
+
+        cpu = time.process_time()
+        await asyncio.gather(*(run(box) for box in boxes))
+        cpu = time.process_time() - cpu
+        for box in boxes:
+            box.close()
+        await tree.wait_closed()
+        return 1000 * cpu / (sessions * cells)
+
+    return eventloop.run(go())
+
+
+def bench_cell_cpu(rounds: int = 3) -> dict[str, Any]:
+    trivial = [host_cpu_per_cell() for _ in range(rounds)]
+    subcall = [host_cpu_per_cell(code="x = llm_query('hi')") for _ in range(rounds)]
+    alone = [host_cpu_per_cell(sessions=1, cells=400) for _ in range(rounds)]
+    return {"sessions": CELL_CPU_SESSIONS, "cells_per_session": CELL_CPU_CELLS,
+            "trivial_ms": round(statistics.median(trivial), 4), "trivial_runs_ms": [round(v, 4) for v in trivial],
+            "one_subcall_ms": round(statistics.median(subcall), 4), "one_subcall_runs_ms": [round(v, 4) for v in subcall],
+            "alone_ms": round(statistics.median(alone), 4), "goal_ms": GOAL_CELL_CPU_MS}
+
+
 def bench_runtime(repeats: int = 5) -> dict[str, Any]:
     from rlm_train.bench.sandbox import bench_layers, bench_roundtrip_ratio, bench_session_start
 
@@ -136,6 +196,15 @@ def bench_runtime(repeats: int = 5) -> dict[str, Any]:
         print(line, flush=True)
     if not _rlms_available():
         print("    (install the reference library `rlms` to time it side by side)")
+
+    print(f"(e) host CPU per cell: {CELL_CPU_SESSIONS} episodes' sandboxes running {CELL_CPU_CELLS} cells each at "
+          "once on one event loop (the RLM loop's path; this process's CPU, not the workers')", flush=True)
+    cc = bench_cell_cpu()
+    results["cell_cpu"] = cc
+    print(f"    trivial cell {cc['trivial_ms']:.3f} ms   goal <= {GOAL_CELL_CPU_MS:g} ms  "
+          f"{verdict(cc['trivial_ms'] <= GOAL_CELL_CPU_MS)}   (runs: {', '.join(f'{v:.3f}' for v in cc['trivial_runs_ms'])})")
+    print(f"    a cell with one llm_query (answered at once on the loop) {cc['one_subcall_ms']:.3f} ms; "
+          f"one session alone, trivial cells {cc['alone_ms']:.3f} ms")
     return results
 
 

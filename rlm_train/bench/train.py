@@ -1,19 +1,24 @@
-"""`bench_train()`: SFT tokens/s of Gemma-3-270m, our recipe vs plain TRL defaults, same run.
+"""`bench_train()`: SFT and GRPO throughput on this CPU, as tokens/s and as achieved FLOP/s over this
+CPU's fp32 matmul rate measured in the same run (goal: SFT >= 0.5 of it); SFT also against plain TRL.
 
-Both sides train the same LoRA (r=16, all linear layers) on the same synthetic per-turn
-RLM samples for a few steps; the first step of each is warm-up and not timed.
-
-- ours: fp32, logits only at trained positions, packed padding-free rows, measured for
-  each thread count in `threads`; the fastest is reported (and is what CPU recipes use).
-- TRL defaults: `SFTTrainer` given the model path and a prompt/completion dataset with
-  nothing changed but the batch size, LoRA, step count and use_cpu (without it TRL's
-  default bf16 refuses to start on a CPU) (so: bf16 autocast, gradient
-  checkpointing, padded batches, torch's default threads, TRL's fused LM head, which on
-  CPU still scores every position).
+- peak: torch.matmul of large square fp32 matrices on 1 thread and on all cores, best of a few,
+  measured before and after the training (the higher is the denominator: a busy machine can only
+  lower it); bf16 too, for reference (this CPU has no native bf16).
+- SFT, ours: the real `run_sft` (fp32, LoRA r=16 on all linear layers, logits only at trained
+  positions) on synthetic per-turn RLM samples, for each thread count; the first step is warm-up.
+  FLOPs are counted per micro-batch from the tokens it holds (bench/flops.py says how).
+- SFT, TRL defaults: `SFTTrainer` given the model path and a prompt/completion dataset with nothing
+  changed but the batch size, LoRA, step count and use_cpu (TRL's default bf16 refuses a CPU without
+  it): bf16 autocast, gradient checkpointing, padded batches, logits at every position.
+- GRPO: the in-process path (bench/train_grpo.py), split per step into generation, REPL, scoring
+  and training.
 
 Tokens/s counts real (non-pad) tokens, prompt and answer, per second of training steps.
 
-    rlm-train bench train [--json-out REPORT.json]
+    rlm-train bench train [--quick] [--model gemma3-270m|DIR] [--json-out REPORT.json]
+
+--quick: a tiny random Gemma-3-shaped model built here, one timed step of each, small matmuls, no
+TRL baseline: checks the bench runs, measures nothing worth quoting.
 """
 
 from __future__ import annotations
@@ -54,12 +59,17 @@ def bench_samples(n: int = 8) -> list[dict]:
     return out
 
 
-class _StepTimer:
-    """Records (time, tokens so far) at each optimizer step end."""
+def _say(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
 
-    def __init__(self, tokens_fn):
+
+class _StepTimer:
+    """Records (time, CPU time of this process, tokens so far, FLOPs so far) at each optimizer step end."""
+
+    def __init__(self, tokens_fn, flops_fn=lambda: 0.0):
         self.tokens_fn = tokens_fn
-        self.marks: list[tuple[float, int]] = []
+        self.flops_fn = flops_fn
+        self.marks: list[tuple[float, float, int, float]] = []
 
     def callback(self):
         from transformers import TrainerCallback
@@ -68,20 +78,21 @@ class _StepTimer:
 
         class _CB(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                timer.marks.append((time.perf_counter(), timer.tokens_fn()))
+                timer.marks.append((time.perf_counter(), time.process_time(), timer.tokens_fn(), timer.flops_fn()))
 
         return _CB()
 
-    def rate(self) -> tuple[float, float]:
-        """tokens/s and s/step over all steps after the first (warm-up)."""
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+    def rate(self) -> tuple[float, float, float, float]:
+        """tokens/s, s/step, FLOP/s and FLOP per CPU second over all steps after the first (warm-up)."""
+        (t0, c0, n0, f0), (t1, c1, n1, f1) = self.marks[0], self.marks[-1]
         steps = len(self.marks) - 1
-        return (n1 - n0) / (t1 - t0), (t1 - t0) / steps
+        return (n1 - n0) / (t1 - t0), (t1 - t0) / steps, (f1 - f0) / (t1 - t0), (f1 - f0) / max(c1 - c0, 1e-9)
 
 
 def _ours(model_path: Path, data: Path, work: Path, threads: int, steps: int, batch_size: int) -> dict:
     import torch
 
+    from rlm_train.bench.flops import lora_train_flops, model_shape, sample_lengths
     from rlm_train.config import build_config
     from rlm_train.train.sft import SFTConfig, run_sft
 
@@ -91,16 +102,27 @@ def _ours(model_path: Path, data: Path, work: Path, threads: int, steps: int, ba
         "lora": {"r": 16, "alpha": 32},
         "training": {"max_steps": steps + 1, "batch_size": batch_size, "save_steps": 10_000, "shuffle": False},
     })
-    holder: dict[str, Any] = {}
+    holder: dict[str, Any] = {"flops": 0.0}
 
     def hook(trainer):
-        holder["timer"] = timer = _StepTimer(lambda: trainer.tokens_seen)
+        shape = holder["shape"] = model_shape(trainer.model)
+        compute_loss = trainer.compute_loss
+
+        def counted(model, inputs, *args, **kwargs):
+            logits = int((inputs["labels"][0, 1:] != -100).sum())  # completion_loss keeps these positions
+            lengths = sample_lengths(inputs["position_ids"])
+            holder["flops"] += sum(lora_train_flops(shape, n, 0) for n in lengths) + lora_train_flops(shape, 0, logits)
+            return compute_loss(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = counted
+        holder["timer"] = timer = _StepTimer(lambda: trainer.tokens_seen, lambda: holder["flops"])
         trainer.add_callback(timer.callback())
 
     run_sft(cfg, source="bench", quiet=True, on_trainer=hook)
-    tps, sps = holder["timer"].rate()
-    print(f"[bench] ours, {threads} thread(s): {tps:.1f} tokens/s, {sps:.2f} s/step", file=sys.stderr, flush=True)
-    return {"threads": threads, "tokens_per_s": tps, "s_per_step": sps, "torch_threads": torch.get_num_threads()}
+    tps, sps, fps, fpc = holder["timer"].rate()
+    _say(f"SFT ours, {threads} thread(s): {tps:.1f} tokens/s, {sps:.2f} s/step, {fps / 1e9:.1f} GFLOP/s")
+    return {"threads": threads, "tokens_per_s": tps, "s_per_step": sps, "flop_per_s": fps, "flop_per_cpu_s": fpc,
+            "torch_threads": torch.get_num_threads(), "shape": holder["shape"].described}
 
 
 def _trl_defaults(model_path: Path, tokenizer: Any, samples: list[dict], work: Path, steps: int,
@@ -122,59 +144,141 @@ def _trl_defaults(model_path: Path, tokenizer: Any, samples: list[dict], work: P
     timer = _StepTimer(lambda: int(trainer._total_train_tokens))
     trainer.add_callback(timer.callback())
     trainer.train()
-    tps, sps = timer.rate()
+    tps, sps, _, _ = timer.rate()
     print(f"[bench] TRL defaults{overrides or ''}, {threads} thread(s): {tps:.1f} tokens/s, {sps:.2f} s/step",
           file=sys.stderr, flush=True)
     return {"threads": threads, "tokens_per_s": tps, "s_per_step": sps, "bf16": args.bf16,
             "gradient_checkpointing": args.gradient_checkpointing}
 
 
-def bench_train(model: str = "gemma3-270m", steps: int = 3, baseline_steps: int = 1, batch_size: int = 1,
-                threads: tuple[int, ...] = (1, 2), ablation: bool = True) -> dict:
-    """Measure ours (each thread count) and TRL defaults in this process; return the report.
+def _model_for(model: str | None, quick: bool, work: Path) -> tuple[Path, str]:
+    """(model dir, what it is): the named model; with --quick and no model, a tiny random Gemma-3;
+    gemma3-270m when it cannot be had on this machine falls back to the tiny one, said in the output."""
+    from rlm_train.errors import UserError
+    from rlm_train.models.loading import resolve_model
+    from rlm_train.testing.tiny_models import build_tiny_gemma3
 
-    `ablation=True` also times TRL with fp32 and no gradient checkpointing, which isolates what
-    our loss (logits only at trained positions) and packing add beyond the dtype."""
+    if model is None and quick:
+        return build_tiny_gemma3(work / "tiny-gemma3"), "tiny random Gemma-3-shaped model (stand-in, --quick)"
+    name = model or "gemma3-270m"
+    try:
+        return resolve_model(name), name
+    except UserError as exc:
+        if model is not None:
+            raise
+        _say(f"gemma3-270m not available ({exc}); using a tiny random Gemma-3-shaped model instead")
+        return build_tiny_gemma3(work / "tiny-gemma3"), "tiny random Gemma-3-shaped model (stand-in: gemma3-270m missing)"
+
+
+def bench_train(model: str | None = None, quick: bool = False, steps: int = 3, grpo_steps: int = 1,
+                baseline_steps: int = 1, batch_size: int = 1, threads: tuple[int, ...] | None = None) -> dict:
+    """Measure the matmul peak, SFT (ours per thread count; TRL defaults unless quick) and GRPO in this
+    process; print the table and return the report."""
     import torch
 
-    from rlm_train.models.loading import load_tokenizer, resolve_model
+    from rlm_train.bench.flops import cpu_thread_counts, measure_peak
+    from rlm_train.bench.train_grpo import bench_grpo
+    from rlm_train.models.loading import load_tokenizer
 
+    if quick:
+        steps, grpo_steps = 1, 1
+    threads = threads or tuple(cpu_thread_counts())
     default_threads = torch.get_num_threads()
-    model_path = resolve_model(model)
-    tokenizer = load_tokenizer(model_path)
-    samples = bench_samples(max(8, (steps + 1) * batch_size))
-    lengths = [len(tokenizer.apply_chat_template(s["messages"], tokenize=False)) for s in samples]
     with tempfile.TemporaryDirectory(prefix="rlm-bench-train-") as tmp:
         work = Path(tmp)
+        model_path, model_name = _model_for(model, quick, work)
+        _say(f"model: {model_name} ({model_path})")
+        _say("fp32/bf16 matmul rate, 1 thread and all cores ...")
+        peak_before = measure_peak(quick)
+        _say(f"fp32 matmul: {peak_before['fp32_best'] / 1e9:.1f} GFLOP/s")
+        tokenizer = load_tokenizer(model_path)
+        samples = bench_samples(max(8, (steps + 1) * batch_size))
+        lengths = [len(tokenizer.apply_chat_template(s["messages"], tokenize=False)) for s in samples]
         data = work / "sft.jsonl"
         data.write_text("".join(json.dumps(s) + "\n" for s in samples))
-        ours = [_ours(model_path, data, work, t, steps, batch_size) for t in threads]
-        baseline = _trl_defaults(model_path, load_tokenizer(model_path), samples, work, baseline_steps,
-                                 batch_size, default_threads)
-        fp32 = (_trl_defaults(model_path, load_tokenizer(model_path), samples, work, baseline_steps, batch_size,
-                              best_threads(ours), bf16=False, gradient_checkpointing=False) if ablation else None)
+        ours = []
+        for t in threads:
+            _say(f"SFT ours, {t} thread(s), {steps} timed step(s) after a warm-up ...")
+            ours.append(_ours(model_path, data, work, t, steps, batch_size))
+        best = max(ours, key=lambda r: r["tokens_per_s"])
+        baseline = fp32 = None
+        if not quick:
+            _say(f"SFT TRL defaults, {baseline_steps} timed step(s) ...")
+            baseline = _trl_defaults(model_path, load_tokenizer(model_path), samples, work, baseline_steps,
+                                     batch_size, default_threads)
+            fp32 = _trl_defaults(model_path, load_tokenizer(model_path), samples, work, baseline_steps, batch_size,
+                                 best["threads"], bf16=False, gradient_checkpointing=False)
+        _say(f"GRPO in-process, {best['threads']} thread(s), {grpo_steps} timed step(s) after a warm-up ...")
+        grpo = bench_grpo(model_path, work, grpo_steps, best["threads"], quick)
+        peak_after = measure_peak(quick)
     torch.set_num_threads(default_threads)
-    best = max(ours, key=lambda r: r["tokens_per_s"])
-    report = {
-        "bench": "train", "model": model, "batch_size": batch_size, "steps_timed": steps,
-        "baseline_steps_timed": baseline_steps, "sample_chars_mean": sum(lengths) / len(lengths),
-        "ours": ours, "best_threads": best["threads"], "ours_tokens_per_s": best["tokens_per_s"],
-        "trl_defaults": baseline, "trl_tokens_per_s": baseline["tokens_per_s"],
-        "speedup": best["tokens_per_s"] / baseline["tokens_per_s"],
-    }
-    if fp32 is not None:
-        report["trl_fp32_no_ckpt"] = fp32
-        report["speedup_vs_trl_fp32_no_ckpt"] = best["tokens_per_s"] / fp32["tokens_per_s"]
-    print(f"train: SFT of {model}, LoRA r=16, batch {batch_size}, ~{report['sample_chars_mean']:.0f}-char samples")
-    for row in ours:
-        print(f"    ours, {row['threads']} thread(s): {row['tokens_per_s']:.1f} tokens/s ({row['s_per_step']:.2f} s/step)")
-    print(f"    TRL defaults: {baseline['tokens_per_s']:.2f} tokens/s ({baseline['s_per_step']:.1f} s/step)")
-    print(f"    speedup {report['speedup']:.1f}x   goal >= 2x  {'ok' if report['speedup'] >= 2 else 'MISSED'}")
-    if fp32 is not None:
-        print(f"    TRL in fp32 without gradient checkpointing: {fp32['tokens_per_s']:.1f} tokens/s "
-              f"-> ours is {report['speedup_vs_trl_fp32_no_ckpt']:.1f}x that (loss at trained positions + packing)")
+    peak = max(peak_before, peak_after, key=lambda p: p["fp32_best"])
+    peak["fp32_per_cpu_s_best"] = max(peak_before["fp32_per_cpu_s_best"], peak_after["fp32_per_cpu_s_best"])
+    report = _report(model_name, quick, batch_size, steps, lengths, peak, [peak_before, peak_after], ours, best,
+                     baseline, fp32, grpo)
+    _print_table(report)
     return report
 
 
-def best_threads(ours: list[dict]) -> int:
-    return max(ours, key=lambda r: r["tokens_per_s"])["threads"]
+def _report(model_name: str, quick: bool, batch_size: int, steps: int, lengths: list[int], peak: dict,
+            peaks: list[dict], ours: list[dict], best: dict, baseline: dict | None, fp32: dict | None,
+            grpo: dict) -> dict:
+    rate, per_cpu = peak["fp32_best"], peak["fp32_per_cpu_s_best"]
+    for row in ours:
+        row["fraction_of_peak"] = row["flop_per_s"] / rate
+        row["fraction_of_peak_per_cpu_s"] = row["flop_per_cpu_s"] / per_cpu
+    g = grpo["mean"]
+    for phase in ("generation", "training"):
+        grpo[f"{phase}_fraction_of_peak"] = g[f"{phase}_flop_per_s"] / rate
+        grpo[f"{phase}_fraction_of_peak_per_cpu_s"] = g[f"{phase}_flop_per_cpu_s"] / per_cpu
+    report: dict[str, Any] = {
+        "bench": "train", "model": model_name, "quick": quick, "batch_size": batch_size, "steps_timed": steps,
+        "sample_chars_mean": sum(lengths) / len(lengths), "peak": peak,
+        "peak_fp32_before_after": [p["fp32_best"] for p in peaks],
+        "cpu_fp32_flop_per_s": rate, "cpu_fp32_flop_per_cpu_s": per_cpu, "ours": ours, "best_threads": best["threads"],
+        "sft_tokens_per_s": best["tokens_per_s"], "sft_flop_per_s": best["flop_per_s"],
+        "sft_fraction_of_peak": best["fraction_of_peak"], "sft_goal_met": best["fraction_of_peak"] >= 0.5,
+        "sft_fraction_of_peak_per_cpu_s": best["fraction_of_peak_per_cpu_s"],
+        "grpo": grpo,
+    }
+    if baseline is not None and fp32 is not None:
+        report.update(trl_defaults=baseline, trl_tokens_per_s=baseline["tokens_per_s"],
+                      speedup=best["tokens_per_s"] / baseline["tokens_per_s"], trl_fp32_no_ckpt=fp32,
+                      speedup_vs_trl_fp32_no_ckpt=best["tokens_per_s"] / fp32["tokens_per_s"])
+    return report
+
+
+def _print_table(r: dict) -> None:
+    peak, g, m = r["peak"], r["grpo"], r["grpo"]["mean"]
+
+    def per_thread(rates: dict) -> str:
+        return ", ".join(f"{t} thread(s) {v / 1e9:.1f}" for t, v in rates.items())
+
+    print(f"train: {r['model']}, LoRA r=16, fp32{'  (--quick: a structure check, not a measurement)' if r['quick'] else ''}")
+    print(f"  CPU fp32 matmul {peak['fp32_size']}^2, GFLOP/s: {per_thread(peak['fp32'])} (best {peak['fp32_best'] / 1e9:.1f}; "
+          f"before/after the training {' / '.join(f'{v / 1e9:.1f}' for v in r['peak_fp32_before_after'])}); "
+          f"per CPU second {r['cpu_fp32_flop_per_cpu_s'] / 1e9:.1f}")
+    print(f"  CPU bf16 matmul {peak['bf16_size']}^2, GFLOP/s: {per_thread(peak['bf16'])} (reference only: no native bf16)")
+    print(f"  {'':34}{'tokens/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'per CPU s':>11}")
+    rows = [(f"SFT ours, {row['threads']} thread(s)", row["tokens_per_s"], row["flop_per_s"],
+             row["fraction_of_peak"], row["fraction_of_peak_per_cpu_s"]) for row in r["ours"]]
+    rows += [(f"GRPO generation, {g['threads']} thread(s)", m["generation_tokens_per_s"], m["generation_flop_per_s"],
+              g["generation_fraction_of_peak"], g["generation_fraction_of_peak_per_cpu_s"]),
+             (f"GRPO training, {g['threads']} thread(s)", m["training_tokens_per_s"], m["training_flop_per_s"],
+              g["training_fraction_of_peak"], g["training_fraction_of_peak_per_cpu_s"])]
+    for name, tps, fps, frac, frac_cpu in rows:
+        print(f"  {name:34}{tps:10.1f}{fps / 1e9:10.2f}{frac:9.3f}{frac_cpu:11.3f}")
+    print(f"  SFT goal >= 0.5 of the fp32 matmul rate: {r['sft_fraction_of_peak']:.3f}  "
+          f"{'ok' if r['sft_goal_met'] else 'MISSED'}  (per CPU second, which other load does not lower: "
+          f"{r['sft_fraction_of_peak_per_cpu_s']:.3f})")
+    if "trl_defaults" in r:
+        print(f"  SFT TRL defaults: {r['trl_tokens_per_s']:.2f} tokens/s -> ours {r['speedup']:.1f}x; TRL fp32 without "
+              f"checkpointing {r['trl_fp32_no_ckpt']['tokens_per_s']:.1f} -> ours {r['speedup_vs_trl_fp32_no_ckpt']:.1f}x")
+    print(f"  GRPO step, {g['episodes_per_step']} episodes, mean of {g['steps_timed']} step(s) after a warm-up: "
+          f"{m['step_s']:.1f} s")
+    print(f"    generation {m['generation_s']:7.2f} s  {m['prompt_tokens']:.0f} prompt + {m['generated_tokens']:.0f} "
+          "generated tokens (in-process generate, the trainer's weights)")
+    print(f"    repl       {m['repl_s']:7.2f} s  REPL cells, sandbox, episode orchestration (no generation running)")
+    print(f"    scoring    {m['scoring_s']:7.2f} s  rewards {m['rewards_s']:.2f} s; the rest: the trainer's logprob "
+          f"pass over {m['train_tokens']:.0f} tokens, advantages")
+    print(f"    training   {m['training_s']:7.2f} s  forward + backward + optimizer over {m['train_tokens']:.0f} tokens")

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
+from rlm_train.eval.config import EvalConfig
 from rlm_train.rlm.commands import add_client_arguments, client_flags
-from rlm_train.stage import Output, add_stage_arguments, prepare
+from rlm_train.stage import Note, NoteKind, Output, Plan, Stage, add_stage_arguments, info, prepare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_stage_arguments(parser, recipe_required=False, config_name="EvalConfig")
+    add_stage_arguments(parser, recipe_required=False, config_name="EvalConfig", example="samples=3")
     parser.add_argument("--tasks", action="append", default=[],
                         help="held-out task file (repeatable; replaces the recipe's list)")
     parser.add_argument("--out", help="eval directory; re-running the same command there resumes")
@@ -52,9 +53,7 @@ def _methods(specs: list[str], base_urls: list[str]) -> list[dict] | None:
     return methods
 
 
-def config_from_args(args: argparse.Namespace):
-    from rlm_train.eval.config import EvalConfig
-
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if args.base_url and not args.method:
         raise UserError("--base-url goes with --method; in a recipe, set each method's base_urls")
     flags = {
@@ -70,36 +69,79 @@ def config_from_args(args: argparse.Namespace):
     return load_config(EvalConfig, args.recipe, args.overrides, flags=flags)
 
 
-def main(args: argparse.Namespace) -> int:
+def plan(config: EvalConfig) -> Plan:
     from rlm_train.eval.config import method_rlm
-    from rlm_train.eval.run import EVAL_MANIFEST, RUNS, check_config, check_overlap, missing_paths, run_eval
+    from rlm_train.eval.run import EVAL_MANIFEST, RUNS, check_config
+    from rlm_train.rollouts.tracking import describe_tracking
 
-    config = config_from_args(args)
     check_config(config)  # run_eval's own first checks, so a dry run fails where a real run would
     assert config.out is not None
     out = Path(config.out)
-    notes = [f"{config.out}: {'has an eval; this resumes it' if (out / EVAL_MANIFEST).is_file() else 'new eval'}"
-             f"{' (report only: nothing runs)' if args.report_only else ''}"]
+    resuming = (out / EVAL_MANIFEST).is_file()
+    notes = [Note(NoteKind.RESUME if resuming else NoteKind.INFO,
+                  f"{config.out}: {'has an eval; this resumes it' if resuming else 'new eval'}")]
     for m in config.methods:
         rlm = method_rlm(config.rlm, m)
         mode = f"direct, context cut to {m.max_context_chars:,} chars" if m.direct else \
             f"rlm, {rlm.max_iterations} turns, depth {rlm.max_depth}"
-        notes.append(f"method {m.name}: {m.policy}{' / sub ' + m.sub_policy if m.sub_policy else ''} ({mode}) "
-                     f"-> {out / RUNS / m.name}")
-    missing = missing_paths(config)
-    if args.dry_run:
-        notes += [f"{problem} (a real run stops here)" for problem in missing]
-        if config.train_tasks and not any(p.startswith(("tasks ", "train_tasks ")) for p in missing):
-            overlap = check_overlap(config)
-            if overlap is not None:
-                shared = ", ".join(f"{n} {k}" for k, n in overlap["shared"].items())
-                notes.append(f"overlap with the training set: {overlap['tasks']} task(s) share {shared}"
-                             if shared else "overlap with the training set: none")
+        notes += info(f"method {m.name}: {m.policy}{' / sub ' + m.sub_policy if m.sub_policy else ''} ({mode}) "
+                      f"-> {out / RUNS / m.name}")
+    notes += missing_notes(config)
+    notes += info(describe_tracking(config, config.out))
     inputs = {"tasks": config.tasks, "train_tasks": config.train_tasks}
-    outputs = [Output("eval_dir", config.out, "dir", "--out" if args.out else "out"),
-               Output("report", str(out / "report.json"), "file", "--out" if args.out else "out")]
-    if prepare("eval", args, config, inputs=inputs, outputs=outputs, notes=notes):
+    outputs = [Output("eval_dir", config.out, "dir", "out"), Output("report", str(out / "report.json"), "file", "out")]
+    return Plan(inputs={k: v for k, v in inputs.items() if v}, outputs=outputs, notes=notes)
+
+
+def missing_notes(config: EvalConfig) -> list[Note]:
+    """eval.run.missing_paths as typed notes, each with the input paths it is about: per task file,
+    then per method (the model and adapter paths of its hf: policies)."""
+    from rlm_train.eval.run import missing_paths
+    from rlm_train.policies.spec import parse_policy_spec
+
+    notes = []
+    for key in ("tasks", "train_tasks"):
+        for file in getattr(config, key):
+            alone = config.model_copy(update={"tasks": [], "train_tasks": [], "methods": [], key: [file]})
+            notes += [Note(NoteKind.MISSING_INPUT, f"{problem} (a real run stops here)", (file,))
+                      for problem in missing_paths(alone)]
+    for method in config.methods:
+        alone = config.model_copy(update={"tasks": [], "train_tasks": [], "methods": [method]})
+        specs = [parse_policy_spec(spec) for spec in (method.policy, method.sub_policy) if spec]
+        paths = tuple(str(p) for kind, args in specs if kind == "hf" for p in (args["path"], args.get("adapter")) if p)
+        notes += [Note(NoteKind.MISSING_INPUT, f"{problem} (a real run stops here)", paths)
+                  for problem in missing_paths(alone)]
+    return notes
+
+
+def overlap_note(config: EvalConfig) -> list[Note]:
+    """How the held-out tasks overlap the training set (reads both task sets): the command's own
+    dry run shows it."""
+    from rlm_train.eval.run import check_overlap
+
+    overlap = check_overlap(config)
+    if overlap is None:
+        return []
+    shared = ", ".join(f"{n} {k}" for k, n in overlap["shared"].items())
+    return info(f"overlap with the training set: {overlap['tasks']} task(s) share {shared}"
+                if shared else "overlap with the training set: none")
+
+
+def main(args: argparse.Namespace) -> int:
+    from rlm_train.eval.run import RUNS, run_eval
+
+    config = config_from_args(args)
+    planned = plan(config).relabel({"out": "--out"} if args.out else {})
+    if args.report_only:
+        planned.notes.insert(1, Note(NoteKind.INFO, "report only: nothing runs"))
+    task_files = {*config.tasks, *config.train_tasks}
+    if args.dry_run and config.train_tasks and not any(note.kind == NoteKind.MISSING_INPUT and task_files & set(note.paths)
+                                                       for note in planned.notes):
+        planned.notes += overlap_note(config)
+    if prepare("eval", args, config, planned):
         return 0
+    assert config.out is not None
+    out = Path(config.out)
     from rlm_train.rollouts.progress import Stopped
 
     try:
@@ -118,3 +160,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nwrote {out / 'report.json'}, {out / 'report.md'}"
           f"{', ' + ', '.join(str(out / p) for p in report['plots']) if report['plots'] else ' (no plots: matplotlib is not installed)'}")
     return 0
+
+
+STAGE = Stage(name="eval", config=EvalConfig, add_arguments=add_arguments, config_from_args=config_from_args, plan=plan,
+              main=main, slurm_template="eval.sbatch")

@@ -8,10 +8,11 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from rlm_train.config import StrictModel, build_config
+from rlm_train.config import StrictModel, bounded, build_config
 from rlm_train.errors import UserError
 from rlm_train.policies.spec import ClientOptions
 from rlm_train.rlm.loop import RLMConfig
+from rlm_train.rollouts.tracking import ReportTo
 
 _METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
@@ -34,7 +35,9 @@ class MethodConfig(StrictModel):
     """The paper's "base model" rows: the model reads the query and the context (cut to
     `max_context_chars`) in one prompt and its reply is the answer; no code, no sub-calls.
     It still runs through the RLM loop, as one turn that submits the reply with FINAL."""
-    max_context_chars: int = Field(32_000, ge=100)
+    max_context_chars: int = bounded(32_000, ge=100, le=40_000_000,
+                                     why="the prompt holds this much of the context; 40M characters is ~10M "
+                                         "tokens, beyond any model's window")
     """`direct` only: characters of the context kept in the prompt (the start; the rest is cut
     with a note saying how much). Size it to the model's context window (~4 characters a token)."""
     rlm: dict[str, Any] = Field(default_factory=dict)
@@ -57,7 +60,9 @@ class MethodConfig(StrictModel):
 class BootstrapConfig(StrictModel):
     """Percentile bootstrap over tasks (a task's score is the mean of its samples)."""
 
-    resamples: int = Field(2000, ge=100)
+    resamples: int = bounded(2000, ge=100, le=1_000_000,
+                             why="every interval resamples the tasks this many times, so the report's time "
+                                 "grows with it; 10,000 already gives a stable 95% interval")
     """Resamples per interval."""
     confidence: float = Field(0.95, gt=0, lt=1)
     """Coverage of every interval (0.95: the 2.5th to the 97.5th percentile)."""
@@ -75,9 +80,14 @@ class EvalConfig(StrictModel):
     Re-running the same command resumes every method where it stopped."""
     methods: list[MethodConfig] = Field(default_factory=list)
     """The rows of the report, run in this order."""
-    samples: int = Field(1, ge=1)
+    samples: int = bounded(1, ge=1, le=10_000,
+                           why="every (task, sample) pair of a run is listed in memory before it starts; pass@k"
+                               " curves and GRPO groups need far fewer")
     """Episodes per (method, task); a task's score is the mean over its samples."""
-    concurrency: int = Field(32, ge=1)
+    concurrency: int = bounded(32, ge=1, le=200,
+                               why="each episode in flight holds a REPL sandbox and one process holds at most "
+                                   "256, the fork-server's spares among them; for more, split the run into "
+                                   "shards (--shard I/N), one process each")
     """Episodes of one method in flight at once."""
     client: ClientOptions = Field(default_factory=lambda: ClientOptions(max_concurrency=1024))
     """How openai: policies talk to their servers (request_timeout_s, max_retries, max_concurrency)."""
@@ -93,7 +103,17 @@ class EvalConfig(StrictModel):
     pairs: list[tuple[str, str]] = Field(default_factory=list)
     """Paired comparisons [A, B] (B minus A, on the tasks both scored); empty: every pair, in method order."""
     progress: bool = True
-    """Show a progress bar per method on stderr."""
+    """Show progress per method on stderr: a bar on a terminal, plain lines elsewhere."""
+    progress_every_s: float = Field(30.0, gt=0, le=86_400)
+    """Seconds between plain progress lines where stderr is not a terminal (Slurm logs, pipes)."""
+    report_to: ReportTo = []
+    """Metric sinks for the report's numbers (per method: score overall and per family, episodes,
+    errors, costs, throughput): tensorboard (OUT/tensorboard), wandb; none by default. A sink named
+    here must be installed (--dry-run checks)."""
+    run_name: str | None = None
+    """Run name in TensorBoard / W&B (default: the eval directory's name)."""
+    wandb_project: str | None = None
+    """W&B project; setting it turns W&B on (WANDB_API_KEY, `wandb login` or WANDB_MODE=offline as usual)."""
 
     @field_validator("tasks", "train_tasks", mode="before")
     @classmethod

@@ -2,23 +2,25 @@
 
 `DirectPolicy` wraps any policy. On an episode's first root turn it asks the wrapped
 model one question, with the task's context (cut to `max_context_chars`) and the query in
-the prompt, and answers the loop with a ```repl block that submits the reply with FINAL.
-So the baseline runs through the same loop, store and scorer as every RLM method, and its
-records carry the wrapped model's real token counts (the context included).
+the prompt, and answers the loop with the reply as a FINAL(...) line in prose. So the
+baseline runs through the same loop, store and scorer as every RLM method, and its records
+carry the wrapped model's real token counts (the context included). Its turns carry no code
+(`writes_code = False`), so the loop starts no REPL sandbox for its episodes.
 
 The loop never hands a policy the context, so the wrapper reads it itself, by the task id
-the loop's hints carry, from the task file (once per task; only the kept part stays in memory).
+the call's hints carry, from the task file (once per task; only the kept part stays in memory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from rlm_train.formats import load_task_context
-from rlm_train.models.base import Completion, Message, Policy, PolicyError, SamplingParams
+from rlm_train.models.base import CallContext, Completion, Message, Policy, PolicyError, Role, SamplingParams
 from rlm_train.records import TaskRecord
 
 DIRECT_SYSTEM_PROMPT = (
@@ -51,12 +53,15 @@ def direct_messages(query: str, kept_context: str) -> list[Message]:
 
 
 def submit(answer: str) -> str:
-    """The root turn that submits `answer` as it is."""
-    return f"```repl\nFINAL({answer!r})\n```"
+    """The root turn that submits `answer` as it is: a quoted FINAL in prose, which the loop
+    reads without running code (the repr keeps the answer on one line, quotes escaped)."""
+    return f"FINAL({answer!r})"
 
 
 class DirectPolicy:
     """A root policy that answers from the context in its prompt (see the module docstring)."""
+
+    writes_code = False  # the loop starts a sandbox only on a code block, which never comes
 
     def __init__(self, inner: Policy, tasks: dict[str, TaskRecord], task_file: str | Path, max_context_chars: int):
         self.inner = inner
@@ -83,13 +88,12 @@ class DirectPolicy:
         return await self._contexts[task_id]
 
     async def chat(self, messages: list[Message], sampling: SamplingParams | None = None,
-                   hints: dict[str, Any] | None = None) -> Completion:
-        hints = hints or {}
-        if hints.get("role") == "sub" or hints.get("depth", 0) > 0 or hints.get("task_id") is None:
+                   call: CallContext | None = None) -> Completion:
+        if call is None or call.role != Role.ROOT or call.depth > 0 or call.hints.get("task_id") is None:
             raise PolicyError("direct: only answers an episode's root turn (it makes no sub-calls)")
-        context = await self._context(str(hints["task_id"]))
-        query = str(hints.get("query") or "")  # the loop passes the episode's query in its hints
-        reply = await self.inner.chat(direct_messages(query, context), sampling, {**hints, "role": "direct"})
+        context = await self._context(str(call.hints["task_id"]))
+        reply = await self.inner.chat(direct_messages(call.query, context), sampling,
+                                      dataclasses.replace(call, role=Role.DIRECT))
         return Completion(text=submit(reply.text.strip()), prompt_tokens=reply.prompt_tokens,
                           completion_tokens=reply.completion_tokens, latency_s=reply.latency_s,
                           finish_reason=reply.finish_reason, retries=reply.retries, extra=reply.extra)

@@ -308,7 +308,7 @@ def versions() -> dict[str, str | None]:
     transformers (when installed; read from package metadata, nothing is imported)."""
     from importlib import metadata
 
-    from rlm_train import __version__
+    from rlm_train.version import __version__
 
     out: dict[str, str | None] = {"python": platform.python_version(), "rlm-train": __version__}
     repo = Path(__file__).resolve().parents[2]

@@ -31,6 +31,7 @@ from rlm_train.policies.spec import parse_policy_spec
 from rlm_train.records import TaskRecord
 from rlm_train.rollouts import store
 from rlm_train.rollouts.tasks_file import load_tasks
+from rlm_train.rollouts.tracking import check_tracking, eval_scalars, open_tracker
 
 EVAL_SCHEMA = "rlm-train/eval-run/v1"
 EVAL_MANIFEST = "eval.json"
@@ -61,6 +62,7 @@ def check_config(config: EvalConfig, injected: frozenset[str] = frozenset()) -> 
             if kind == "openai" and not urls:
                 raise UserError(f"method {method.name!r}: {what} {spec!r} needs a server; set its base_urls "
                                 "(or pass --base-url http://HOST:PORT/v1)")
+    check_tracking(config)
 
 
 def missing_paths(config: EvalConfig, skip: frozenset[str] = frozenset()) -> list[str]:
@@ -188,7 +190,7 @@ def _generate_config(config: EvalConfig, method: MethodConfig, task_file: Path, 
         policy=direct_name(method.policy, method.max_context_chars) if method.direct else method.policy,
         sub_policy=method.sub_policy, samples=config.samples, concurrency=config.concurrency, client=config.client,
         max_consecutive_failures=config.max_consecutive_failures, progress=config.progress,
-        rlm=method_rlm(config.rlm, method),
+        progress_every_s=config.progress_every_s, rlm=method_rlm(config.rlm, method),
     )
 
 
@@ -234,10 +236,28 @@ def run_eval(config: EvalConfig, policies: Policies | None = None, report_only: 
     task_files = _open_eval_dir(out, config.tasks, create=not report_only)
     task_file = _task_file(out, tasks, config.tasks)
     task_sha = store.file_sha256(task_file)
+    # Opened first, so a W&B run that cannot start stops the eval before any episode.
+    tracker = None if report_only else open_tracker(config, out, config.model_dump(mode="json"))
+    try:
+        report = _run_methods(config, out, tasks, task_file, task_sha, task_files, overlap, policies, report_only)
+        if tracker is not None:
+            # One point per eval, at the episodes it holds: a resumed eval adds a later point.
+            tracker.log(eval_scalars(report), step=sum(m["episodes"] for m in report["methods"].values()))
+    finally:
+        if tracker is not None:
+            tracker.close()
+    return report
+
+
+def _run_methods(config: EvalConfig, out: Path, tasks: list[tuple[TaskRecord, Path]], task_file: Path, task_sha: str,
+                 task_files: list[dict[str, str]], overlap: dict[str, Any] | None, policies: Policies | None,
+                 report_only: bool) -> dict[str, Any]:
+    """Each method's generate run (what is left of it), then report.json, report.md and the plots."""
     by_id = {task["id"]: task for task, _ in tasks}
     expected = {(tid, k) for tid in by_id for k in range(config.samples)}
     started = time.monotonic()
     method_walls: dict[str, float] = {}
+    method_rates: dict[str, float | None] = {}
     for i, method in enumerate(config.methods, 1):
         run_dir = out / RUNS / method.name
         gen_config = _generate_config(config, method, task_file, run_dir)
@@ -256,13 +276,14 @@ def run_eval(config: EvalConfig, policies: Policies | None = None, report_only: 
         if method.direct:
             root, sub = DirectPolicy(root, by_id, task_file, method.max_context_chars), None
         method_started = time.monotonic()
-        run_generate(gen_config, policy=root, sub_policy=sub)
+        summary = run_generate(gen_config, policy=root, sub_policy=sub)
         method_walls[method.name] = round(time.monotonic() - method_started, 3)
+        method_rates[method.name] = summary["this_run"]["episodes_per_s"]
     runs_s = time.monotonic() - started
     report = make_report(config, out, [task_info(t) for t, _ in tasks], task_files, overlap)
     report["plots"] = write_plots(report, out)
     # This process's timings: the methods' episodes, and the report (bootstrap, plots).
-    report["this_run"] = {"runs_s": round(runs_s, 3), "method_s": method_walls,
+    report["this_run"] = {"runs_s": round(runs_s, 3), "method_s": method_walls, "episodes_per_s": method_rates,
                           "report_s": round(time.monotonic() - started - runs_s, 3)}
     write_report(report, out)
     return report

@@ -1,5 +1,5 @@
 """Percentile bootstrap intervals, plain Python and seeded, so a report is reproducible
-on any machine (no numpy; ~2000 x n draws per interval is milliseconds for n in the hundreds).
+on any machine (no numpy: ~2000 x n draws per interval is cheap for n in the hundreds).
 
     ci = bootstrap_mean([1, 0, 1, 1], resamples=2000, confidence=0.95, seed=0, label="m/all")
     diff = paired_bootstrap({"t1": 0, "t2": 1}, {"t1": 1, "t2": 1}, ...)  # B minus A

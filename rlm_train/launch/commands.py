@@ -69,11 +69,12 @@ def main(args: argparse.Namespace) -> int:
 
 def launch(args: argparse.Namespace) -> int:
     from rlm_train.launch.environment import launch_lacks
-    from rlm_train.launch.jobs import apply_resource_flags, build_scripts, load_launch_pipeline, select_stages, stage_plan
+    from rlm_train.launch.jobs import apply_resource_flags, build_scripts, load_launch_pipeline, select_stages
     from rlm_train.launch.render import render
     from rlm_train.launch.resources import step_budget_warning
     from rlm_train.pipeline.chain import fit_server_windows
-    from rlm_train.pipeline.plans import Plan
+    from rlm_train.pipeline.plans import plan_here
+    from rlm_train.stage import Plan
 
     pipeline = load_launch_pipeline(args.recipe, args.overrides, args.stage_command, args.out)
     apply_resource_flags(pipeline, args.resource, args.partition, args.account)
@@ -83,7 +84,7 @@ def launch(args: argparse.Namespace) -> int:
     stages = select_stages(pipeline, args.stages)
     scripts = build_scripts(pipeline, stages)
     for job in scripts:
-        budget = step_budget_warning(job.run, job.config, job.resources, f"stage {job.name}")
+        budget = step_budget_warning(job.config, job.resources, f"stage {job.name}")
         if budget:
             print(f"rlm-train launch: warning: {budget}", file=sys.stderr)
     state = (pipeline.state_dir / "slurm").absolute()
@@ -91,15 +92,15 @@ def launch(args: argparse.Namespace) -> int:
     by_name = {stage.name: stage for stage in stages}
     for job in scripts:
         stage = by_name[job.name]
-        extra = ["--shard", f"0/{job.resources.shards}"] if job.resources.shards > 1 else []
         try:
-            plans[stage.name] = stage_plan(stage, extra)
+            plans[stage.name] = plan_here(stage)
         except UserError as exc:
+            message = f"stage {stage.name} ({stage.run}): its plan fails: {exc}"
             if not job.after:
-                raise
+                raise UserError(message) from None
             # Its inputs come from the stages before it, which have not run yet: what is on
             # disk now (nothing, or an older run's files) says little about how it will go.
-            print(f"rlm-train launch: warning: {exc} (launching anyway: its inputs come from "
+            print(f"rlm-train launch: warning: {message} (launching anyway: its inputs come from "
                   f"{', '.join(job.after)})", file=sys.stderr)
         job.text = render(job, pipeline.name, state, Path.cwd().absolute())
     lacks = launch_lacks(pipeline, scripts, plans)
@@ -145,7 +146,8 @@ def launch(args: argparse.Namespace) -> int:
         "stages": [{"name": job.name, "run": job.run, "job_id": ids[job.name], "shards": job.resources.shards,
                     "attempts": [{"job_id": ids[job.name], "tasks": None}],
                     "after": job.after, "script": str(job.script.absolute()), "log": job.log_pattern,
-                    "outputs": (plans[job.name].outputs if job.name in plans else {})} for job in scripts],
+                    "outputs": (plans[job.name].shown_outputs() if job.name in plans else {})}
+                   for job in scripts],
     }
     from rlm_train.formats import write_text_atomic
 

@@ -23,10 +23,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from rlm_train.errors import UserError
 from rlm_train.launch.render import StageScript
-from rlm_train.pipeline.plans import Plan
-from rlm_train.pipeline.recipe import Pipeline, Requirement, Stage
+from rlm_train.pipeline.recipe import Pipeline, PipelineStage, Requirement
+from rlm_train.serve.config import VLLMConfig
+from rlm_train.stage import Plan
 
 # The variables that say which Hugging Face cache a process reads (models/hub.py: hub_cache_dir).
 _HUB_CACHE_VARS = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
@@ -49,7 +49,7 @@ def launch_lacks(pipeline: Pipeline, scripts: list[StageScript], plans: dict[str
     every job that would stop on it, in launch order. `plans`: the jobs' own dry-run plans; a job
     missing from it could not plan (launch warned), so what it writes is unknown and the inputs of
     the jobs that run after it are not called unmade."""
-    from rlm_train.pipeline.chain import check_chain
+    from rlm_train.pipeline.chain import check_chain, slurm_server
 
     links = check_chain(pipeline, plans)
     unplanned = {job.name for job in scripts if job.name not in plans}
@@ -60,8 +60,9 @@ def launch_lacks(pipeline: Pipeline, scripts: list[StageScript], plans: dict[str
         with hub_cache_of(job.resources.env):
             messages = package_lacks(stage)
             for server in servers:
-                messages += server_lacks(server.config.get("vllm"))
-            messages += server_lacks((job.resources.server or {}).get("vllm"))
+                messages += server_lacks(server.config.vllm)
+            own = slurm_server(stage)
+            messages += server_lacks(own.vllm if own is not None else None)
             members = {stage.name, *(server.name for server in servers)}
             messages += file_lacks(pipeline, [link for link in links if link.stage in members], [stage, *servers],
                                    outputs_known=not unplanned & upstream(pipeline, stage))
@@ -72,7 +73,7 @@ def launch_lacks(pipeline: Pipeline, scripts: list[StageScript], plans: dict[str
     return list(found.values())
 
 
-def upstream(pipeline: Pipeline, stage: Stage) -> set[str]:
+def upstream(pipeline: Pipeline, stage: PipelineStage) -> set[str]:
     """The stages `stage` runs after, directly or through others."""
     out: set[str] = set()
     todo = list(stage.after)
@@ -102,57 +103,53 @@ def hub_cache_of(job_env: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def package_lacks(stage: Stage) -> list[str]:
+def package_lacks(stage: PipelineStage) -> list[str]:
     """The packages an SFT or GRPO stage needs that this environment lacks: its own resource
     check's problems marked `environment` (its GPU problems are the login node's, not the job's)."""
-    from rlm_train.config import build_config
+    from rlm_train.train.grpo_config import GRPOConfig
+    from rlm_train.train.sft import SFTConfig
 
     problems: list[Any]
-    try:
-        if stage.run == "sft":
-            from rlm_train.train.sft import SFTConfig
-            from rlm_train.train.sft import resource_problems as sft_problems
+    if isinstance(stage.config, SFTConfig):
+        from rlm_train.train.sft import resource_problems as sft_problems
 
-            problems = sft_problems(build_config(SFTConfig, stage.config, f"stage {stage.name}"))
-        elif stage.run == "grpo":
-            from rlm_train.train.grpo import resource_problems as grpo_problems
-            from rlm_train.train.grpo_config import GRPOConfig
+        problems = sft_problems(stage.config)
+    elif isinstance(stage.config, GRPOConfig):
+        from rlm_train.train.grpo import resource_problems as grpo_problems
 
-            problems = grpo_problems(build_config(GRPOConfig, stage.config, f"stage {stage.name}"))
-        else:
-            return []
-    except UserError:
-        return []  # its config does not validate: its own plan said so
+        problems = grpo_problems(stage.config)
+    else:
+        return []
     return [p.message for p in problems if p.fatal and p.environment]
 
 
-def server_lacks(vllm: Any) -> list[str]:
+def server_lacks(vllm: VLLMConfig | None) -> list[str]:
     """vLLM missing from the interpreter a job's server runs (vllm.python, else this venv's: the job's)."""
     from rlm_train.serve.launcher import vllm_python_has_vllm
 
-    if not isinstance(vllm, dict) or not vllm.get("model"):
+    if vllm is None or not vllm.model:
         return []
-    python = str(vllm.get("python") or os.path.abspath(sys.executable))
+    python = vllm.python or os.path.abspath(sys.executable)
     if vllm_python_has_vllm(python):
         return []
     return [f"vLLM is not installed in {python}, which runs the vLLM servers these jobs start; {_VLLM_INSTALL}"]
 
 
-def file_lacks(pipeline: Pipeline, links: list[Any], stages: list[Stage], outputs_known: bool = True) -> list[str]:
+def file_lacks(pipeline: Pipeline, links: list[Any], stages: list[PipelineStage], outputs_known: bool = True) -> list[str]:
     """The models and files among `links` (chain.Link) that no stage of the launch makes and that are
     not here: a `requires:` entry with its own fix, a Hub model with its `hf download` line, and (when
     the outputs of the stages before are known) any other input. Links to served models (`openai:`
     policies) are about servers, not files: not counted here."""
     from rlm_train.models.hub import hub_model
     from rlm_train.models.loading import model_missing
-    from rlm_train.pipeline.chain import openai_uses
+    from rlm_train.pipeline.chain import SourceKind, openai_uses
 
     served = {(stage.name, where) for stage in stages for where, _, _ in openai_uses(stage)}
     out: list[str] = []
     for link in links:
-        if (link.stage, link.name) in served or link.source.startswith("stage ") or link.source == "exists here":
+        if (link.stage, link.name) in served or link.kind in (SourceKind.STAGE, SourceKind.HERE):
             continue
-        if link.source == "requires":
+        if link.kind == SourceKind.REQUIRES:
             requirement = requirement_for(pipeline, link.path)
             why = requirement.missing() if requirement else ""
             message = f"requires {link.path}: {why}" if why else ""

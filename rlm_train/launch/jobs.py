@@ -9,20 +9,16 @@ OUT/pipeline/slurm/: NAME.sbatch, logs/, exit/ and launch.json.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
-import tempfile
 from pathlib import Path
 
+from rlm_train import registry
 from rlm_train.config import apply_override, read_recipe
 from rlm_train.errors import UserError
-from rlm_train.launch.render import TEMPLATES, Server, StageScript, check_server_port, server_port, server_recipe_text
+from rlm_train.launch.render import Server, StageScript, check_server_port, serve_port, server_recipe_text
 from rlm_train.launch.resources import fill_defaults, resolve_resources
-from rlm_train.pipeline.plans import Plan, parse_plan
-from rlm_train.pipeline.recipe import STAGE_COMMANDS, Pipeline, PipelineSpec, Stage, StageSpec, load_pipeline
-
-_FIRST_LINE = re.compile(r"rlm-train (" + "|".join(re.escape(c) for c in STAGE_COMMANDS) + r")\b")
+from rlm_train.pipeline.chain import slurm_server
+from rlm_train.pipeline.recipe import Pipeline, PipelineSpec, PipelineStage, StageSpec, load_pipeline
 
 
 def stage_command_of(path: Path) -> str | None:
@@ -30,7 +26,8 @@ def stage_command_of(path: Path) -> str | None:
     first = path.read_text().splitlines()[:1]
     if not first or not first[0].startswith("#"):
         return None
-    found = _FIRST_LINE.findall(first[0])
+    names = registry.stage_names()
+    found = re.findall(r"rlm-train (" + "|".join(re.escape(name) for name in names) + r")\b", first[0])
     return found[-1] if found else None
 
 
@@ -47,9 +44,9 @@ def load_launch_pipeline(recipe: str, overrides: list[str], stage_command: str |
     command = stage_command or stage_command_of(path)
     if command is None:
         raise UserError(f"{path}: not a pipeline recipe (no `stages:`) and its first line names no stage command; "
-                        f"pass --stage-command (one of: {', '.join(STAGE_COMMANDS)})")
-    if command not in STAGE_COMMANDS:
-        raise UserError(f"--stage-command {command!r}: choose from {', '.join(STAGE_COMMANDS)}")
+                        f"pass --stage-command (one of: {', '.join(registry.stage_names())})")
+    if command not in registry.stage_names():
+        raise UserError(f"--stage-command {command!r}: choose from {', '.join(registry.stage_names())}")
     name = re.sub(r"[^A-Za-z0-9_-]", "-", path.stem)[:64] or "stage"
     out_dir = Path(out or f"runs/launch/{name}")
     stage_name = command.replace(" ", "-")
@@ -58,7 +55,8 @@ def load_launch_pipeline(recipe: str, overrides: list[str], stage_command: str |
     config = dict(data)
     for override in overrides:
         apply_override(config, override)
-    stage = Stage(spec.stages[0], config, [], out_dir / "pipeline" / f"{stage_name}.yaml")
+    stage = PipelineStage(spec.stages[0], registry.stage(command), config, [], out_dir / "pipeline" / f"{stage_name}.yaml",
+                          f"{path}")
     return Pipeline(spec, path, [stage])
 
 
@@ -80,48 +78,49 @@ def apply_resource_flags(pipeline: Pipeline, resources: list[str], partition: st
             stage.slurm["account"] = account
 
 
-def select_stages(pipeline: Pipeline, only: str | None) -> list[Stage]:
+def select_stages(pipeline: Pipeline, only: str | None) -> list[PipelineStage]:
     if not only:
         return list(pipeline.stages)
     wanted = [name.strip() for name in only.split(",") if name.strip()]
     return [pipeline.stage(name) for name in wanted]
 
 
-def _job_after(pipeline: Pipeline, stage: Stage) -> list[str]:
+def _job_after(pipeline: Pipeline, stage: PipelineStage) -> list[str]:
     """The jobs a stage waits for: its `after`, with a background serve stage (not a job of its
     own: its consumers start it) replaced by what that serve stage comes after."""
     out: list[str] = []
     for name in stage.after:
         before = pipeline.stage(name)
-        for dep in (_job_after(pipeline, before) if getattr(before, "background", False) else [name]):
+        for dep in (_job_after(pipeline, before) if before.background else [name]):
             if dep not in out:
                 out.append(dep)
     return out
 
 
-def build_scripts(pipeline: Pipeline, stages: list[Stage]) -> list[StageScript]:
+def build_scripts(pipeline: Pipeline, stages: list[PipelineStage]) -> list[StageScript]:
     """Each stage's resources checked and its script's paths fixed (not yet rendered). A
     pipeline's background serve stages run inside the jobs of the stages that list them in
     `after`, on those jobs' nodes: their 127.0.0.1 URLs stay right."""
     state = (pipeline.state_dir / "slurm").absolute()
-    chosen = {stage.name for stage in stages if not getattr(stage, "background", False)}
+    chosen = {stage.name for stage in stages if not stage.background}
     scripts = []
     for stage in stages:
         if stage.name not in chosen:
             continue
         where = f"{pipeline.path}: stage {stage.name}"
         resources = resolve_resources(stage.run, stage.config, stage.slurm, where)
+        own_server = slurm_server(stage)
         own = resources.gpus_per_node or 0
         servers: list[Server] = []
         extra: list[str] = []
         for name in stage.after:
             before = pipeline.stage(name)
-            if getattr(before, "background", False):
+            if before.background:
                 bg = resolve_resources(before.run, before.config, before.slurm, f"{pipeline.path}: stage {name}")
-                port = check_server_port(f"{pipeline.path}: stage {name}: vllm.port", server_port(before.config))
+                port = check_server_port(f"{pipeline.path}: stage {name}: vllm.port", serve_port(before.config))
                 servers.append(Server(before.recipe_file.absolute(), port, bg.gpus_per_node or 0))
-        if resources.server is not None:
-            port = check_server_port(f"{where}: slurm.server.vllm.port", server_port(resources.server))
+        if resources.server is not None and own_server is not None:
+            port = check_server_port(f"{where}: slurm.server.vllm.port", serve_port(own_server))
             servers.append(Server(state / f"{stage.name}-server.yaml", port, own,
                                   server_recipe_text(stage.name, resources.server)))
             extra.append(f"base_urls=[http://127.0.0.1:{port}/v1]")
@@ -131,27 +130,9 @@ def build_scripts(pipeline: Pipeline, stages: list[Stage]) -> list[StageScript]:
         log = state / "logs" / (f"{stage.name}-%A_%a.out" if resources.shards > 1 else f"{stage.name}-%j.out")
         scripts.append(StageScript(
             name=stage.name, run=stage.run, argv=stage.argv, resources=resources,
-            after=[name for name in _job_after(pipeline, stage) if name in chosen], template=TEMPLATES[stage.run],
+            after=[name for name in _job_after(pipeline, stage) if name in chosen],
+            template=stage.definition.slurm_template,
             script=state / f"{stage.name}.sbatch", log_pattern=str(log), config=stage.config,
             servers=servers, own_gpus=own, extra_args=extra,
         ))
     return scripts
-
-
-def stage_plan(stage: Stage, extra: list[str] | None = None) -> Plan:
-    """The stage command's own `--dry-run` plan (inputs, outputs, notes), run in this process on
-    a temporary copy of its resolved recipe: a config error stops the launch before submission."""
-    from rlm_train import cli
-
-    with tempfile.TemporaryDirectory(prefix="rlm-launch-") as tmp:
-        recipe = Path(tmp) / f"{stage.name}.yaml"
-        recipe.write_text(stage.config_text)
-        argv = [*stage.run.split(), "--recipe", str(recipe), *(extra or []), "--dry-run"]
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(argv)
-    if code != 0:
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        why = lines[-1] if lines else f"exit {code}"
-        raise UserError(f"stage {stage.name} ({stage.run}): its dry run fails: {why.replace(str(recipe), stage.name)}")
-    return parse_plan(out.getvalue()) or Plan()

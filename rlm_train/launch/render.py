@@ -17,13 +17,13 @@ from typing import Any
 
 import yaml
 
-from rlm_train.config import get_dotted
 from rlm_train.errors import UserError
-from rlm_train.launch.resources import SlurmResources, sbatch_lines
+from rlm_train.launch.resources import SlurmResources, sbatch_lines, training_config
+from rlm_train.serve.config import ServeConfig
+from rlm_train.train.grpo_config import GRPOConfig
 
+# Each stage names its template (Stage.slurm_template in its commands module).
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
-TEMPLATES = {"generate": "generate.sbatch", "sft": "sft.sbatch", "grpo": "grpo.sbatch", "eval": "eval.sbatch",
-             "serve": "serve.sbatch", "tasks make": "stage.sbatch", "filter": "stage.sbatch"}
 _FIELD = re.compile(r"\{\{([A-Z_]+)\}\}")
 
 
@@ -50,7 +50,7 @@ class StageScript:
     template: str
     script: Path  # where the rendered script is written
     log_pattern: str  # sbatch --output (in the state dir's logs/)
-    config: dict[str, Any]
+    config: Any  # the stage's typed config
     servers: list[Server]
     own_gpus: int  # GPUs of the stage's own command (the job's GPUs less its servers')
     extra_args: list[str]  # KEY=VALUE overrides the job adds (slurm.server: base_urls on 127.0.0.1)
@@ -73,18 +73,16 @@ def _venv_python() -> Path:
     return Path(sys.executable).absolute()
 
 
-def server_port(server: dict[str, Any]) -> int:
+def serve_port(server: ServeConfig) -> int:
     """Where a serve config answers /health: vLLM's port, or the gateway's when it serves alone."""
-    if get_dotted(server, "vllm.model"):
-        return int(get_dotted(server, "vllm.port", 8000) or 8000)
-    return int(get_dotted(server, "gateway.port", 8100) or 8100)
+    return server.vllm.port if server.vllm.model else server.gateway.port
 
 
-def vllm_port(config: dict[str, Any]) -> int:
+def vllm_port(config: GRPOConfig) -> int:
+    """The port of GRPO's own vLLM server (rollout.vllm_server_url)."""
     from urllib.parse import urlparse
 
-    url = urlparse(str(get_dotted(config, "rollout.vllm_server_url", "http://127.0.0.1:8000")))
-    return url.port or 8000
+    return urlparse(config.rollout.vllm_server_url).port or 8000
 
 
 def render(job: StageScript, pipeline_name: str, state_dir: Path, workdir: Path) -> str:
@@ -92,7 +90,8 @@ def render(job: StageScript, pipeline_name: str, state_dir: Path, workdir: Path)
     r = job.resources
     python = _venv_python()
     config = job.config
-    grpo_vllm = job.run == "grpo" and get_dotted(config, "rollout.backend") == "vllm_server"
+    grpo_vllm = isinstance(config, GRPOConfig) and config.rollout.backend == "vllm_server"
+    training = training_config(config)
     values = {
         "WORKDIR": _q(workdir), "VENV_BIN": _q(python.parent), "PYTHON": _q(python), "STATE_DIR": _q(state_dir),
         "PIPELINE": pipeline_name, "STAGE": job.name, "COMMAND": job.run, "TEMPLATE": job.template,
@@ -103,9 +102,9 @@ def render(job: StageScript, pipeline_name: str, state_dir: Path, workdir: Path)
         "SERVERS": " ".join(_q(f"{s.recipe}|{s.port}|{s.gpus}") for s in job.servers),
         "EXTRA_ARGS": " ".join(_q(a) for a in job.extra_args),
         "NODES": str(r.nodes), "GPUS_PER_NODE": str(job.own_gpus), "MASTER_PORT": str(r.master_port),
-        "ACCELERATE_CONFIG": _q(get_dotted(config, "launch.accelerate_config")),
-        "VLLM_NODES": str(r.vllm_nodes), "VLLM_PORT": str(vllm_port(config)),
-        "VLLM_GPUS": str(int(get_dotted(config, "rollout.vllm_gpus", 0) or 0) if grpo_vllm else 0),
+        "ACCELERATE_CONFIG": _q(training.launch.accelerate_config if training is not None else None),
+        "VLLM_NODES": str(r.vllm_nodes), "VLLM_PORT": str(vllm_port(config) if isinstance(config, GRPOConfig) else 8000),
+        "VLLM_GPUS": str(config.rollout.vllm_gpus if grpo_vllm else 0),
     }
     where = f"slurm/{job.template}"
     values["PROLOGUE"] = fill((TEMPLATE_DIR / "prologue.sh").read_text(), values, "slurm/prologue.sh").rstrip("\n")

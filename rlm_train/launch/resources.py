@@ -27,8 +27,11 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr, field_validator
 
-from rlm_train.config import StrictModel, build_config, get_dotted
+from rlm_train.config import StrictModel, build_config
 from rlm_train.errors import UserError
+from rlm_train.train.grpo_config import GRPOConfig
+from rlm_train.train.run_config import TrainingRunConfig
+from rlm_train.train.sft import SFTConfig
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
@@ -151,23 +154,29 @@ def mem_mb(mem: str | None) -> int | None:
     return int(mem)
 
 
-def implied_gpus(run: str, config: dict[str, Any]) -> int:
+def training_config(config: Any) -> TrainingRunConfig | None:
+    """The config of a training stage (sft, grpo), None for the others."""
+    return config if isinstance(config, TrainingRunConfig) else None
+
+
+def implied_gpus(config: Any) -> int:
     """GPUs per node the stage's own config asks for, when its `slurm:` section does not say."""
-    if run not in ("sft", "grpo") or get_dotted(config, "device", "auto") == "cpu":
+    training = training_config(config)
+    if training is None or training.device == "cpu":
         return 0
-    need = int(get_dotted(config, "requires.gpus", 0) or 0)
-    if get_dotted(config, "device") == "cuda":
-        need = max(need, int(get_dotted(config, "launch.num_processes", 1) or 1), 1)
-    if need and run == "grpo" and get_dotted(config, "rollout.backend") == "vllm_server":
-        need += int(get_dotted(config, "rollout.vllm_gpus", 0) or 0)
+    need = training.requires.gpus
+    if training.device == "cuda":
+        need = max(need, training.launch.num_processes, 1)
+    if need and isinstance(training, GRPOConfig) and training.rollout.backend == "vllm_server":
+        need += training.rollout.vllm_gpus
     return need
 
 
-def resolve_resources(run: str, config: dict[str, Any], section: dict[str, Any], where: str) -> SlurmResources:
-    """The stage's `slurm:` section checked, its GPUs filled in from the stage config."""
+def resolve_resources(run: str, config: Any, section: dict[str, Any], where: str) -> SlurmResources:
+    """The stage's `slurm:` section checked, its GPUs filled in from the stage's typed config."""
     resources = build_config(SlurmResources, dict(section), f"{where}: slurm")
     if resources.gpus_per_node is None:
-        resources.gpus_per_node = implied_gpus(run, config)
+        resources.gpus_per_node = implied_gpus(config)
     if resources.shards > 1 and run != "generate":
         raise UserError(f"{where}: slurm.shards={resources.shards}: only generate stages run as shards; remove it")
     if resources.server is not None and run not in ("generate", "eval"):
@@ -213,11 +222,11 @@ def fill_defaults(r: SlurmResources, where: str) -> None:
                         "the early SIGTERM would come before the job starts; lower it or raise slurm.time")
 
 
-def step_budget_warning(run: str, config: dict[str, Any], r: SlurmResources, where: str) -> str | None:
+def step_budget_warning(config: Any, r: SlurmResources, where: str) -> str | None:
     """What to say when training.max_steps at slurm.steps_per_hour does not fit one job's slurm.time
     (less the early signal's lead): how many steps fit, and how many jobs (launch --resume rounds) it takes."""
-    max_steps = int(get_dotted(config, "training.max_steps", 0) or 0)
-    if run not in ("sft", "grpo") or not r.steps_per_hour or not r.time or max_steps <= 0:
+    max_steps = config.training.max_steps if isinstance(config, (SFTConfig, GRPOConfig)) else 0
+    if not r.steps_per_hour or not r.time or max_steps <= 0:
         return None
     usable_h = (time_s(r.time) - (r.signal_s or 0)) / 3600
     fit = int(r.steps_per_hour * usable_h)

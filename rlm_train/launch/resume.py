@@ -50,7 +50,7 @@ def plan_resume(rows: list[dict[str, Any]], where: str) -> list[Resubmission]:
     nothing to resume (every stage completed) or not yet (a stage is still queued or running)."""
     # A pending job whose dependency died never runs (Slurm cancels it): it is resubmitted too. A
     # stage with a failed array task and others still queued or running is busy.
-    busy = [r for r in rows if (r["state"] in ACTIVE or r["queued_or_running"]) and not r["detail"].startswith("never runs")]
+    busy = [r for r in rows if (r["state"] in ACTIVE or r["queued_or_running"]) and not r["never_runs"]]
     if busy:
         shown = ", ".join(f"{r['name']} (job {r['job_id']}, {r['state']}"
                           + (f"; {', '.join(r['queued_or_running'])} not ended" if r["state"] not in ACTIVE else "") + ")"

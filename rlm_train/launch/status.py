@@ -108,11 +108,12 @@ def status_rows(record: dict[str, Any], state: Path) -> list[dict[str, Any]]:
         # cancelled (Slurm's afterok never holds for it), or what stopped that one.
         dead = {a: by_name[a] for a in stage.get("after", []) if by_name.get(a, {}).get("state") in FAILED}
         roots = sorted({root for row in dead.values() for root in row["roots"]})
-        if roots and name not in ("COMPLETED", "RUNNING"):
+        never_runs = bool(roots) and name not in ("COMPLETED", "RUNNING")
+        if never_runs:
             name = "CANCELLED" if name != "PENDING" else "PENDING"
             ended = ", ".join(f"{r} {ENDED.get(by_name[r]['state'], 'ended ' + by_name[r]['state'])}" for r in roots)
             detail = f"never runs: {ended}; fix it, then rlm-train launch --resume {record.get('out_dir')}"
-        row = {**stage, "state": name, "detail": detail, "roots": roots or [stage["name"]],
+        row = {**stage, "state": name, "detail": detail, "never_runs": never_runs, "roots": roots or [stage["name"]],
                "failed_tasks": [t for t, c in codes.items() if c != 0],
                "done_tasks": sorted(int(t.partition("_")[2] or 0) for t, c in codes.items() if c == 0),
                "queued_or_running": sorted(s.job_id for s in all_states.get(stage["job_id"], []) if s.state in ACTIVE)}
@@ -188,7 +189,7 @@ def show_status(run: str, wait: bool = False, poll_s: float = 3.0) -> int:
     rows = status_rows(record, state)
     doomed_since: float | None = None  # only jobs that can never run are left: Slurm cancels them soon
     while wait and any(r["state"] in ACTIVE for r in rows):
-        if all(r["detail"].startswith("never runs") for r in rows if r["state"] in ACTIVE):
+        if all(r["never_runs"] for r in rows if r["state"] in ACTIVE):
             doomed_since = doomed_since or time.monotonic()
             if time.monotonic() - doomed_since > 60:
                 break

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from rlm_train.models.base import Completion, Message, PolicyError, SamplingParams
+from rlm_train.models.base import CallContext, Completion, Message, PolicyError, SamplingParams
 
 
 class HFPolicy:
@@ -35,8 +35,8 @@ class HFPolicy:
         self._lock = threading.Lock()
 
     async def chat(self, messages: list[Message], sampling: SamplingParams | None = None,
-                   hints: dict[str, Any] | None = None) -> Completion:
-        # hints are for the scripted teacher only; a real model ignores them.
+                   call: CallContext | None = None) -> Completion:
+        # A real model answers the chat alone: where the call comes from changes nothing.
         return await asyncio.to_thread(self._generate, messages, sampling or SamplingParams())
 
     def _generate(self, messages: list[Message], sampling: SamplingParams) -> Completion:

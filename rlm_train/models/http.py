@@ -7,12 +7,13 @@ Content-Length, chunked transfer coding or the end of the connection. TLS for ht
 URLs; no HTTP proxies: inference servers are reached directly. Server side:
 `parse_request` and `format_response`. Both sides read heads with `parse_head`.
 
-Why not httpx or aiohttp: one RLM root turn fans out into dozens of concurrent sub-calls,
-a generation run into hundreds, on 2-core machines; there both libraries cost several
-times this module's client CPU per request, and a burst of concurrent calls through httpx
-takes many times the server's latency instead of about that latency. The chat endpoint
-needs only plain HTTP/1.1 POSTs. `rlm-train bench http` times all three against the same
-local server (httpx and aiohttp where installed; neither is a dependency).
+Why a protocol of our own: one RLM root turn fans out into dozens of concurrent sub-calls,
+a generation run into hundreds, on 2-core machines, and every answer is streamed.
+`rlm-train bench http` is the record of the choice: it times this transport against the
+same client on the standard library's asyncio streams and against aiohttp, each on
+asyncio's loop and on uvloop, and keeps the simplest one within 10% of the fastest. Streams
+pay a task wake-up for every streamed arrival, which these callbacks do not; aiohttp costs
+several times the CPU per request (docs/scaling.md has the table).
 """
 
 from __future__ import annotations
@@ -136,9 +137,8 @@ class Endpoint:
 class _ClientConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection, one request at a time. A protocol rather than
     asyncio streams: the response, however it is framed, is parsed straight from the
-    bytes the loop hands us, with no reader/writer objects or extra awaits per request.
-    On uvloop the two cost about the same CPU per request (`rlm-train bench http` times
-    both)."""
+    bytes the loop hands us, with no reader/writer objects and no task wake-up per
+    streamed token (`rlm-train bench http` times both)."""
 
     def __init__(self):
         self.transport: asyncio.Transport | None = None

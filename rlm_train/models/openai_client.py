@@ -16,7 +16,8 @@ that answers it is busy, and the request is repeated only with something changed
 server whose /health is silent too stopped answering, and the request fails at once
 (or moves to another server) with that diagnosis instead of being retried for minutes.
 
-The HTTP/1.1 transport is `rlm_train.models.http` (why not httpx or aiohttp: there).
+The HTTP/1.1 transport is `rlm_train.models.http` (why a protocol of our own, not asyncio
+streams or aiohttp: there, and `rlm-train bench http`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from rlm_train.models.base import Completion, Message, PolicyError, RequestRefused, SamplingParams
+from rlm_train.models.base import CallContext, Completion, Message, PolicyError, RequestRefused, SamplingParams
 from rlm_train.models.http import Endpoint
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class OpenAIPolicy:
         self,
         messages: list[Message],
         sampling: SamplingParams | None = None,
-        hints: dict[str, Any] | None = None,  # side information for scripted policies; never sent
+        call: CallContext | None = None,  # where the call comes from: never sent
     ) -> Completion:
         limiter = self._bind_loop()
         payload = orjson.dumps(self._body(messages, sampling))

@@ -17,18 +17,33 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from rlm_train.errors import UserError
+from rlm_train.eval.config import EvalConfig
 from rlm_train.models.hub import hub_model
 from rlm_train.models.loading import model_missing, model_name
-from rlm_train.pipeline.plans import Plan
-from rlm_train.pipeline.recipe import Pipeline, Stage
+from rlm_train.pipeline.recipe import Pipeline, PipelineStage
+from rlm_train.rollouts.generate import GenerateConfig
+from rlm_train.serve.config import ServeConfig, VLLMConfig
+from rlm_train.stage import Plan
 
 PACKAGED_MODELS = ("gemma3-270m",)  # model specs that resolve to weights shipped as a package
 _NOT_PATHS = ("scripted", "oracle", "same", "none", "")
+
+
+class SourceKind(Enum):
+    """Where an input comes from; programs decide on the kind, people read `Link.source`."""
+
+    STAGE = "stage"            # an earlier stage writes it (`Link.maker`)
+    REQUIRES = "requires"      # the recipe's `requires:` lists it
+    HERE = "exists here"       # on this machine already (or a packaged model)
+    HF_CACHE = "in the Hugging Face cache"
+    SERVED = "served by"       # a background serve stage answers for it (`Link.maker`)
+    NONE = ""                  # nothing makes it: a break
 
 
 @dataclass
@@ -36,11 +51,17 @@ class Link:
     stage: str
     name: str      # the input's name in the plan (or `methods.NAME.policy`, ...)
     path: str      # a path, or `MODEL @ URL` for a served model
-    source: str    # "stage NAME", "requires", "exists here", "in the Hugging Face cache", "served by NAME"; "" when broken
+    kind: SourceKind
+    maker: str = ""  # the stage that writes it, or the server stage that serves it
+
+    @property
+    def source(self) -> str:
+        """Where it comes from, in words: `stage NAME`, `requires`, `served by NAME`, ...; "" when broken."""
+        return f"{self.kind.value} {self.maker}" if self.maker else self.kind.value
 
     @property
     def broken(self) -> bool:
-        return not self.source
+        return self.kind == SourceKind.NONE
 
     def describe(self) -> str:
         return f"{self.name}: {self.path} <- {self.source or 'NOT MADE BY AN EARLIER STAGE AND NOT FOUND HERE'}"
@@ -76,59 +97,54 @@ def input_paths(name: str, value: Any) -> list[str]:
     return [p for p in paths if p]
 
 
-def extra_inputs(stage: Stage) -> dict[str, list[str]]:
+def extra_inputs(stage: PipelineStage) -> dict[str, list[str]]:
     """Paths a stage reads that its plan does not list: eval methods' `hf:` models (eval's plan
     names only its task files) and a serve stage's model and adapters (its plan fails before it
     lists them when the model is not on this machine)."""
     config = stage.config
     out: dict[str, list[str]] = {}
-    if stage.run == "eval":
-        for method in config.get("methods") or []:
-            for key in ("policy", "sub_policy"):
-                paths = policy_paths(method.get(key))
+    if isinstance(config, EvalConfig):
+        for method in config.methods:
+            for key, spec in (("policy", method.policy), ("sub_policy", method.sub_policy)):
+                paths = policy_paths(spec)
                 if paths:
-                    out[f"methods.{method.get('name')}.{key}"] = paths
-    if stage.run == "serve":
-        vllm = config.get("vllm") or {}
-        if vllm.get("model"):
-            out["vllm.model"] = [str(vllm["model"])]
-        for adapter, path in (vllm.get("adapters") or {}).items():
-            out[f"vllm.adapters.{adapter}"] = [str(path)]
+                    out[f"methods.{method.name}.{key}"] = paths
+    if isinstance(config, ServeConfig):
+        if config.vllm.model:
+            out["vllm.model"] = [config.vllm.model]
+        for adapter, path in config.vllm.adapters.items():
+            out[f"vllm.adapters.{adapter}"] = [path]
     return out
 
 
-def served_names(vllm: dict[str, Any]) -> set[str]:
+def served_names(vllm: VLLMConfig) -> set[str]:
     """The model names a serve config's vLLM answers for: its served name (by default the Hub id,
     or the model directory's name: loading.model_name) and its adapters' names."""
-    names = {str(vllm.get("served_model_name") or model_name(str(vllm.get("model") or "")))}
-    return names | set((vllm.get("adapters") or {}).keys())
+    return {vllm.served_model_name or model_name(vllm.model or "")} | set(vllm.adapters)
 
 
-def served_models(stage: Stage) -> tuple[int, set[str]]:
+def served_models(stage: PipelineStage) -> tuple[int, set[str]]:
     """(port, model names) a serve stage answers for."""
-    vllm = stage.config.get("vllm") or {}
-    return int(vllm.get("port", 8000)), served_names(vllm)
+    vllm = stage.config.vllm
+    return vllm.port, served_names(vllm)
 
 
-def openai_uses(stage: Stage) -> list[tuple[str, str, list[str]]]:
+def openai_uses(stage: PipelineStage) -> list[tuple[str, str, list[str]]]:
     """(where, MODEL, URLs) for every `openai:MODEL` policy of a generate or eval stage."""
     uses: list[tuple[str, str, list[str]]] = []
 
-    def add(where: str, spec: Any, urls: Any) -> None:
-        if isinstance(spec, str) and spec.startswith("openai:"):
-            uses.append((where, spec[len("openai:"):], [str(u) for u in (urls or [])]))
+    def add(where: str, spec: str | None, urls: list[str]) -> None:
+        if spec and spec.startswith("openai:"):
+            uses.append((where, spec[len("openai:"):], list(urls)))
 
     config = stage.config
-    if stage.run == "generate":
-        add("policy", config.get("policy"), config.get("base_urls"))
-        add("sub_policy", config.get("sub_policy"), config.get("sub_base_urls") or config.get("base_urls"))
-    if stage.run == "eval":
-        for method in config.get("methods") or []:
-            name = method.get("name")
-            urls = method.get("base_urls") or config.get("base_urls")
-            add(f"methods.{name}.policy", method.get("policy"), urls)
-            add(f"methods.{name}.sub_policy", method.get("sub_policy"),
-                method.get("sub_base_urls") or urls)
+    if isinstance(config, GenerateConfig):
+        add("policy", config.policy, config.base_urls)
+        add("sub_policy", config.sub_policy, config.sub_base_urls or config.base_urls)
+    if isinstance(config, EvalConfig):
+        for method in config.methods:
+            add(f"methods.{method.name}.policy", method.policy, method.base_urls)
+            add(f"methods.{method.name}.sub_policy", method.sub_policy, method.sub_base_urls or method.base_urls)
     return uses
 
 
@@ -154,27 +170,26 @@ def check_chain(pipeline: Pipeline, plans: dict[str, Plan]) -> list[Link]:
         seen = {p for _, p in wanted}
         wanted += [(name, p) for name, paths in extra_inputs(stage).items() for p in paths if p not in seen]
         for name, path in wanted:
-            if (maker := _made_by(path, earlier)):
-                source = f"stage {maker}"
+            maker = _made_by(path, earlier)
+            if maker:
+                kind = SourceKind.STAGE
             elif _norm(path) in required:
-                source = "requires"
+                kind = SourceKind.REQUIRES
             elif path in PACKAGED_MODELS or Path(path).expanduser().exists():
-                source = "exists here"
+                kind = SourceKind.HERE
             elif hub_model(path) is not None and not model_missing(path):
-                source = "in the Hugging Face cache"
+                kind = SourceKind.HF_CACHE
             else:
-                source = ""
-            links.append(Link(stage.name, name, path, source))
+                kind = SourceKind.NONE
+            links.append(Link(stage.name, name, path, kind, maker or ""))
         servers = [pipeline.stage(name) for name in stage.after if pipeline.stage(name).background]
         for where, model, urls in openai_uses(stage):
             for url in urls or ["(no base_urls)"]:
                 port = urlparse(url).port
-                source = ""
-                for server in servers:
-                    server_port, names = served_models(server)
-                    if server_port == port and model in names:
-                        source = f"served by {server.name}"
-                links.append(Link(stage.name, where, f"{model} @ {url}", source))
+                serving = [server.name for server in servers if served_models(server)[0] == port
+                           and model in served_models(server)[1]]
+                links.append(Link(stage.name, where, f"{model} @ {url}",
+                                  SourceKind.SERVED if serving else SourceKind.NONE, serving[-1] if serving else ""))
         earlier[stage.name] = plan.output_paths
     return links
 
@@ -183,31 +198,27 @@ def check_chain(pipeline: Pipeline, plans: dict[str, Plan]) -> list[Link]:
 # Server windows
 
 
-def longest_request(stage: Stage, where: str) -> int | None:
+def longest_request(stage: PipelineStage, where: str) -> int | None:
     """The longest request (prompt + max tokens, rounded up to 256) that the policy `where`
     (an `openai_uses` name) of a generate or eval stage sends its server, from the stage's RLM
     config (rlm/window.py): a root policy its longest conversation, and its longest sub-call
     when it answers the sub-calls too (no sub_policy); a sub-policy its longest sub-call; a
-    direct method its one prompt. None when the stage's config does not validate (its own plan
-    says why)."""
-    from rlm_train.config import build_config
-    from rlm_train.rlm.loop import RLMConfig
+    direct method its one prompt."""
+    from rlm_train.eval.config import method_rlm
     from rlm_train.rlm.window import direct_tokens, root_tokens, rounded, sub_call_tokens
 
     holder, role = where.rsplit(".", 1) if "." in where else ("", where)
-    try:
-        if stage.run == "eval":
-            from rlm_train.eval.config import EvalConfig, method_rlm
-
-            evaluation = build_config(EvalConfig, stage.config, f"stage {stage.name}")
-            method = next(m for m in evaluation.methods if f"methods.{m.name}" == holder)
-            rlm, sub_policy = method_rlm(evaluation.rlm, method), method.sub_policy
-            if method.direct:
-                return rounded(direct_tokens(rlm, method.max_context_chars))
-        else:
-            rlm = build_config(RLMConfig, stage.config.get("rlm") or {}, f"stage {stage.name}: rlm")
-            sub_policy = stage.config.get("sub_policy")
-    except (UserError, StopIteration):
+    config = stage.config
+    if isinstance(config, EvalConfig):
+        method = next((m for m in config.methods if f"methods.{m.name}" == holder), None)
+        if method is None:
+            return None
+        rlm, sub_policy = method_rlm(config.rlm, method), method.sub_policy
+        if method.direct:
+            return rounded(direct_tokens(rlm, method.max_context_chars))
+    elif isinstance(config, GenerateConfig):
+        rlm, sub_policy = config.rlm, config.sub_policy
+    else:
         return None
     if role == "sub_policy":
         return rounded(sub_call_tokens(rlm))
@@ -221,7 +232,7 @@ class WindowUse:
     where: str   # by which of its policies (`policy`, `methods.NAME.sub_policy`, ...)
 
 
-def window_uses(stage: Stage, names: set[str], port: int | None) -> list[WindowUse]:
+def window_uses(stage: PipelineStage, names: set[str], port: int | None) -> list[WindowUse]:
     """The requests `stage` sends to a server answering for `names` on `port` (None: any URL)."""
     out = []
     for where, model, urls in openai_uses(stage):
@@ -232,25 +243,25 @@ def window_uses(stage: Stage, names: set[str], port: int | None) -> list[WindowU
     return out
 
 
-def fit_server(pipeline: Pipeline, server: str, vllm: dict[str, Any], uses: list[WindowUse]) -> None:
-    """One server config's window: --max-model-len added for the longest of `uses` when vllm.args
-    set none; a UserError naming the numbers when the one set is smaller, or when the window is
-    longer than the model's positions (known when its config.json is on this machine)."""
+def fit_server(pipeline: Pipeline, server: str, vllm: VLLMConfig, uses: list[WindowUse]) -> list[str] | None:
+    """One server config's window: its vllm.args with --max-model-len added for the longest of `uses`
+    when they set none (None: nothing to change); a UserError naming the numbers when the one set is
+    smaller, or when the window is longer than the model's positions (known when its config.json is
+    on this machine)."""
     from rlm_train.serve.vllm_window import long_windows_allowed, max_model_len_arg, model_positions
 
-    raw = vllm.get("args") or []
-    if not uses or not isinstance(raw, list):  # args not a list: the serve stage's own plan refuses it
-        return
+    if not uses:
+        return None
     need = max(uses, key=lambda use: use.tokens)
-    args = [str(arg) for arg in raw]
+    args = list(vllm.args)
     where = f"{pipeline.path}: stage {server}"
     given = max_model_len_arg(args, f"{where}: vllm.args")
     if given is not None and given < need.tokens:
         raise UserError(f"{where} serves a {given}-token window (vllm.args --max-model-len) but stage {need.stage} "
                         f"sends it requests of up to {need.tokens} tokens ({need.where}, from its rlm config); drop the "
                         f"flag (the pipeline sizes the window) or lower stage {need.stage}'s rlm budgets")
-    model = str(vllm.get("model") or "")
-    positions = None if long_windows_allowed(vllm.get("env") or {}) else model_positions(model, args)
+    model = vllm.model or ""
+    positions = None if long_windows_allowed(vllm.env) else model_positions(model, args)
     if positions is not None and given is not None and given > positions:
         raise UserError(f"{where}: vllm.args --max-model-len {given} is longer than the {positions} positions of "
                         f"{model} (its config.json), which vLLM refuses; set it between {need.tokens} (stage "
@@ -260,8 +271,19 @@ def fit_server(pipeline: Pipeline, server: str, vllm: dict[str, Any], uses: list
                         f"its rlm config) but {model} holds {positions} positions (its config.json); lower stage "
                         f"{need.stage}'s rlm budgets (max_iterations, root_max_tokens, feedback_chars, sub_model_chars) "
                         f"or enable rope scaling in stage {server}'s vllm.args (--hf-overrides)")
-    if given is None:
-        vllm["args"] = [*raw, "--max-model-len", str(need.tokens)]
+    return [*args, "--max-model-len", str(need.tokens)] if given is None else None
+
+
+def slurm_server(stage: PipelineStage) -> ServeConfig | None:
+    """A generate or eval stage's `slurm.server` (a vLLM its jobs start), typed; None when it has none."""
+    from rlm_train.config import build_config
+
+    server = stage.slurm.get("server")
+    if server is None:
+        return None
+    if not isinstance(server, dict):
+        raise UserError(f"{stage.where}: slurm.server: expected a mapping of `rlm-train serve` keys (vllm: {{model: ...}})")
+    return build_config(ServeConfig, server, f"{stage.where}: slurm.server")
 
 
 def fit_server_windows(pipeline: Pipeline) -> None:
@@ -270,13 +292,17 @@ def fit_server_windows(pipeline: Pipeline) -> None:
     listing it in `after` whose `openai:` policies name its port and models; a generate or eval
     stage's own `slurm.server` from that stage (see `fit_server`)."""
     for stage in pipeline.stages:
-        vllm = stage.config.get("vllm")
-        if stage.run == "serve" and stage.background and isinstance(vllm, dict) and vllm.get("model"):
+        if stage.background and isinstance(stage.config, ServeConfig) and stage.config.vllm.model:
             port, names = served_models(stage)
             users = [user for user in pipeline.stages if stage.name in user.after]
-            fit_server(pipeline, stage.name, vllm, [use for user in users for use in window_uses(user, names, port)])
-        server = stage.slurm.get("server")
-        own = server.get("vllm") if isinstance(server, dict) else None
-        if isinstance(own, dict) and own.get("model"):
+            args = fit_server(pipeline, stage.name, stage.config.vllm,
+                              [use for user in users for use in window_uses(user, names, port)])
+            if args is not None:
+                stage.update("vllm.args", args)
+        own = slurm_server(stage)
+        if own is not None and own.vllm.model:
             # `rlm-train launch` points the stage's base_urls at this server: every use of its models counts.
-            fit_server(pipeline, f"{stage.name} (slurm.server)", own, window_uses(stage, served_names(own), None))
+            args = fit_server(pipeline, f"{stage.name} (slurm.server)", own.vllm,
+                              window_uses(stage, served_names(own.vllm), None))
+            if args is not None:
+                stage.slurm["server"].setdefault("vllm", {})["args"] = args

@@ -18,14 +18,19 @@
       - model: Qwen/Qwen3-8B           # a Hub id: found in the Hugging Face cache, else `hf download Qwen/Qwen3-8B`
       - {path: data/corpus.txt, how: "make corpus"}
 
-Each stage's resolved recipe (recipe + `with`) is written to OUT_DIR/pipeline/NAME.yaml and
-the stage runs as `rlm-train RUN --recipe OUT_DIR/pipeline/NAME.yaml`: the same command a
-user would type, locally (`rlm-train pipeline`) or in an sbatch script (`rlm-train launch`).
+`run:` names a stage of the registry (rlm_train/registry.py), and a stage's recipe + `with`
+is parsed into that stage's config class as the pipeline loads: a bad key is one line naming the
+stage, the key and the closest valid one, before anything else happens. The pipeline, the chain
+check and the Slurm renderer read the typed configs. Each stage's resolved recipe is written to
+OUT_DIR/pipeline/NAME.yaml and the stage runs as `rlm-train RUN --recipe OUT_DIR/pipeline/NAME.yaml`:
+the same command a user would type, locally (`rlm-train pipeline`) or in an sbatch script
+(`rlm-train launch`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -33,23 +38,15 @@ from typing import Any
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from rlm_train.config import StrictModel, _deep_merge, build_config, read_recipe
+from rlm_train import registry
+from rlm_train.config import StrictModel, _deep_merge, apply_override, build_config, read_recipe
 from rlm_train.errors import UserError
+from rlm_train.pipeline.code import code_digest
+from rlm_train.stage import Stage
 
-# The commands a stage may run, and whether they take a recipe.
-STAGE_COMMANDS = ("tasks make", "generate", "filter", "sft", "grpo", "eval", "serve")
-
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-# The code (under rlm_train/) that decides what a stage writes besides its config: a new task
-# wording, teacher program or filter rule must rerun the stage, not reuse yesterday's outputs.
-CODE_DEPENDENCIES = {
-    "tasks make": ("tasks",),
-    "generate": ("tasks", "policies", "rlm", "repl"),
-    "filter": ("rollouts",),
-    "sft": ("train",),
-    "grpo": ("train", "rlm", "policies", "tasks"),
-    "eval": ("eval", "rlm", "policies", "tasks"),
-}
+# Bumped when what a fingerprint covers changes: a state of another scheme is not finished (its stage
+# reruns, saying why) unless `--keep` reuses its outputs.
+FINGERPRINT_SCHEME = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -57,7 +54,7 @@ class StageSpec(StrictModel):
     name: str
     """Stage name: letters, digits, `-` and `_` (file names and Slurm job names use it)."""
     run: str
-    """The rlm-train command this stage runs: one of STAGE_COMMANDS."""
+    """The stage this runs: a stage of rlm_train/registry.py (`tasks make`, `generate`, `sft`, ...)."""
     recipe: str | None = None
     """Base recipe of that command (a path relative to the working directory)."""
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
@@ -82,8 +79,8 @@ class StageSpec(StrictModel):
     @classmethod
     def _check_run(cls, value: str) -> str:
         value = " ".join(value.split())
-        if value not in STAGE_COMMANDS:
-            raise ValueError(f"unknown command {value!r}; choose from {', '.join(STAGE_COMMANDS)}")
+        if value not in registry.stage_names():
+            raise ValueError(f"unknown command {value!r}; choose from {', '.join(registry.stage_names())}")
         return value
 
 
@@ -132,50 +129,53 @@ class PipelineSpec(StrictModel):
     """Paths and models made outside the pipeline; `rlm-train pipeline` checks them before any stage runs."""
 
 
-class Stage:
-    """One resolved stage: its config (recipe + `with`) and the argv that runs it."""
+class PipelineStage:
+    """One resolved stage: its registry `Stage`, its typed config (recipe + `with`), and the argv that
+    runs it. `raw` is what the written recipe holds: the keys as given (plus what the pipeline sets,
+    e.g. a server's window), validated into `config`."""
 
-    def __init__(self, spec: StageSpec, config: dict[str, Any], after: list[str], recipe_file: Path):
+    def __init__(self, spec: StageSpec, definition: Stage, raw: dict[str, Any], after: list[str], recipe_file: Path,
+                 where: str):
         self.name = spec.name
-        self.run = spec.run
-        self.config = config
+        self.run = definition.name
+        self.definition = definition
+        self.raw = raw
+        self.where = where
+        self.config: Any = build_config(definition.config, raw, where)
         self.after = after
         self.slurm = dict(spec.slurm)
         self.recipe_file = recipe_file
         self.background = spec.background
 
+    def update(self, dotted: str, value: Any) -> None:
+        """Set one key in the written recipe and the typed config together."""
+        node = self.raw
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        self.config = build_config(self.definition.config, self.raw, self.where)
+
     @property
     def argv(self) -> list[str]:
         """Arguments after `rlm-train` that run this stage from its written recipe."""
-        return [*self.run.split(), "--recipe", str(self.recipe_file)]
+        return [*self.definition.argv, "--recipe", str(self.recipe_file)]
 
     @property
     def config_text(self) -> str:
         header = f"# rlm-train {' '.join(self.argv)}\n# written by rlm-train pipeline: edit the pipeline recipe, not this file\n"
-        return header + yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True)
+        return header + yaml.safe_dump(self.raw, sort_keys=False, allow_unicode=True)
 
     def fingerprint(self, upstream: list[str]) -> str:
-        """Changes when this stage's config, the code it depends on, or any upstream stage's
-        fingerprint changes."""
-        text = self.config_text + code_digest(CODE_DEPENDENCIES.get(self.run, ())) + "\n".join(upstream)
+        """Changes when this stage's typed config (every key, defaults included), the code it depends
+        on (pipeline/code.py: comments and docstrings left out) or any upstream fingerprint changes."""
+        config = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
+        text = "\n".join([f"scheme {FINGERPRINT_SCHEME}", self.run, config, code_digest(self.definition), *upstream])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def code_digest(parts: tuple[str, ...], root: Path | None = None) -> str:
-    """A hash of the Python sources under root/PART (root: the installed rlm_train package)."""
-    root = root or PACKAGE_ROOT
-    digest = hashlib.sha256()
-    for part in parts:
-        target = root / part
-        files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
-        for file in files:
-            if file.is_file():
-                digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 class Pipeline:
-    def __init__(self, spec: PipelineSpec, path: Path, stages: list[Stage]):
+    def __init__(self, spec: PipelineSpec, path: Path, stages: list[PipelineStage]):
         self.name = spec.name
         self.path = path
         self.out_dir = Path(spec.out_dir)
@@ -187,7 +187,7 @@ class Pipeline:
     def state_dir(self) -> Path:
         return self.out_dir / "pipeline"
 
-    def stage(self, name: str) -> Stage:
+    def stage(self, name: str) -> PipelineStage:
         for stage in self.stages:
             if stage.name == name:
                 return stage
@@ -216,16 +216,15 @@ class Pipeline:
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
     """Read and check a pipeline recipe: every stage's base recipe exists, names are unique,
-    `after` names earlier stages. `overrides` are `STAGE.KEY=VALUE` (a stage's config key)."""
-    from rlm_train.config import apply_override
-
+    `after` names earlier stages, and every stage's config validates into its config class.
+    `overrides` are `STAGE.KEY=VALUE` (a stage's config key)."""
     path = Path(path)
     spec = build_config(PipelineSpec, read_recipe(path), str(path))
     if not spec.stages:
         raise UserError(f"{path}: stages: empty; list at least one stage")
     configs: dict[str, dict[str, Any]] = {}
     seen: list[str] = []
-    stages: list[Stage] = []
+    afters: dict[str, list[str]] = {}
     for index, stage_spec in enumerate(spec.stages):
         where = f"{path}: stages[{index}] ({stage_spec.name})"
         if stage_spec.name in seen:
@@ -243,13 +242,16 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
             if name not in seen:
                 raise UserError(f"{where}: after: {name!r} is not an earlier stage; list only stages above this one")
         seen.append(stage_spec.name)
-        recipe_file = Path(spec.out_dir) / "pipeline" / f"{stage_spec.name}.yaml"
-        stages.append(Stage(stage_spec, configs[stage_spec.name], list(after), recipe_file))
+        afters[stage_spec.name] = list(after)
     for override in overrides:
         stage_name, _, rest = override.partition(".")
         if stage_name not in configs or not rest:
             raise UserError(f"override {override!r}: expected STAGE.KEY=VALUE with STAGE one of {', '.join(seen)}")
         apply_override(configs[stage_name], rest)
+    stages = [PipelineStage(stage_spec, registry.stage(stage_spec.run), configs[stage_spec.name],
+                            afters[stage_spec.name], Path(spec.out_dir) / "pipeline" / f"{stage_spec.name}.yaml",
+                            f"{path}: stage {stage_spec.name}")
+              for stage_spec in spec.stages]
     pipeline = Pipeline(spec, path, stages)
     from rlm_train.pipeline.chain import fit_server_windows
 

@@ -20,26 +20,28 @@ from typing import Any, TextIO
 
 from rlm_train.errors import UserError
 from rlm_train.pipeline import state as st
-from rlm_train.pipeline.plans import Plan, stage_plan
-from rlm_train.pipeline.recipe import Pipeline, Stage
+from rlm_train.pipeline.plans import plan_isolated
+from rlm_train.pipeline.recipe import FINGERPRINT_SCHEME, Pipeline, PipelineStage
 from rlm_train.pipeline.servers import (BackgroundServer, check_background_stage, die_with_parent, serve_command,
                                         start_timeout, stop_group)
+from rlm_train.stage import Plan
 
 INTERRUPT_GRACE_S = 30.0  # after SIGINT, how long a stage may take to stop before SIGKILL
 EXIT_INTERRUPTED = 130
 
 
-def shell_command(stage: Stage) -> str:
+def shell_command(stage: PipelineStage) -> str:
     import shlex
 
     return "rlm-train " + " ".join(shlex.quote(part) for part in stage.argv)
 
 
 def decide(pipeline: Pipeline, states: dict[str, dict[str, Any] | None], fingerprints: dict[str, str],
-           from_stage: str | None = None, only_stage: str | None = None) -> dict[str, str]:
-    """Each stage's fate: 'run', 'skip' (finished with this config), 'not selected' (--from/--only),
-    or for background serve stages 'serve' / 'idle'. A stage runs when it has not finished with
-    its fingerprint, or when a stage it comes after runs now (through background stages too)."""
+           from_stage: str | None = None, only_stage: str | None = None, keep: tuple[str, ...] = ()) -> dict[str, str]:
+    """Each stage's fate: 'run', 'skip' (finished with this config), 'keep' (finished with another
+    fingerprint, its outputs reused: --keep), 'not selected' (--from/--only), or for background
+    serve stages 'serve' / 'idle'. A stage runs when it has not finished with its fingerprint, or
+    when a stage it comes after runs now (through background stages too)."""
     names = [s.name for s in pipeline.stages]
     fate: dict[str, str] = {}
     dirty: dict[str, bool] = {}
@@ -53,6 +55,10 @@ def decide(pipeline: Pipeline, states: dict[str, dict[str, Any] | None], fingerp
             runs = stage.name == only_stage
         elif from_stage:
             runs = index >= start
+        elif stage.name in keep and st.has_outputs(states.get(stage.name)) \
+                and not st.is_finished(states.get(stage.name), fingerprints[stage.name]):
+            fate[stage.name], dirty[stage.name] = "keep", False
+            continue
         else:
             runs = upstream_runs or not st.is_finished(states.get(stage.name), fingerprints[stage.name])
         selected = (stage.name == only_stage) if only_stage else index >= start
@@ -66,10 +72,12 @@ def decide(pipeline: Pipeline, states: dict[str, dict[str, Any] | None], fingerp
 
 
 class Runner:
-    def __init__(self, pipeline: Pipeline, *, from_stage: str | None = None, only_stage: str | None = None):
+    def __init__(self, pipeline: Pipeline, *, from_stage: str | None = None, only_stage: str | None = None,
+                 keep: tuple[str, ...] = ()):
         self.pipeline = pipeline
         self.from_stage = from_stage
         self.only_stage = only_stage
+        self.keep = keep
         self.out: TextIO = sys.stdout
         self.signals: list[int] = []
         self.errors: list[str] = []
@@ -95,7 +103,7 @@ class Runner:
         more = f" + {', '.join(unknown)} (no timing yet)" if unknown else ""
         return f"~{st.format_duration(seconds)} left{more}, from the last run's timings"
 
-    def header(self, index: int, stage: Stage, what: str, fate: dict[str, str]) -> None:
+    def header(self, index: int, stage: PipelineStage, what: str, fate: dict[str, str]) -> None:
         elapsed = st.format_duration(time.monotonic() - self.started)
         parts = [f"=== [{index + 1}/{len(self.order)}] {stage.name}: {what}", f"elapsed {elapsed}"]
         if (left := self._left(fate, index)):
@@ -125,7 +133,7 @@ class Runner:
         st.ensure_writable(pipeline)
         fingerprints = pipeline.fingerprints()
         states = {s.name: st.read_state(pipeline, s) for s in pipeline.stages}
-        fate = decide(pipeline, states, fingerprints, self.from_stage, self.only_stage)
+        fate = decide(pipeline, states, fingerprints, self.from_stage, self.only_stage, self.keep)
         if any(f == "run" for f in fate.values()):
             for req in pipeline.requires:
                 if why := req.missing():
@@ -176,11 +184,11 @@ class Runner:
             self.say(f"rlm-train pipeline: {self.pipeline.name}: checking the plans of {len(to_run)} stage(s)")
         plans = {}
         for stage in to_run:
-            plan = stage_plan(stage, stage.recipe_file, isolated=True)
-            if plan.error:
+            try:
+                plans[stage.name] = plan_isolated(stage)
+            except UserError as exc:
                 raise UserError(f"stage {stage.name} ({self.order.index(stage.name) + 1}/{len(self.order)}) cannot "
-                                f"start: {plan.error}; check it alone: {shell_command(stage)} --dry-run")
-            plans[stage.name] = plan
+                                f"start: {exc}; check it alone: {shell_command(stage)} --dry-run") from None
         return plans
 
     def _run_stages(self, fate: dict[str, str], fingerprints: dict[str, str],
@@ -193,6 +201,9 @@ class Runner:
                 self.error("interrupted before stage " + stage.name + "; run the same command again to resume")
                 return EXIT_INTERRUPTED
             if stage.background:
+                continue
+            if fate[stage.name] == "keep":
+                self._keep(index, stage, fate, fingerprints[stage.name], states[stage.name] or {})
                 continue
             if fate[stage.name] != "run":
                 why = "finished before with the same config and code; outputs present" if fate[stage.name] == "skip" \
@@ -216,7 +227,17 @@ class Runner:
             self._stop_servers([name for name, last in last_user.items() if last == index and name in self.servers])
         return 0
 
-    def _launch_server(self, stage: Stage, fate: dict[str, str]) -> None:
+    def _keep(self, index: int, stage: PipelineStage, fate: dict[str, str], fingerprint: str,
+              state: dict[str, Any]) -> None:
+        """--keep: a stage finished with another config or code keeps its outputs; its state takes
+        today's fingerprint, so later runs skip it too."""
+        self.header(index, stage, f"kept (--keep): reusing the outputs of its last run ({state.get('finished')}) "
+                                  "although its config or code changed since", fate)
+        st.write_state(self.pipeline, stage, {**state, "fingerprint": fingerprint, "fingerprint_scheme": FINGERPRINT_SCHEME,
+                                              "kept": st.now_iso()})
+        self.timings.record(stage.name, "kept")
+
+    def _launch_server(self, stage: PipelineStage, fate: dict[str, str]) -> None:
         index = self.order.index(stage.name)
         log_file = self.pipeline.state_dir / f"{stage.name}.log"
         server = BackgroundServer(stage, log_file, serve_command(stage))
@@ -227,7 +248,7 @@ class Runner:
         server.start()
         self.servers[stage.name] = server
 
-    def _wait_server(self, stage: Stage) -> None:
+    def _wait_server(self, stage: PipelineStage) -> None:
         server = self.servers[stage.name]
         last = [-60.0]
 
@@ -251,21 +272,24 @@ class Runner:
                                 **({"healthy_after_s": round(server.healthy_after_s, 2)}
                                    if server.healthy_after_s is not None else {}))
 
-    def _run_stage(self, index: int, stage: Stage, fate: dict[str, str], fingerprint: str,
+    def _run_stage(self, index: int, stage: PipelineStage, fate: dict[str, str], fingerprint: str,
                    previous: dict[str, Any] | None, plan: Plan) -> int:
         pipeline = self.pipeline
         if previous is None or previous.get("fingerprint") != fingerprint:
             old = list((previous or {}).get("outputs", {}).values()) or plan.output_paths
             moved = st.move_aside(pipeline, stage, [str(p) for p in old] + plan.output_paths)
             if moved is not None:
-                why = "another config" if previous else "an unknown config (no pipeline state)"
+                why = ("an older rlm-train's run (another fingerprint scheme)" if st.other_scheme(previous) else
+                       "another config or code" if previous else "an unknown config (no pipeline state)")
                 self.say(f"    {stage.name}: outputs of {why} moved aside to {moved}")
         resume = previous is not None and previous.get("fingerprint") == fingerprint and previous.get("status") != "done"
         what = shell_command(stage) + (f" (resuming: last run {previous.get('status')})" if resume and previous else "")
         self.header(index, stage, what, fate)
-        state: dict[str, Any] = {"stage": stage.name, "run": stage.run, "fingerprint": fingerprint, "status": "running",
+        state: dict[str, Any] = {"stage": stage.name, "run": stage.run, "fingerprint": fingerprint,
+                                 "fingerprint_scheme": FINGERPRINT_SCHEME, "status": "running",
                                  "started": st.now_iso(), "finished": None, "exit_code": None,
-                                 "command": shell_command(stage), "outputs": plan.outputs}
+                                 "command": shell_command(stage),
+                                 "outputs": plan.shown_outputs()}
         st.write_state(pipeline, stage, state)
         began = time.monotonic()
         code, why = self._wait_stage(stage)
@@ -285,7 +309,7 @@ class Runner:
             return code if 0 < code < 126 else 1
         return 0
 
-    def _wait_stage(self, stage: Stage) -> tuple[int, str]:
+    def _wait_stage(self, stage: PipelineStage) -> tuple[int, str]:
         """Run the stage's command in a process group of its own; returns (exit code, why) where
         why is 'interrupted', a background server's death, or '' for the command's own exit."""
         sys.stdout.flush()

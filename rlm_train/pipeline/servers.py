@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlm_train.errors import UserError
-from rlm_train.pipeline.recipe import Stage
+from rlm_train.pipeline.recipe import PipelineStage
 
 # Seconds the serve command may spend on its own checks (tokenizer, adapters) before vLLM starts,
 # on top of vllm.start_timeout_s. The serve command itself gives up start_timeout_s after vLLM starts
@@ -26,20 +26,19 @@ from rlm_train.pipeline.recipe import Stage
 CHECKS_MARGIN_S = 60.0
 
 
-def health_url(stage: Stage) -> str:
-    vllm = stage.config.get("vllm") or {}
-    host = str(vllm.get("host") or "127.0.0.1")
+def health_url(stage: PipelineStage) -> str:
+    vllm = stage.config.vllm
+    host = vllm.host or "127.0.0.1"
     host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host in ("::", "::1") else host)
-    port = int(vllm.get("port", 8000))
-    return f"http://{host}:{port}/health"
+    return f"http://{host}:{vllm.port}/health"
 
 
-def check_background_stage(stage: Stage, where: str) -> None:
+def check_background_stage(stage: PipelineStage, where: str) -> None:
     """A background serve stage must have a model and a fixed port, or nothing can wait for it."""
-    vllm = stage.config.get("vllm") or {}
-    if not vllm.get("model"):
+    vllm = stage.config.vllm
+    if not vllm.model:
         raise UserError(f"{where}: stage {stage.name}: a background serve stage needs vllm.model (what to serve)")
-    if int(vllm.get("port", 8000)) == 0:
+    if vllm.port == 0:
         raise UserError(f"{where}: stage {stage.name}: vllm.port 0 (a free port) cannot be found by the stages "
                         "that use it; set a fixed port, the one their base_urls name")
 
@@ -94,7 +93,7 @@ def last_log_line(path: Path) -> str:
 class BackgroundServer:
     """One background serve stage's process: `rlm-train serve --recipe ...`, output to a log."""
 
-    def __init__(self, stage: Stage, log_file: Path, command: list[str]):
+    def __init__(self, stage: PipelineStage, log_file: Path, command: list[str]):
         self.stage = stage
         self.log_file = log_file
         self.command = command
@@ -125,12 +124,12 @@ class BackgroundServer:
     @property
     def vllm_log(self) -> Path:
         """vLLM's own log (vllm.log_file, else the serve command's default for the port)."""
-        vllm = self.stage.config.get("vllm") or {}
-        if vllm.get("log_file"):
-            return Path(str(vllm["log_file"])).expanduser()
+        vllm = self.stage.config.vllm
+        if vllm.log_file:
+            return Path(vllm.log_file).expanduser()
         from rlm_train.models.loading import cache_root
 
-        return cache_root() / "serve" / f"vllm-{int(vllm.get('port', 8000))}.log"
+        return cache_root() / "serve" / f"vllm-{vllm.port}.log"
 
     def last_words(self) -> str:
         """`last line of its log (FILE): LINE`, from vLLM's log once this run's vLLM wrote it (it
@@ -171,18 +170,16 @@ class BackgroundServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        vllm = self.stage.config.get("vllm") or {}
         # The serve command needs vllm.stop_timeout_s to stop vLLM's group itself; then some slack.
-        stop_group(self.proc, signal.SIGTERM, float(vllm.get("stop_timeout_s", 30.0)) + 15.0)
+        stop_group(self.proc, signal.SIGTERM, self.stage.config.vllm.stop_timeout_s + 15.0)
 
     def up_seconds(self) -> float:
         return time.monotonic() - self.started_at if self.started_at else 0.0
 
 
-def serve_command(stage: Stage) -> list[str]:
+def serve_command(stage: PipelineStage) -> list[str]:
     return [sys.executable, "-m", "rlm_train.cli", *stage.argv]
 
 
-def start_timeout(stage: Stage) -> float:
-    vllm = stage.config.get("vllm") or {}
-    return float(vllm.get("start_timeout_s", 900.0)) + CHECKS_MARGIN_S
+def start_timeout(stage: PipelineStage) -> float:
+    return stage.config.vllm.start_timeout_s + CHECKS_MARGIN_S

@@ -5,6 +5,8 @@
     OUT_DIR/timings.json                per stage: this run's status and time, the last full run's time
 
 A stage is finished when its state says `done` with today's fingerprint and its outputs exist.
+A state written by an older rlm-train (no `fingerprint_scheme`, or another one) holds a fingerprint
+of another kind: its stage is not finished, and the run says why; `--keep STAGE` reuses its outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm_train.errors import UserError
-from rlm_train.pipeline.recipe import Pipeline, Stage
+from rlm_train.pipeline.recipe import FINGERPRINT_SCHEME, Pipeline, PipelineStage
 
 
 def now_iso() -> str:
@@ -41,15 +43,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def state_file(pipeline: Pipeline, stage: Stage) -> Path:
+def state_file(pipeline: Pipeline, stage: PipelineStage) -> Path:
     return pipeline.state_dir / f"{stage.name}.state.json"
 
 
-def read_state(pipeline: Pipeline, stage: Stage) -> dict[str, Any] | None:
+def read_state(pipeline: Pipeline, stage: PipelineStage) -> dict[str, Any] | None:
     return _read_json(state_file(pipeline, stage))
 
 
-def write_state(pipeline: Pipeline, stage: Stage, state: dict[str, Any]) -> None:
+def write_state(pipeline: Pipeline, stage: PipelineStage, state: dict[str, Any]) -> None:
     _write_json(state_file(pipeline, stage), state)
 
 
@@ -63,6 +65,16 @@ def is_finished(state: dict[str, Any] | None, fingerprint: str) -> bool:
                 and not missing_outputs(state))
 
 
+def other_scheme(state: dict[str, Any] | None) -> bool:
+    """The state's fingerprint was computed another way (an older rlm-train wrote it)."""
+    return bool(state) and (state or {}).get("fingerprint_scheme", 1) != FINGERPRINT_SCHEME
+
+
+def has_outputs(state: dict[str, Any] | None) -> bool:
+    """Finished (with whatever fingerprint) and every output still there: what `--keep` can reuse."""
+    return bool(state and state.get("status") == "done" and not missing_outputs(state))
+
+
 def _outermost(paths: list[str]) -> list[Path]:
     """The paths that are not inside another of them (moving those moves the rest)."""
     resolved = sorted({Path(p).expanduser().resolve() for p in paths if p}, key=lambda p: len(p.parts))
@@ -73,7 +85,7 @@ def _outermost(paths: list[str]) -> list[Path]:
     return kept
 
 
-def move_aside(pipeline: Pipeline, stage: Stage, outputs: list[str]) -> Path | None:
+def move_aside(pipeline: Pipeline, stage: PipelineStage, outputs: list[str]) -> Path | None:
     """Move the stage's existing outputs into OUT_DIR/pipeline/stale/STAGE-TIME/ (their relative
     paths kept), so a rerun with another config never mixes with them. Returns that directory,
     or None when none of them exists. Refuses (UserError) an output that holds the pipeline's

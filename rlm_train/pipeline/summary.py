@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+from rlm_train.eval.config import EvalConfig
 from rlm_train.formats import write_text_atomic
 from rlm_train.pipeline.recipe import Pipeline
 from rlm_train.pipeline.state import is_finished, read_state
@@ -22,7 +23,7 @@ def eval_dirs(pipeline: Pipeline) -> list[tuple[str, Path]]:
     fingerprints = pipeline.fingerprints()
     found = []
     for stage in pipeline.stages:
-        out = stage.config.get("out") if stage.run == "eval" else None
+        out = stage.config.out if isinstance(stage.config, EvalConfig) else None
         if not out or not (Path(out) / "report.md").is_file():
             continue
         if is_finished(read_state(pipeline, stage), fingerprints[stage.name]):

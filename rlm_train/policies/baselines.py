@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any
 
-from rlm_train.models.base import CallablePolicy
+from rlm_train.models.base import CallablePolicy, CallContext
 from rlm_train.tasks import corpora
 
 
@@ -39,7 +38,7 @@ class QueryOnlyPolicy(CallablePolicy):
         super().__init__(self._answer, name="query-only")
 
     @staticmethod
-    def _answer(messages: list[dict[str, str]], hints: dict[str, Any]) -> str:
-        query = hints.get("query") or messages[-1]["content"]
-        rng = random.Random(f"{hints.get('task_id')}:{hints.get('sample', 0)}")
+    def _answer(messages: list[dict[str, str]], call: CallContext) -> str:
+        query = call.query or messages[-1]["content"]
+        rng = random.Random(f"{call.hints.get('task_id')}:{call.hints.get('sample', 0)}")
         return f"I will answer from the question alone.\n```repl\nFINAL({guess_from_query(query, rng)!r})\n```"

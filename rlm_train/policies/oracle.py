@@ -32,7 +32,7 @@ class OraclePolicy(CallablePolicy):
     """Answers sub-prompts from ground truth (see `answer_prompt`)."""
 
     def __init__(self):
-        super().__init__(lambda messages, hints: answer_prompt(messages[-1]["content"] if messages else ""), name="oracle")
+        super().__init__(lambda messages, call: answer_prompt(messages[-1]["content"] if messages else ""), name="oracle")
 
 
 def answer_prompt(prompt: str) -> str:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import Field
-
-from rlm_train.config import StrictModel
+from rlm_train.config import StrictModel, bounded
 from rlm_train.errors import UserError
 from rlm_train.models.base import Policy
 
@@ -87,18 +85,21 @@ class ClientOptions(StrictModel):
     """How openai: policies talk to their servers (other policies ignore it). One vocabulary
     for every command and recipe: `--request-timeout-s`, `--max-retries`, `--max-concurrency`."""
 
-    request_timeout_s: float = Field(120.0, gt=0)
+    request_timeout_s: float = bounded(120.0, gt=0, le=86_400,
+                                       why="a day for one answer; a request still silent then is retried")
     """Seconds to wait for one answer before the request is retried (an HTTP timeout, not a cell's)."""
-    max_retries: int = Field(5, ge=0)
+    max_retries: int = bounded(5, ge=0, le=100, why="retries back off, so 100 of them already span hours")
     """Retries of one request (connection errors, timeouts, 5xx, 429), with backoff and jitter."""
-    max_concurrency: int = Field(64, ge=1)
+    max_concurrency: int = bounded(64, ge=1, le=16_384,
+                                   why="each request in flight holds a connection (a file descriptor) and its "
+                                       "prompt")
     """HTTP requests in flight at once per policy (root turns and sub-calls together)."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the API key ("EMPTY" when unset, which is what vLLM expects)."""
     stream: bool = True
     """Stream answers: a server that sends tokens is slow, not dead, so only silence for the whole
     timeout counts against it (false: one JSON answer, for servers that cannot stream)."""
-    health_timeout_s: float = Field(10.0, gt=0)
+    health_timeout_s: float = bounded(10.0, gt=0, le=3600, why="an hour for /health to answer")
     """Seconds for a server's /health to answer when a request went silent (busy, or dead)."""
 
 

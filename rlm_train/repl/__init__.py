@@ -3,13 +3,13 @@
 The names below load on first use (PEP 562): the fork-server imports this package
 too (for forkserver, worker, sandbox, protocol), and the host-side modules
 (session: subprocess, threading, logging, concurrent.futures, dataclasses...) would
-add ~3 MB of heap to it, which every worker then maps, faults on and tears down."""
+add heap to it, which every worker then maps, faults on and tears down (docs/measurements.md)."""
 
 from __future__ import annotations
 
 import importlib
 
-TYPE_CHECKING = False  # not `from typing import ...`: typing alone is ~0.7 MB in the fork-server
+TYPE_CHECKING = False  # not `from typing import ...`: typing alone would grow the fork-server
 
 _EXPORTS = {"ExecResult": "api", "LLMArg": "api", "SandboxConfig": "api", "SubcallHandler": "api",
             "REPLSession": "session", "SharedContext": "client", "isolation_report": "session",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Union
 
 
-# The floor for memory_mb. A fresh worker's group is charged ~1 MB (its pages are shared
+# The floor for memory_mb. A fresh worker's group is charged little (its pages are shared
 # copy-on-write) and the cgroup limit adds cgroups.MEMORY_SLACK_MB on top; below this,
 # ordinary cells (a compiled regex, a list of a few thousand strings) have no room.
 MIN_MEMORY_MB = 32
@@ -96,7 +96,9 @@ class ExecResult:
 
 
 class SubcallHandler(Protocol):
-    """Host side of the worker's sub-model functions. Called from the session's thread."""
+    """Host side of the worker's sub-model functions. Blocking methods are called from the
+    thread running `execute` (or, under `execute_async`, from a worker thread); `async def`
+    ones are awaited on the loop running `execute_async`."""
 
     def llm_batch(self, prompts: list[str]) -> list[str]: ...
 

@@ -15,8 +15,8 @@ import threading
 import time
 
 # A session is frozen this long after its cell ended, unless the next cell came first.
-# Freezing at once cost ~0.02 ms per round trip (two extra wake-ups of the worker, see
-# `bench runtime`, section c); between the turns of an RLM episode (seconds of model
+# Freezing at once costs every round trip two extra wake-ups of the worker (`bench runtime`,
+# section c; docs/measurements.md); between the turns of an RLM episode (seconds of model
 # time) the delay changes nothing, and what runs in it is bounded by the CPU quota.
 FREEZE_DELAY_S = 0.05
 
@@ -24,16 +24,17 @@ FREEZE_DELAY_S = 0.05
 class _DelayedFreezer:
     """One thread that freezes sessions whose freeze fell due, checking every half delay.
     After half a second with no session watched it parks on a lock (no wake-ups) instead
-    of exiting: starting a thread again cost the host ~0.2 ms per session when sessions
+    of exiting: starting a thread again cost the host more per session than parking when sessions
     came one after another, and parking at once made a session whose cells run back to
     back wake it every 25 ms.
     Its lock guards only the set of watched sessions, never a write to a cgroup file: each
     freeze is ordered against that session's next thaw by the session's own lock. When one
     lock was held across a whole pass of freezes, a pass over a wave of 64 sessions (each
     write lets go of the GIL, and getting it back waits on the event loop) held up the thaw
-    of every cell about to run: 1.7 s of waiting over the 800 thaws of a generation run.
+    of every cell about to run.
     It sleeps rather than waiting on a condition: a thread parked in
-    Condition.wait(timeout) cost every round trip ~0.03 ms here (measured, not explained)."""
+    Condition.wait(timeout) made every round trip slower here (not explained). The numbers:
+    docs/measurements.md."""
 
     IDLE_PASSES = 20  # x FREEZE_DELAY_S / 2: how long it stays up with nothing to watch
 
@@ -161,6 +162,20 @@ class SessionControl:
             if self.frozen:
                 os.pwrite(self.freeze_fd, b"0", 0)
                 self.frozen = False
+
+    def thaw_at_once(self) -> bool:
+        """thaw() where it costs no wait (an event loop calls this): True when nothing is
+        frozen (a pending freeze is called off), False when the caller must still thaw(),
+        off the loop: the session is frozen, or the freezer thread is writing to it now."""
+        if self.freeze_fd < 0:
+            return True
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            self.freeze_at = None
+            return not self.frozen
+        finally:
+            self.lock.release()
 
     def hold(self, budget_s: float, pidfd: int, background: bool) -> None:
         """The cell waits on a sub-call: nothing of the session may run meanwhile, so it is

@@ -17,7 +17,7 @@ hierarchy, and none for v2, which it enters as it is cloned (CLONE_INTO_CGROUP, 
 Which hierarchy serves which role is decided once, in the fork-server:
 - v2 (`/sys/fs/cgroup` when it is the unified root, else `/sys/fs/cgroup/unified` on
   hybrid hosts): freezing (`cgroup.freeze` costs nothing measurable per cell; the v1
-  freezer adds ~0.2 ms and cannot kill a frozen task) and CPU time (`cpu.stat`, present
+  freezer costs time per cell and cannot kill a frozen task) and CPU time (`cpu.stat`, present
   without any controller); memory, pids and cpu too where their controllers can be
   enabled below our parent.
 - v1 (`/sys/fs/cgroup/<controller>`): memory, pids, cpu and CPU time where v2 cannot.

@@ -30,7 +30,8 @@ _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 _UID_SLOTS = 256
 MAX_IDLE_ZYGOTES = 4
 # Contexts smaller than this skip the zygote: a pre-isolated pooled worker gets them over
-# its socket (no zygote fork; ~35% less CPU per start). Above ~256 kB, pickling per session loses to the zygote.
+# its socket (no zygote fork: less CPU per start). Above it, pickling per session costs more than the
+# zygote (docs/measurements.md).
 POOL_MAX_CONTEXT_BYTES = 256 << 10
 START_TIMEOUT_S = 60.0
 

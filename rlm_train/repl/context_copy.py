@@ -32,8 +32,8 @@ MADV_HUGEPAGE = 14
 
 def _ask_huge_pages(addr: int, size: int) -> None:
     """Back the context with 2 MB pages: the copy takes ~500x fewer page faults and each
-    worker fork copies a few page-table entries instead of one per 4 kB (measured: a
-    50 MB load ~1.8x faster, forks several times faster). Best effort."""
+    worker fork copies a few page-table entries instead of one per 4 kB (docs/measurements.md).
+    Best effort."""
     start, end = (addr + 4095) & ~4095, (addr + size) & ~4095
     if end - start >= 2 << 20:
         libc = ctypes.CDLL(None, use_errno=True)

@@ -25,7 +25,7 @@ select() refuses descriptors numbered 1024 and up, which a host holding many con
 
 Cells that follow one another within `SPIN_S` (the code blocks of one model turn, a
 bench's loop) are waited for by polling the socket instead of sleeping in the kernel:
-a sleep and its wake-up cost ~30 us on each side here, as much as the cell itself.
+a sleep and its wake-up cost as much as a short cell itself (docs/measurements.md).
 Each side decides from its own last wait, so an RLM turn (seconds of model time between
 cells) never spins, and nothing spins where the process has a single CPU to run on.
 """
@@ -49,7 +49,7 @@ HEADER = struct.Struct("<Q")
 MAX_FDS = 8
 SPIN_S = 0.0005  # longest a side polls for the next frame before it sleeps
 # Values (strings, numbers, lists, dicts, dict keys) one worker frame may decode to. A full
-# sub-call request (10,000 rlm_query pairs, session.MAX_BATCH) holds about 60,000.
+# sub-call request (10,000 rlm_query pairs, subcalls.MAX_BATCH) holds about 60,000.
 MAX_VALUES = 100_000
 
 
@@ -87,10 +87,12 @@ def dumps_data(obj) -> bytes:
     try:
         return orjson.dumps(obj)
     except orjson.JSONEncodeError as exc:
-        if "surrogates" in str(exc):
-            return orjson.dumps(_scrub(obj))
+        first = exc
+    try:
+        return orjson.dumps(_scrub(obj))  # lone surrogates in a str: the one failure scrubbing fixes
+    except (orjson.JSONEncodeError, RecursionError):
         raise TypeError(f"cannot send this to the host: only plain data (str, int, float, bool, None, "
-                        f"list, tuple, dict with str keys) crosses the sandbox ({exc})") from None
+                        f"list, tuple, dict with str keys) crosses the sandbox ({first})") from None
 
 
 def dumps_frame(obj) -> bytes:

@@ -144,8 +144,8 @@ def enter_namespaces(report: dict) -> None:
 
 
 # --------------------------------------------------------------------------- network
-# A new network namespace per worker cost ~0.6 ms of CPU to build (measured: a fifth of
-# a worker's start) and more to tear down, asynchronously. Where Landlock can scope abstract unix sockets
+# A new network namespace per worker costs CPU to build (a large share of a worker's start:
+# docs/measurements.md) and more to tear down, asynchronously. Where Landlock can scope abstract unix sockets
 # (Linux 6.12+), workers share one namespace instead, made once by the fork-server: it
 # has no interface up (not even lo), so IP goes nowhere; Landlock denies TCP bind/connect
 # outright and keeps each worker from reaching another's abstract unix sockets or

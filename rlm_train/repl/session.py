@@ -1,13 +1,15 @@
 """Host side of the sandbox: REPLSession and the isolation report.
 
-Thread safety: many sessions may run `execute` at once from different threads
-(the RLM loop uses asyncio.to_thread). Each session is used by one thread at a
-time. Workers come from the fork-server and zygotes (client.py).
+A cell runs from a coroutine on the event loop (`execute_async`: the RLM loop, no thread
+per cell) or blocking its thread (`execute`); both are the same coroutine, `_cell`, whose
+waits block when it has no loop. Many sessions may run cells at once, on one loop or from
+different threads; each session runs one cell at a time. Workers come from the
+fork-server and zygotes (client.py).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import logging
 import math
 import os
@@ -18,37 +20,18 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, cast
+from typing import Any, Coroutine, TypeVar
 
-from rlm_train.repl import cgroup_host, child_context, client, protocol
-from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig, SandboxError, SubcallHandler
+from rlm_train.repl import cgroup_host, channel, child_context, protocol, subcalls
+from rlm_train.repl.api import ExecResult, LLMArg, SandboxConfig, SandboxError
+from rlm_train.repl.isolation import (  # noqa: F401 (the isolation report's names, where callers import them)
+    EXPECTED_LAYERS, LAYERS, disable_layers, isolation_report, note_report, weakness_line)
 from rlm_train.repl.client import START_TIMEOUT_S, ForkServer, Zygote, acquire_zygote, get_server, pool_payload, release_zygote
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 READY_MAX_BYTES = 1 << 20
-MAX_BATCH = 10_000  # prompts in one sub-call frame
-# Layers the contract promises, and what is weaker without each; a layer that is False in
-# a worker's report is named in the one-line warning.
-LAYERS = {
-    "net_namespace": "cells can reach the host's network",
-    "mount_namespace": "cells share the host's mounts",
-    "pid_namespace": "cells see host processes",
-    "minimal_root": "cells can read world-readable host files and reach host unix sockets",
-    "private_tmp": "cells write into the host's /tmp",
-    "private_dev": "cells can open host devices (/dev/ptmx)",
-    "private_proc": "cells read the host's /proc",
-    "uid_drop": "cells run as the host's user",
-    "no_new_privs": "setuid programs can raise privileges",
-    "seccomp": "cells can make namespaces, use io_uring, bpf, ptrace, any socket family",
-    "session_keyring": "kernel keys can pass between sessions",
-    "cgroup_memory": "memory is bounded per process only, tmpfs and memfd not at all",
-    "cgroup_pids": "processes are bounded per uid only",
-    "cgroup_cpu": "a session may keep every core busy",
-    "cgroup_cpu_time": "CPU time is bounded per process only",
-    "cgroup_freeze": "threads a cell leaves behind run between cells",
-}
-EXPECTED_LAYERS = tuple(LAYERS)
 # Cells running in this process now. A host thread polls for its cell's reply only while
 # it is the only one: with several sessions busy (a generation run) the cores are better
 # left to their workers and to the event loop.
@@ -68,53 +51,18 @@ _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlevel = 60, 60, 3
 
 
-# --------------------------------------------------------------------------- isolation report
-_report: dict | None = None
-_report_lock = threading.Lock()
-
-
-def weakness_line(report: dict) -> str | None:
-    """One line naming every missing layer, what is weaker without it, and why it is
-    missing where the report says; None when nothing is."""
-    missing = [k for k in EXPECTED_LAYERS if not report.get(k)]
-    if not missing:
-        return None
-    why = "; ".join(f"{k}: {str(v)[:120]}" for k, v in report.items() if k.endswith("_error") and v)
-    parts = ", ".join(f"{k} ({LAYERS[k]})" for k in missing)
-    return f"REPL sandbox is WEAKER than the contract on this machine: missing {parts}" + (f" [{why}]" if why else "")
-
-
-def disable_layers(layers: tuple[str, ...] = ()) -> None:
-    """Benchmarks only: restart the fork-server without some layers ("cgroups",
-    "minimal_root", "seccomp") to price each; () puts every layer back."""
-    global _report
-    client.shutdown()
-    client._disabled_layers = tuple(layers)
-    _report = None
-
-
-def _note_report(report: dict) -> None:
-    global _report
-    if report.get("disabled_layers"):
-        return  # left out on purpose (a bench): not a weakness of this machine
-    with _report_lock:
-        if _report is not None:
-            return
-        _report = {**report, "missing": [k for k in EXPECTED_LAYERS if not report.get(k)]}
-    line = weakness_line(report)
-    if line:
-        log.warning("%s", line)
-
-
-def isolation_report() -> dict:
-    """What the sandbox enforces on this machine (starts a probe session if none ran yet)."""
-    if _report is None:
-        with REPLSession("") as s:
-            s.execute("pass")
-    return dict(_report or {})
-
-
 # --------------------------------------------------------------------------- session
+def _blocking(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine of this module given no loop (loop=None): its every wait blocks, so
+    it ends in its first step."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("a blocking cell waited on an event loop")  # a wait forgot `loop is None`
+
+
 def _signame(sig: int) -> str:
     try:
         return signal.Signals(sig).name
@@ -153,7 +101,6 @@ class REPLSession:
         self.pid: int | None = None  # the worker as the host sees it
         self.zygote_pid: int | None = None
         self.isolation: dict = {}
-        self.start_s = 0.0
         self._sock: socket.socket | None = None
         self._status_r = -1
         self._poll: select.poll | None = None  # the worker's channel and status pipe, registered once
@@ -163,6 +110,7 @@ class REPLSession:
         self._server: ForkServer | None = None
         self._control: cgroup_host.SessionControl | None = None
         self._closed = False
+        self._stopped = False  # a cancelled cell's worker was sent SIGKILL, not yet reaped
         # Poll for the `done` frame (protocol.SPIN_S) while this session's cells come back that fast.
         self._may_spin = protocol.spinning_pays()
         self._spin = False
@@ -170,7 +118,6 @@ class REPLSession:
 
     # --- lifecycle -------------------------------------------------------------
     def _start(self) -> None:
-        t0 = time.perf_counter()
         server = get_server()
         self._server = server
         # An rlm_query context (JSON text) always goes to a pooled worker, which decodes it itself.
@@ -184,7 +131,6 @@ class REPLSession:
                 self._kill()
                 if attempt == 1 or not isinstance(exc, RuntimeError):
                     raise
-        self.start_s = time.perf_counter() - t0
 
     def _spawn(self, server: ForkServer, payload: bytes | None) -> None:
         """Claim a worker (small context: from the fork-server's pool; else from the
@@ -215,12 +161,12 @@ class REPLSession:
             loaded = (protocol.recv_data(self._sock, max_bytes=READY_MAX_BYTES, deadline=deadline)
                       if isinstance(self.context, child_context.EncodedContext) else {"op": "loaded"})
         except (protocol.ProtocolError, OSError) as exc:
-            raise SandboxError(f"REPL worker failed to start: {exc}; {self._death_note()}") from None
+            raise SandboxError(f"REPL worker failed to start: {exc}; {_blocking(self._death_note(None))}") from None
         if not isinstance(loaded, dict) or loaded.get("op") != "loaded":
             why = loaded.get("error") if isinstance(loaded, dict) else None
             raise SandboxError(_clip(why, 500) if isinstance(why, str) else "the worker's answer to its context is not `loaded`")
         self.isolation = ready["isolation"]
-        _note_report(self.isolation)
+        note_report(self.isolation)
         if server.root and server.cgroup_paths:
             cap = self.config.max_cpus if self.isolation.get("cgroup_cpu") else None  # the quota bounds CPU time
             self._control = cgroup_host.SessionControl(server.cgroup_paths, server.pid, self._uid, cpu_cap=cap)
@@ -284,19 +230,51 @@ class REPLSession:
 
     # --- cells ---------------------------------------------------------------
     def execute(self, code: str) -> ExecResult:
+        """Run a cell, blocking this thread: for callers without an event loop. The cell is
+        the same coroutine as execute_async's; here its every wait blocks, so it runs to the
+        end in one step and no loop is involved."""
+        return _blocking(self._counted(code, None))
+
+    async def execute_async(self, code: str) -> ExecResult:
+        """Run a cell on the running event loop: its frames are read as they arrive and its
+        sub-calls answered on the loop (an async `llm_batch`/`rlm_batch` is awaited there).
+        Cancelled, the cell's worker is killed (the next cell starts a fresh one)."""
+        return await self._counted(code, asyncio.get_running_loop())
+
+    async def _counted(self, code: str, loop: asyncio.AbstractEventLoop | None) -> ExecResult:
         global _running_cells
         if self._closed:
             raise RuntimeError("REPLSession is closed")
         with _running_lock:
             _running_cells += 1
         try:
-            return self._execute(code)
+            return await self._cell(code, loop)
+        except BaseException:  # cancelled or interrupted mid-cell: the worker's state is unknown
+            if loop is None:
+                self._kill()
+            else:  # SIGKILL now; waiting for its reaping is left off the loop (close(), or the next cell)
+                self._stop_worker()
+            raise
         finally:
             with _running_lock:
                 _running_cells -= 1
 
-    def _execute(self, code: str) -> ExecResult:
+    def _stop_worker(self) -> None:
+        """SIGKILL the worker (thawed, so that it dies); `_kill` finishes the job later."""
+        self._stopped = True
+        if self._pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._control is not None:
+            self._control.thaw()
+
+    async def _cell(self, code: str, loop: asyncio.AbstractEventLoop | None) -> ExecResult:
         restarted_before = False
+        if self._stopped:  # a cancelled cell's worker: gone by now, its reaping confirmed here
+            self._stopped = False
+            self._kill()
         if self._sock is None:  # the previous cell killed the worker: fresh namespace
             self._start()
             restarted_before = True
@@ -306,38 +284,51 @@ class REPLSession:
         waited = 0.0
         timeout = self.config.timeout_s
         try:
-            self._send_to_worker(sock, {"op": "exec", "code": code}, t0 + timeout)
+            await self._send_to_worker(loop, sock, {"op": "exec", "code": code}, t0 + timeout)
             while True:
                 left = timeout - (time.monotonic() - t0 - waited)
-                msg = self._next_frame(sock, left)
+                msg = await self._next_frame(loop, sock, left)
                 op = msg.get("op")
                 if op == "done":
                     self._spin = self._may_spin and time.monotonic() - t0 < protocol.SPIN_S
                     return self._finish_cell(msg, t0, waited, restarted_before)
                 if op in ("llm", "rlm"):
-                    reply, answering = self._serve_subcall(op, msg.get("items"), t0, waited)
+                    reply, answering = await self._serve_subcall(loop, op, msg.get("items"), t0, waited)
                     waited += answering
                     left = timeout - (time.monotonic() - t0 - waited)
-                    self._send_to_worker(sock, reply, time.monotonic() + max(left, 0.05))
+                    await self._send_to_worker(loop, sock, reply, time.monotonic() + max(left, 0.05))
                     continue
                 raise protocol.ProtocolError(f"unexpected frame op {_short.repr(op)}")
         except protocol.FrameTimeout:
-            return self._fail(f"TimeoutError: the cell ran longer than timeout_s={timeout:g}s "
-                              f"(time the sub-model took to answer excluded); the worker was killed",
-                              t0, waited, "timeout", timed_out=True)
+            return await self._fail(loop, f"TimeoutError: the cell ran longer than timeout_s={timeout:g}s "
+                                    f"(time the sub-model took to answer excluded); the worker was killed",
+                                    t0, waited, "timeout", timed_out=True)
         except _OverCPU as over:
-            return self._fail(f"CPUTimeExceeded: the session used {over.args[0]:.1f} CPU seconds, over "
-                              f"cpu_time_s={self.config.cpu_time_s:g}; the worker was killed", t0, waited, "limit")
+            return await self._fail(loop, f"CPUTimeExceeded: the session used {over.args[0]:.1f} CPU seconds, over "
+                                    f"cpu_time_s={self.config.cpu_time_s:g}; the worker was killed", t0, waited, "limit")
         except protocol.PeerClosed:
-            return self._fail(f"WorkerDied: the REPL worker {self._death_note()}", t0, waited, "sandbox")
+            note = await self._death_note(loop)
+            return await self._fail(loop, f"WorkerDied: the REPL worker {note}", t0, waited, "sandbox")
         except (protocol.ProtocolError, OSError) as exc:
-            return self._fail(f"ProtocolError: the worker broke the host protocol ({str(exc)[:300]}); it was killed",
-                              t0, waited, "sandbox")
+            return await self._fail(loop, f"ProtocolError: the worker broke the host protocol ({str(exc)[:300]}); "
+                                    f"it was killed", t0, waited, "sandbox")
 
-    def _send_to_worker(self, sock: socket.socket, frame: dict, deadline: float) -> None:
+    async def _send_to_worker(self, loop: asyncio.AbstractEventLoop | None, sock: socket.socket, frame: dict,
+                              deadline: float) -> None:
         """A cell or a sub-call's answer. A frozen session gets the frame queued before the
         thaw, so the worker wakes once, to find it waiting."""
-        if self._control is not None:
+        if loop is not None:
+            control = self._control
+
+            async def thaw() -> None:
+                # A write to the freeze file can wait on the kernel (or on the freezer thread's
+                # write): off the loop. Only a frozen session needs one, and it cannot send a
+                # frame (nor so be frozen or held again) before it is done.
+                if control is not None and not control.thaw_at_once():
+                    await asyncio.to_thread(control.thaw)
+
+            await channel.send(loop, sock, frame, deadline, thaw)
+        elif self._control is not None:
             protocol.send_in_two_steps(sock, frame, deadline, between=self._control.thaw)
         else:
             protocol.send(sock, frame, deadline=deadline)
@@ -348,9 +339,19 @@ class REPLSession:
         if used is not None:
             raise _OverCPU(used)
 
-    def _next_frame(self, sock: socket.socket, left: float) -> dict:
+    async def _next_frame(self, loop: asyncio.AbstractEventLoop | None, sock: socket.socket, left: float) -> dict:
         if left <= 0 or self._poll is None:
             raise protocol.FrameTimeout("cell timeout")
+        if loop is not None:
+            # In its own pid namespace the worker's death ends every process that could hold
+            # its end of the channel, so the channel's end says it: no need to watch the
+            # status pipe as well (two more loop registrations per frame).
+            status = -1 if self.isolation.get("pid_namespace") else self._status_r
+            msg = await channel.recv_data(loop, sock, status, max_bytes=self.config.max_message_mb << 20,
+                                          deadline=time.monotonic() + left)
+            if not isinstance(msg, dict):
+                raise protocol.ProtocolError(f"frame is a {type(msg).__name__}, not an object")
+            return msg
         polled = self._spin and _running_cells == 1 and protocol.spin_until_readable(sock, protocol.SPIN_S)
         if not polled:  # nothing yet: sleep until the worker's frame, its death, or the cell clock
             # poll on fds registered once per session: half what select() costs per frame here
@@ -370,19 +371,19 @@ class REPLSession:
         self._freeze()
         return self._result(msg, time.monotonic() - t0, waited, restarted)
 
-    def _death_note(self) -> str:
+    async def _death_note(self, loop: asyncio.AbstractEventLoop | None) -> str:
         """How the worker died, from the status pipe its parent writes. A worker that only
         closed its end of the channel is still running: after a short grace it is killed
         here, so the cell returns at once instead of waiting for an exit that never comes."""
         if self._status_r < 0:
             return "stopped answering"
-        if not protocol.wait_ready([self._status_r], 0.2):
+        if not await self._status_within(loop, 0.2):
             if self._pidfd >= 0:
                 try:
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            if not protocol.wait_ready([self._status_r], 5.0):
+            if not await self._status_within(loop, 5.0):
                 return "stopped answering"
             return "closed the host channel while still running (it was killed)"
         data = os.read(self._status_r, 4)
@@ -397,7 +398,18 @@ class REPLSession:
             return f"was killed by {_signame(sig)}{hint}"
         return f"exited with code {os.WEXITSTATUS(status)}"
 
-    def _fail(self, why: str, t0: float, waited: float, kind: str, timed_out: bool = False) -> ExecResult:
+    async def _status_within(self, loop: asyncio.AbstractEventLoop | None, timeout: float) -> bool:
+        """Whether the worker's parent reports its death within `timeout` seconds."""
+        if loop is None:
+            return bool(protocol.wait_ready([self._status_r], timeout))
+        return await channel.wait_fd(loop, self._status_r, timeout)
+
+    async def _fail(self, loop: asyncio.AbstractEventLoop | None, why: str, t0: float, waited: float, kind: str,
+                    timed_out: bool = False) -> ExecResult:
+        if loop is not None and self._status_r >= 0:
+            self._stop_worker()  # its death awaited on the loop: _kill then finds it reaped
+            await self._status_within(loop, 5.0)
+        self._stopped = False
         self._kill()
         return ExecResult(error=f"{why}. The namespace was lost; the next execute starts a fresh worker.",
                           timed_out=timed_out, wall_s=time.monotonic() - t0, restarted=True,
@@ -418,12 +430,13 @@ class REPLSession:
                           truncated_chars=cut, wall_s=wall, restarted=restarted, subcall_wait_s=waited)
 
     # --- sub-calls -------------------------------------------------------------
-    def _serve_subcall(self, op: str, items, t0: float, waited: float) -> tuple[dict, float]:
+    async def _serve_subcall(self, loop: asyncio.AbstractEventLoop | None, op: str, items, t0: float,
+                             waited: float) -> tuple[dict, float]:
         """The answer to one request, and the seconds the sub-model took: all that is left off
         the cell's clock (checking the request is on it). Meanwhile the session is held
         (`SessionControl.hold`): frozen, or its CPU time polled against cpu_time_s."""
         try:
-            prompts, pairs = self._checked_request(op, items)
+            prompts, pairs = subcalls.checked_request(op, items, self.llm)
         except Exception as exc:  # surfaces inside the cell as RuntimeError(message)
             return {"results": None, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}, 0.0
         if time.monotonic() - t0 - waited >= self.config.timeout_s:
@@ -435,7 +448,8 @@ class REPLSession:
             control.hold(self.config.cpu_time_s, self._pidfd, self.config.allow_background)
         reply: dict[str, Any]
         try:
-            reply = {"results": self._call_handler(prompts, pairs), "error": None}
+            answers = await subcalls.answer(loop, self.llm, prompts, pairs, self.config.max_parallel_subcalls)
+            reply = {"results": answers, "error": None}
         except Exception as exc:
             reply = {"results": None, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
         finally:
@@ -443,42 +457,3 @@ class REPLSession:
         if over is not None:
             raise _OverCPU(over)
         return reply, time.monotonic() - started
-
-    def _checked_request(self, op: str, items) -> tuple[list[str], list | None]:
-        """The prompts (and rlm_query pairs) of a request, cheapest checks first: its size and
-        whether there is a sub-model at all come before anything walks its items."""
-        if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
-            raise ValueError(f"a sub-call request needs 1 to {MAX_BATCH} prompts")
-        if self.llm is None:
-            raise RuntimeError("no sub-model configured: this REPL session has llm=None, "
-                               "so llm_query/rlm_query cannot be used here")
-        if op == "llm":
-            if not all(isinstance(p, str) for p in items):
-                raise ValueError("malformed sub-call request: prompts must be strings")
-            prompts, pairs = items, None
-        else:
-            if not all(isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) for it in items):
-                raise ValueError("malformed rlm_query request")
-            # Contexts stay JSON text here: the child's worker decodes them, charged to its session.
-            pairs = [(it[0], child_context.EncodedContext.from_wire(it[1])) for it in items]
-            prompts = [p for p, _ in pairs]
-        return prompts, pairs
-
-    def _call_handler(self, prompts: list[str], pairs: list | None) -> list[str]:
-        llm = self.llm
-        if hasattr(llm, "llm_batch"):
-            handler = cast(SubcallHandler, llm)
-            results = handler.llm_batch(prompts) if pairs is None else handler.rlm_batch(pairs)
-        else:  # a plain fn: rlm_query degrades to llm_query
-            results = self._map_plain(cast(Callable[[str], str], llm), prompts)
-        results = list(results)
-        if len(results) != len(prompts):
-            raise RuntimeError(f"sub-model handler returned {len(results)} answers for {len(prompts)} prompts")
-        return [r if isinstance(r, str) else str(r) for r in results]
-
-    def _map_plain(self, fn: Callable[[str], str], prompts: list[str]) -> list[str]:
-        if len(prompts) == 1:
-            return [fn(prompts[0])]
-        workers = max(1, min(len(prompts), self.config.max_parallel_subcalls))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlm-subcall") as pool:
-            return list(pool.map(fn, prompts))

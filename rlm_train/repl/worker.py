@@ -34,7 +34,7 @@ HELPER_NAMES = ("context", "llm_query", "llm_query_batched", "rlm_query", "rlm_q
 PREIMPORTED = {"re": re, "json": json, "math": math, "collections": collections, "itertools": itertools}
 
 # compile() of a source string first checks whether it got an AST, and that builds the
-# ~120 AST node classes of the interpreter on first use (~1.5 ms). Done here, once, in the
+# interpreter's AST node classes on first use (docs/measurements.md). Done here, once, in the
 # fork-server, the classes are shared pages instead of being rebuilt by every worker.
 compile("pass", "<warm-up>", "exec")
 

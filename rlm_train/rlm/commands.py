@@ -11,7 +11,7 @@ from rlm_train.config import load_config
 from rlm_train.errors import UserError
 from rlm_train.formats import append_jsonl, read_context_file
 from rlm_train.records import Outcome, TurnRecord
-from rlm_train.stage import Output, add_stage_arguments, missing_inputs, prepare
+from rlm_train.stage import Output, Plan, add_stage_arguments, info, missing_inputs, prepare
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", help="task family hint for the scripted teacher (e.g. niah)")
     parser.add_argument("--trajectory-out", help="append the trajectory record to this JSONL file")
     parser.add_argument("--quiet", action="store_true", help="no per-turn progress lines on stderr")
-    add_stage_arguments(parser, recipe_required=False, config_name="RLMConfig")
+    add_stage_arguments(parser, recipe_required=False, config_name="RLMConfig", example="max_iterations=4")
 
 
 def print_turn(turn: TurnRecord) -> None:
@@ -93,10 +93,10 @@ def main(args: argparse.Namespace) -> int:
     outputs = [Output("trajectory", args.trajectory_out, "file", "--trajectory-out")] if args.trajectory_out else []
     inputs = {"context_file": args.context_file, "query": args.query, **policies,
               "base_url": args.base_url, "sub_base_url": args.sub_base_url}
-    notes = ["answer: printed on stdout", *missing_inputs({"context_file": args.context_file})]
+    notes = [*info("answer: printed on stdout"), *missing_inputs({"context_file": args.context_file})]
     # Read before the plan, so an empty or unreadable file fails a dry run too (a missing one is a plan note).
     context = read_context_file(args.context_file) if Path(args.context_file).exists() else None
-    if prepare("run", args, config, inputs=inputs, outputs=outputs, notes=notes):
+    if prepare("run", args, config, Plan(inputs={k: v for k, v in inputs.items() if v}, outputs=outputs, notes=notes)):
         return 0
     if context is None:
         context = read_context_file(args.context_file)

@@ -17,12 +17,22 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 from pydantic import Field
 
-from rlm_train.config import StrictModel
-from rlm_train.models.base import Completion, Policy, PolicyError, RequestRefused, SamplingParams
+from rlm_train.config import StrictModel, bounded
+from rlm_train.models.base import (
+    CallContext,
+    Completion,
+    Policy,
+    PolicyError,
+    RequestRefused,
+    Role,
+    SamplingParams,
+    check_hints,
+)
 from rlm_train.records import (
     TRAJECTORY_SCHEMA,
     EpisodeRecord,
@@ -39,39 +49,44 @@ from rlm_train.rlm.budget import Budget, BudgetExhausted, SandboxSlots
 from rlm_train.rlm.recording import Recording
 from rlm_train.repl.api import ExecResult, SandboxConfig, SandboxError
 from rlm_train.rlm.parsing import FinalCall, extract_code_blocks, find_final
-from rlm_train.rlm.sandboxes import CallTree, EpisodeSandbox
-
-# The start of `error` for a root call the server refused (HTTP 400: e.g. longer than its
-# window): the server answered, so this is not a server that is down.
-REFUSED = "model call refused: "
-
+from rlm_train.rlm.sandboxes import CallTree, LazySandbox
 
 class RLMConfig(StrictModel):
     """How one RLM episode runs."""
 
-    max_iterations: int = Field(8, ge=1)
+    max_iterations: int = bounded(8, ge=1, le=1000,
+                                  why="every turn's code and output stays in the root conversation the model "
+                                      "rereads each turn")
     """Root turns with code before the model is told to answer now (one extra, final turn)."""
-    max_depth: int = Field(1, ge=0)
+    max_depth: int = bounded(1, ge=0, le=16,
+                             why="each level of rlm_query holds REPL sandboxes of its own, and one process "
+                                 "holds at most 256")
     """Recursion depth for rlm_query: the root is depth 0; at max_depth rlm_query degrades to llm_query."""
     max_subcalls: int | None = Field(1000, ge=0)
     """Sub-calls (llm_query + rlm_query) allowed across the whole call tree; None = unlimited."""
     max_tokens: int | None = Field(None, ge=1)
     """Prompt + completion tokens allowed across the whole call tree; None = unlimited."""
-    max_wall_s: float | None = Field(900.0, gt=0)
+    max_wall_s: float | None = bounded(900.0, gt=0, le=604_800, why="a week; null means no limit")
     """Wall-clock seconds for the whole episode; None = unlimited."""
-    subcall_concurrency: int = Field(16, ge=1)
+    subcall_concurrency: int = bounded(16, ge=1, le=1024,
+                                       why="each call in flight holds its prompt, its answer and a connection")
     """Model calls of one call tree's sub-calls in flight at once: llm_query (llm_query_batched
     fans out up to this) and every turn of a child RLM; only the root's own turns are outside it."""
-    child_concurrency: int = Field(4, ge=1)
+    child_concurrency: int = bounded(4, ge=1, le=64,
+                                     why="each child RLM holds a REPL sandbox, and one process holds at most "
+                                         "256")
     """Child RLMs (rlm_query, every depth) of one call tree alive at once, each holding a sandbox;
     more wait for one to end (rlm_query_batched runs this many at a time)."""
-    sandbox_wait_s: float = Field(60.0, gt=0)
+    sandbox_wait_s: float = bounded(60.0, gt=0, le=86_400,
+                                    why="a day; an episode waits this long for a sandbox before it gives up")
     """An episode waiting for a sandbox (its tree's child_concurrency, or the gateway's
     max_sandboxes, all in use) gives up when none was given back for this long: it ends as
     budget_exhausted, and a child RLM's rlm_query returns a note saying so."""
     prompt_style: str = Field("full", pattern="^(full|compact)$")
     """System prompt variant: `full`, or `compact` for small models."""
-    sub_model_chars: int = Field(100_000, ge=1000)
+    sub_model_chars: int = bounded(100_000, ge=1000, le=4_000_000,
+                                   why="the server's window must hold it; 4M characters is ~1M tokens, beyond "
+                                       "any model's")
     """Longest prompt of one sub-call (llm_query, and rlm_query's prompt), in characters. The
     system prompt tells the model this number; a longer prompt is refused before anything is
     sent, with a message back to the REPL (split the text). Size the server's window to fit it:
@@ -80,20 +95,31 @@ class RLMConfig(StrictModel):
     """Prompt + completion tokens one child RLM (rlm_query) may spend, its own sub-calls
     included; it then stops and rlm_query returns a note instead of an answer. None = only the
     whole tree's max_tokens."""
-    feedback_chars: int = Field(4000, ge=200)
+    feedback_chars: int = bounded(4000, ge=200, le=1_000_000,
+                                  why="it goes back into the root conversation every turn; 1M characters is "
+                                      "~250k tokens")
     """REPL output characters fed back to the model per turn (the rest is cut with a note)."""
-    record_chars: int = Field(2000, ge=0)
+    record_chars: int = bounded(2000, ge=0, le=10_000_000,
+                                why="kept per sub-call in the record, which is held in memory until its episode"
+                                    " ends")
     """Sub-call prompt/response characters kept in the trajectory (lengths are always kept)."""
-    trajectory_chars: int = Field(2_000_000, ge=0)
+    trajectory_chars: int = bounded(2_000_000, ge=0, le=1_000_000_000,
+                                    why="an episode's record is held in memory and written as one JSONL line")
     """Characters one episode's record holds across its call tree: cells' code and output,
     sub-call prompts and responses, child RLMs' conversations. Past it only their lengths are
     kept, and stats.recording says what was left out (rlm/recording.py); the root's own
     conversation, the training data, is always recorded."""
-    root_max_tokens: int = Field(1024, ge=1)
+    root_max_tokens: int = bounded(1024, ge=1, le=1_000_000,
+                                   why="new tokens of one reply; the server's window must hold them too, and 1M"
+                                       " is beyond any model's")
     """Max new tokens per root turn."""
-    answer_max_tokens: int | None = Field(None, ge=1)
+    answer_max_tokens: int | None = bounded(None, ge=1, le=1_000_000,
+                                            why="new tokens of one reply; the server's window must hold them "
+                                                "too, and 1M is beyond any model's")
     """Max new tokens of the answer-now turn (a FINAL block needs few); None = root_max_tokens."""
-    sub_max_tokens: int = Field(512, ge=1)
+    sub_max_tokens: int = bounded(512, ge=1, le=1_000_000,
+                                  why="new tokens of one reply; the server's window must hold them too, and 1M "
+                                      "is beyond any model's")
     """Max new tokens per sub-call."""
     temperature: float = Field(0.0, ge=0)
     """Sampling temperature of the root model (sub-calls use sub_temperature)."""
@@ -118,7 +144,7 @@ class _Tree:
     policy: Policy
     sub_policy: Policy
     budget: Budget
-    hints: dict[str, Any]
+    hints: Mapping[str, Any]  # the caller's side information, read-only (CallContext.hints)
     semaphore: asyncio.Semaphore
     calls: CallTree  # its sub-calls in flight and its sandboxes: what a cancellation stops
     recording: Recording  # the trajectory budget
@@ -158,12 +184,12 @@ class _Episode:
     async def _llm_one(self, prompt: str) -> str:
         tree = self.tree
         sampling = SamplingParams(max_tokens=tree.config.sub_max_tokens, temperature=tree.config.sub_temperature)
-        hints = {**tree.hints, "role": "sub", "depth": self.depth + 1}
+        call = CallContext(role=Role.SUB, depth=self.depth + 1, query=self.query, hints=tree.hints)
         started = time.monotonic()
         async with tree.semaphore:
             self.budget.check()
             try:
-                completion = await tree.sub_policy.chat([{"role": "user", "content": prompt}], sampling, hints)
+                completion = await tree.sub_policy.chat([{"role": "user", "content": prompt}], sampling, call)
             except PolicyError as exc:
                 self._record_subcall("llm", prompt, None, None, started, error=str(exc))
                 raise
@@ -217,19 +243,19 @@ def _inline_context(prompt: str, context: Any) -> str:
 
 
 class _SubcallBridge:
-    """The REPL's SubcallHandler: called from the session's thread, runs on the event loop."""
+    """The REPL's SubcallHandler: the cell's requests, answered on the event loop in the
+    cell's own task (so cancelling the episode cancels them too)."""
 
     def __init__(self, episode: _Episode):
         self.episode = episode
 
-    def _call(self, coro) -> list[str]:
-        return self.episode.tree.calls.call(coro)
+    async def llm_batch(self, prompts_: list[str]) -> list[str]:
+        self.episode.tree.calls.check()
+        return await self.episode.llm_batch(list(prompts_))
 
-    def llm_batch(self, prompts_: list[str]) -> list[str]:
-        return self._call(self.episode.llm_batch(list(prompts_)))
-
-    def rlm_batch(self, requests: list[tuple[str, Any]]) -> list[str]:
-        return self._call(self.episode.rlm_batch(list(requests)))
+    async def rlm_batch(self, requests: list[tuple[str, Any]]) -> list[str]:
+        self.episode.tree.calls.check()
+        return await self.episode.rlm_batch(list(requests))
 
 
 async def run_episode(
@@ -238,7 +264,7 @@ async def run_episode(
     policy: Policy,
     sub_policy: Policy | None = None,
     config: RLMConfig | None = None,
-    hints: dict[str, Any] | None = None,
+    hints: Mapping[str, Any] | None = None,
     task_id: str | None = None,
     on_turn: Callable[[TurnRecord], None] | None = None,
     sandboxes: SandboxSlots | None = None,
@@ -247,6 +273,8 @@ async def run_episode(
 
     Never raises for model, server or sandbox failures: they end the episode with
     outcome `error` (or `budget_exhausted`) and are recorded in the trajectory.
+    `hints`: side information every policy call carries in `CallContext.hints` (task family,
+    id, sample, meta); the loop's own fields (role, depth, ...) are refused there.
     `on_turn(turn)` is called after each root turn (progress display). `sandboxes`: the
     budget this tree's sandboxes also count against (a gateway's, shared by its requests).
     Cancelled, it stops the whole call tree and returns (raises) once its sandboxes are gone.
@@ -258,7 +286,7 @@ async def run_episode(
         policy=policy,
         sub_policy=sub_policy,
         budget=Budget(config.max_subcalls, config.max_tokens, config.max_wall_s),
-        hints={**(hints or {}), "query": query},
+        hints=MappingProxyType(check_hints(hints)),
         semaphore=asyncio.Semaphore(config.subcall_concurrency),
         calls=CallTree(asyncio.get_running_loop(),
                        SandboxSlots(1 + config.child_concurrency, sandboxes, "this call tree's sandboxes")),
@@ -301,12 +329,12 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int, b
     error: str | None = None
     error_kind: ErrorKind | None = None
     started = time.monotonic()
-    sandbox: EpisodeSandbox | None = None
+    sandbox = LazySandbox(tree.calls, config.sandbox_wait_s, context, config.sandbox, _SubcallBridge(episode))
     try:
-        slot = await tree.calls.slots.take(config.sandbox_wait_s)
-        # The sandbox starts while the model writes its first turn: session start-up
-        # (a fork, tens of ms) hides behind the first model call instead of adding to it.
-        sandbox = EpisodeSandbox(tree.calls, slot, context, config.sandbox, _SubcallBridge(episode))
+        if getattr(tree.policy, "writes_code", True):  # the direct baseline's does not
+            # The sandbox starts while the model writes its first turn: session start-up
+            # (a fork, tens of ms) hides behind the first model call instead of adding to it.
+            await sandbox.get()
         for turn_index in range(config.max_iterations + 1):
             forced = turn_index == config.max_iterations
             if forced:
@@ -323,7 +351,7 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int, b
     except BudgetExhausted as exc:
         outcome, error = Outcome.BUDGET, str(exc)
     except RequestRefused as exc:  # only this request: the episode is recorded with it
-        outcome, error, error_kind = Outcome.ERROR, f"{REFUSED}{exc}", ErrorKind.MODEL
+        outcome, error, error_kind = Outcome.ERROR, f"model call refused: {exc}", ErrorKind.REFUSED
     except PolicyError as exc:
         outcome, error, error_kind = Outcome.ERROR, f"model call failed: {exc}", ErrorKind.MODEL
     except SandboxError as exc:
@@ -332,10 +360,9 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int, b
         outcome, error_kind = Outcome.ERROR, ErrorKind.INTERNAL
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
     finally:
-        if sandbox is not None:
-            sandbox.close()
+        sandbox.close()
     stats = _episode_stats(turns, time.monotonic() - started)
-    waited_s = sandbox.slot.waited_s if sandbox is not None else time.monotonic() - started  # None: no slot came
+    waited_s = sandbox.waited_s()
     if waited_s >= 0.001:
         stats["sandbox_wait_s"] = round(waited_s, 4)
     return {
@@ -352,19 +379,18 @@ async def _run_tree_episode(tree: _Tree, query: str, context: Any, depth: int, b
     }
 
 
-async def _run_turn(tree: _Tree, episode: _Episode, sandbox: EpisodeSandbox,
+async def _run_turn(tree: _Tree, episode: _Episode, sandbox: LazySandbox,
                     messages: list[dict[str, Any]], turn_index: int, forced: bool) -> tuple[TurnRecord, str | None]:
     """One root turn: ask the model, run its code, feed the output back. Returns (turn, final)."""
     config = tree.config
     episode.budget.check()
     max_tokens = config.answer_max_tokens if forced and config.answer_max_tokens else config.root_max_tokens
     sampling = SamplingParams(max_tokens=max_tokens, temperature=config.temperature)
-    hints = {**tree.hints, "role": "root", "depth": episode.depth, "turn": turn_index, "last_turn": forced}
-    if episode.depth > 0:
-        hints["query"] = episode.query
+    call = CallContext(role=Role.ROOT, depth=episode.depth, query=episode.query, turn=turn_index, last_turn=forced,
+                       hints=tree.hints)
     # A child RLM's turn is one of the tree's sub-calls: the fan-out bound covers it too.
     async with tree.semaphore if episode.depth else contextlib.nullcontext():
-        completion = await tree.policy.chat(list(messages), sampling, hints)
+        completion = await tree.policy.chat(list(messages), sampling, call)
     episode.budget.add_tokens(completion.prompt_tokens + completion.completion_tokens)
     text = completion.text
     messages.append({"role": "assistant", "content": text})
@@ -402,7 +428,7 @@ async def _run_turn(tree: _Tree, episode: _Episode, sandbox: EpisodeSandbox,
     return turn, final
 
 
-async def _run_code(budget: Budget, session: EpisodeSandbox, turn: TurnRecord, text_final: FinalCall | None) -> str | None:
+async def _run_code(budget: Budget, session: LazySandbox, turn: TurnRecord, text_final: FinalCall | None) -> str | None:
     """Run the turn's code blocks until one calls FINAL, then a FINAL written in prose."""
     for code in turn["code_blocks"]:
         result = await session.execute(code)
@@ -417,7 +443,7 @@ async def _run_code(budget: Budget, session: EpisodeSandbox, turn: TurnRecord, t
     return final
 
 
-async def _resolve_text_final(session: EpisodeSandbox, call: FinalCall) -> tuple[str | None, str | None]:
+async def _resolve_text_final(session: LazySandbox, call: FinalCall) -> tuple[str | None, str | None]:
     """FINAL(...) written in prose: the answer is its text. FINAL_VAR(name) in prose is
     looked up in the REPL, since the model meant the variable."""
     if call.kind == "FINAL":
@@ -463,6 +489,9 @@ def _episode_stats(turns: list[TurnRecord], wall_s: float) -> EpisodeStats:
 
 
 def run_episode_sync(*args: Any, **kwargs: Any) -> TrajectoryRecord:
-    """run_episode for callers without an event loop (CLI, notebooks)."""
-    return asyncio.run(run_episode(*args, **kwargs))
+    """run_episode for synchronous callers: scripts, and notebooks, whose own loop is running
+    (the episode then runs on a worker thread's loop: `eventloop.run`)."""
+    from rlm_train import eventloop
+
+    return eventloop.run(run_episode(*args, **kwargs))
 

@@ -1,17 +1,19 @@
 """The sandboxes of one RLM call tree, and how the whole tree stops.
 
 Every episode of a tree (the root, each child RLM) has one REPL session, started in a thread
-while the model writes its first turn, used by one cell at a time. REPLSession's contract
-forbids close() while execute() runs in another thread, so a session is closed only once it
-exists and no cell of it runs; its slot (rlm.budget.SandboxSlots) is given back after that,
-when its worker is gone.
+while the model writes its first turn (a start blocks on the fork-server), and closed in one
+once the episode ends. Its cells run on the event loop, in the episode's own task
+(`REPLSession.execute_async`): no thread per cell, and a cell's sub-calls are answered on the
+loop in that task too. REPLSession's contract forbids close() while a cell runs, so a session
+is closed only once it exists and no cell of it runs; its slot (rlm.budget.SandboxSlots) is
+given back after that, when its worker is gone.
 
 A tree is cancelled when the task running its root episode is (a client that left the
-gateway, a stopped run): `CallTree.cancel` refuses new sub-calls, cancels those in flight
-(the child RLMs among them, which cancels their own cells and sub-calls in turn) and kills
-the worker of every cell still running, so that its execute() returns and the session can
-be closed. `run_episode` waits for that (`CallTree.wait_closed`) before the cancellation
-goes on: what the tree started is gone when its task ends.
+gateway, a stopped run). The cancellation reaches every cell and sub-call of the tree, since
+they run in that task or in tasks it awaits (the child RLMs' among them): a cell cancelled
+kills its worker before it ends, and `CallTree.cancel` refuses new sub-calls meanwhile.
+`run_episode` waits until every sandbox of the tree is closed (`CallTree.wait_closed`) before
+the cancellation goes on: what the tree started is gone when its task ends.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import os
-import signal
 import threading
-from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
+import time
+from typing import TYPE_CHECKING, Any
 
 from rlm_train.repl.api import ExecResult, SandboxConfig
 from rlm_train.rlm.budget import SandboxSlots, Slot
@@ -30,12 +31,9 @@ from rlm_train.rlm.budget import SandboxSlots, Slot
 if TYPE_CHECKING:
     from rlm_train.repl.session import REPLSession
 
-T = TypeVar("T")
-
-# REPL cells block their thread while they wait for sub-calls, so the default asyncio
-# executor (a handful of threads on 2 cores) would starve at high concurrency.
+# Session starts and closes block on the fork-server and the worker's exit; a generation
+# run starts a wave of them at once, more than the default executor's handful of threads.
 REPL_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="rlm-repl")
-_KILL_EVERY_S = 0.1  # a cell whose worker was killed returns within this, or is killed again
 
 
 class TreeCancelled(Exception):
@@ -43,50 +41,32 @@ class TreeCancelled(Exception):
 
 
 class CallTree:
-    """What a cancellation of one call tree must reach: its sub-calls in flight (coroutines on
-    the tree's loop, awaited by cells in threads) and its sandboxes not yet closed."""
+    """What a cancellation of one call tree must reach: whether it may still make sub-calls,
+    and its sandboxes not yet closed."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, slots: SandboxSlots):
         self.loop = loop
         self.slots = slots
         self.cancelled = False
-        self._lock = threading.Lock()
-        self._subcalls: set[concurrent.futures.Future[Any]] = set()
+        self._lock = threading.Lock()  # sessions are closed in threads
         self._sandboxes: set[EpisodeSandbox] = set()
 
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a sub-call on the tree's loop from a cell's thread and wait for its answer."""
-        with self._lock:
-            if self.cancelled:
-                coro.close()
-                raise TreeCancelled("the request was cancelled: no more sub-calls")
-            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-            self._subcalls.add(future)
-        try:
-            return future.result()
-        except concurrent.futures.CancelledError:
-            raise TreeCancelled("the request was cancelled while this sub-call ran") from None
-        finally:
-            with self._lock:
-                self._subcalls.discard(future)
+    def check(self) -> None:
+        """TreeCancelled once the tree is cancelled: no more sub-calls."""
+        if self.cancelled:
+            raise TreeCancelled("the request was cancelled: no more sub-calls")
 
     def cancel(self) -> None:
-        """Stop everything the tree runs (called on its loop); idempotent."""
-        with self._lock:
-            self.cancelled = True
-            subcalls, sandboxes = list(self._subcalls), list(self._sandboxes)
-        for future in subcalls:
-            future.cancel()
-        for sandbox in sandboxes:
-            sandbox.stop_cell()
+        """Refuse new sub-calls (called on the tree's loop, as its task is cancelled); idempotent."""
+        self.cancelled = True
 
     def busy(self) -> bool:
         with self._lock:
-            return bool(self._subcalls or self._sandboxes)
+            return bool(self._sandboxes)
 
     async def wait_closed(self) -> None:
-        """Until no sub-call runs and every sandbox of the tree is closed, even if the waiting
-        task is cancelled again meanwhile (the wait is bounded: cells are killed, sessions closed)."""
+        """Until every sandbox of the tree is closed, even if the waiting task is cancelled
+        again meanwhile (the wait is bounded: cancelled cells killed their workers)."""
         async def settle() -> None:
             while self.busy():
                 await asyncio.sleep(0.02)
@@ -98,47 +78,47 @@ class CallTree:
 
 
 class EpisodeSandbox:
-    """One episode's REPL session: started at once in a thread, one cell at a time, closed
-    only when no cell runs, its slot given back once it is closed."""
+    """One episode's REPL session: started at once in a thread, one cell at a time on the
+    loop, closed only when no cell runs, its slot given back once it is closed."""
 
     def __init__(self, tree: CallTree, slot: Slot, context: Any, config: SandboxConfig, llm: Any):
         from rlm_train.repl import REPLSession
 
         self.tree = tree
         self.slot = slot
-        self._cell: concurrent.futures.Future[ExecResult] | None = None
+        self._running = False
+        self._close_asked = False
         with tree._lock:
             tree._sandboxes.add(self)
         self._session: concurrent.futures.Future[REPLSession] = REPL_THREADS.submit(
             REPLSession, context, config=config, llm=llm)
 
     async def execute(self, code: str) -> ExecResult:
-        session = await asyncio.wrap_future(self._session)
-        with self.tree._lock:
-            if self.tree.cancelled:
-                raise TreeCancelled("the request was cancelled")
-            self._cell = REPL_THREADS.submit(session.execute, code)
-        return await asyncio.wrap_future(self._cell)
-
-    def stop_cell(self) -> None:
-        """Kill the worker of the cell running now (the tree was cancelled), until it returns."""
-        cell, session = self._cell, self._session
-        if cell is None or cell.done() or session.cancelled() or session.exception() is not None:
-            return  # no cell runs (a cell exists only once its session does)
-        REPL_THREADS.submit(_kill_until_returned, session.result(), cell)
+        session = self._session.result() if self._session.done() else await asyncio.wrap_future(self._session)
+        if self.tree.cancelled:
+            raise TreeCancelled("the request was cancelled")
+        if self._running or self._close_asked:
+            raise RuntimeError("an episode's sandbox runs one cell at a time, and none once it is closed")
+        self._running = True
+        try:
+            return await session.execute_async(code)
+        finally:
+            self._running = False
+            if self._close_asked:
+                self._close_when_started()
 
     def close(self) -> None:
         """Close the session once it exists and its cell (if any) returned; called once, when
         the episode ends. No cell starts after it: the episode that ran them is over."""
-        def when_idle(_: Any = None) -> None:
-            if not self._session.done():
-                self._session.add_done_callback(when_idle)
-            elif self._cell is not None and not self._cell.done():
-                self._cell.add_done_callback(when_idle)
-            else:
-                REPL_THREADS.submit(self._close_now)
+        self._close_asked = True
+        if not self._running:
+            self._close_when_started()
 
-        when_idle()
+    def _close_when_started(self) -> None:
+        if self._session.done():
+            REPL_THREADS.submit(self._close_now)
+        else:
+            self._session.add_done_callback(lambda _: REPL_THREADS.submit(self._close_now))
 
     def _close_now(self) -> None:
         try:
@@ -150,13 +130,32 @@ class EpisodeSandbox:
                 self.tree._sandboxes.discard(self)
 
 
-def _kill_until_returned(session: REPLSession, cell: concurrent.futures.Future[ExecResult]) -> None:
-    """SIGKILL the session's worker until its execute() returns (it reports the death and
-    ends the cell; a cell that restarted a worker gets that one killed too). The pid is only
-    used while execute() runs, when the worker is the session's or was just reaped."""
-    while not cell.done():
-        pid = session.pid
-        if pid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        concurrent.futures.wait([cell], timeout=_KILL_EVERY_S)
+class LazySandbox:
+    """An episode's sandbox, started on the first `get()`: the loop asks at once for a policy
+    that writes code, and on the first code block (or FINAL_VAR) for one that says it does not
+    (`writes_code = False`, the direct baseline), so such episodes start none."""
+
+    def __init__(self, tree: CallTree, wait_s: float, context: Any, config: SandboxConfig, llm: Any):
+        self.tree, self.wait_s, self.context, self.config, self.llm = tree, wait_s, context, config, llm
+        self.sandbox: EpisodeSandbox | None = None
+        self._asked_at: float | None = None
+
+    async def get(self) -> EpisodeSandbox:
+        if self.sandbox is None:
+            self._asked_at = time.monotonic()
+            slot = await self.tree.slots.take(self.wait_s)
+            self.sandbox = EpisodeSandbox(self.tree, slot, self.context, self.config, self.llm)
+        return self.sandbox
+
+    async def execute(self, code: str) -> ExecResult:
+        return await (await self.get()).execute(code)
+
+    def close(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()
+
+    def waited_s(self) -> float:
+        """How long the episode waited for a sandbox slot (asked for and none came: till now)."""
+        if self.sandbox is not None:
+            return self.sandbox.slot.waited_s
+        return 0.0 if self._asked_at is None else time.monotonic() - self._asked_at

@@ -15,11 +15,12 @@ from pathlib import Path
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
 from rlm_train.rlm.commands import add_policy_arguments, client_flags
-from rlm_train.stage import Output, add_stage_arguments, missing_inputs, prepare
+from rlm_train.rollouts.generate import GenerateConfig
+from rlm_train.stage import Note, NoteKind, Output, Plan, Stage, add_stage_arguments, info, missing_inputs, prepare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_stage_arguments(parser, recipe_required=False, config_name="GenerateConfig")
+    add_stage_arguments(parser, recipe_required=False, config_name="GenerateConfig", example="rlm.max_iterations=6")
     parser.add_argument("--tasks", help="task file (rlm-train/task/v1 JSONL)")
     parser.add_argument("--out", help="run directory; re-running the same command there resumes")
     add_policy_arguments(parser, required=False)  # the policy may come from the recipe instead
@@ -31,9 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
-def config_from_args(args: argparse.Namespace):
-    from rlm_train.rollouts.generate import GenerateConfig
-
+def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     flags = {
         "tasks": args.tasks,
         "out": args.out,
@@ -55,23 +54,32 @@ def config_from_args(args: argparse.Namespace):
     return load_config(GenerateConfig, args.recipe, args.overrides, flags=flags)
 
 
-def main(args: argparse.Namespace) -> int:
+def plan(config: GenerateConfig) -> Plan:
     from rlm_train.policies.spec import parse_policy_spec
     from rlm_train.rollouts import store
-    from rlm_train.rollouts.generate import check_config, format_summary, run_generate
+    from rlm_train.rollouts.generate import check_config
+    from rlm_train.rollouts.tracking import describe_tracking
 
-    config = config_from_args(args)
     check_config(config)  # so a dry run fails where a real run would
+    assert config.out is not None  # for the type checker: check_config refused None
     for spec in (config.policy, config.sub_policy):
         if spec:
             parse_policy_spec(spec)
     inputs = {"tasks": config.tasks, "policy": config.policy, "sub_policy": config.sub_policy,
               "base_urls": config.base_urls, "sub_base_urls": config.sub_base_urls}
     resuming = (Path(config.out) / store.MANIFEST).is_file()
-    notes = [f"{config.out}: {'has a run; this resumes it' if resuming else 'new run'}"
-             f" (shard {config.shard_index} of {config.num_shards})", *missing_inputs({"tasks": config.tasks})]
-    flag = "--out" if args.out else "out"
-    if prepare("generate", args, config, inputs=inputs, outputs=[Output("run_dir", config.out, "dir", flag)], notes=notes):
+    run = Note(NoteKind.RESUME if resuming else NoteKind.INFO,
+               f"{config.out}: {'has a run; this resumes it' if resuming else 'new run'}"
+               f" (shard {config.shard_index} of {config.num_shards})")
+    return Plan(inputs={k: v for k, v in inputs.items() if v}, outputs=[Output("run_dir", config.out, "dir", "out")],
+                notes=[run, *missing_inputs({"tasks": config.tasks}), *info(describe_tracking(config, config.out))])
+
+
+def main(args: argparse.Namespace) -> int:
+    from rlm_train.rollouts.generate import format_summary, run_generate
+
+    config = config_from_args(args)
+    if prepare("generate", args, config, plan(config).relabel({"out": "--out"} if args.out else {})):
         return 0
     from rlm_train.rollouts.progress import Stopped
 
@@ -86,3 +94,7 @@ def main(args: argparse.Namespace) -> int:
         raise
     print(format_summary(summary))
     return 0
+
+
+STAGE = Stage(name="generate", config=GenerateConfig, add_arguments=add_arguments, config_from_args=config_from_args,
+              plan=plan, main=main, slurm_template="generate.sbatch")

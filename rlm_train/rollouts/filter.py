@@ -79,6 +79,12 @@ class FilterConfig(StrictModel):
     sft_data: list[str] = Field(default_factory=list)
     """SFT datasets (sft/ or sft-*.jsonl of an earlier `rlm-train filter`) whose tasks the RL prompt set
     leaves out; filter_report.json records them, and GRPO checks its prompts against them."""
+    push_to_hub: bool = False
+    """Upload the JSONL splits, the dataset card (README.md) and filter_report.json to the Hugging Face Hub."""
+    hub_dataset_id: str | None = None
+    """The Hub dataset repo, org/name or name (default: the output directory's name, under your account)."""
+    hub_private_repo: bool = False
+    """Create the Hub dataset repo private."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,6 +394,10 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
     from rlm_train.formats import write_jsonl_atomic, write_text_atomic
     from rlm_train.rollouts.rl_prompts import write_rl_prompt_set
 
+    from rlm_train.cards import check_hub_token, push_dataset_if_asked, write_dataset_card
+
+    if config.push_to_hub:  # a missing token fails before the work, not after it
+        check_hub_token("filter: push_to_hub")
     chosen = select(config)
     assert config.out is not None  # select refused None
     samples, validation, rl_rows, read = chosen["samples"], chosen["validation"], chosen["rl_rows"], chosen["read"]
@@ -434,6 +444,9 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
         "config": config.model_dump(),
     }
     write_text_atomic(out / "filter_report.json", json.dumps(report, indent=2) + "\n")
+    write_dataset_card(out, report)
+    if url := push_dataset_if_asked(out, config):
+        print(f"pushed {out} to {url}", file=sys.stderr)
     return report
 
 

@@ -15,7 +15,9 @@ from typing import Any
 
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
-from rlm_train.stage import Kind, Output, add_stage_arguments, check_output, missing_inputs, prepare
+from rlm_train.rollouts.filter import FilterConfig
+from rlm_train.stage import (Kind, Note, NoteKind, Output, Plan, Stage, add_stage_arguments, check_output, info,
+                             missing_inputs, prepare)
 
 # What run_filter writes under --out: (name, kind); with rl_only, the SFT ones are not written.
 SFT_OUTPUTS: list[tuple[str, Kind]] = [("sft", "dir"), ("sft-train.jsonl", "file"), ("sft-validation.jsonl", "file")]
@@ -24,7 +26,7 @@ RL_OUTPUTS: list[tuple[str, Kind]] = [("rl", "dir"), ("rl-train.jsonl", "file"),
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_stage_arguments(parser, recipe_required=False, config_name="FilterConfig")
+    add_stage_arguments(parser, recipe_required=False, config_name="FilterConfig", example="min_turns=2")
     parser.add_argument("--trajectories", action="append", default=[],
                         help="run directory of `rlm-train generate` or a trajectory JSONL file (repeatable)")
     parser.add_argument("--out", help="output directory (sft/, rl/, *.jsonl, filter_report.json)")
@@ -32,51 +34,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="task file(s) for the RL set and scoring (default: from the runs' manifests)")
 
 
-def config_from_args(args: argparse.Namespace):
-    from rlm_train.rollouts.filter import FilterConfig
-
+def config_from_args(args: argparse.Namespace) -> FilterConfig:
     flags = {"trajectories": args.trajectories or None, "tasks": args.tasks or None, "out": args.out}
     return load_config(FilterConfig, args.recipe, args.overrides, flags=flags)
+
+
+def plan(config: FilterConfig) -> Plan:
+    # run_filter's own first checks, here too, so a dry run fails where a real run would.
+    if not config.trajectories:
+        raise UserError("no trajectories: pass --trajectories DIR (the --out of `rlm-train generate`)")
+    if not config.out:
+        raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
+    outputs = [Output("out", config.out, "dir", "out"),
+               *(Output(name, str(Path(config.out) / name), kind, "out")
+                 for name, kind in (RL_OUTPUTS if config.rl_only else SFT_OUTPUTS + RL_OUTPUTS))]
+    inputs = {"trajectories": config.trajectories, "tasks": config.tasks, "sft_data": config.sft_data}
+    notes = [] if config.tasks else info("tasks: the task files named in the runs' manifests")
+    return Plan(inputs={k: v for k, v in inputs.items() if v}, outputs=outputs,
+                notes=notes + missing_inputs(inputs))
+
+
+def selection_notes(config: FilterConfig) -> list[Note]:
+    """What a real run would keep (it reads every trajectory): a run that keeps nothing is
+    refused here too. Only the command's own dry run looks; a pipeline's plan does not."""
+    from rlm_train.rollouts.filter import select
+
+    chosen = select(config)
+    if config.rl_only and not chosen["rl_rows"]:
+        raise UserError(chosen["warning"])  # as run_filter would
+    dropped = ", ".join(f"{k} {n}" for k, n in chosen["dropped_episodes"].most_common()) or "none"
+    dropped_rl = ", ".join(f"{k} {n}" for k, n in chosen["dropped_rl"].most_common()) or "none"
+    notes = info(f"would keep {len(chosen['rl_rows'])} RL prompts (tasks dropped: {dropped_rl})" if config.rl_only
+                 else f"would keep {chosen['kept']} of {len(chosen['records'])} episodes (dropped: {dropped}): "
+                      f"{len(chosen['samples'])} SFT samples, {len(chosen['rl_rows'])} RL prompts")
+    if config.rl_only and chosen["from_train_split"]:
+        notes.append(Note(NoteKind.WARNING, f"warning: {chosen['from_train_split']} RL tasks come from the train corpus "
+                                            "split, which SFT's tasks draw from; make RL tasks with `rl:` counts in the "
+                                            "suite recipe"))
+    if chosen["warning"]:
+        notes.append(Note(NoteKind.WARNING, f"warning: {chosen['warning']}"))
+    return notes
 
 
 def main(args: argparse.Namespace) -> int:
     from rlm_train.rollouts.filter import run_filter
 
     config = config_from_args(args)
-    # run_filter's own first checks, here too, so a dry run fails where a real run would.
-    if not config.trajectories:
-        raise UserError("no trajectories: pass --trajectories DIR (the --out of `rlm-train generate`)")
-    if not config.out:
-        raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
-    flag = "--out" if args.out else "out"
-    outputs = [Output("out", config.out, "dir", flag),
-               *(Output(name, str(Path(config.out) / name), kind, flag)
-                 for name, kind in (RL_OUTPUTS if config.rl_only else SFT_OUTPUTS + RL_OUTPUTS))]
-    inputs = {"trajectories": config.trajectories, "tasks": config.tasks, "sft_data": config.sft_data}
-    notes = [] if config.tasks else ["tasks: the task files named in the runs' manifests"]
-    missing = missing_inputs(inputs)
-    notes += missing
-    if args.dry_run and not missing:
-        # What a real run would keep: a run that keeps nothing is warned about here too.
-        from rlm_train.rollouts.filter import select
-
-        for out in outputs:  # a bad output path first, as prepare() would
+    planned = plan(config).relabel({"out": "--out"} if args.out else {})
+    if args.dry_run and not any(note.kind == NoteKind.MISSING_INPUT for note in planned.notes):
+        for out in planned.outputs:  # a bad output path first, as prepare() would
             check_output(out.path, out.kind, out.flag)
-
-        chosen = select(config)
-        if config.rl_only and not chosen["rl_rows"]:
-            raise UserError(chosen["warning"])  # as run_filter would
-        dropped = ", ".join(f"{k} {n}" for k, n in chosen["dropped_episodes"].most_common()) or "none"
-        dropped_rl = ", ".join(f"{k} {n}" for k, n in chosen["dropped_rl"].most_common()) or "none"
-        notes.append(f"would keep {len(chosen['rl_rows'])} RL prompts (tasks dropped: {dropped_rl})" if config.rl_only
-                     else f"would keep {chosen['kept']} of {len(chosen['records'])} episodes (dropped: {dropped}): "
-                          f"{len(chosen['samples'])} SFT samples, {len(chosen['rl_rows'])} RL prompts")
-        if config.rl_only and chosen["from_train_split"]:
-            notes.append(f"warning: {chosen['from_train_split']} RL tasks come from the train corpus split, which "
-                         "SFT's tasks draw from; make RL tasks with `rl:` counts in the suite recipe")
-        if chosen["warning"]:
-            notes.append(f"warning: {chosen['warning']}")
-    if prepare("filter", args, config, inputs=inputs, outputs=outputs, notes=notes):
+        planned.notes += selection_notes(config)
+    if prepare("filter", args, config, planned):
         return 0
     report = run_filter(config)
     print(format_report(report))
@@ -125,3 +134,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"note: {rl['from_train_split']} RL tasks come from the train corpus split, whose documents and "
                      "keys SFT's tasks show too; make RL tasks with `rl:` counts in the suite recipe (rl.jsonl)")
     return "\n".join(lines)
+
+
+STAGE = Stage(name="filter", config=FilterConfig, add_arguments=add_arguments, config_from_args=config_from_args,
+              plan=plan, main=main, slurm_template="stage.sbatch")

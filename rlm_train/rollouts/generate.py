@@ -23,17 +23,18 @@ from typing import Any, Callable, Iterator, Mapping
 from pydantic import Field
 
 from rlm_train import eventloop
-from rlm_train.config import StrictModel
+from rlm_train.config import StrictModel, bounded
 from rlm_train.errors import UserError
 from rlm_train.formats import append_jsonl, load_task_context, write_text_atomic
 from rlm_train.models.base import Policy
 from rlm_train.policies.spec import ClientOptions
 from rlm_train.policies.spec import build_policies as build_policies_from_specs
 from rlm_train.records import ErrorKind, Outcome, TaskRecord, TrajectoryRecord
-from rlm_train.rlm.loop import REFUSED, RLMConfig
+from rlm_train.rlm.loop import RLMConfig
 from rlm_train.rollouts import store
 from rlm_train.rollouts.progress import Progress, StopOnSignals, Stopped, streamed_tokens
 from rlm_train.rollouts.shards import shard_pairs
+from rlm_train.rollouts.tracking import ReportTo, Tracker, check_tracking, generate_scalars, open_tracker
 from rlm_train.rollouts.tasks_file import load_tasks
 
 
@@ -53,9 +54,14 @@ class GenerateConfig(StrictModel):
     """OpenAI-compatible servers for openai: policies; requests spread over all of them."""
     sub_base_urls: list[str] = Field(default_factory=list)
     """Servers for the sub-policy (default: base_urls)."""
-    samples: int = Field(1, ge=1)
+    samples: int = bounded(1, ge=1, le=10_000,
+                           why="every (task, sample) pair of a run is listed in memory before it starts; pass@k"
+                               " curves and GRPO groups need far fewer")
     """Episodes per task (sample index 0..samples-1)."""
-    concurrency: int = Field(32, ge=1)
+    concurrency: int = bounded(32, ge=1, le=200,
+                               why="each episode in flight holds a REPL sandbox and one process holds at most "
+                                   "256, the fork-server's spares among them; for more, split the run into "
+                                   "shards (--shard I/N), one process each")
     """Episodes in flight at once."""
     skip_bad_lines: bool = False
     """Skip task lines that are not valid tasks (each reported with its line number) instead of stopping."""
@@ -69,7 +75,17 @@ class GenerateConfig(StrictModel):
     """Stop when this many episodes in a row got no answer from the server; they are not recorded,
     so a re-run retries them. Episodes that fail between successes are recorded with their error."""
     progress: bool = True
-    """Show a progress bar (rate, ETA, running mean score) on stderr."""
+    """Show progress (rate, ETA, running mean score) on stderr: a bar on a terminal, plain lines elsewhere."""
+    progress_every_s: float = Field(30.0, gt=0, le=86_400)
+    """Seconds between plain progress lines where stderr is not a terminal (Slurm logs, pipes), and
+    between the scalars sent to report_to during the run."""
+    report_to: ReportTo = []
+    """Metric sinks: tensorboard (event files under OUT/tensorboard), wandb; none by default.
+    Scalars every progress_every_s and at the end. A sink named here must be installed (--dry-run checks)."""
+    run_name: str | None = None
+    """Run name in TensorBoard / W&B (default: the output directory's name)."""
+    wandb_project: str | None = None
+    """W&B project; setting it turns W&B on (WANDB_API_KEY, `wandb login` or WANDB_MODE=offline as usual)."""
     rlm: RLMConfig = Field(default_factory=RLMConfig)
     """How each episode runs (turns, depth, budgets, sandbox limits)."""
 
@@ -144,6 +160,10 @@ class _Contexts:
             self.loaded.pop(task["id"], None)
 
 
+# Episodes the server failed (it did not answer, or refused the request): held back, not recorded.
+SERVER_SIDE = (ErrorKind.MODEL, ErrorKind.REFUSED)
+
+
 class _Writer:
     """Appends records to this process's shard; holds back a streak of episodes that got
     no answer from the server, so that a dead server stops the run without marking those
@@ -158,7 +178,7 @@ class _Writer:
         self.answered = 0  # episodes in this process run that were not model-call failures
 
     def add(self, record: TrajectoryRecord) -> None:
-        if record["outcome"] == Outcome.ERROR and record.get("error_kind") == ErrorKind.MODEL:
+        if record["outcome"] == Outcome.ERROR and record.get("error_kind") in SERVER_SIDE:
             self.streak.append(record)
             if len(self.streak) >= self.max_streak:
                 raise ServerDown(self._down_message())
@@ -184,8 +204,9 @@ class _Writer:
         self.written += 1
 
     def _down_message(self) -> str:
-        error = (self.streak[-1]["error"] or "").splitlines()[0]
-        if error.startswith(REFUSED):  # the server answered, with a refusal: the config, not the server
+        last = self.streak[-1]
+        error = (last["error"] or "").splitlines()[0]
+        if last.get("error_kind") == ErrorKind.REFUSED:  # the server answered, with a refusal: the config, not the server
             return (
                 f"the server refused {len(self.streak)} episodes in a row, stopping ({error}). They were not "
                 "recorded. Make the requests fit the server (a larger --max-model-len on the server, or smaller "
@@ -198,7 +219,8 @@ class _Writer:
 
 
 async def _run_jobs(jobs: list[tuple[TaskRecord, int]], config: GenerateConfig, policy: Policy, sub_policy: Policy | None,
-                    task_file: Path, scorer: Scorer | None, writer: _Writer, progress: Progress) -> None:
+                    task_file: Path, scorer: Scorer | None, writer: _Writer, progress: Progress,
+                    tracker: Tracker | None = None) -> None:
     from rlm_train.rlm import run_episode
 
     samples_left = Counter(task["id"] for task, _ in jobs)
@@ -223,9 +245,13 @@ async def _run_jobs(jobs: list[tuple[TaskRecord, int]], config: GenerateConfig, 
             await episode(task, k)
 
     async def ticker() -> None:  # signs of life while no episode finishes
+        reported = time.monotonic()
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, config.progress_every_s))
             progress.tick()
+            if tracker is not None and time.monotonic() - reported >= config.progress_every_s:
+                reported = time.monotonic()
+                tracker.log(_live_scalars(writer, progress), step=writer.summary.records)
 
     tick = asyncio.create_task(ticker())
     try:
@@ -244,6 +270,7 @@ def check_config(config: GenerateConfig) -> None:
         raise UserError("no output directory: pass --out DIR or set `out` in the recipe")
     if config.shard_index >= config.num_shards:
         raise UserError(f"shard_index {config.shard_index} must be below num_shards {config.num_shards}")
+    check_tracking(config)
 
 
 def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[str, Any]:
@@ -276,7 +303,8 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
         started = time.monotonic()
         writer = _Writer(store.new_shard_path(out, slot), config.max_consecutive_failures, summary)
         progress = Progress(len(jobs), resumed=len(mine) - len(jobs), enabled=config.progress,
-                            live_tokens=streamed_tokens(policy, sub_policy))
+                            live_tokens=streamed_tokens(policy, sub_policy), every_s=config.progress_every_s)
+        tracker = open_tracker(config, out, config.model_dump(mode="json"))
         stop = StopOnSignals()
 
         async def go():
@@ -284,7 +312,7 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
             assert main is not None
             stop.install(main)
             try:
-                await _run_jobs(jobs, config, policy, sub_policy, task_file, scorer, writer, progress)
+                await _run_jobs(jobs, config, policy, sub_policy, task_file, scorer, writer, progress, tracker)
             except asyncio.CancelledError:
                 if stop.signum is None:
                     raise
@@ -296,11 +324,16 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
                     await sub_policy.aclose()
 
         try:
-            eventloop.run(go())
-            if stop.signum is None:
-                writer.finish()
-        except* UserError as group:  # e.g. ServerDown, raised inside an episode task
-            raise group.exceptions[0] from None
+            try:
+                eventloop.run(go())
+                if stop.signum is None:
+                    writer.finish()
+            except* UserError as group:  # e.g. ServerDown, raised inside an episode task
+                raise group.exceptions[0] from None
+        except BaseException:
+            if tracker is not None:
+                tracker.close()  # what it logged so far stays
+            raise
         finally:
             progress.close()
         wall = time.monotonic() - started
@@ -308,6 +341,7 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
         "episodes": writer.written,
         "wall_s": round(wall, 3),
         "episodes_per_s": round(writer.written / wall, 3) if wall > 0 else None,
+        "tokens_per_s": round(progress.tokens() / wall, 1) if wall > 0 else None,
         "errors": progress.errors,
         "retries": _retries(policy, sub_policy),
         "bad_task_lines": problems,
@@ -321,10 +355,21 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
     result = summary.as_dict(this_run)
     result["run_dir"] = str(out)
     write_text_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
+    if tracker is not None:
+        tracker.log(generate_scalars(result), step=result["records"])
+        tracker.close()
     if stop.signum is not None:
         raise Stopped(stop.signum, f"stopped: {writer.written} episodes saved this run, {summary.records} in {out} "
                                    f"in all; re-run the same command to resume")
     return result
+
+
+def _live_scalars(writer: _Writer, progress: Progress) -> dict[str, float | int | None]:
+    """The run's scalars so far, for report_to sinks between episodes."""
+    elapsed = max(time.monotonic() - progress.started, 1e-9)
+    this_run = {"episodes_per_s": round(progress.done / elapsed, 3),
+                "tokens_per_s": round(progress.tokens() / elapsed, 1)}
+    return generate_scalars(writer.summary.as_dict(this_run))
 
 
 def _retries(policy, sub_policy) -> int | None:

@@ -3,6 +3,9 @@
 `Progress` is the bar: episodes done with rate and ETA, plus the signs of life that come
 before an episode finishes (root turns done, tokens arriving and their rate), so a run
 whose episodes each take minutes does not sit at 0/N with no sign that anything happens.
+On a terminal it is a tqdm bar; where stderr is not one (a Slurm log, a pipe, a file) it is
+one plain line every `every_s` seconds instead, since a bar's carriage-return redraws pile
+up there as one endless line.
 
 `StopOnSignals`: the first SIGINT or SIGTERM cancels the run's main task. Episodes in
 flight are dropped (not recorded, so a re-run of the same command runs them again), their
@@ -20,7 +23,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, TextIO
 
 from rlm_train.records import Outcome, TrajectoryRecord, TurnRecord
 
@@ -93,15 +96,23 @@ class StopOnSignals:
 
 
 class Progress:
-    """tqdm bar with rate and ETA, the running mean score, root turns and tokens."""
+    """Episodes done, rate, ETA, the running mean score, root turns and tokens: a tqdm bar on a
+    terminal, a plain line every `every_s` seconds elsewhere (`plain`)."""
 
     def __init__(self, total: int, resumed: int, enabled: bool, desc: str = "generate",
-                 live_tokens: Callable[[], int] | None = None):
+                 live_tokens: Callable[[], int] | None = None, every_s: float = 30.0,
+                 stream: TextIO | None = None):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="ep", file=sys.stderr, disable=not enabled,
+        self.stream = stream or sys.stderr
+        self.plain = enabled and not _is_terminal(self.stream)
+        self.bar = tqdm(total=total, desc=desc, unit="ep", file=self.stream, disable=not enabled or self.plain,
                         mininterval=0.5, smoothing=0.05, dynamic_ncols=True)
         self.enabled = enabled
+        self.desc = desc
+        self.total = total
+        self.done = 0
+        self.every_s = every_s
         self.scores: list[float] = []
         self.errors = 0
         self.turns = 0
@@ -109,8 +120,12 @@ class Progress:
         self.live_tokens = live_tokens  # tokens streamed so far by the run's policies (sub-calls too)
         self.started = time.monotonic()
         self.shown = 0.0
-        if resumed:
-            self.bar.write(f"resuming: {resumed} episodes already recorded, {total} to go", file=sys.stderr)
+        self.line_at = self.started  # when the last plain line was written
+        self.line_done = 0  # and the count it showed
+        if resumed:  # said even with progress off: a resume should never be silent
+            self._write(f"resuming: {resumed} episodes already recorded, {total} to go")
+        if self.plain:
+            self._write(self.line())
 
     def turn(self, turn: TurnRecord) -> None:
         self.turns += 1
@@ -123,12 +138,24 @@ class Progress:
             self.scores.append(score)
         if record["outcome"] == Outcome.ERROR:
             self.errors += 1
+        self.done += 1
+        if self.plain:
+            self.tick()
+            return
         self._postfix()
         self.bar.update(1)
 
     def tick(self) -> None:
-        """Redraw at most twice a second, even when no episode finished."""
-        if self.enabled and time.monotonic() - self.shown >= 0.5:
+        """Redraw the bar at most twice a second, even when no episode finished; without a
+        terminal, write a line every `every_s` seconds."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.plain:
+            if now - self.line_at >= self.every_s:
+                self.line_at, self.line_done = now, self.done
+                self._write(self.line())
+        elif now - self.shown >= 0.5:
             self._postfix()
             self.bar.refresh()
 
@@ -136,16 +163,54 @@ class Progress:
         live = self.live_tokens() if self.live_tokens is not None else 0
         return max(live, self.turn_tokens)
 
-    def _postfix(self) -> None:
+    def stats(self) -> str:
+        """score=... errors=... turns=... tokens=... (rate/s): what follows the count on both displays."""
         self.shown = time.monotonic()
         mean = f"{statistics.fmean(self.scores):.3f}" if self.scores else "-"
         tokens = self.tokens()
         rate = tokens / max(self.shown - self.started, 1e-9)
-        self.bar.set_postfix_str(f"score={mean} errors={self.errors} turns={self.turns} "
-                                 f"tokens={tokens:,} ({rate:,.0f}/s)", refresh=False)
+        return f"score={mean} errors={self.errors} turns={self.turns} tokens={tokens:,} ({rate:,.0f}/s)"
+
+    def line(self) -> str:
+        """`generate: 12/100 episodes (12%), 2m05s, 0.10 ep/s, ETA 14m40s; score=...`: one plain line."""
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = self.total - self.done
+        eta = format_duration(left / rate) if rate > 0 else ("0s" if left == 0 else "?")
+        percent = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        return (f"{self.desc}: {self.done}/{self.total} episodes{percent}, {format_duration(elapsed)}, "
+                f"{rate:.2f} ep/s, ETA {eta}; {self.stats()}")
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(self.stats(), refresh=False)
+
+    def _write(self, text: str) -> None:
+        if self.plain:
+            print(text, file=self.stream, flush=True)
+        else:
+            self.bar.write(text, file=self.stream)
 
     def close(self) -> None:
+        if self.plain and self.done != self.line_done:
+            self._write(self.line())  # the last count, whatever the interval
         self.bar.close()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> "1h02m05s", 125 -> "2m05s", 7.2 -> "7s"."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def streamed_tokens(*policies: object) -> Callable[[], int]:

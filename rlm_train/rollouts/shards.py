@@ -29,6 +29,10 @@ from rlm_train.rollouts import store
 
 T = TypeVar("T")
 
+# Every (task, sample) pair of a run is enumerated before it starts: far above a real run
+# (10,000 tasks sampled 1,000 times), it refuses a typo before the list fills memory.
+MAX_PAIRS = 10_000_000
+
 
 def shard_of(task_index: int, sample: int, num_tasks: int, samples: int, num_shards: int) -> int:
     """The shard (0..num_shards-1) that runs sample `sample` of task `task_index`."""
@@ -44,6 +48,10 @@ def shard_pairs(tasks: Sequence[T], samples: int, shard_index: int, num_shards: 
     if not 0 <= shard_index < num_shards:
         raise UserError(f"shard {shard_index}/{num_shards}: the index must be in 0..{num_shards - 1}")
     n = len(tasks)
+    if n * samples > MAX_PAIRS:
+        raise UserError(f"{n:,} tasks x samples={samples:,} = {n * samples:,} (task, sample) pairs, above the bound of "
+                        f"{MAX_PAIRS:,} a run (each is listed in memory before it starts); lower samples, or split "
+                        "the task file into several runs")
     return [(task, k) for i, task in enumerate(tasks) for k in range(samples)
             if shard_of(i, k, n, samples, num_shards) == shard_index]
 

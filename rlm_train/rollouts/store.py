@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, cast
 
 from rlm_train.errors import UserError
-from rlm_train.formats import SKIP, TORN_LINE, iter_jsonl, write_text_atomic
+from rlm_train.formats import SKIP, LineProblem, LineProblemKind, iter_jsonl, write_text_atomic
 from rlm_train.records import TRAJECTORY_SCHEMA, TrajectoryRecord
 
 MANIFEST_SCHEMA = "rlm-train/generate-run/v1"
@@ -63,14 +63,14 @@ def _is_trajectory(record: dict[str, Any]) -> str | None:
 def iter_shard(path: Path, stats: ReadStats) -> Iterator[TrajectoryRecord]:
     """Records of one shard. A bad line is reported on the console with its number and
     skipped, never fatal; a torn last line (a crash mid-write) is counted apart."""
-    problems: list[str] = []
+    problems: list[LineProblem] = []
     for _, record in iter_jsonl(path, bad_lines=SKIP, check=_is_trajectory, problems=problems):
         yield cast(TrajectoryRecord, record)  # its schema was checked
     for problem in problems:
-        if problem.endswith(TORN_LINE):
+        if problem.kind == LineProblemKind.TORN:
             stats.torn_lines += 1
         else:
-            stats.bad_lines.append(problem.partition(": ")[0])
+            stats.bad_lines.append(problem.where)
 
 
 def read_records(source: str | Path, stats: ReadStats | None = None) -> list[TrajectoryRecord]:
@@ -181,7 +181,7 @@ class RunLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "RunLock":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for any new file
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from rlm_train.errors import UserError
-from rlm_train.formats import FAIL, SKIP, iter_jsonl
+from rlm_train.formats import FAIL, SKIP, LineProblem, iter_jsonl
 from rlm_train.records import TaskRecord, check_task
 
 
@@ -20,7 +20,7 @@ def load_tasks(path: str | Path, skip_bad_lines: bool = False, warn: bool = True
     if not path.is_file():
         raise UserError(f"{path}: task file not found; pass an existing JSONL file to --tasks (see `rlm-train tasks`)")
     seen: set[str] = set()
-    problems: list[str] = []
+    problems: list[LineProblem] = []
 
     def check(obj: dict[str, Any]) -> str | None:
         why = check_task(obj, path, seen)
@@ -33,4 +33,4 @@ def load_tasks(path: str | Path, skip_bad_lines: bool = False, warn: bool = True
                                             fix="fix the line, or pass --skip-bad-lines to skip bad lines")]
     if not tasks:
         raise UserError(f"{path}: no runnable tasks" + (f" ({len(problems)} bad lines skipped)" if problems else ""))
-    return tasks, problems
+    return tasks, [str(problem) for problem in problems]

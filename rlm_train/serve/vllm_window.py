@@ -1,7 +1,9 @@
 """vLLM's window (--max-model-len): the flag as given, the longest window a model holds (its
 positions, stretched by rope scaling), and the window a server gets for the longest request its
-clients can send (`fit_window`). The launcher, the pipeline's chain check and GRPO's server line
-all size windows here."""
+clients can send (`fit_window`): the smaller of that and the model's positions. When the clients'
+RLM config is known (serve's own gateway), a smaller window lowers it so that every request fits
+(`fit_rlm_to_window`: the sub-call prompt, then the root turns), saying so in one line. The
+launcher, the pipeline's chain check and GRPO's server line all size windows here."""
 
 from __future__ import annotations
 
@@ -9,9 +11,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlm_train.errors import UserError
+from rlm_train.stage import Note, info, warning
+
+if TYPE_CHECKING:
+    from rlm_train.rlm import RLMConfig
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -91,34 +97,64 @@ class WindowNeed:
     tokens: int
     who: str
     budgets: str
+    rlm: RLMConfig | None = None
+    """The clients' RLM config, when this launch runs them (serve's gateway): lowered to fit a
+    smaller window instead of sending requests the server refuses."""
 
 
 def fit_window(args: list[str], model_dir: Path | None, env: dict[str, str], need: WindowNeed | None,
-               notes: list[str]) -> list[str]:
-    """vLLM's flags with the window checked and, given `need`, sized: a --max-model-len longer than
-    the model's positions is refused (vLLM would not start); with none given, one fitting `need` is
-    added (at most the model's positions, with a warning when that is less); a smaller one given is
-    kept, with a warning, since longer turns and sub-calls are refused mid-episode."""
+               notes: list[Note]) -> tuple[list[str], RLMConfig | None]:
+    """vLLM's flags with the window checked and, given `need`, sized; and `need.rlm` lowered to
+    that window (None: unchanged). A --max-model-len longer than the model's positions is refused
+    (vLLM would not start); with none given, the smaller of `need` and the positions is added; a
+    window below `need` lowers `need.rlm` with one line saying what that caps, or (no config to
+    lower) warns that longer turns and sub-calls are refused mid-episode."""
     given = max_model_len_arg(args, "--vllm-args")
     positions = None if model_dir is None or long_windows_allowed(env) else model_positions(model_dir, args)
     if given is not None and positions is not None and given > positions:
         raise UserError(f"--vllm-args: --max-model-len {given} is longer than the {positions} positions of {model_dir} "
                         f"(its config.json), which vLLM refuses; lower it, or enable rope scaling (--hf-overrides)")
     if need is None:
-        return list(args)
+        return list(args), None
+    window = given if given is not None else need.tokens if positions is None else min(need.tokens, positions)
+    sized = list(args) if given is not None else [*args, "--max-model-len", str(window)]
+    if window >= need.tokens:
+        if given is None:
+            notes += info(f"vLLM --max-model-len {window}: sized for {need.who} (its longest root turn and sub-call; "
+                          "rlm_train/rlm/window.py)")
+        return sized, None
+    why = f"the model's {positions} positions" if given is None else "as given in --vllm-args"
+    if need.rlm is not None:
+        fitted, caps = fit_rlm_to_window(need.rlm, window, need.budgets)
+        notes.append(warning(f"vLLM --max-model-len {window} ({why}; {need.who} asks {need.tokens}): {caps}"))
+        return sized, fitted
     remedy = f"lower {need.budgets}.sub_model_chars / root_max_tokens / max_iterations"
-    if given is None:
-        window = need.tokens if positions is None else min(need.tokens, positions)
-        if window < need.tokens:
-            notes.append(f"warning: vLLM --max-model-len {window}: the model holds {positions} positions, fewer than the "
-                         f"{need.tokens} tokens {need.who} can send in one request; longer turns and sub-calls are "
-                         f"refused mid-episode ({remedy})")
-        else:
-            notes.append(f"vLLM --max-model-len {window}: sized for {need.who} (its longest root turn and sub-call; "
-                         "rlm_train/rlm/window.py)")
-        return [*args, "--max-model-len", str(window)]
-    if given < need.tokens:
-        notes.append(f"warning: vLLM --max-model-len {given} is below the {need.tokens} tokens {need.who} can send in "
-                     f"one request; longer turns and sub-calls are refused mid-episode (drop the flag to size it, or "
-                     f"{remedy})")
-    return list(args)
+    notes.append(warning(f"vLLM --max-model-len {window} ({why}) is below the {need.tokens} tokens {need.who} can "
+                 f"send in one request; longer turns and sub-calls are refused mid-episode ({remedy})"))
+    return sized, None
+
+
+def fit_rlm_to_window(rlm: RLMConfig, window: int, budgets: str) -> tuple[RLMConfig, str]:
+    """`rlm` with its sub-call prompt (sub_model_chars) lowered so a sub-call fits `window` tokens
+    (the loop then refuses a longer prompt before sending it, and says so to the REPL), and one
+    line saying what the window caps: that, and how many root turns fit at their longest (the
+    turns are not lowered: most are far shorter than root_max_tokens + feedback_chars)."""
+    from rlm_train.rlm.window import CHARS_PER_TOKEN, MESSAGE_TOKENS, root_tokens, sub_call_tokens
+
+    caps = []
+    fitted = rlm
+    if sub_call_tokens(fitted) > window:
+        chars = max(1000, int((window - MESSAGE_TOKENS - fitted.sub_max_tokens) * CHARS_PER_TOKEN))
+        fitted = fitted.model_copy(update={"sub_model_chars": chars})
+        caps.append(f"a sub-call's prompt at {chars:,} characters ({budgets}.sub_model_chars "
+                    f"{rlm.sub_model_chars:,} -> {chars:,})")
+    if sub_call_tokens(fitted) > window:
+        caps.append(f"a sub-call still needs {sub_call_tokens(fitted)} tokens: lower {budgets}.sub_max_tokens")
+    if root_tokens(fitted) > window:
+        turns = fitted.max_iterations
+        while turns > 0 and root_tokens(fitted.model_copy(update={"max_iterations": turns})) > window:
+            turns -= 1
+        caps.append(f"a root conversation at {turns} of its {fitted.max_iterations} turns at their longest "
+                    f"(root_max_tokens + feedback_chars each; a longer one ends its episode as a model error: lower "
+                    f"{budgets}.max_iterations / root_max_tokens / feedback_chars to avoid it)")
+    return fitted, "caps " + "; and ".join(caps)

@@ -15,24 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from rlm_train.errors import UserError
-from rlm_train.stage import Output, add_stage_arguments, check_output, prepare
+from rlm_train.stage import Output, Plan, Stage, add_stage_arguments, check_output, info, prepare
+from rlm_train.tasks.suite import TaskSuiteConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="{make,show,score}", required=True)
 
-    make = sub.add_parser("make", help="generate a task file, or a whole suite from a recipe")
-    make.add_argument("--family", help="niah | oolong | pairs | multihop | codeqa")
-    make.add_argument("--n", type=int, help="number of tasks")
-    make.add_argument("--context-tokens", type=int, help="context length in tokens (8000 .. 1000000+)")
-    make.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    make.add_argument("--split", default="train", choices=["train", "rl", "heldout"],
-                      help="corpus items and keys to draw from (default train; rl: GRPO's tasks, disjoint from SFT's)")
-    make.add_argument("--out", help="output JSONL file")
-    make.add_argument("--tokenizer", help="Hugging Face tokenizer directory to count tokens with (default: 4 chars/token)")
-    make.add_argument("--inline-max-tokens", type=int, default=None,
-                      help="contexts this big or bigger go to files beside --out (default 256000)")
-    add_stage_arguments(make, recipe_required=False, config_name="TaskSuiteConfig")
+    add_make_arguments(sub.add_parser("make", help="generate a task file, or a whole suite from a recipe"))
 
     show = sub.add_parser("show", help="summarize a task file")
     show.add_argument("file")
@@ -43,6 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     score.add_argument("--tasks", required=True, help="task JSONL")
     score.add_argument("--predictions", required=True, help='JSONL lines {"id": ..., "answer": ...}')
     score.add_argument("--out", help="write per-task scores (JSONL) here")
+
+
+def add_make_arguments(make: argparse.ArgumentParser) -> None:
+    """`tasks make`: one family from flags, or a whole suite (TaskSuiteConfig) from a recipe."""
+    make.add_argument("--family", help="niah | oolong | pairs | multihop | codeqa")
+    make.add_argument("--n", type=int, help="number of tasks")
+    make.add_argument("--context-tokens", type=int, help="context length in tokens (8000 .. 1000000+)")
+    make.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    make.add_argument("--split", default="train", choices=["train", "rl", "heldout"],
+                      help="corpus items and keys to draw from (default train; rl: GRPO's tasks, disjoint from SFT's)")
+    make.add_argument("--out", help="output JSONL file")
+    make.add_argument("--tokenizer", help="Hugging Face tokenizer directory to count tokens with (default: 4 chars/token)")
+    make.add_argument("--inline-max-tokens", type=int, default=None,
+                      help="contexts this big or bigger go to files beside --out (default 256000)")
+    add_stage_arguments(make, recipe_required=False, config_name="TaskSuiteConfig", example="seed=1")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -67,23 +72,23 @@ def _make(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"tasks make needs {', '.join(missing)} (or --recipe FILE for a suite)")
     from rlm_train.tasks import corpora
-    from rlm_train.tasks.generate import INLINE_MAX_TOKENS, check_length, make_tasks, write_tasks
+    from rlm_train.tasks.generate import INLINE_MAX_TOKENS, check_count, check_length, make_tasks, write_tasks
     from rlm_train.tasks.registry import get_family
 
     # make_tasks' own checks, first, so a dry run fails where a real run would.
     get_family(args.family)
     check_length(args.family, args.context_tokens)
     corpora.check_split(args.split)
-    if args.n < 1:
-        raise UserError(f"n must be a positive integer, got {args.n!r}")
+    check_count(args.n, args.context_tokens)
     inline_max = args.inline_max_tokens or INLINE_MAX_TOKENS
     config = {"family": args.family, "n": args.n, "context_tokens": args.context_tokens, "seed": args.seed,
               "split": args.split, "out": args.out, "tokenizer": args.tokenizer, "inline_max_tokens": inline_max}
-    notes = [f"{args.n} {args.family} tasks ({args.split}), ~{args.context_tokens:,} tokens each"]
+    notes = info(f"{args.n} {args.family} tasks ({args.split}), ~{args.context_tokens:,} tokens each")
     outputs = [Output("tasks", args.out, "file", "--out")]
     if args.context_tokens >= inline_max:  # write_tasks puts contexts this big in files beside the task file
         outputs.append(Output("contexts", _contexts_dir(args.out), "dir", "--out"))
-    if prepare("tasks make", args, config, inputs={"tokenizer": args.tokenizer}, outputs=outputs, notes=notes):
+    planned = Plan(inputs={"tokenizer": args.tokenizer} if args.tokenizer else {}, outputs=outputs, notes=notes)
+    if prepare("tasks make", args, config, planned):
         return 0
     tasks = make_tasks(args.family, args.n, args.context_tokens, args.seed,
                        tokenizer=_load_tokenizer(args.tokenizer), split=args.split)
@@ -97,24 +102,37 @@ def _contexts_dir(task_file: str) -> str:
     return str(path.parent / f"{path.stem}.contexts")
 
 
-def _make_suite(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> TaskSuiteConfig:
     from rlm_train.config import load_config
-    from rlm_train.tasks.suite import TaskSuiteConfig, build_suite, plan, suite_splits
 
     if args.family or args.n or args.context_tokens or args.out:
         raise UserError("--recipe builds a whole suite; set families/context_tokens/out_dir in the recipe, not flags")
-    config = load_config(TaskSuiteConfig, args.recipe, args.overrides)
-    batches = plan(config)
+    return load_config(TaskSuiteConfig, args.recipe, args.overrides)
+
+
+def plan(config: TaskSuiteConfig) -> Plan:
+    from rlm_train.tasks.suite import plan as batches_of
+    from rlm_train.tasks.suite import suite_splits
+
+    batches = batches_of(config)
     total = sum(n for *_, n in batches)
     out = Path(config.out_dir)
-    notes = [f"{total} tasks in {len(batches)} batches"]
-    notes += [f"{split:8s} {family:9s} {tokens:>9,} tokens x {n}" for split, family, tokens, n in batches]
+    notes = info(f"{total} tasks in {len(batches)} batches",
+                 *(f"{split:8s} {family:9s} {tokens:>9,} tokens x {n}" for split, family, tokens, n in batches))
     outputs = [Output("suite", config.out_dir, "dir", "out_dir"),
                *(Output(name, str(out / f"{name}.{ext}"), "file", "out_dir")
                  for name, ext in [*((split, "jsonl") for split in suite_splits(config)), ("manifest", "json")])]
-    if prepare("tasks make", args, config, inputs={"tokenizer": config.tokenizer}, outputs=outputs, notes=notes):
+    return Plan(inputs={"tokenizer": config.tokenizer} if config.tokenizer else {}, outputs=outputs, notes=notes)
+
+
+def _make_suite(args: argparse.Namespace) -> int:
+    from rlm_train.tasks.suite import build_suite
+
+    config = config_from_args(args)
+    planned = plan(config)
+    if prepare("tasks make", args, config, planned):
         return 0
-    print(f"suite {args.recipe}: {total} tasks in {len(batches)} batches -> {config.out_dir}")
+    print(f"suite {args.recipe}: {planned.notes[0].text} -> {config.out_dir}")
     manifest = build_suite(config, tokenizer=_load_tokenizer(config.tokenizer))
     written = ", ".join(f"{split}.jsonl" for split in manifest["files"])
     print(f"wrote {config.out_dir}/{written}, manifest.json: {json.dumps(manifest['counts'])}")
@@ -208,3 +226,7 @@ def _score(args: argparse.Namespace) -> int:
         write_jsonl_atomic(args.out, rows)
         print(f"per-task scores written to {args.out}")
     return 0
+
+
+STAGE = Stage(name="tasks make", config=TaskSuiteConfig, add_arguments=add_make_arguments,
+              config_from_args=config_from_args, plan=plan, main=_make, slurm_template="stage.sbatch")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import random
 from typing import Any, Callable
 
 CHARS_PER_TOKEN = 4  # the stated estimate when no tokenizer is given
@@ -49,21 +48,6 @@ def insert_at_sentence(text: str, position: int, sentence: str) -> str:
     if cut < 0:  # no sentence end after `position`: append, never glue to the last word
         return f"{text.rstrip()} {sentence}"
     return f"{text[:cut + 2]}{sentence} {text[cut + 2:]}"
-
-
-def fill_to(pieces: list[str], rng: random.Random, target_chars: int, sep: str) -> list[str]:
-    """Pick pieces at random (cycling through a shuffled order) until `target_chars`."""
-    order = list(range(len(pieces)))
-    rng.shuffle(order)
-    out: list[str] = []
-    total = 0
-    i = 0
-    while total < target_chars:
-        piece = pieces[order[i % len(order)]]
-        out.append(piece)
-        total += len(piece) + len(sep)
-        i += 1
-    return out
 
 
 def letters(n: int) -> list[str]:

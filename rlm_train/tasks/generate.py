@@ -16,6 +16,27 @@ from rlm_train.tasks.registry import get_family
 
 MAX_TOKENS = 16_000_000
 INLINE_MAX_TOKENS = 256_000  # contexts at least this big go to their own file
+# Every task of a file (or a suite) is built in memory before it is written, ~4 bytes a context
+# token: these bounds refuse a typo at once; real training and eval sets are far smaller.
+MAX_TASKS = 100_000
+MAX_MADE_TOKENS = 1_000_000_000
+
+
+def check_count(n: int, context_tokens: int) -> None:
+    """`n` tasks of `context_tokens` each: a positive count that fits in memory while it is made."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise UserError(f"n must be a positive integer, got {n!r}")
+    if n > MAX_TASKS:
+        raise UserError(f"n={n:,} is above the bound of {MAX_TASKS:,} tasks a file (every task is built in memory "
+                        "before the file is written); make several files with different seeds")
+    check_made_tokens(n * context_tokens, f"n={n:,} x context_tokens={context_tokens:,}")
+
+
+def check_made_tokens(total: int, what: str) -> None:
+    if total > MAX_MADE_TOKENS:
+        raise UserError(f"{what} = {total:,} context tokens, above the bound of {MAX_MADE_TOKENS:,} made at once "
+                        "(all held in memory, ~4 bytes a token, until written); lower the count or the length, "
+                        "or make several files with different seeds")
 
 
 def check_length(family: str, context_tokens: int) -> None:
@@ -91,8 +112,7 @@ def make_tasks(
     get_family(family)
     check_length(family, context_tokens)
     corpora.check_split(split)
-    if not isinstance(n, int) or n < 1:
-        raise UserError(f"n must be a positive integer, got {n!r}")
+    check_count(n, context_tokens)
     return [make_task(family, context_tokens, seed, i, split, tokenizer) for i in range(n)]
 
 

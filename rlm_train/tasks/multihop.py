@@ -82,10 +82,6 @@ def fact_sentence(template: str, s: str, s_kind: str, o: str, o_kind: str) -> st
     return template.format(S=_cap(sr), s=sr, O=_cap(orf), o=orf)
 
 
-def relation(rel_id: str) -> dict:
-    return next(r for r in RELATIONS if r["id"] == rel_id)
-
-
 _NAME = r"(?:[Tt]he )?(?P<o>[A-Z]\w*(?: [A-Z]\w*)*)"
 
 

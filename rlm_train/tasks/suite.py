@@ -16,21 +16,31 @@ from typing import Any, Iterable
 
 from pydantic import Field, field_validator
 
-from rlm_train.config import StrictModel
+from rlm_train.config import StrictModel, bounded
 from rlm_train.errors import UserError
 from rlm_train.formats import write_text_atomic
 from rlm_train.tasks import corpora
-from rlm_train.tasks.generate import INLINE_MAX_TOKENS, check_length, make_tasks, write_tasks
+from rlm_train.tasks.generate import (
+    INLINE_MAX_TOKENS,
+    MAX_TASKS,
+    check_length,
+    check_made_tokens,
+    make_tasks,
+    write_tasks,
+)
 from rlm_train.tasks.registry import family_names, get_family
 
 
 class SplitCounts(StrictModel):
-    train: int = Field(0, ge=0)
+    train: int = bounded(0, ge=0, le=MAX_TASKS,
+                         why="every task of a suite is built in memory before it is written; make several suites with different seeds")
     """Training tasks (SFT's) of this family per context length."""
-    rl: int = Field(0, ge=0)
+    rl: int = bounded(0, ge=0, le=MAX_TASKS,
+                      why="every task of a suite is built in memory before it is written; make several suites with different seeds")
     """GRPO's tasks of this family per context length (`rl.jsonl`): corpus items, keys and seeds
     of their own, so RL prompts never repeat what SFT trained on."""
-    heldout: int = Field(0, ge=0)
+    heldout: int = bounded(0, ge=0, le=MAX_TASKS,
+                           why="every task of a suite is built in memory before it is written; make several suites with different seeds")
     """Held-out (evaluation) tasks of this family per context length."""
 
 
@@ -79,6 +89,7 @@ def plan(config: TaskSuiteConfig) -> list[tuple[str, str, int, int]]:
                 check_length(family, tokens)
                 if n:
                     batches.append((split, family, tokens, n))
+    check_made_tokens(sum(tokens * n for *_, tokens, n in batches), "the suite's tasks x their context_tokens")
     return batches
 
 

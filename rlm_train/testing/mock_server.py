@@ -430,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--latency-ms", type=float, default=0.0, help="delay before every chat answer")
+    ap.add_argument("--token-latency-ms", type=float, default=0.0, help="delay between streamed tokens")
     ap.add_argument("--fail-first", type=int, default=0, help="answer 500 to the first N chat requests")
     ap.add_argument("--fail-p", type=float, default=0.0, help="fraction of later requests that fail")
     ap.add_argument("--fail-mode", default="500", choices=["500", "hang", "drop", "garbage", "mix"])
@@ -441,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         module_name, _, attr = args.responder.partition(":")
         responder = getattr(importlib.import_module(module_name), attr)
     plan = FailPlan(first_n=args.fail_first, p=args.fail_p, mode=args.fail_mode, seed=args.seed)
-    srv = MockOpenAIServer(responder=responder, latency_s=args.latency_ms / 1000, fail_plan=plan, port=args.port, host=args.host)
+    srv = MockOpenAIServer(responder=responder, latency_s=args.latency_ms / 1000,
+                           token_latency_s=args.token_latency_ms / 1000, fail_plan=plan, port=args.port, host=args.host)
     with srv:
         print(f"mock OpenAI server on {srv.base_url} (Ctrl-C to stop)", flush=True)
         try:
@@ -452,13 +454,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def mock_server_process(responder: str | None = None, latency_ms: float = 0.0, timeout_s: float = 30.0):
+def mock_server_process(responder: str | None = None, latency_ms: float = 0.0, timeout_s: float = 30.0,
+                        token_latency_ms: float = 0.0):
     """Run the mock server in its own process (yields its base URL).
 
     Benchmarks use this so the server's request handling does not share the
     measured process's CPU and GIL.
     """
-    cmd = [sys.executable, "-m", "rlm_train.testing.mock_server", "--port", "0", "--latency-ms", str(latency_ms)]
+    cmd = [sys.executable, "-m", "rlm_train.testing.mock_server", "--port", "0", "--latency-ms", str(latency_ms),
+           "--token-latency-ms", str(token_latency_ms)]
     if responder:
         cmd += ["--responder", responder]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 from pydantic import Field, model_validator
 
@@ -31,6 +31,10 @@ class LoraSettings(StrictModel):
 class OptimizerLoopSettings(StrictModel):
     """The fields every trainer has; SFT and GRPO subclass it with their own defaults and extras."""
 
+    # TRL/transformers TrainingArguments names that differ from ours (the same meaning).
+    config_aliases: ClassVar[dict[str, str]] = {"per_device_train_batch_size": "batch_size",
+                                                "lr_scheduler_type": "lr_scheduler"}
+
     batch_size: int = Field(1, ge=1)
     """Samples (SFT) or episodes (GRPO) per device per micro-batch."""
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -46,7 +50,7 @@ class OptimizerLoopSettings(StrictModel):
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward: saves memory on big models, costs ~30% speed."""
+    """Recompute activations in backward: saves memory on big models, costs training speed."""
     logging_steps: int = Field(1, ge=1)
     """Log metrics every N optimizer steps."""
     save_steps: int = Field(50, ge=1)
@@ -103,22 +107,31 @@ def _dist() -> Any:
 def leave_process_group() -> None:
     """Destroy the process group (if any) before the interpreter exits: a gloo group left for the
     interpreter's exit to tear down can abort a process that finished its run (`terminate called
-    without an active exception`), turning a good exit into SIGABRT."""
+    without an active exception`), turning a good exit into SIGABRT. Training runs call it through
+    `leaves_process_group`; nothing else should need to."""
     dist = _dist()
     if dist:
         dist.destroy_process_group()
+
+
+def leaves_process_group(run: Callable[..., T]) -> Callable[..., T]:
+    """A whole training run (run_sft, run_grpo) that leaves its process group however it ends:
+    the one place a training process shuts its group down."""
+
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return run(*args, **kwargs)
+        finally:
+            leave_process_group()
+
+    return wrapper
 
 
 def process_rank() -> int:
     """This process's global rank (0 when not launched with several processes)."""
     dist = _dist()
     return dist.get_rank() if dist else int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    """Training processes in the job (1 when not distributed)."""
-    dist = _dist()
-    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def local_world_size() -> int:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from pydantic import Field
 
-from rlm_train.config import StrictModel
+from rlm_train.config import StrictModel, bounded
 from rlm_train.errors import UserError
 from rlm_train.rlm.loop import RLMConfig
+from rlm_train.rollouts.tracking import TENSORBOARD_DIR, Tracked, wanted_sinks
 from rlm_train.train.common import broadcast_from_main, is_main_process
 
 RLM_METHOD = "trained"
@@ -36,7 +37,7 @@ class EvaluationSettings(StrictModel):
     """Validation samples per packed micro-batch."""
     tasks: list[str] = Field(default_factory=list)
     """Held-out task files (rlm-train/task/v1 JSONL): RLM episodes with the model being trained as the root policy."""
-    samples: int = Field(1, ge=1)
+    samples: int = bounded(1, ge=1, le=10_000, why="every evaluation runs them all, and training waits for it")
     """Episodes per held-out task at each evaluation."""
     sub_policy: str = "scripted"
     """Policy answering the episodes' sub-calls: scripted, oracle, openai:MODEL (with sub_base_urls), or 'same'."""
@@ -100,11 +101,12 @@ def check_rlm_eval_possible(settings: EvaluationSettings, through_server: bool =
 
 
 def held_out_episodes(settings: EvaluationSettings) -> int:
-    """Episodes one evaluation runs: tasks in the held-out files x samples (0 when evaluation is off)."""
+    """Episodes one evaluation runs: tasks in the held-out files x samples (0 when evaluation is off). A file
+    not written yet counts none (a dry run before the stage that makes it; a real run refuses it first)."""
     if not (settings.tasks and settings.every_steps):
         return 0
-    tasks = sum(1 for path in settings.tasks
-                for line in Path(path).expanduser().read_text().splitlines() if line.strip())
+    files = [Path(path).expanduser() for path in settings.tasks]
+    tasks = sum(1 for file in files if file.is_file() for line in file.read_text().splitlines() if line.strip())
     return tasks * settings.samples
 
 
@@ -190,16 +192,16 @@ class _OnModelDevice:
 # Metric sinks
 
 
-def tracking_args(report_to: Sequence[str], run_name: str | None, wandb_project: str | None,
-                  output_dir: str, stage: str) -> dict[str, Any]:
-    """report_to / run_name for TRL's config: the installed sinks of `report_to` (plus wandb when a W&B
-    project is set); TensorBoard event files go under OUTPUT_DIR/tensorboard."""
-    from rlm_train.train.runtime import installed_reporters
+def tracking_args(settings: Tracked, output_dir: str) -> dict[str, Any]:
+    """report_to / run_name for TRL's config: `report_to` plus wandb when a W&B project is set (each one
+    installed: `rollouts.tracking.check_tracking` refused the others when the config was checked)."""
+    return {"report_to": wanted_sinks(settings) or "none", "run_name": settings.run_name or Path(output_dir).name}
 
-    wanted = list(report_to) + (["wandb"] if wandb_project and "wandb" not in report_to else [])
-    reporters = installed_reporters(wanted, stage)
-    if wandb_project:
-        os.environ["WANDB_PROJECT"] = wandb_project
-    if "tensorboard" in reporters:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir) / "tensorboard")
-    return {"report_to": reporters or "none", "run_name": run_name or Path(output_dir).name}
+
+def set_tracking_environment(settings: Tracked, output_dir: str) -> None:
+    """What TRL's reporting callbacks read from the environment when the trainer is built: the W&B project,
+    and TensorBoard's event directory (OUTPUT_DIR/tensorboard)."""
+    if settings.wandb_project:
+        os.environ["WANDB_PROJECT"] = settings.wandb_project
+    if "tensorboard" in wanted_sinks(settings):
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir) / TENSORBOARD_DIR)

@@ -13,18 +13,20 @@ being trained; REPL output is masked out of the loss. The pieces, one module eac
     grpo_weight_sync  ordered, checked weight pushes to a vLLM server from several ranks
     rewards         task scorer, format and over-long rewards
     runtime         what SFT and GRPO runs share (resources, output dir, metrics, saving)
+    run_config      the run fields SFT and GRPO configs share, TRL's names for them, the dry run's checks
+    trl_compat      every reach past TRL's public API, written for one TRL version
 """
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 # load_context only for tests/test_pipeline_data.py, which imports it from here (not ours to edit).
 from rlm_train.rollouts.rl_prompts import load_context, load_prompt_set, sft_overlap  # noqa: F401
-from rlm_train.train.common import lora_config, main_print
+from rlm_train.train import trl_compat
+from rlm_train.train.common import leaves_process_group, lora_config, main_print
 from rlm_train.train.grpo_backends import BatchingGenerator, default_backend_factory, one_backend
 from rlm_train.train.grpo_config import GRPOConfig, check_config, completion_token_cap, ddp_timeout_s
 from rlm_train.train.grpo_episodes import RolloutLog
@@ -40,10 +42,16 @@ from rlm_train.train.grpo_setup import (  # noqa: F401 - check_template_extends 
     stop_token_ids,
     trim_logs_for_resume,
 )
-from rlm_train.train.evaluation import check_rlm_eval_possible, held_out_episodes, tracking_args, trainer_eval_args
-from rlm_train.train.grpo_weight_sync import install_ordered_weight_sync
+from rlm_train.train.evaluation import (
+    check_rlm_eval_possible,
+    held_out_episodes,
+    set_tracking_environment,
+    tracking_args,
+    trainer_eval_args,
+)
 from rlm_train.train.interrupt import GracefulStop
 from rlm_train.train.rewards import load_task_scorer, make_reward_funcs
+from rlm_train.train.run_config import check_run_config, trl_arguments_errors
 from rlm_train.train.runtime import (
     FinalWeights,
     Problem,
@@ -66,7 +74,7 @@ SHOWN = ("loss", "reward", "reward_std", "frac_reward_zero_std", "rlm/dropped_gr
 
 def resource_problems(cfg: GRPOConfig) -> list[Problem]:
     """What this machine lacks for the recipe (empty: runnable here)."""
-    problems = hardware_problems(cfg.requires, cfg.device, cfg.dtype == "bfloat16",
+    problems = hardware_problems(cfg.requires, cfg.device, cfg.dtype == "bfloat16" or cfg.amp_bf16,
                                  "recipes/tiny-cpu-grpo.yaml", "slurm/grpo.sbatch")
     if cfg.requires.vllm or cfg.rollout.backend == "vllm_server":
         problems += missing_package(
@@ -209,6 +217,12 @@ def plan(cfg: GRPOConfig, source: str) -> str:
     return "\n".join(lines)
 
 
+def check_training_arguments(cfg: GRPOConfig, source: str) -> None:
+    """The dry run's check of what TRL would refuse on the GPU node (run_config.check_run_config)."""
+    _, weights = make_reward_funcs(cfg, {}, load_task_scorer, RolloutLog(None))
+    check_run_config(cfg, source, lambda: build_trl_args(cfg, "cpu", weights))
+
+
 def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float]) -> Any:
     """TRL GRPOConfig from ours. Generation is ours (rollout_func); TRL's sampling knobs that also shape
     the loss (temperature) are set to match what the episodes used."""
@@ -246,7 +260,7 @@ def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float]) ->
         vllm_importance_sampling_correction=False,
         ddp_timeout=ddp_timeout_s(cfg, held_out_episodes(cfg.evaluation)),
         gradient_checkpointing=t.gradient_checkpointing,
-        bf16=cfg.dtype == "bfloat16" and device == "cuda",
+        bf16=device == "cuda" and (cfg.dtype == "bfloat16" or cfg.amp_bf16),
         use_cpu=device == "cpu",
         seed=t.seed,
         data_seed=t.seed,
@@ -254,7 +268,7 @@ def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float]) ->
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        **tracking_args(cfg.report_to, cfg.run_name, cfg.wandb_project, cfg.output_dir, "grpo"),
+        **tracking_args(cfg, cfg.output_dir),
         **{**trainer_eval_args(cfg.evaluation, False, t.save_steps),
            "per_device_eval_batch_size": t.batch_size},  # TRL checks it divides into groups; our evaluate ignores it
         disable_tqdm=True,
@@ -264,6 +278,7 @@ def build_trl_args(cfg: GRPOConfig, device: str, reward_weights: list[float]) ->
     )
 
 
+@leaves_process_group
 def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None = None,
              backend_factory: Callable[[Any], Any] | None = None,
              on_batch: Callable[[dict, dict], None] | None = None,
@@ -272,8 +287,9 @@ def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None
     (a scripted generator, capturing TRL's batch, snapshotting weights). With several processes, only the
     main one writes (logs, metrics, rollouts, adapter, merged model, summary)."""
     check_config(cfg, source)
+    check_run_config(cfg, source)
     device = start_run(resource_problems(cfg), cfg.num_threads, cfg.device, source, "grpo")
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL; we pin TRL
+    trl_compat.silence_rollout_func_notice()
     from rlm_train.models.loading import check_adapter, load_causal_lm, load_peft_adapter, load_tokenizer, resolve_model
 
     # Everything that can be wrong with the inputs fails here, before any weights load.
@@ -319,10 +335,13 @@ def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None
     def eval_root(trainer: Any) -> Any:  # held-out episodes generated as the rollouts are
         return GeneratorPolicy(BatchingGenerator(backend(trainer), cfg.rollout.batch_wait_s), tokenizer, f"hf:{cfg.model}")
 
+    set_tracking_environment(cfg, cfg.output_dir)
+    with trl_arguments_errors(source):
+        trl_args = build_trl_args(cfg, device, weights)
     trainer = make_trainer_class(on_batch, log, cfg, eval_root)(
         model=model,
         reward_funcs=reward_funcs,
-        args=build_trl_args(cfg, device, weights),
+        args=trl_args,
         train_dataset=Dataset.from_list(prompt_set.rows),
         eval_dataset=Dataset.from_list(prompt_set.rows) if cfg.evaluation.every_steps else None,  # unused: see evaluate
         processing_class=tokenizer,
@@ -333,8 +352,8 @@ def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None
     log.bind(trainer.accelerator)
     check_trainer_stop_ids(trainer, stop_ids)
     lora_dropout_off(trainer.model)
-    if getattr(trainer, "use_vllm", False):
-        install_ordered_weight_sync(trainer.vllm_generation, trainer.accelerator)
+    if (generation := trl_compat.server_generation(trainer)) is not None:
+        trl_compat.install_ordered_weight_sync(generation, trainer.accelerator)
     weights = FinalWeights(out, tokenizer, cfg.lora.enabled, model_path, cfg.chat_template, "grpo")
     with GracefulStop("grpo") as stop:
         trainer.add_callback(stop.callback())

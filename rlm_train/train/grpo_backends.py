@@ -6,7 +6,6 @@ Generation is token-in/token-out: callers pass prompt ids and get sampled ids ba
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -69,7 +68,8 @@ class TransformersBackend:
     def generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenOutput]:
         import torch
         from transformers import LogitsProcessorList
-        from trl.models import unwrap_model_for_generation
+
+        from rlm_train.train.trl_compat import unwrap_for_generation
 
         trainer = self.trainer
         pad = self.tokenizer.pad_token_id
@@ -88,10 +88,7 @@ class TransformersBackend:
             # Plain temperature sampling: TRL scores tokens with logits / temperature and nothing else.
             recorder = SampledTokenLogprobs(sampling.temperature)
             kwargs.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=LogitsProcessorList([recorder]))
-        with unwrap_model_for_generation(
-            trainer.model_wrapped, trainer.accelerator,
-            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-        ) as model, torch.no_grad():
+        with unwrap_for_generation(trainer) as model, torch.no_grad():
             was_training = model.training
             model.eval()
             try:
@@ -221,9 +218,10 @@ class BatchingGenerator:
 
 
 def refused_request(exc: BaseException) -> bool:
-    """A 4xx the server gave one request (TRL's vLLM client raises `Request failed: 400, ...`),
-    not a backend that is broken."""
-    return isinstance(exc, RequestRefused) or bool(re.match(r"Request failed: 4(00|13|22)\b", str(exc)))
+    """A 4xx the server gave one request, not a backend that is broken."""
+    from rlm_train.train.trl_compat import refused_by_server
+
+    return isinstance(exc, RequestRefused) or refused_by_server(exc)
 
 
 def default_backend_factory(cfg: GRPOConfig, tokenizer: Any, stop_ids: list[int]) -> Callable[[Any], Any]:

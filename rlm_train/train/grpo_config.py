@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rlm_train.config import StrictModel
+from rlm_train.config import StrictModel, bounded, inherited
 from rlm_train.errors import UserError
 from rlm_train.policies.spec import ClientOptions
 from rlm_train.rlm import RLMConfig
-from rlm_train.train.common import LaunchSettings, LoraSettings, OptimizerLoopSettings, Requirements
-from rlm_train.train.evaluation import EvaluationSettings
+from rlm_train.train.common import OptimizerLoopSettings
+from rlm_train.train.run_config import TrainingRunConfig
 
 
 class GRPOTrainingSettings(OptimizerLoopSettings):
+    config_aliases: ClassVar[dict[str, str]] = {**OptimizerLoopSettings.config_aliases, "shuffle_dataset": "shuffle"}
+
     max_steps: int = Field(100, ge=1)
     """Optimizer steps to run."""
-    num_generations: int = Field(8, ge=2)
+    num_generations: int = bounded(8, ge=2, le=1024, why="a group's episodes are all held until the group is scored")
     """Episodes per prompt (the GRPO group); advantages compare episodes of the same prompt."""
     batch_size: int = Field(8, ge=1)
     """Episodes per device per micro-batch; batch_size x accumulation x processes must divide by num_generations."""
@@ -86,12 +88,15 @@ class RolloutSettings(StrictModel):
     episode_timeout_s: float | None = Field(None, gt=0)
     """Hard wall-clock cap on one episode, counting time spent waiting on the model server; reaching it is
     infrastructure (the episode is masked, never penalized). None: 3 x rlm.max_wall_s."""
-    max_completion_tokens: int | None = Field(None, ge=16)
+    max_completion_tokens: int | None = bounded(None, ge=16, le=1_000_000,
+                                                why="an episode's tokens are all held for its loss; 1M is beyond any model's window")
     """Cap on all tokens after the first prompt (root turns + REPL feedback). A turn is cut to fit; the episode
     then ends over-long. It may not be below what the turn budget allows (`turn_budget_tokens`: the rlm section's
     turns, their REPL feedback and the answer-now turn), so episodes end by their turn budget, with a chance to
     answer, rather than cut mid-turn. None: exactly that budget."""
-    concurrency: int = Field(64, ge=1)
+    concurrency: int = bounded(64, ge=1, le=200,
+                              why="each episode in flight holds a REPL sandbox and one process holds at most 256, the fork-server's "
+                                      "spares among them")
     """Episodes run at once (root turns of concurrent episodes are batched into one generate call)."""
     batch_wait_s: float = Field(0.02, ge=0)
     """How long a generate request waits for others to join its batch."""
@@ -135,11 +140,11 @@ class GRPORLMConfig(RLMConfig):
 
     temperature: float = Field(1.0, ge=0)
     """Sampling temperature of the root model; must be > 0 so the episodes of a group differ."""
-    max_iterations: int = Field(4, ge=1)
+    max_iterations: int = inherited(RLMConfig, "max_iterations", 4)
     """Root turns with code before the model is told to answer now (one extra, final turn)."""
-    root_max_tokens: int = Field(512, ge=1)
+    root_max_tokens: int = inherited(RLMConfig, "root_max_tokens", 512)
     """Max new tokens per root turn."""
-    max_wall_s: float | None = Field(300.0, gt=0)
+    max_wall_s: float | None = inherited(RLMConfig, "max_wall_s", 300.0)
     """Wall-clock seconds of the episode's own time (not counting time waiting on the model server); past it
     the episode is over-long (reward.overlong). None = unlimited."""
 
@@ -152,30 +157,26 @@ class GRPORLMConfig(RLMConfig):
         return value
 
 
-class GRPOConfig(StrictModel):
-    """`rlm-train grpo` config: one recipe YAML plus KEY=VALUE overrides."""
+class GRPOConfig(TrainingRunConfig):
+    """`rlm-train grpo` config: one recipe YAML plus KEY=VALUE overrides (the shared run fields in TrainingRunConfig)."""
 
-    model: str
-    """Policy to train: a Hugging Face model directory (e.g. a merged SFT output), a Hub id in the
-    Hugging Face cache ('Qwen/Qwen3-8B'), or 'gemma3-270m'."""
+    config_aliases: ClassVar[dict[str, str]] = {
+        **TrainingRunConfig.config_aliases,
+        **{name: f"training.{name}" for name in ("num_generations", "beta", "epsilon", "epsilon_high",
+                                                 "num_iterations", "loss_type", "scale_rewards", "ddp_timeout")},
+        "shuffle_dataset": "training.shuffle",
+        "max_completion_length": "rollout.max_completion_tokens",
+        "temperature": "rlm.temperature",
+        "vllm_server_base_url": "rollout.vllm_server_url",
+        "vllm_server_timeout": "rollout.vllm_server_timeout_s",
+        **{f"vllm_importance_sampling_{name}": f"rollout.vllm_importance_sampling_{name}"
+           for name in ("correction", "mode", "clip_min", "clip_max")},
+    }
+
     adapter: str | None = None
     """Start from this LoRA adapter (e.g. the SFT adapter) instead of a fresh one; needs lora.enabled."""
     prompts: str
     """RL prompt set: a task JSONL (rlm-train/task/v1) or the RL dataset from `rlm-train filter` (directory or JSONL)."""
-    output_dir: str
-    """Where checkpoints, adapter/ (or model/), rollouts.jsonl, metrics.jsonl and the config go."""
-    chat_template: str = "auto"
-    """'auto' (ours for Qwen3/Gemma-3), 'qwen3', 'gemma3', 'model' or a .jinja file. Must extend turn by turn."""
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    """Where to train; 'cuda' with no GPU stops at once; 'auto' uses CUDA when present."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Training dtype: float32 on this AVX2 CPU (no fast bf16), bfloat16 on GPUs."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel."""
-    num_threads: int | None = None
-    """torch CPU threads; null leaves torch's default."""
-    lora: LoraSettings = LoraSettings()
-    """LoRA settings; lora.enabled=false trains all weights."""
     training: GRPOTrainingSettings = GRPOTrainingSettings()
     """GRPO optimizer, group size and loss settings."""
     rollout: RolloutSettings = RolloutSettings()
@@ -184,27 +185,6 @@ class GRPOConfig(StrictModel):
     """The RLM loop settings of every episode (turns, budgets, sandbox limits, sampling temperature)."""
     reward: RewardSettings = RewardSettings()
     """Reward weights."""
-    resume: Literal["auto", "never"] | str = "auto"
-    """'auto' resumes from the newest checkpoint-N in output_dir (its config must match this one), 'never' starts
-    fresh (refused when output_dir already holds checkpoints), or a checkpoint path."""
-    save_merged: bool = False
-    """Also write merged/: the trained adapter folded into the base (a plain model directory for serving or
-    the next stage), as SFT does. Needs lora.enabled."""
-    merged_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """dtype of merged/."""
-    evaluation: EvaluationSettings = EvaluationSettings()
-    """Held-out RLM episodes every evaluation.every_steps steps (evaluation.tasks), their score logged per family,
-    and the best-scoring checkpoint kept as adapter/ (and merged/)."""
-    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
-    """Metric sinks besides stdout and metrics.jsonl (always written), used when installed."""
-    run_name: str | None = None
-    """Run name for TensorBoard / W&B (default: the output directory's name)."""
-    wandb_project: str | None = None
-    """W&B project; setting it turns W&B on (WANDB_API_KEY or `wandb login` as usual)."""
-    requires: Requirements = Requirements()
-    """Hardware the recipe needs; checked before any loading."""
-    launch: LaunchSettings = LaunchSettings()
-    """How a multi-process run is launched."""
 
 
 def turn_budget_tokens(rlm: RLMConfig) -> int:
@@ -256,8 +236,6 @@ def check_config(cfg: GRPOConfig, source: str) -> None:
     """Settings that contradict each other across sections (a UserError naming the keys and the fix)."""
     if cfg.adapter and not cfg.lora.enabled:
         raise UserError(f"{source}: adapter needs lora.enabled=true (it continues training that adapter)")
-    if cfg.save_merged and not cfg.lora.enabled:
-        raise UserError(f"{source}: save_merged needs lora.enabled=true (full fine-tuning already saves a full model)")
     r = cfg.rollout
     if r.vllm_importance_sampling_clip_min is None and r.vllm_importance_sampling_clip_max is None:
         raise UserError(f"{source}: rollout.vllm_importance_sampling_clip_min and _clip_max are both null; set at "

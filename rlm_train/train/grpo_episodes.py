@@ -63,10 +63,10 @@ class TimedPolicy:
         self.clock = clock
         self.name = getattr(inner, "name", "sub-policy")
 
-    async def chat(self, messages, sampling=None, hints=None):
+    async def chat(self, messages, sampling=None, call=None):
         self.clock.wait_begins()
         try:
-            return await self.inner.chat(messages, sampling, hints)
+            return await self.inner.chat(messages, sampling, call)
         finally:
             self.clock.wait_ends()
 

@@ -20,8 +20,9 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
 from rlm_train.errors import UserError
-from rlm_train.models.base import Completion, PolicyError, SamplingParams
+from rlm_train.models.base import CallContext, Completion, PolicyError, Role, SamplingParams
 from rlm_train.records import TrajectoryRecord
+from rlm_train.rlm.budget import BudgetExhausted
 from rlm_train.rollouts.rl_prompts import PromptSet, load_context
 from rlm_train.train.grpo_backends import BatchingGenerator, GenOutput
 from rlm_train.train.grpo_config import completion_token_cap
@@ -53,7 +54,7 @@ class GeneratorPolicy:
         self.name = name
         self.clock = clock
 
-    async def chat(self, messages, sampling=None, hints=None) -> Completion:
+    async def chat(self, messages, sampling=None, call=None) -> Completion:
         from rlm_train.models.loading import render_chat
 
         sampling = sampling or SamplingParams()
@@ -93,13 +94,21 @@ TEMPLATE_MISMATCH = (
 )
 
 
+def is_trained_call(call: CallContext | None) -> bool:
+    """Whether a call's sampled tokens go into GRPO's loss: the root episode's own turns only, decided
+    from the loop's typed context (never from hints); a child RLM's turns and sub-calls are not."""
+    return call is not None and call.role == Role.ROOT and call.depth == 0
+
+
 class EpisodeRecorder:
     """The root policy of ONE episode: generates with the trained model and records its token stream.
 
     The first root call fixes the prompt ids. Each later call must extend the conversation by the
     assistant text we returned plus new messages (REPL feedback); those are rendered by the chat
     template, tokenized, and appended with mask 0; the sampled ids are appended with mask 1.
-    Calls from child RLMs (depth > 0) are generated but not recorded.
+    Other calls (child RLMs, sub-calls: `is_trained_call`) are generated but not recorded. An episode
+    the recorder cuts (rollout.max_completion_tokens, or its own time past rlm.max_wall_s) ends as
+    budget_exhausted, not as a model error.
     """
 
     def __init__(self, generator: BatchingGenerator, tokenizer: Any, stop_ids: list[int], max_completion_tokens: int,
@@ -123,10 +132,9 @@ class EpisodeRecorder:
         self._last_text = ""  # the assistant text we returned last
         self._last_stop = ""  # the text of the stop token the last turn ended with ("" if cut)
 
-    async def chat(self, messages, sampling=None, hints=None) -> Completion:
-        hints = hints or {}
-        if hints.get("depth", 0) != 0:
-            return await self.unrecorded.chat(messages, sampling, hints)
+    async def chat(self, messages, sampling=None, call=None) -> Completion:
+        if not is_trained_call(call):
+            return await self.unrecorded.chat(messages, sampling, call)
         from rlm_train.models.loading import render_chat
 
         sampling = sampling or SamplingParams()
@@ -145,10 +153,10 @@ class EpisodeRecorder:
             env_ids = self._encode(suffix)
             if len(self.completion_ids) + len(env_ids) >= self.max_completion_tokens:
                 self._cut("tokens")
-                raise PolicyError(f"episode reached rollout.max_completion_tokens={self.max_completion_tokens}")
+                raise BudgetExhausted(f"episode reached rollout.max_completion_tokens={self.max_completion_tokens}")
             if self.max_wall_s is not None and self.clock.policy_s() > self.max_wall_s:
                 self._cut("wall")
-                raise PolicyError(f"episode used its rlm.max_wall_s={self.max_wall_s:g}s of its own time")
+                raise BudgetExhausted(f"episode used its rlm.max_wall_s={self.max_wall_s:g}s of its own time")
             self._append(env_ids, 0, None)
         self._rendered = rendered
         room = self.max_completion_tokens - len(self.completion_ids)
@@ -167,10 +175,6 @@ class EpisodeRecorder:
             completion_tokens=len(out.ids), latency_s=time.monotonic() - started,
             finish_reason="stop" if ended else "length", extra={"completion_ids": out.ids},
         )
-
-    @property
-    def budget_hit(self) -> bool:
-        return self.cut is not None
 
     def _cut(self, reason: str) -> None:
         if self.cut is None:
@@ -247,10 +251,11 @@ def _log_batch(trainer: Any, out: dict[str, Any], seconds: float, calls: int) ->
     if accelerator is not None and accelerator.num_processes > 1:
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
     n, answered, overlong, infra, total_calls = (int(x) for x in counts.tolist())
-    metrics = getattr(trainer, "_metrics", None)
-    if metrics is not None and n:
+    from rlm_train.train import trl_compat
+
+    if trl_compat.has_metrics(trainer) and n:
         for key, value in (("answered", answered), ("overlong", overlong), ("infra_error", infra)):
-            metrics["train"][f"rlm/{key}_frac"].append(value / n)
+            trl_compat.metrics(trainer, "train")[f"rlm/{key}_frac"].append(value / n)
     if accelerator is None or accelerator.is_main_process:
         print(f"[grpo] step {trainer.state.global_step}: {n} episodes in {seconds:.1f}s, {answered} answered, "
               f"{overlong} over-long, {infra} infrastructure errors, {total_calls} generate calls", flush=True)

@@ -16,7 +16,7 @@ RESUME_MAY_CHANGE = (
     "resume", "training.max_steps", "training.logging_steps", "training.save_steps", "training.save_total_limit",
     "report_to", "num_threads", "rollout.vllm_server_url", "rollout.vllm_server_timeout_s", "rollout.concurrency",
     "rollout.batch_wait_s", "rollout.client", "launch", "requires", "evaluation", "save_merged", "merged_dtype",
-    "run_name", "wandb_project", "training.ddp_timeout",
+    "run_name", "wandb_project", "training.ddp_timeout", "push_to_hub", "hub_model_id", "hub_private_repo",
 )
 
 
@@ -68,7 +68,9 @@ def apply_stop_ids(model: Any, stop_ids: list[int]) -> None:
 
 def check_trainer_stop_ids(trainer: Any, stop_ids: list[int]) -> None:
     """TRL's truncation test must use the same set as the rollout (else every episode reads as cut)."""
-    have = set(getattr(trainer, "eos_token_ids", stop_ids))
+    from rlm_train.train.trl_compat import eos_token_ids
+
+    have = set(eos_token_ids(trainer))
     if have != set(stop_ids):
         raise RuntimeError(f"TRL's end-of-sequence ids {sorted(have)} differ from the rollout's stop ids "
                            f"{sorted(stop_ids)}; every episode would count as truncated")

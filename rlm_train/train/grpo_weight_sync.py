@@ -8,9 +8,9 @@ asks the server to reset its prefix cache and ignores the answer. Two things go 
 - vLLM refuses the reset while requests run (`{"success": false}`), and cached prefixes computed with
   the old weights are then reused.
 
-`install_ordered_weight_sync` wraps it: rank 0 pushes, then resets the cache and checks the reset
-(retrying while the server is busy, failing clearly when it never succeeds), and every rank waits at
-a barrier before any episode starts. With a PEFT model the merged weights are computed out of place
+`trl_compat.install_ordered_weight_sync` wraps it with the pieces here: rank 0 pushes, then resets the
+cache and checks the reset (retrying while the server is busy, failing clearly when it never succeeds),
+and every rank waits at a barrier before any episode starts. With a PEFT model the merged weights are computed out of place
 (base + delta), so the base weights are never merged into and unmerged from (in bf16 that drifts).
 """
 
@@ -50,36 +50,6 @@ def reset_prefix_cache_checked(session: Any, base_url: str, timeout_s: float = 1
                 f"in {timeout_s:g}s), so it would reuse prefixes computed with the old weights; make sure nothing "
                 "else sends requests to this server during training")
         sleep(interval_s)
-
-
-def install_ordered_weight_sync(vllm_generation: Any, accelerator: Any, reset_timeout_s: float = 120.0) -> None:
-    """Make TRL's server-mode sync ordered and checked (see the module docstring). Idempotent."""
-    if getattr(vllm_generation, "rlm_ordered_sync", False):
-        return
-    client = getattr(vllm_generation, "vllm_client", None)  # rank 0 only
-    if client is not None:
-        client.reset_prefix_cache = lambda: reset_prefix_cache_checked(client.session, client.base_url,
-                                                                        reset_timeout_s)
-    if _can_merge_out_of_place(vllm_generation):
-        vllm_generation._iter_named_params = lambda: iter_merged_params(
-            vllm_generation.model, vllm_generation._fix_param_name_to_vllm)
-    push = vllm_generation.sync_weights
-
-    def ordered_sync() -> None:
-        push()  # rank 0: push, then the checked reset; other ranks: their part of any parameter gathers
-        accelerator.wait_for_everyone()  # no rank starts an episode before the new weights are in
-
-    vllm_generation.sync_weights = ordered_sync
-    vllm_generation.rlm_ordered_sync = True
-
-
-def _can_merge_out_of_place(vllm_generation: Any) -> bool:
-    """PEFT LoRA on whole (unsharded) parameters: FSDP and ZeRO-3 need TRL's gather-then-merge path."""
-    from accelerate.utils import is_peft_model
-
-    dist = getattr(vllm_generation, "_dist", None)
-    sharded = dist is not None and (dist.is_fsdp or dist.is_zero3)
-    return is_peft_model(vllm_generation.model) and not sharded
 
 
 def iter_merged_params(model: Any, fix_name: Callable[..., str]) -> Iterator[tuple[str, Any]]:

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 from rlm_train.config import get_dotted
 from rlm_train.errors import UserError
+from rlm_train.train import trl_compat
 from rlm_train.train.common import (
     LaunchSettings,
     Requirements,
@@ -93,13 +95,31 @@ def start_run(problems: list[Problem], num_threads: int | None, device: str, sou
     fatal = [p for p in problems if p.fatal]
     if fatal:
         raise UserError(f"{source}: {fatal[0].message}")
+    if (drift := trl_compat.version_warning()) is not None:
+        problems = [*problems, Problem(drift, fatal=False)]
     for p in problems:
         main_print(f"[{stage}] warning: {p.message}")
+    plain_logs_when_not_a_terminal()
     if num_threads:
         import torch
 
         torch.set_num_threads(num_threads)
     return pick_device(device)
+
+
+def plain_logs_when_not_a_terminal() -> None:
+    """Progress bars redraw themselves with carriage returns, which a Slurm or piped log keeps as one long
+    line: off (model loading, datasets, the Hub) when stderr is not a terminal. The step lines, with their
+    eta, say where a run is."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 def prepare_output_dir(cfg: Any, stage: str) -> Path:
@@ -147,15 +167,6 @@ def _differing_keys(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [prefix.rstrip(".")]
 
 
-def installed_reporters(wanted: Sequence[str], stage: str) -> list[str]:
-    """The metric reporters (tensorboard, wandb, ...) that are installed; the others are named and skipped."""
-    have = [r for r in wanted if importlib.util.find_spec(r) is not None]
-    for r in sorted(set(wanted) - set(have)):
-        main_print(f"[{stage}] report_to {r}: not installed, skipped (metrics.jsonl has everything; "
-                   f"pip install {r} to get it)")
-    return have
-
-
 # ---------------------------------------------------------------------------
 # Metrics, training, saving
 
@@ -164,16 +175,50 @@ def _plain_record(state: Any, logs: dict) -> dict:
     return {"step": state.global_step, "time": time.time(), **logs}
 
 
+class StepClock:
+    """Time since the run (re)started and the time left, from the pace of the steps done since then (a
+    resumed run's earlier steps took no time here)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.first_step = 0
+
+    def start(self, step: int) -> None:
+        self.started, self.first_step = time.monotonic(), step
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def eta_s(self, step: int, max_steps: int) -> float | None:
+        """Seconds left at the pace so far; None before the first step or without a known end."""
+        done = step - self.first_step
+        if done <= 0 or max_steps <= 0:
+            return None
+        return self.elapsed_s() / done * max(max_steps - step, 0)
+
+
+def clock_text(seconds: float | None) -> str:
+    """H:MM:SS (or '?' when unknown)."""
+    if seconds is None:
+        return "?"
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
 def make_metrics_callback(path: Path, stage: str, shown: tuple[str, ...], quiet: bool = False,
                           record: Callable[[Any, dict], dict] = _plain_record,
                           on_begin: Callable[[], None] | None = None):
     """Append every log to metrics.jsonl as `record(state, logs)` builds it, and print the `shown` keys
-    as one compact line (TRL's own printer is removed by `train`). Every process calls `record` (it may
-    sum counters over processes); only the main process writes and prints."""
+    as one plain line with the time so far and the time left (TRL's printer and progress bars are off:
+    `train` removes the printer, the configs set disable_tqdm, so logs hold no carriage returns). Every
+    process calls `record` (it may sum counters over processes); only the main process writes and prints."""
     from transformers import TrainerCallback
+
+    clock = StepClock()
 
     class MetricsCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
+            clock.start(state.global_step)
             if on_begin is not None:
                 on_begin()
 
@@ -185,7 +230,9 @@ def make_metrics_callback(path: Path, stage: str, shown: tuple[str, ...], quiet:
                 fh.write(json.dumps(row, default=str) + "\n")
             line = " ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in row.items() if k in shown)
             if line and not quiet:
-                print(f"[{stage}] step {state.global_step}/{state.max_steps} {line}", flush=True)
+                timing = (f"elapsed={clock_text(clock.elapsed_s())} "
+                          f"eta={clock_text(clock.eta_s(state.global_step, state.max_steps))}")
+                print(f"[{stage}] step {state.global_step}/{state.max_steps} {line} {timing}", flush=True)
 
     return MetricsCallback()
 
@@ -251,7 +298,7 @@ def train_until_stopped(trainer: Any, stop: GracefulStop, weights: FinalWeights,
                    f"the run stops at step {step}")
         if step > 0 and not (Path(trainer.args.output_dir) / f"checkpoint-{step}").is_dir():
             # The model and optimizer are those of the last completed step: nothing of this one was applied.
-            trainer._save_checkpoint(trainer.model, trial=None)
+            trl_compat.save_checkpoint(trainer)
     except BaseException as exc:
         try:
             export_partial(weights, (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:300])
@@ -370,6 +417,9 @@ def write_summary(out: Path, summary: dict) -> dict:
     @main_process_only
     def write() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        from rlm_train.cards import write_run_cards  # model cards over PEFT's empty template, then push_to_hub
+
+        write_run_cards(out, summary)
 
     write()
     return summary

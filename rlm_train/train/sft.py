@@ -11,38 +11,39 @@ attention mask is block-diagonal), and training runs in fp32 with a measured thr
 
 The pieces: `sft_data` (dataset, samples, packing), `losses` (the chunked completion loss),
 `evaluation` (validation loss, held-out RLM episodes, best checkpoint, metric sinks),
-`interrupt` (graceful stop), `runtime` and `common` (what SFT and GRPO share, one writer per job).
+`interrupt` (graceful stop), `run_config`, `runtime` and `common` (what SFT and GRPO share: the run's
+config fields, the run around the trainer, one writer per job), `trl_compat` (every reach inside TRL).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from rlm_train.config import StrictModel
+from rlm_train.config import bounded
 from rlm_train.errors import UserError
+from rlm_train.train import trl_compat
 from rlm_train.train.common import (
-    LaunchSettings,
-    LoraSettings,
     OptimizerLoopSettings,
-    Requirements,
+    leaves_process_group,
     lora_config,
     main_print,
     sum_over_processes,
 )
 from rlm_train.train.evaluation import (
-    EvaluationSettings,
     check_rlm_eval_possible,
     evaluate_and_score,
     selection_metric,
+    set_tracking_environment,
     tracking_args,
     trainer_eval_args,
 )
 from rlm_train.train.interrupt import GracefulStop
 from rlm_train.train.losses import chunked_cross_entropy, completion_loss  # noqa: F401  (re-exported)
+from rlm_train.train.run_config import TrainingRunConfig, check_run_config, trl_arguments_errors
 from rlm_train.train.runtime import (
     FinalWeights,
     Problem,
@@ -59,12 +60,12 @@ from rlm_train.train.runtime import (
     write_summary,
 )
 from rlm_train.train.sft_data import (  # noqa: F401  (re-exported: tests and other stages import them from here)
+    EmptySplit,
     PackedCollator,
     build_train_dataset,
     check_sample,
     count_samples,
     dense_mask_problem,
-    empty_dataset_message,
     find_validation,
     longest_packed_row,
     read_sft_dataset,
@@ -74,66 +75,30 @@ from rlm_train.train.sft_data import (  # noqa: F401  (re-exported: tests and ot
 
 
 class TrainingSettings(OptimizerLoopSettings):
+    config_aliases: ClassVar[dict[str, str]] = {**OptimizerLoopSettings.config_aliases, "num_train_epochs": "epochs"}
+
     max_steps: int = -1
     """Optimizer steps to run; -1 means run `epochs` epochs."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the dataset when max_steps is -1."""
-    max_length: int = Field(4096, ge=16)
+    max_length: int = bounded(4096, ge=16, le=1_048_576,
+                              why="activations grow with a sample's length; no model is trained on longer")
     """Longest sample in tokens; longer samples are dropped (counted in the plan), never cut mid-turn."""
 
 
-class SFTConfig(StrictModel):
-    """`rlm-train sft` config: one recipe YAML plus KEY=VALUE overrides."""
+class SFTConfig(TrainingRunConfig):
+    """`rlm-train sft` config: one recipe YAML plus KEY=VALUE overrides (the shared run fields in TrainingRunConfig)."""
 
-    model: str
-    """Base model: a Hugging Face model directory, a Hub id in the Hugging Face cache ('Qwen/Qwen3-8B',
-    `hf download` puts it there), or 'gemma3-270m' (the packaged weights)."""
+    config_aliases: ClassVar[dict[str, str]] = {
+        **TrainingRunConfig.config_aliases,
+        "num_train_epochs": "training.epochs",
+        "dataset_name": "dataset",  # TRL's ScriptArguments
+    }
+
     dataset: str
     """Per-turn SFT dataset from `rlm-train filter`: a save_to_disk directory or a .jsonl file with a `messages` column."""
-    output_dir: str
-    """Where checkpoints, the adapter (adapter/), the full or merged model, metrics.jsonl and the plan go."""
-    chat_template: str = "auto"
-    """'auto' (ours for Qwen3/Gemma-3), 'qwen3', 'gemma3', 'model' (the tokenizer's own) or a .jinja file."""
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    """Where to train; 'cuda' with no GPU stops at once; 'auto' uses CUDA when present."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Training dtype. float32 on this AVX2 CPU (bf16 matmuls are several times slower); bfloat16 on GPUs."""
-    amp_bf16: bool = False
-    """bf16 autocast for compute on GPUs while weights stay in `dtype` (full fine-tuning: dtype=float32 master weights + this)."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel. sdpa/eager need nothing installed; with training.batch_size 1 a row is one sample and
-    needs no mask, while packed rows become a dense LxL mask (refused over 16k tokens a row). flash_attention_2
-    (GPUs, the flash-attn package compiled for this torch) reads packed rows as varlen, no mask."""
-    num_threads: int | None = None
-    """torch CPU threads; null leaves torch's default. Measure (rlm-train bench train): one thread can beat two."""
-    lora: LoraSettings = LoraSettings()
-    """LoRA settings; lora.enabled=false for full fine-tuning."""
     training: TrainingSettings = TrainingSettings()
     """Optimizer, schedule, lengths, checkpointing."""
-    resume: Literal["auto", "never"] | str = "auto"
-    """'auto' resumes from the newest checkpoint in output_dir, 'never' starts fresh, or a checkpoint path."""
-    save_merged: bool = False
-    """Also write the LoRA merged into the base as a full model (merged/) for servers without LoRA support."""
-    merged_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """dtype of the merged model on disk (bf16 halves it and is what vLLM serves)."""
-    evaluation: EvaluationSettings = EvaluationSettings()
-    """Validation loss, held-out RLM episodes every N steps, and which checkpoint is kept."""
-    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
-    """Metric sinks, used when installed (stdout and metrics.jsonl are always written)."""
-    run_name: str | None = None
-    """Run name in TensorBoard / W&B (default: the output directory's name)."""
-    wandb_project: str | None = None
-    """W&B project; setting it turns W&B on (WANDB_API_KEY or `wandb login` as usual)."""
-    requires: Requirements = Requirements()
-    """Hardware the recipe needs; checked before any loading."""
-    launch: LaunchSettings = LaunchSettings()
-    """How a multi-process run is launched (informational for the plan)."""
-
-    @model_validator(mode="after")
-    def _merged_needs_lora(self) -> "SFTConfig":
-        if self.save_merged and not self.lora.enabled:
-            raise ValueError("save_merged needs lora.enabled=true (full fine-tuning already saves a full model)")
-        return self
 
 
 # ---------------------------------------------------------------------------
@@ -141,7 +106,7 @@ class SFTConfig(StrictModel):
 
 
 def make_trainer_class(cfg: SFTConfig | None = None, has_validation: bool = True):
-    """SFTTrainer whose loss takes logits only where the loss is (built lazily: TRL imports in ~10 s),
+    """SFTTrainer whose loss takes logits only where the loss is (built lazily: importing TRL is slow),
     whose token accuracy counts every process's tokens, and whose evaluation adds held-out RLM episodes."""
     from trl import SFTTrainer
 
@@ -150,8 +115,7 @@ def make_trainer_class(cfg: SFTConfig | None = None, has_validation: bool = True
             super().__init__(*args, **kwargs)
             # Our loss is a sum over trained tokens / the step's trained-token count (num_items_in_batch),
             # so gradient accumulation must not divide again.
-            self.model_accepts_loss_kwargs = True
-            self.loss_is_scaled_for_ga = True  # type: ignore[assignment]  # trl's base class types it as None
+            trl_compat.declare_loss_scaled(self)
             self.tokens_seen = 0
             self.trained_tokens_seen = 0
             self.accuracy_counts = {"train": [0, 0], "eval": [0, 0]}
@@ -175,9 +139,10 @@ def make_trainer_class(cfg: SFTConfig | None = None, has_validation: bool = True
             mode = "train" if self.model is not None and self.model.training else "eval"
             correct, trained = (sum_over_processes(c) for c in self.accuracy_counts[mode])
             self.accuracy_counts[mode] = [0, 0]
-            self._metrics[mode].pop("mean_token_accuracy", None)
+            metrics = trl_compat.metrics(self, mode)
+            metrics.pop("mean_token_accuracy", None)
             if trained:
-                self._metrics[mode]["mean_token_accuracy"] = [correct / trained]
+                metrics["mean_token_accuracy"] = [correct / trained]
             super().log(logs, start_time)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -299,7 +264,8 @@ def describe_evaluation(cfg: SFTConfig) -> str:
 # Keys a resumed run may change (longer training, other logging); any other difference is refused.
 RESUME_MAY_CHANGE = ("training.max_steps", "training.epochs", "training.save_steps", "training.save_total_limit",
                      "training.logging_steps", "resume", "output_dir", "num_threads", "device", "save_merged",
-                     "merged_dtype", "report_to", "run_name", "wandb_project", "requires", "launch", "evaluation")
+                     "merged_dtype", "report_to", "run_name", "wandb_project", "requires", "launch", "evaluation",
+                     "push_to_hub", "hub_model_id", "hub_private_repo")
 
 
 def find_resume_checkpoint(cfg: SFTConfig) -> str | None:
@@ -318,7 +284,15 @@ def find_resume_checkpoint(cfg: SFTConfig) -> str | None:
 def check_dataset_not_empty(cfg: SFTConfig) -> None:
     """An empty dataset (filter kept nothing) stops a dry run and a real run before any model loads."""
     if count_samples(cfg.dataset) == 0:
-        raise UserError(empty_dataset_message(Path(cfg.dataset).expanduser()))
+        raise EmptySplit(Path(cfg.dataset).expanduser())
+
+
+def check_training_arguments(cfg: SFTConfig, source: str) -> None:
+    """The dry run's check of what TRL would refuse on the GPU node (run_config.check_run_config)."""
+    e = cfg.evaluation
+    has_validation = bool(e.every_steps and Path(cfg.dataset).expanduser().exists()
+                          and find_validation(cfg.dataset, e.validation))
+    check_run_config(cfg, source, lambda: build_trl_args(cfg, "cpu", has_validation))
 
 
 def build_trl_args(cfg: SFTConfig, device: str, has_validation: bool = False) -> Any:
@@ -347,7 +321,7 @@ def build_trl_args(cfg: SFTConfig, device: str, has_validation: bool = False) ->
         bf16=device == "cuda" and (cfg.dtype == "bfloat16" or cfg.amp_bf16),
         fp16=False,
         use_cpu=device == "cpu",
-        **tracking_args(cfg.report_to, cfg.run_name, cfg.wandb_project, cfg.output_dir, "sft"),
+        **tracking_args(cfg, cfg.output_dir),
         **trainer_eval_args(cfg.evaluation, has_validation, t.save_steps),
         disable_tqdm=True,
         max_length=None,  # we drop over-long samples ourselves
@@ -362,12 +336,14 @@ def build_trl_args(cfg: SFTConfig, device: str, has_validation: bool = False) ->
     )
 
 
+@leaves_process_group
 def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
             on_trainer: Callable[[Any], None] | None = None) -> dict:
     """Train; returns a summary dict (paths, steps, losses, tokens/s). Fails fast on bad input: data,
     resume and hardware are checked before any model loads. With several processes, one writes.
 
     `on_trainer(trainer)` is called just before training (tests snapshot weights there)."""
+    check_run_config(cfg, source)
     device = start_run(resource_problems(cfg), cfg.num_threads, cfg.device, source, "sft")
     check_rlm_eval_possible(cfg.evaluation)
     from rlm_train.models.loading import load_causal_lm, load_tokenizer, resolve_model
@@ -392,7 +368,9 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
 
     # The process group exists from here on, so FSDP's cpu_ram_efficient_loading can load real
     # weights on rank 0 only (the others on the meta device).
-    args = build_trl_args(cfg, device, eval_ds is not None)
+    set_tracking_environment(cfg, cfg.output_dir)
+    with trl_arguments_errors(source):
+        args = build_trl_args(cfg, device, eval_ds is not None)
     out = prepare_output_dir(cfg, "sft")
     if resume_from:
         main_print(f"[sft] resuming from {resume_from}")

@@ -33,17 +33,22 @@ def read_sft_dataset(path: str | os.PathLike, split: str = "train") -> list[list
     else:
         raise UserError(f"dataset {path} not found; make one with `rlm-train filter` (a directory or .jsonl)")
     if not rows:
-        raise UserError(empty_dataset_message(path, split))
+        raise EmptySplit(path, split)
     for i, messages in enumerate(rows):
         check_sample(messages, f"{path} sample {i}")
     return [list(m) for m in rows]
 
 
-def empty_dataset_message(path: Path, split: str = "train") -> str:
-    report = path.parent / "filter_report.json"  # filter writes OUT/sft/, OUT/sft-*.jsonl and OUT/filter_report.json
-    hint = (f"; {report} says why" if report.is_file()
-            else "; `rlm-train filter` kept nothing (its filter_report.json says why)")
-    return f"{path}: the dataset's {split} split is empty (0 samples), nothing to train on{hint}"
+class EmptySplit(UserError):
+    """A dataset split with no samples (filter kept nothing, or held out no task for validation)."""
+
+    def __init__(self, path: Path, split: str = "train"):
+        report = path.parent / "filter_report.json"  # filter writes OUT/sft/, OUT/sft-*.jsonl and OUT/filter_report.json
+        hint = (f"; {report} says why" if report.is_file()
+                else "; `rlm-train filter` kept nothing (its filter_report.json says why)")
+        super().__init__(f"{path}: the dataset's {split} split is empty (0 samples), nothing to train on{hint}")
+        self.path = path
+        self.split = split
 
 
 def _load_split(path: Path, split: str) -> Any:
@@ -92,10 +97,8 @@ def read_validation(path: Path) -> list[list[dict]]:
     """Validation samples ([] when the split is empty: filter held out no task)."""
     try:
         return read_sft_dataset(path, split="validation" if path.is_dir() else "train")
-    except UserError as exc:
-        if "split is empty" in str(exc):
-            return []
-        raise
+    except EmptySplit:
+        return []
 
 
 def _has_messages(record: dict[str, Any]) -> str | None:

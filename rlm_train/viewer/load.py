@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm_train.errors import UserError
-from rlm_train.formats import SKIP, iter_jsonl
+from rlm_train.formats import SKIP, LineProblem, iter_jsonl
 from rlm_train.records import TRAJECTORY_SCHEMA, TrajectoryRecord
 from rlm_train.rollouts.store import MANIFEST, SHARD_GLOB, read_manifest, shard_files
 
@@ -87,13 +87,15 @@ def _read_files(source: Source, files: list[Path], problems: list[str]) -> None:
     seen: set[tuple[Any, Any]] = set()
     for path in files:
         source.files.append(str(path))
-        for _, record in iter_jsonl(path, bad_lines=SKIP, check=check_trajectory, problems=problems):
+        bad: list[LineProblem] = []
+        for _, record in iter_jsonl(path, bad_lines=SKIP, check=check_trajectory, problems=bad):
             key = (record.get("task_id"), record.get("sample"))
             if record.get("task_id") is not None and key in seen:
                 source.duplicates += 1
                 continue
             seen.add(key)
             source.records.append(record)  # type: ignore[arg-type]  # its schema was checked
+        problems.extend(str(problem) for problem in bad)
 
 
 def _manifest(directory: Path, problems: list[str]) -> dict[str, Any] | None:

@@ -3,18 +3,17 @@ RLM would (peek, grep, partition + llm_query_batched, aggregate, FINAL), with va
 strategies and wording. It makes real trajectories on any machine.
 
 Each task family has a strategy here, `next_turn(view) -> str`, registered by family
-name in `registry` (`register_strategy`); the teacher picks it from hints["family"]
-(the loop passes the caller's hints through), and falls back to `generic` for unknown
-families and for child RLMs.
+name in `registry` (`register_strategy`); the teacher picks it from the call's
+hints["family"] (the loop passes the caller's hints through), and falls back to `generic`
+for unknown families and for child RLMs.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from typing import Any
 
-from rlm_train.models.base import CallablePolicy, Message
+from rlm_train.models.base import CallablePolicy, CallContext, Message, Role
 from rlm_train.policies.scripted.registry import register_strategy, strategy_for
 from rlm_train.policies.scripted.view import EpisodeView, repl_block
 
@@ -25,22 +24,23 @@ class ScriptedTeacher(CallablePolicy):
     def __init__(self):
         super().__init__(self._answer, name="scripted")
 
-    def _answer(self, messages: list[Message], hints: dict[str, Any]) -> str:
-        if hints.get("role") == "sub":
+    def _answer(self, messages: list[Message], call: CallContext) -> str:
+        if call.role == Role.SUB:
             return extractive_answer(messages[-1]["content"])
-        return self._root_turn(messages, hints)
+        return self._root_turn(messages, call)
 
-    def _root_turn(self, messages: list[Message], hints: dict[str, Any]) -> str:
+    def _root_turn(self, messages: list[Message], call: CallContext) -> str:
         user_messages = [m["content"] for m in messages if m["role"] == "user"]
+        hints = call.hints
         view = EpisodeView(
-            query=hints.get("query") or user_messages[0],
+            query=call.query or user_messages[0],
             turn=sum(1 for m in messages if m["role"] == "assistant"),
             outputs=user_messages[1:],
-            last_turn=bool(hints.get("last_turn")),
-            rng=random.Random(f"{hints.get('task_id')}:{hints.get('sample', 0)}:{hints.get('depth', 0)}"),
+            last_turn=call.last_turn,
+            rng=random.Random(f"{hints.get('task_id')}:{hints.get('sample', 0)}:{call.depth}"),
             hints=hints,
         )
-        family = hints.get("family") if hints.get("depth", 0) == 0 else None
+        family = hints.get("family") if call.depth == 0 else None
         return strategy_for(family)(view)
 
 

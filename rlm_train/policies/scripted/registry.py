@@ -50,10 +50,6 @@ def unregister_strategy(family: str) -> Strategy:
     return _STRATEGIES.pop(family)
 
 
-def strategy_names() -> tuple[str, ...]:
-    return tuple(_STRATEGIES)
-
-
 def strategy_for(family: str | None) -> Strategy:
     """The strategy registered for `family`; the generic one for None or an unknown name."""
     return _STRATEGIES.get(family or "", FALLBACK)

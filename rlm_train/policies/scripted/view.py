@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 
 @dataclass
@@ -19,8 +19,8 @@ class EpisodeView:
     """True when the loop has asked for the final answer now (no more code will run)."""
     rng: random.Random
     """Seeded from (task id, sample index): vary strategy and wording reproducibly."""
-    hints: dict[str, Any] = field(default_factory=dict)
-    """Side information from the caller: family, task_id, sample, meta (never the answer)."""
+    hints: Mapping[str, Any] = field(default_factory=dict)
+    """Side information from the caller: family, task_id, sample, meta (never the answer). Read-only."""
 
     @property
     def last_output(self) -> str:
