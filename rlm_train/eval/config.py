@@ -8,10 +8,11 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from rlm_train.config import StrictModel, bounded, build_config
+from rlm_train.config import StrictModel, bounded, build_config, inherited
 from rlm_train.errors import UserError
 from rlm_train.policies.spec import ClientOptions
 from rlm_train.rlm.loop import RLMConfig
+from rlm_train.rollouts.generate import GenerateConfig
 from rlm_train.rollouts.tracking import ReportTo
 
 _METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
@@ -80,14 +81,10 @@ class EvalConfig(StrictModel):
     Re-running the same command resumes every method where it stopped."""
     methods: list[MethodConfig] = Field(default_factory=list)
     """The rows of the report, run in this order."""
-    samples: int = bounded(1, ge=1, le=10_000,
-                           why="every (task, sample) pair of a run is listed in memory before it starts; pass@k"
-                               " curves and GRPO groups need far fewer")
+    # Each method is one generate run: its bounds, and their reasons, are generate's.
+    samples: int = inherited(GenerateConfig, "samples", 1)
     """Episodes per (method, task); a task's score is the mean over its samples."""
-    concurrency: int = bounded(32, ge=1, le=200,
-                               why="each episode in flight holds a REPL sandbox and one process holds at most "
-                                   "256, the fork-server's spares among them; for more, split the run into "
-                                   "shards (--shard I/N), one process each")
+    concurrency: int = inherited(GenerateConfig, "concurrency", 32)
     """Episodes of one method in flight at once."""
     client: ClientOptions = Field(default_factory=lambda: ClientOptions(max_concurrency=1024))
     """How openai: policies talk to their servers (request_timeout_s, max_retries, max_concurrency)."""

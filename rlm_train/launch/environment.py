@@ -125,7 +125,7 @@ def package_lacks(stage: PipelineStage) -> list[str]:
 
 def server_lacks(vllm: VLLMConfig | None) -> list[str]:
     """vLLM missing from the interpreter a job's server runs (vllm.python, else this venv's: the job's)."""
-    from rlm_train.serve.launcher import vllm_python_has_vllm
+    from rlm_train.serve.vllm_install import vllm_python_has_vllm
 
     if vllm is None or not vllm.model:
         return []

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable
 
 from rlm_train.errors import UserError
 from rlm_train.serve.config import VLLMConfig
-from rlm_train.serve.vllm_install import VLLM_HOWTO, vllm_build, vllm_python_has_vllm  # noqa: F401 (launch uses it)
+from rlm_train.serve.vllm_install import VLLM_HOWTO, vllm_build
 from rlm_train.serve.vllm_log import root_cause
 from rlm_train.stage import Note, NoteKind, info, warning
 from rlm_train.serve.vllm_window import WindowNeed, fit_window, max_model_len_arg, read_json_object
