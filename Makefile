@@ -4,7 +4,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-vllm demo install bench bench-soak slurm-up slurm-down test-slurm test-cluster clean
+.PHONY: test test-vllm demo demo-rl demo-length install bench bench-soak slurm-up slurm-down test-slurm test-cluster clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -87,6 +87,17 @@ test-cluster: $(STAMP)
 # tasks. Finished stages are skipped on the next run; an interrupted one resumes.
 demo: $(VLLM_STAMP)
 	$(VENV)/bin/rlm-train pipeline --recipe recipes/demo-cpu.yaml
+
+# What GRPO adds to SFT (recipes/demo-rl-cpu.yaml, hours on this CPU; after `make demo`): GRPO from an
+# SFT checkpoint of the demo vs the same checkpoint trained as many more SFT steps, on the same held-out
+# tasks with paired intervals. Resumable: rerun it after an interruption.
+demo-rl: $(VLLM_STAMP)
+	$(VENV)/bin/rlm-train pipeline --recipe recipes/demo-rl-cpu.yaml
+
+# The demo's tuned model on held-out tasks 4x longer (32k tokens) than its longest training task
+# (recipes/demo-length-cpu.yaml; after `make demo`).
+demo-length: $(VLLM_STAMP)
+	$(VENV)/bin/rlm-train pipeline --recipe recipes/demo-length-cpu.yaml
 
 clean:
 	rm -rf $(VENV) runs .cache/rlm-train

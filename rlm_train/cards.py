@@ -342,11 +342,13 @@ def write_dataset_card(out: Path, report: dict[str, Any]) -> Path:
         "Episodes of a Recursive Language Model (a model that reads its input through a Python REPL, calls "
         "sub-models from code and answers with `FINAL(...)`), filtered into per-turn SFT samples and an RL prompt set.",
         "", "## Counts", "", *_table(["config", "split", "rows", "tasks"], counts), "",
+        *_sub_call_counts(report),
         f"Episodes read: {(report.get('inputs') or {}).get('trajectories')}, kept: {(report.get('episodes') or {}).get('kept')}; "
         f"dropped by rule: {json.dumps((report.get('episodes') or {}).get('dropped') or {})}; turns dropped: "
         f"{json.dumps((report.get('turns') or {}).get('dropped') or {})}.",
         "", "## Provenance", "",
         *(f"- Episodes by root policy {describe_policy(p)}; sub-calls by {describe_policy(s)}" for p, s in policies),
+        *_sub_call_provenance(report),
         f"- Trajectories: {', '.join(f'`{s}`' for s in (report.get('inputs') or {}).get('sources') or []) or '-'}",
         f"- Task files: {', '.join(f'`{t}`' for t in rl.get('task_files') or []) or '-'}",
         f"- Kept: outcomes {config.get('keep_outcomes')}, score > {config.get('min_score')}, at least "
@@ -358,13 +360,17 @@ def write_dataset_card(out: Path, report: dict[str, Any]) -> Path:
         f"the SFT data trains on ({rl.get('sft_tasks')} tasks) and keeps tasks whose pass rate is within "
         f"[{config.get('rl_min_pass_rate')}, {config.get('rl_max_pass_rate')}].",
         "", "## Schema", "",
-        "`sft` (one row per root turn; the last message is the only trained output):", "",
+        "`sft` (one row per root turn, and per sub-call with `sub_calls.enabled`; the last message is the only "
+        "trained output):", "",
         *_table(["column", "type", "meaning"], [
             ["messages", "list of {role, content}", "the conversation up to and including the trained assistant turn"],
             ["task_id, family", "string", "the task and its family"], ["sample", "int", "which episode of the task"],
             ["turn, num_turns", "int", "this turn's index and the episode's root turns"],
             ["score", "float", "the episode's score"], ["trajectory_id, policy", "string", "the episode and its root policy"],
-            ["repairs", "list of string", "rule-based FINAL repairs applied to this turn"]]),
+            ["repairs", "list of string", "rule-based FINAL repairs applied to this turn"],
+            ["kind", "string", "`root_turn` (history + one root turn) or `sub_call` ([user: a sub-call's prompt, "
+                               "assistant: its reply], no system prompt, as the sub-model was called)"],
+            ["sub_policy", "string", "the episode's sub-policy: who answered its sub-calls"]]),
         "", "`rl` (one row per task):", "",
         *_table(["column", "type", "meaning"], [
             ["prompt", "list of {role, content}", "the system prompt and question an episode starts from"],
@@ -375,6 +381,31 @@ def write_dataset_card(out: Path, report: dict[str, Any]) -> Path:
         "`datasets.load_from_disk(\"sft\")` in this directory; `filter_report.json` has every count and the config.",
     ]
     return _write(out / CARD, _front_matter(meta) + "\n" + "\n".join(lines) + "\n")
+
+
+# Where a sub-call sample's reply came from, for sub-policies that are not models.
+SUB_CALL_SOURCES = {"oracle": "the oracle (gold-label lookup): gold labels from the task's reference data, standing "
+                              "in for a teacher sub-model; not a model's replies"}
+
+
+def _sub_call_counts(report: dict[str, Any]) -> list[str]:
+    sft, sub = report.get("sft") or {}, report.get("sub_calls") or {}
+    if not sub.get("samples"):
+        return []
+    kinds = "; ".join(f"{split}: {sft[split]['samples'] - n} root turns, {n} sub-calls"
+                      for split, n in (sub.get("sft") or {}).items() if split in sft)
+    return [f"SFT rows by kind: {kinds}.", ""]
+
+
+def _sub_call_provenance(report: dict[str, Any]) -> list[str]:
+    sub = report.get("sub_calls") or {}
+    if not sub.get("samples"):
+        return []
+    sources = "; ".join(f"{n} by `{spec}`: {SUB_CALL_SOURCES.get(spec) or describe_policy(spec)}"
+                        for spec, n in (sub.get("sub_policies") or {}).items())
+    return [f"- Sub-call samples ({sub['samples']} of {sub.get('recorded')} recorded sub-calls; dropped: "
+            f"{json.dumps(sub.get('dropped') or {})}): a sub-call's prompt exactly as the root's program sent it and "
+            f"the reply it got. Replies: {sources}"]
 
 
 def push_dataset_if_asked(out: Path, config: Any) -> str | None:

@@ -69,6 +69,12 @@ def test_bench_train_quick_reports_fractions_of_the_measured_peak(rlm_cli, tmp_p
     assert report["sft_fraction_of_peak"] == max(r["fraction_of_peak"] for r in report["ours"]
                                                  if r["threads"] == report["best_threads"])
 
+    paths = report["logits_paths"]  # the same samples, logits at trained positions vs at every position
+    kept, full = paths["trained_only"], paths["every_position"]
+    assert paths["trained_tokens_mean"] < paths["prompt_tokens_mean"]
+    assert paths["speedup"] == pytest.approx(kept["tokens_per_s"] / full["tokens_per_s"])
+    assert 0 < kept["fraction_of_peak"] <= 1 and 0 < full["fraction_of_peak"] <= 1
+
     grpo = report["grpo"]
     assert grpo["global_step"] == 2 and len(grpo["steps"]) == 2  # one warm-up step, one timed
     for step in grpo["steps"]:

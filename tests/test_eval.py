@@ -43,23 +43,34 @@ def md_rows(md: str, heading: str) -> list[list[str]]:
 
 
 def parse_ci(cell: str) -> tuple[float, float, float]:
-    mean, lo, hi = re.fullmatch(r"([-+\d.]+) \[([-+\d.]+), ([-+\d.]+)\]", cell).groups()
+    """A score cell's mean and interval ("0.750 [0.428, 0.945] (exact, n=12)", or a paired "+0.5 [-0.1, +1.0]")."""
+    mean, lo, hi = re.fullmatch(r"([-+\d.]+) \[([-+\d.]+), ([-+\d.]+)\](?: \((?:exact|bootstrap), n=\d+\))?",
+                                cell).groups()
     return float(mean), float(lo), float(hi)
+
+
+def cell_kind(cell: str) -> tuple[str, int]:
+    """Which interval a score cell says it uses, and its n."""
+    kind, n = re.search(r"\((exact|bootstrap), n=(\d+)\)$", cell).groups()
+    return kind, int(n)
 
 
 def assert_markdown_matches_json(md: str, report: dict) -> None:
     families, lengths = report["families"], report["context_tokens"]
     rows = md_rows(md, "Scores by family")
-    assert [r[0] for r in rows] == list(report["methods"])
+    assert [r[0].split(" (")[0] for r in rows] == list(report["methods"])
     for row in rows:
-        m = report["methods"][row[0]]
+        m = report["methods"][row[0].split(" (")[0]]
+        assert row[0] == (f"{row[0].split(' (')[0]} ({m['label']})" if m["label"] else row[0])
         cis = [m["score"]["by_family"][f] for f in families] + [m["score"]["all"]]
         for cell, ci in zip(row[1:], cis):
             assert parse_ci(cell) == (ci["mean"], ci["lo"], ci["hi"])
+            assert cell_kind(cell) == (ci["interval"], ci["n"])
+        assert int(row[1 + len(cis)]) == m["errors"]
         costs = [m["cost"][k] for k in ("root_tokens", "sub_call_tokens", "sub_calls", "wall_s")]
-        assert [float(c) for c in row[1 + len(cis):]] == costs
+        assert [float(c) for c in row[2 + len(cis):]] == costs
     for row in md_rows(md, "Scores by context length"):
-        m = report["methods"][row[0]]
+        m = report["methods"][row[0].split(" (")[0]]
         for cell, key in zip(row[1:], lengths):
             ci = m["score"]["by_context_tokens"][key]
             assert parse_ci(cell) == (ci["mean"], ci["lo"], ci["hi"])
@@ -99,7 +110,8 @@ def test_teacher_scores_high_on_every_family_always_wrong_scores_zero_and_report
     assert report["families"] == list(FAMILIES) and report["context_tokens"] == ["2000", "3000"]
     for family in FAMILIES:
         assert teacher["score"]["by_family"][family]["mean"] >= 0.9, (family, teacher["score"]["by_family"])
-        assert wrong["score"]["by_family"][family] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 2}
+        # 0 of 2: the exact binomial interval, not a zero-width bootstrap one.
+        assert wrong["score"]["by_family"][family] == {"mean": 0.0, "lo": 0.0, "hi": 0.842, "n": 2, "interval": "exact"}
     assert teacher["episodes"] == wrong["episodes"] == 10 and teacher["cost"]["sub_calls"] > 0
     assert wrong["cost"]["sub_calls"] == 0 and wrong["cost"]["sub_call_tokens"] == 0
     (diff,) = report["paired"]
@@ -177,7 +189,7 @@ def test_report_numbers_from_hand_made_rows():
                 "root_tokens": root, "sub_call_tokens": sub, "sub_calls": calls, "wall_s": wall}
 
     rows = {
-        # a: (1 + 0) / 2; b: 1; c: 0 (its error has no score); a stray task and a third sample are ignored.
+        # a: (1 + 0) / 2; b: 1; c: (0 + 0) / 2 (its error scores 0); a stray task and a third sample are ignored.
         "base": [row("a", 0, 1.0), row("a", 1, 0.0), row("b", 0, 1.0), row("b", 1, 1.0), row("c", 0, 0.0),
                  row("c", 1, None, root=0), row("zz", 0, 1.0), row("a", 2, 1.0)],
         "tuned": [row(t, k, 1.0, root=50, sub=300, calls=3, wall=2.0) for t in "abc" for k in range(2)],
@@ -188,8 +200,11 @@ def test_report_numbers_from_hand_made_rows():
     assert base["score"]["all"]["mean"] == 0.5 and base["score"]["all"]["n"] == 3
     assert base["score"]["by_family"]["niah"]["mean"] == 0.75 and base["score"]["by_family"]["oolong"]["mean"] == 0.0
     assert base["score"]["by_context_tokens"]["8000"]["mean"] == 0.25
-    assert base["score"]["by_context_tokens"]["32000"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 1}
+    assert base["score"]["by_context_tokens"]["32000"] == {"mean": 1.0, "lo": 0.025, "hi": 1.0, "n": 1,
+                                                          "interval": "exact"}
+    assert base["score"]["by_family"]["niah"]["interval"] == "bootstrap"  # task a's mean of 1 and 0 is 0.5
     assert base["episodes"] == 6 and base["scored"] == 5 and base["outcomes"] == {"error": 1, "final": 5}
+    assert base["errors"] == 1 and base["errors_by_family"] == {"niah": 0, "oolong": 1}
     assert base["cost"] == {"root_tokens": 83.3, "sub_call_tokens": 0.0, "sub_calls": 0.0, "wall_s": 1.0}
     assert tuned["cost"] == {"root_tokens": 50.0, "sub_call_tokens": 300.0, "sub_calls": 3.0, "wall_s": 2.0}
     (p,) = report["paired"]

@@ -234,7 +234,8 @@ def test_rl_split_shares_no_items_keys_or_seeds_with_train_or_heldout(tmp_path):
 def test_oracle_answers_from_the_prompt_contents():
     inst = corpora.instances("train")[:3]
     prompt = "Classify each question.\n\n" + "\n".join(f"{i + 1}. {x.text}" for i, x in enumerate(inst))
-    assert answer_prompt(prompt).splitlines() == [x.label for x in inst]
+    assert answer_prompt(prompt).splitlines() == [f"{i + 1}. {x.label}" for i, x in enumerate(inst)]
+    assert answer_prompt("Classify each question.\n" + "\n".join(x.text for x in inst)).splitlines() == [x.label for x in inst]
     assert answer_prompt(
         "Question: What is the mentor of Ulia Marwick?\n\nText:\nUlia Marwick studied under Pelan Fenrick. "
         "A letter from Ulia Marwick to Wenan Elston survives."
@@ -367,6 +368,12 @@ def test_held_out_wordings_never_occur_in_training():
     for task in make_tasks("oolong", 12, 2000, seed=3, split="heldout"):
         question = task["query"][task["query"].rfind("Question:"):]
         assert not any(p.search(question) for p in train_questions), question
+    # Every kind: variety to learn from, and held-out sentences no training wording matches.
+    slots = dict(label="science", word="least", user=61234, lo="Mar 04, 2023", hi="Jun 10, 2023")
+    for name, kind in oolong.QUESTIONS.items():
+        assert len(kind["train"]) >= 5 and len(kind["heldout"]) >= 3, name
+        for text in kind["heldout"]:
+            assert not any(p.search(text.format(**slots)) for p in train_questions), text
     # And the training side does use its own wordings (the check above can fail).
     seen = [make_tasks("niah", 12, 2000, seed=3, split="train")[i]["query"] for i in range(12)]
     assert any(p.search(q) for q in seen for p in train_queries)

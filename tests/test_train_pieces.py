@@ -44,11 +44,13 @@ def test_chunked_loss_and_gradient_equal_the_plain_ones(chunk):
     logits, target = _logits(50, 311, torch.float32)
     plain = F.cross_entropy(logits, target, reduction="sum")
     (plain_grad,) = torch.autograd.grad(plain, logits)
-    chunked, correct = chunked_cross_entropy(logits, target, chunk_tokens=chunk)
+    chunked, correct, entropy = chunked_cross_entropy(logits, target, chunk_tokens=chunk)
     (chunked_grad,) = torch.autograd.grad(chunked, logits)
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
     assert torch.allclose(chunked_grad, plain_grad, atol=1e-6)
     assert correct == int((logits.argmax(-1) == target).sum())
+    log_p = logits.detach().log_softmax(-1)
+    assert entropy == pytest.approx(-(log_p.exp() * log_p).sum().item(), rel=1e-5)
 
 
 def test_bf16_logits_are_cast_one_chunk_at_a_time():

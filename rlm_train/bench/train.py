@@ -9,7 +9,11 @@ CPU's fp32 matmul rate measured in the same run (goal: SFT >= 0.5 of it); SFT al
   FLOPs are counted per micro-batch from the tokens it holds (bench/flops.py says how).
 - SFT, TRL defaults: `SFTTrainer` given the model path and a prompt/completion dataset with nothing
   changed but the batch size, LoRA, step count and use_cpu (TRL's default bf16 refuses a CPU without
-  it): bf16 autocast, gradient checkpointing, padded batches, logits at every position.
+  it): bf16 autocast, gradient checkpointing, padded batches (TRL 1.16's fused head also projects only
+  the labelled positions).
+- SFT, logits paths: ours again on demo-shaped samples (~360 prompt + ~90 trained tokens), its steps
+  alternating with the standard loss (losses.full_logits_loss: logits at every position), so both see the
+  same load; the ratio of their tokens/s is what computing logits only where the loss is buys.
 - GRPO: the in-process path (bench/train_grpo.py), split per step into generation, REPL, scoring
   and training.
 
@@ -59,6 +63,30 @@ def bench_samples(n: int = 8) -> list[dict]:
     return out
 
 
+def demo_shaped_samples(n: int = 8) -> list[dict]:
+    """Per-turn samples shaped like the demo's SFT data (Gemma tokens: ~360 of prompt, ~90 trained)."""
+    keys = ["quiet-harbor", "amber-field", "silver-creek", "north-gate"]
+    out = []
+    for i in range(n):
+        key = keys[i % len(keys)]
+        records = "\n".join(f"record {j:04d}: {key if j == 5 else 'stone-bridge'} value={(i * 7919 + j * 104729) % 100000}"
+                            for j in range(10))
+        out.append({"messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Question: What is the special magic number for {key}? The context is a "
+                                        f"str of {52000 + 137 * i} characters."},
+            {"role": "assistant", "content": "```repl\nprint(len(context))\nprint(context[:600])\n```"},
+            {"role": "user", "content": f"REPL output:\n{52000 + 137 * i}\nThe archive opens with notes on harbors, "
+                                        f"fields and bridges, followed by a long list of numbered records.\n{records}"},
+            {"role": "assistant", "content": (
+                "```repl\nimport re\n"
+                f"hits = [m.start() for m in re.finditer(r'{key}', context)]\n"
+                "for h in hits[:3]:\n    print(context[max(0, h - 200): h + 200])\n"
+                "answer = llm_query('The magic number? ' + context[hits[0]:hits[0] + 300])\nprint(answer)\n```")},
+        ]})
+    return out
+
+
 def _say(text: str) -> None:
     print(f"[bench] {text}", file=sys.stderr, flush=True)
 
@@ -89,18 +117,25 @@ class _StepTimer:
         return (n1 - n0) / (t1 - t0), (t1 - t0) / steps, (f1 - f0) / (t1 - t0), (f1 - f0) / max(c1 - c0, 1e-9)
 
 
-def _ours(model_path: Path, data: Path, work: Path, threads: int, steps: int, batch_size: int) -> dict:
+def _ours(model_path: Path, data: Path, work: Path, threads: int, steps: int, batch_size: int,
+          alternate: bool = False) -> dict:
+    """The real run_sft, `steps` timed after one warm-up step. With `alternate`, its steps switch between our
+    loss and the standard one (losses.full_logits_loss: logits at every position), one warm-up step of each,
+    then `steps` timed steps of each: both see the same machine load; returns each one's rates."""
     import torch
 
     from rlm_train.bench.flops import lora_train_flops, model_shape, sample_lengths
     from rlm_train.config import build_config
+    from rlm_train.train.losses import full_logits_loss
     from rlm_train.train.sft import SFTConfig, run_sft
 
+    name = f"{'both-losses' if alternate else 'ours'}-{data.stem}-{threads}"
     cfg = build_config(SFTConfig, {
-        "model": str(model_path), "dataset": str(data), "output_dir": str(work / f"ours-{threads}"),
+        "model": str(model_path), "dataset": str(data), "output_dir": str(work / name),
         "num_threads": threads, "device": "cpu", "dtype": "float32", "resume": "never",
         "lora": {"r": 16, "alpha": 32},
-        "training": {"max_steps": steps + 1, "batch_size": batch_size, "save_steps": 10_000, "shuffle": False},
+        "training": {"max_steps": 2 * steps + 2 if alternate else steps + 1, "batch_size": batch_size,
+                     "save_steps": 10_000, "shuffle": False},
     })
     holder: dict[str, Any] = {"flops": 0.0}
 
@@ -109,20 +144,50 @@ def _ours(model_path: Path, data: Path, work: Path, threads: int, steps: int, ba
         compute_loss = trainer.compute_loss
 
         def counted(model, inputs, *args, **kwargs):
-            logits = int((inputs["labels"][0, 1:] != -100).sum())  # completion_loss keeps these positions
+            # completion_loss computes logits at the trained positions; the standard path at every position
+            every = trainer.loss_path is full_logits_loss
+            logits = inputs["labels"].shape[1] if every else int((inputs["labels"][0, 1:] != -100).sum())
             lengths = sample_lengths(inputs["position_ids"])
             holder["flops"] += sum(lora_train_flops(shape, n, 0) for n in lengths) + lora_train_flops(shape, 0, logits)
             return compute_loss(model, inputs, *args, **kwargs)
 
         trainer.compute_loss = counted
+        if alternate:
+            trainer.add_callback(_alternating_losses(trainer))
         holder["timer"] = timer = _StepTimer(lambda: trainer.tokens_seen, lambda: holder["flops"])
         trainer.add_callback(timer.callback())
 
     run_sft(cfg, source="bench", quiet=True, on_trainer=hook)
+    if alternate:
+        return {path: {"threads": threads, **_step_rates(holder["timer"].marks, parity)}
+                for path, parity in (("trained_only", 0), ("every_position", 1))}
     tps, sps, fps, fpc = holder["timer"].rate()
-    _say(f"SFT ours, {threads} thread(s): {tps:.1f} tokens/s, {sps:.2f} s/step, {fps / 1e9:.1f} GFLOP/s")
+    _say(f"SFT {name}: {tps:.1f} tokens/s, {sps:.2f} s/step, {fps / 1e9:.1f} GFLOP/s")
     return {"threads": threads, "tokens_per_s": tps, "s_per_step": sps, "flop_per_s": fps, "flop_per_cpu_s": fpc,
             "torch_threads": torch.get_num_threads(), "shape": holder["shape"].described}
+
+
+def _alternating_losses(trainer: Any) -> Any:
+    """A callback that gives even steps our loss and odd steps the standard one."""
+    from transformers import TrainerCallback
+
+    from rlm_train.train.losses import completion_loss, full_logits_loss
+
+    class _Alternate(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            trainer.loss_path = full_logits_loss if state.global_step % 2 else completion_loss
+
+    return _Alternate()
+
+
+def _step_rates(marks: list[tuple[float, float, int, float]], parity: int) -> dict:
+    """Rates over the steps of one parity from step 2 on (steps 0 and 1 warm each loss up); a step's time is
+    from the previous step's end to its own."""
+    steps = [k for k in range(2, len(marks)) if k % 2 == parity]
+    wall, cpu, tokens, flops = (sum(marks[k][i] - marks[k - 1][i] for k in steps) for i in range(4))
+    return {"steps_timed": len(steps), "tokens_per_s": tokens / wall, "s_per_step": wall / len(steps),
+            "flop_per_s": flops / wall, "flop_per_cpu_s": flops / max(cpu, 1e-9),
+            "tokens_per_cpu_s": tokens / max(cpu, 1e-9)}
 
 
 def _trl_defaults(model_path: Path, tokenizer: Any, samples: list[dict], work: Path, steps: int,
@@ -149,6 +214,25 @@ def _trl_defaults(model_path: Path, tokenizer: Any, samples: list[dict], work: P
           file=sys.stderr, flush=True)
     return {"threads": threads, "tokens_per_s": tps, "s_per_step": sps, "bf16": args.bf16,
             "gradient_checkpointing": args.gradient_checkpointing}
+
+
+def _logits_paths(model_path: Path, tokenizer: Any, work: Path, threads: int, steps: int, batch_size: int) -> dict:
+    """SFT with logits only at the trained positions (ours) against the standard path (every position): one
+    run on demo-shaped samples whose steps alternate between the two; `speedup` is the tokens/s ratio."""
+    from rlm_train.train.sft_data import tokenize_sample
+
+    samples = demo_shaped_samples(max(8, (steps + 1) * batch_size))
+    data = work / "demo-shaped.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    labels = [tokenize_sample(tokenizer, s["messages"])[1] for s in samples]
+    trained = sum(sum(t != -100 for t in y) for y in labels) / len(labels)
+    shape = {"prompt_tokens_mean": sum(map(len, labels)) / len(labels) - trained, "trained_tokens_mean": trained}
+    _say(f"SFT on demo-shaped samples ({shape['prompt_tokens_mean']:.0f} prompt + {trained:.0f} trained tokens), "
+         f"{threads} thread(s), steps alternating logits at trained positions / at every position ...")
+    rows = _ours(model_path, data, work, threads, steps, batch_size, alternate=True)
+    kept, full = rows["trained_only"], rows["every_position"]
+    return {**shape, "threads": threads, **rows, "speedup": kept["tokens_per_s"] / full["tokens_per_s"],
+            "speedup_per_cpu_s": kept["tokens_per_cpu_s"] / full["tokens_per_cpu_s"]}
 
 
 def _model_for(model: str | None, quick: bool, work: Path) -> tuple[Path, str]:
@@ -201,6 +285,7 @@ def bench_train(model: str | None = None, quick: bool = False, steps: int = 3, g
             _say(f"SFT ours, {t} thread(s), {steps} timed step(s) after a warm-up ...")
             ours.append(_ours(model_path, data, work, t, steps, batch_size))
         best = max(ours, key=lambda r: r["tokens_per_s"])
+        logits = _logits_paths(model_path, tokenizer, work, best["threads"], steps, batch_size)
         baseline = fp32 = None
         if not quick:
             _say(f"SFT TRL defaults, {baseline_steps} timed step(s) ...")
@@ -216,6 +301,9 @@ def bench_train(model: str | None = None, quick: bool = False, steps: int = 3, g
     peak["fp32_per_cpu_s_best"] = max(peak_before["fp32_per_cpu_s_best"], peak_after["fp32_per_cpu_s_best"])
     report = _report(model_name, quick, batch_size, steps, lengths, peak, [peak_before, peak_after], ours, best,
                      baseline, fp32, grpo)
+    report["logits_paths"] = logits
+    for row in (logits["trained_only"], logits["every_position"]):
+        row["fraction_of_peak"] = row["flop_per_s"] / report["cpu_fp32_flop_per_s"]
     _print_table(report)
     return report
 
@@ -271,6 +359,14 @@ def _print_table(r: dict) -> None:
     print(f"  SFT goal >= 0.5 of the fp32 matmul rate: {r['sft_fraction_of_peak']:.3f}  "
           f"{'ok' if r['sft_goal_met'] else 'MISSED'}  (per CPU second, which other load does not lower: "
           f"{r['sft_fraction_of_peak_per_cpu_s']:.3f})")
+    lp = r["logits_paths"]
+    print(f"  SFT on demo-shaped samples ({lp['prompt_tokens_mean']:.0f} prompt + {lp['trained_tokens_mean']:.0f} trained "
+          f"tokens), {lp['threads']} thread(s), same run:")
+    for label, row in (("logits at trained positions (ours)", lp["trained_only"]),
+                       ("logits at every position (standard)", lp["every_position"])):
+        print(f"    {label:36}{row['tokens_per_s']:8.1f} tokens/s{row['flop_per_s'] / 1e9:8.2f} GFLOP/s"
+              f"{row['fraction_of_peak']:7.3f} of peak")
+    print(f"    ratio (tokens/s): {lp['speedup']:.2f}x; per CPU second of this process {lp['speedup_per_cpu_s']:.2f}x")
     if "trl_defaults" in r:
         print(f"  SFT TRL defaults: {r['trl_tokens_per_s']:.2f} tokens/s -> ours {r['speedup']:.1f}x; TRL fp32 without "
               f"checkpointing {r['trl_fp32_no_ckpt']['tokens_per_s']:.1f} -> ours {r['speedup_vs_trl_fp32_no_ckpt']:.1f}x")

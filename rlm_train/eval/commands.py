@@ -83,7 +83,7 @@ def plan(config: EvalConfig) -> Plan:
     for m in config.methods:
         rlm = method_rlm(config.rlm, m)
         mode = f"direct, context cut to {m.max_context_chars:,} chars" if m.direct else \
-            f"rlm, {rlm.max_iterations} turns, depth {rlm.max_depth}"
+            f"rlm, {rlm.max_iterations} turns, depth {rlm.max_depth}{', one-shot from ' + m.one_shot if m.one_shot else ''}"
         notes += info(f"method {m.name}: {m.policy}{' / sub ' + m.sub_policy if m.sub_policy else ''} ({mode}) "
                       f"-> {out / RUNS / m.name}")
     notes += missing_notes(config)

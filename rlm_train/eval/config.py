@@ -25,7 +25,8 @@ class MethodConfig(StrictModel):
     name: str
     """The row's name, also its run directory (`OUT/runs/NAME`): letters, digits, `_.+-`."""
     policy: str
-    """Root policy spec: scripted | oracle | openai:MODEL | hf:MODEL[+adapter:PATH]."""
+    """Root policy spec: scripted | oracle | constant | openai:MODEL | hf:MODEL[+adapter:PATH]
+    (`constant`: the constant-answer floor, fit on `train_tasks`)."""
     sub_policy: str | None = None
     """Policy for sub-calls (llm_query); default: the root policy. Not allowed with `direct`."""
     base_urls: list[str] = Field(default_factory=list)
@@ -41,6 +42,10 @@ class MethodConfig(StrictModel):
                                          "tokens, beyond any model's window")
     """`direct` only: characters of the context kept in the prompt (the start; the rest is cut
     with a note saying how much). Size it to the model's context window (~4 characters a token)."""
+    one_shot: str | None = None
+    """A trajectory store (a `rlm-train generate` output directory, or a trajectory JSONL file):
+    the root model gets one solved trajectory of the task's family from it as a worked example in
+    its system prompt (the highest score, the shortest among ties; never one of the eval's tasks)."""
     rlm: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the shared `rlm` section for this method only, e.g. {max_iterations: 12}."""
 
@@ -55,6 +60,15 @@ class MethodConfig(StrictModel):
     def _direct_has_no_sub_policy(self) -> "MethodConfig":
         if self.direct and (self.sub_policy or self.sub_base_urls):
             raise ValueError(f"method {self.name!r} is direct: it makes no sub-calls, so drop sub_policy/sub_base_urls")
+        if self.direct and self.one_shot:
+            raise ValueError(f"method {self.name!r}: one_shot is for RLM methods (the example is a trajectory); "
+                             "drop direct or one_shot")
+        if self.policy.strip() == "constant" and (self.sub_policy or self.direct or self.one_shot):
+            raise ValueError(f"method {self.name!r}: policy constant is the constant-answer floor: it makes no "
+                             "sub-calls and reads nothing, so drop sub_policy, direct and one_shot")
+        if (self.sub_policy or "").strip() == "constant":
+            raise ValueError(f"method {self.name!r}: constant is a root policy (the constant-answer floor), "
+                             "not a sub_policy")
         return self
 
 
@@ -94,7 +108,7 @@ class EvalConfig(StrictModel):
     """How each episode runs (shared by every method; a method's `rlm` overrides keys of it)."""
     train_tasks: list[str] = Field(default_factory=list)
     """Training task files: when given, eval warns with the count of keys (split_keys of each
-    family, ids, seeds, wordings) the eval tasks share with them."""
+    family, ids, seeds, wordings) the eval tasks share with them. A `constant` method is fit on them."""
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     """Confidence intervals of the report."""
     pairs: list[tuple[str, str]] = Field(default_factory=list)

@@ -6,10 +6,13 @@ into every number (report.json), `render_markdown` lays those same numbers out a
     rows = {"base": [episode_row(r) for r in records_of_base], ...}
     report = build_report(task_infos, rows, methods=["base", "tuned"], pairs=[("base", "tuned")], ...)
 
-A task's score is the mean over its scored samples; every score interval is a percentile
-bootstrap over tasks (`rlm_train.eval.stats`). Cost columns are means per episode. Numbers
-are rounded once, here, and the markdown prints them as they are, so report.md's numbers
-are report.json's.
+A task's score is the mean over its samples; an episode that ended without a scored answer
+(an error, a budget or the turns ran out, the scorer failed) scores 0 and is counted as an
+error, never dropped. A cell whose task scores are all 0 or 1 gets the exact binomial
+(Clopper-Pearson) interval, any other the percentile bootstrap over tasks
+(`rlm_train.eval.stats.score_interval`); each cell says which and its n. Cost columns are
+means per episode. Numbers are rounded once, here, and the markdown prints them as they
+are, so report.md's numbers are report.json's.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlm_train.eval.stats import bootstrap_mean, paired_bootstrap
+from rlm_train.eval.stats import BOOTSTRAP, EXACT, clopper_pearson, paired_bootstrap, score_interval
 from rlm_train.records import TaskRecord, TrajectoryRecord
 
 REPORT_SCHEMA = "rlm-train/eval-report/v1"
@@ -31,6 +34,12 @@ COST_DIGITS = {"root_tokens": 1, "sub_call_tokens": 1, "sub_calls": 2, "wall_s":
 COST_HEADERS = {"root_tokens": "root tokens", "sub_call_tokens": "sub-call tokens", "sub_calls": "sub-calls",
                 "wall_s": "wall s"}
 ALL = "all"
+# What each kind of row is, in the caveats under report.md's table (and the labels beside the names).
+ORACLE_NOTE = ("the oracle (gold-label lookup) is not a model: it answers sub-calls from the task suite's own "
+               "corpus labels and planted facts, so a row whose sub-calls it answers is an upper bound for the "
+               "program, not what a served model gets")
+CONSTANT_NOTE = ("the constant-answer floor (fit on training tasks) reads nothing of the context: it gives every "
+                 "task of a family one fixed answer per answer form, the one that scored best on the training tasks")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -53,6 +62,7 @@ def episode_row(record: TrajectoryRecord) -> dict[str, Any]:
         "task_id": record.get("task_id"),
         "sample": record.get("sample"),
         "score": record.get("score"),
+        "answered": record.get("final") is not None,
         "outcome": str(record["outcome"]),
         "root_tokens": root,
         "sub_call_tokens": max(0, stats.get("tokens_total", root) - root),
@@ -67,15 +77,33 @@ def _round(value: float | None, digits: int) -> float | None:
 
 
 def _ci(values: Sequence[float], bootstrap: Mapping[str, Any], label: str) -> dict[str, Any]:
-    out = bootstrap_mean(values, resamples=bootstrap["resamples"], confidence=bootstrap["confidence"],
+    out = score_interval(values, resamples=bootstrap["resamples"], confidence=bootstrap["confidence"],
                          seed=bootstrap["seed"], label=label)
-    return {k: (_round(v, SCORE_DIGITS) if k != "n" else v) for k, v in out.items()}
+    return {k: (_round(v, SCORE_DIGITS) if k in ("mean", "lo", "hi") else v) for k, v in out.items()}
+
+
+def errored(row: Mapping[str, Any]) -> bool:
+    """An episode with no scored answer: it scores 0 and counts as an error."""
+    return row["score"] is None or row["outcome"] == "error" or row.get("answered") is False
+
+
+def method_label(meta: Mapping[str, Any]) -> str | None:
+    """What a row is, when its name may not say: an oracle or a constant floor."""
+    specs = (meta.get("policy"), meta.get("sub_policy"))
+    if "constant" in specs:
+        return "constant-answer floor, fit on training tasks"
+    if specs[0] == "oracle":
+        return "oracle (gold-label lookup) answers"
+    if "oracle" in specs:
+        return "sub-calls: oracle (gold-label lookup)"
+    return None
 
 
 def _paired(a: Mapping[str, float], b: Mapping[str, float], bootstrap: Mapping[str, Any], label: str) -> dict[str, Any]:
     out = paired_bootstrap(a, b, resamples=bootstrap["resamples"], confidence=bootstrap["confidence"],
                            seed=bootstrap["seed"], label=label)
-    return {k: (_round(v, SCORE_DIGITS) if k in ("mean", "lo", "hi") else v) for k, v in out.items()}
+    return {k: (_round(v, SCORE_DIGITS) if k in ("mean", "lo", "hi") else _round(v, 4) if k == "sign_test_p" else v)
+            for k, v in out.items()}
 
 
 def tokens_label(tokens: int | None) -> str:
@@ -109,6 +137,11 @@ def build_report(tasks: Sequence[Mapping[str, Any]], rows: Mapping[str, Sequence
     report["bootstrap"] = {"resamples": bootstrap["resamples"], "confidence": bootstrap["confidence"],
                            "seed": bootstrap["seed"], "unit": "task (the mean of its samples)",
                            "method": "percentile"}
+    report["intervals"] = {EXACT: "Clopper-Pearson exact binomial interval: every task of the cell scored 0 or 1",
+                           BOOTSTRAP: "percentile bootstrap over tasks: graded scores (partial credit, or a mean "
+                                      "over samples)",
+                           "errors": "an episode with no scored answer (an error, a budget or the turns ran out, "
+                                     "the scorer failed) scores 0 and counts in n"}
     report["samples"] = samples
     report["tasks"] = {
         "count": len(tasks),
@@ -122,9 +155,8 @@ def build_report(tasks: Sequence[Mapping[str, Any]], rows: Mapping[str, Sequence
     for name in methods:
         kept = [r for r in rows.get(name, ()) if r["task_id"] in by_id and (r["sample"] or 0) < samples]
         per_task: dict[str, list[float]] = defaultdict(list)
-        for r in kept:
-            if r["score"] is not None:
-                per_task[r["task_id"]].append(float(r["score"]))
+        for r in kept:  # an errored episode scores 0: dropping it would raise the mean
+            per_task[r["task_id"]].append(0.0 if errored(r) else float(r["score"]))
         scores = {tid: math.fsum(v) / len(v) for tid, v in per_task.items()}
         task_scores[name] = scores
         ordered = [tid for tid in by_id if tid in scores]  # task-file order: the resampling is reproducible
@@ -135,11 +167,16 @@ def build_report(tasks: Sequence[Mapping[str, Any]], rows: Mapping[str, Sequence
 
         cost = {key: (_round(math.fsum(r[key] for r in kept) / len(kept), digits) if kept else None)
                 for key, digits in COST_DIGITS.items()}
+        meta = (method_meta or {}).get(name, {})
+        errors = [by_id[r["task_id"]]["family"] for r in kept if errored(r)]
         report["methods"][name] = {
-            **(method_meta or {}).get(name, {}),
+            **meta,
+            "label": method_label(meta),
             "episodes": len(kept),
             "expected_episodes": len(tasks) * samples,
             "scored": sum(r["score"] is not None for r in kept),
+            "errors": len(errors),
+            "errors_by_family": {f: errors.count(f) for f in families},
             "outcomes": dict(sorted(Counter(r["outcome"] for r in kept).items())),
             "tasks_scored": len(scores),
             "score": {
@@ -168,9 +205,37 @@ def build_report(tasks: Sequence[Mapping[str, Any]], rows: Mapping[str, Sequence
 
 # --------------------------------------------------------------------------- markdown
 def _score_cell(ci: Mapping[str, Any]) -> str:
+    """"0.750 [0.428, 0.945] (exact, n=12)": the mean, its interval, which interval, n."""
     if ci["mean"] is None:
         return "-"
-    return f"{ci['mean']:.{SCORE_DIGITS}f} [{ci['lo']:.{SCORE_DIGITS}f}, {ci['hi']:.{SCORE_DIGITS}f}]"
+    d = SCORE_DIGITS
+    return f"{ci['mean']:.{d}f} [{ci['lo']:.{d}f}, {ci['hi']:.{d}f}] ({ci.get('interval') or BOOTSTRAP}, n={ci['n']})"
+
+
+def _name_cell(name: str, method: Mapping[str, Any]) -> str:
+    return f"{name} ({method['label']})" if method.get("label") else name
+
+
+def caveats(report: Mapping[str, Any]) -> str:
+    """The paragraph under the score table: what the intervals, the errors and the special rows are."""
+    pct = f"{report['bootstrap']['confidence'] * 100:g}%"
+    all_of_12 = clopper_pearson(12, 12, report["bootstrap"]["confidence"])[0]
+    parts = [f"Intervals are {pct}: *exact* marks a cell whose task scores are all 0 or 1 (the Clopper-Pearson "
+             f"binomial interval: 12 of 12 is [{all_of_12:.3f}, 1.000], not [1, 1]); *bootstrap* marks graded scores "
+             "(partial credit, or a mean over samples), with the percentile bootstrap over tasks; n counts tasks. "
+             "An episode that ended without a scored answer scores 0 and is counted in `errors`, never dropped."]
+    specs = [(m.get("policy"), m.get("sub_policy")) for m in report["methods"].values()]
+    if any("oracle" in pair for pair in specs):
+        parts.append(ORACLE_NOTE[0].upper() + ORACLE_NOTE[1:] + ".")
+    if any("constant" in pair for pair in specs):
+        parts.append(CONSTANT_NOTE[0].upper() + CONSTANT_NOTE[1:] + ".")
+    if any(m.get("direct") for m in report["methods"].values()):
+        parts.append("A *direct* row is the model given the query and the context (cut to its window) in one "
+                     "prompt, no code and no sub-calls: the paper's base rows.")
+    if any(m.get("one_shot") for m in report["methods"].values()):
+        parts.append("A *one-shot* row is the model given one solved teacher trajectory of the task's family "
+                     "(a training task) as a worked example in its system prompt.")
+    return " ".join(parts)
 
 
 def _signed_cell(ci: Mapping[str, Any]) -> tuple[str, str]:
@@ -199,7 +264,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     counts = ", ".join(f"{f} {n}" for f, n in tasks["by_family"].items())
     lines.append(f"{tasks['count']} held-out tasks ({counts}) x {report['samples']} sample(s) per method. "
                  f"Scores are means over tasks (a task's score is the mean of its samples), with {pct} "
-                 f"percentile bootstrap intervals ({boot['resamples']} resamples over tasks, seed {boot['seed']}). "
+                 f"intervals: exact binomial for 0/1 scores, else percentile bootstrap ({boot['resamples']} "
+                 f"resamples over tasks, seed {boot['seed']}). "
                  "Cost columns are means per episode; sub-call tokens count the whole call tree below the root.")
     overlap = report.get("overlap")
     if overlap and overlap.get("shared"):
@@ -207,31 +273,40 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", f"**Warning:** {overlap['tasks']} of these tasks share keys with the training set "
                       f"({', '.join(overlap['train_tasks'])}): {shared}. Their scores are not held-out scores."]
     lines += ["", "## Scores by family", ""]
-    head = ["method", *families, ALL, *COST_HEADERS.values()]
+    head = ["method", *families, ALL, "errors", *COST_HEADERS.values()]
     rows = []
     for name, m in methods.items():
-        rows.append([name, *(_score_cell(m["score"]["by_family"][f]) for f in families), _score_cell(m["score"][ALL]),
+        rows.append([_name_cell(name, m), *(_score_cell(m["score"]["by_family"][f]) for f in families),
+                     _score_cell(m["score"][ALL]), str(m.get("errors", 0)),
                      *(_cost_cell(m["cost"][k], COST_DIGITS[k]) for k in COST_HEADERS)])
     lines += _table(head, rows, ["---"] + ["---:"] * (len(head) - 1))
+    lines += ["", caveats(report)]
     lines += ["", "## Scores by context length", ""]
     head = ["method", *(tokens_label(int(k)) if k != "?" else "?" for k in lengths)]
-    rows = [[name, *(_score_cell(m["score"]["by_context_tokens"][k]) for k in lengths)] for name, m in methods.items()]
+    rows = [[_name_cell(name, m), *(_score_cell(m["score"]["by_context_tokens"][k]) for k in lengths)]
+            for name, m in methods.items()]
     lines += _table(head, rows, ["---"] + ["---:"] * len(lengths))
     if report["paired"]:
         lines += ["", f"## Paired comparisons (B - A on the tasks both scored, {pct} paired bootstrap)", ""]
-        head = ["B - A", "tasks", "difference", f"{pct} CI", "B better / worse / tied"]
+        head = ["B - A", "tasks", "difference", f"{pct} CI", "B better / worse / tied", "sign test p"]
         rows = []
         for p in report["paired"]:
             diff, ci = _signed_cell(p[ALL])
+            p_value = p[ALL].get("sign_test_p")
             rows.append([f"{p['b']} - {p['a']}", str(p[ALL]["n"]), diff, ci,
-                         f"{p[ALL]['wins']} / {p[ALL]['losses']} / {p[ALL]['ties']}"])
-        lines += _table(head, rows, ["---", "---:", "---:", "---:", "---:"])
+                         f"{p[ALL]['wins']} / {p[ALL]['losses']} / {p[ALL]['ties']}",
+                         "-" if p_value is None else f"{p_value:.4f}"])
+        lines += _table(head, rows, ["---", "---:", "---:", "---:", "---:", "---:"])
+        lines += ["", "The sign test is exact, on the tasks one method won (ties left out); for 0/1 scores it is "
+                      "McNemar's exact test."]
     lines += ["", "## Runs", ""]
     head = ["method", "mode", "policy", "sub-policy", "episodes", "outcomes", "run dir"]
     rows = []
     for name, m in methods.items():
         outcomes = ", ".join(f"{k} {v}" for k, v in m["outcomes"].items()) or "-"
-        rows.append([name, "direct" if m.get("direct") else "rlm", f"`{m.get('policy', '-')}`",
+        mode = ("direct" if m.get("direct") else f"rlm, one-shot from `{m['one_shot']}`" if m.get("one_shot")
+                else "constant floor (no context read)" if m.get("policy") == "constant" else "rlm")
+        rows.append([name, mode, f"`{m.get('policy', '-')}`",
                      f"`{m.get('sub_policy') or '-'}`", f"{m['episodes']} / {m['expected_episodes']}", outcomes,
                      f"`{m.get('run_dir', '-')}`"])
     lines += _table(head, rows, ["---"] * len(head))

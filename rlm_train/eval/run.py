@@ -5,6 +5,7 @@ sample)), then the report.
     OUT/eval.json          which task files (sha256): a re-run must name the same ones
     OUT/tasks.jsonl        the task files joined (only when there are several)
     OUT/runs/METHOD/       a `rlm-train generate` run directory per method
+    OUT/one_shot/METHOD.json  a one-shot method's worked examples, as its model saw them
     OUT/report.json        every number, the config, the versions
     OUT/report.md          the same numbers as tables
     OUT/plots/*.png        score against context length
@@ -14,6 +15,7 @@ sample)), then the report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -24,6 +26,7 @@ from typing import Any
 from rlm_train.errors import UserError
 from rlm_train.eval.config import EvalConfig, MethodConfig, method_pairs, method_rlm
 from rlm_train.eval.direct import DirectPolicy, context_text, direct_name
+from rlm_train.eval.one_shot import Example, OneShotPolicy, one_shot_name, pick_examples
 from rlm_train.eval.report import build_report, episode_row, render_markdown, task_info, versions, write_plots
 from rlm_train.formats import dumps_line, load_task_context, write_text_atomic
 from rlm_train.models.base import Policy
@@ -36,6 +39,7 @@ from rlm_train.rollouts.tracking import check_tracking, eval_scalars, open_track
 EVAL_SCHEMA = "rlm-train/eval-run/v1"
 EVAL_MANIFEST = "eval.json"
 RUNS = "runs"
+ONE_SHOT = "one_shot"
 
 Policies = Mapping[str, tuple[Policy, Policy | None]]
 
@@ -62,7 +66,24 @@ def check_config(config: EvalConfig, injected: frozenset[str] = frozenset()) -> 
             if kind == "openai" and not urls:
                 raise UserError(f"method {method.name!r}: {what} {spec!r} needs a server; set its base_urls "
                                 "(or pass --base-url http://HOST:PORT/v1)")
+    for method in config.methods:
+        if method.policy.strip() == "constant" and not config.train_tasks:
+            raise UserError(f"method {method.name!r}: policy constant is fit on the training tasks, and "
+                            "train_tasks is empty: set train_tasks (or pass --train-tasks FILE)")
     check_tracking(config)
+
+
+def refuse_oracle(config: EvalConfig, tasks: list[tuple[TaskRecord, Path]]) -> None:
+    """A method whose policy or sub_policy is the oracle, on tasks it cannot answer: refused
+    before anything runs, naming the task file and the first such task."""
+    from rlm_train.policies.oracle import refuse_oracle_tasks
+
+    for method in config.methods:
+        for what, spec in (("policy", method.policy), ("sub_policy", method.sub_policy)):
+            if (spec or "").strip() != "oracle":
+                continue
+            for file in dict.fromkeys(path for _, path in tasks):
+                refuse_oracle_tasks(f"method {method.name!r}: its {what}", (t for t, p in tasks if p == file), file)
 
 
 def missing_paths(config: EvalConfig, skip: frozenset[str] = frozenset()) -> list[str]:
@@ -79,6 +100,8 @@ def missing_paths(config: EvalConfig, skip: frozenset[str] = frozenset()) -> lis
             elif not Path(f).expanduser().is_file():
                 problems.append(f"{flag} {f}: task file not found")
     for method in config.methods:
+        if method.one_shot and not Path(method.one_shot).expanduser().exists():
+            problems.append(f"method {method.name!r}: one_shot {method.one_shot}: no such trajectory directory or file")
         if method.name in skip:
             continue
         for spec in (method.policy, method.sub_policy):
@@ -185,9 +208,13 @@ def _task_file(out: Path, tasks: list[tuple[TaskRecord, Path]], files: list[str]
 def _generate_config(config: EvalConfig, method: MethodConfig, task_file: Path, run_dir: Path):
     from rlm_train.rollouts.generate import GenerateConfig
 
+    policy = method.policy
+    if method.direct:
+        policy = direct_name(method.policy, method.max_context_chars)
+    elif method.one_shot:
+        policy = one_shot_name(method.policy, method.one_shot)
     return GenerateConfig(
-        tasks=str(task_file), out=str(run_dir),
-        policy=direct_name(method.policy, method.max_context_chars) if method.direct else method.policy,
+        tasks=str(task_file), out=str(run_dir), policy=policy,
         sub_policy=method.sub_policy, samples=config.samples, concurrency=config.concurrency, client=config.client,
         max_consecutive_failures=config.max_consecutive_failures, progress=config.progress,
         progress_every_s=config.progress_every_s, rlm=method_rlm(config.rlm, method),
@@ -213,6 +240,10 @@ def _build(method: MethodConfig, config: EvalConfig, policies: Policies | None) 
         return policies[method.name]
     from rlm_train.policies.spec import build_policies, build_policy
 
+    if method.policy.strip() == "constant":
+        from rlm_train.policies.baselines import ConstantPolicy
+
+        return ConstantPolicy([task for task, _ in load_eval_tasks(config.train_tasks)]), None
     if method.direct:
         return build_policy(method.policy, method.base_urls, config.client), None
     return build_policies(method.policy, method.sub_policy, method.base_urls, method.sub_base_urls, config.client)
@@ -231,6 +262,10 @@ def run_eval(config: EvalConfig, policies: Policies | None = None, report_only: 
     if missing:
         raise UserError(missing[0] + ("" if len(missing) == 1 else f" (and {len(missing) - 1} more)"))
     tasks = load_eval_tasks(config.tasks)
+    refuse_oracle(config, tasks)
+    families = list(dict.fromkeys(task.get("family") or "-" for task, _ in tasks))
+    examples = {m.name: pick_examples(m.one_shot, families, (t["id"] for t, _ in tasks))
+                for m in config.methods if m.one_shot and not report_only}
     overlap = check_overlap(config)
     out = Path(config.out).expanduser()
     task_files = _open_eval_dir(out, config.tasks, create=not report_only)
@@ -239,7 +274,8 @@ def run_eval(config: EvalConfig, policies: Policies | None = None, report_only: 
     # Opened first, so a W&B run that cannot start stops the eval before any episode.
     tracker = None if report_only else open_tracker(config, out, config.model_dump(mode="json"))
     try:
-        report = _run_methods(config, out, tasks, task_file, task_sha, task_files, overlap, policies, report_only)
+        report = _run_methods(config, out, tasks, task_file, task_sha, task_files, overlap, policies, report_only,
+                              examples)
         if tracker is not None:
             # One point per eval, at the episodes it holds: a resumed eval adds a later point.
             tracker.log(eval_scalars(report), step=sum(m["episodes"] for m in report["methods"].values()))
@@ -251,7 +287,7 @@ def run_eval(config: EvalConfig, policies: Policies | None = None, report_only: 
 
 def _run_methods(config: EvalConfig, out: Path, tasks: list[tuple[TaskRecord, Path]], task_file: Path, task_sha: str,
                  task_files: list[dict[str, str]], overlap: dict[str, Any] | None, policies: Policies | None,
-                 report_only: bool) -> dict[str, Any]:
+                 report_only: bool, examples: Mapping[str, Mapping[str, Example]]) -> dict[str, Any]:
     """Each method's generate run (what is left of it), then report.json, report.md and the plots."""
     by_id = {task["id"]: task for task, _ in tasks}
     expected = {(tid, k) for tid in by_id for k in range(config.samples)}
@@ -264,7 +300,8 @@ def _run_methods(config: EvalConfig, out: Path, tasks: list[tuple[TaskRecord, Pa
         injected_sub = policies[method.name][1] if policies and method.name in policies else None
         done = _done(gen_config, task_file, task_sha, getattr(injected_sub, "name", None))
         left = len(expected - (done or set()))
-        mode = f"direct (context cut to {method.max_context_chars:,} chars)" if method.direct else "rlm"
+        mode = f"direct (context cut to {method.max_context_chars:,} chars)" if method.direct else \
+            f"rlm, one-shot from {method.one_shot}" if method.one_shot else "rlm"
         print(f"eval: [{i}/{len(config.methods)}] {method.name}: {mode}, policy {method.policy}"
               f"{', sub-policy ' + method.sub_policy if method.sub_policy else ''}; "
               f"{left} of {len(expected)} episodes to run", file=sys.stderr)
@@ -275,6 +312,9 @@ def _run_methods(config: EvalConfig, out: Path, tasks: list[tuple[TaskRecord, Pa
         root, sub = _build(method, config, policies)
         if method.direct:
             root, sub = DirectPolicy(root, by_id, task_file, method.max_context_chars), None
+        elif method.one_shot:
+            write_examples(out, method.name, examples[method.name])
+            root = OneShotPolicy(root, examples[method.name], method.one_shot)
         method_started = time.monotonic()
         summary = run_generate(gen_config, policy=root, sub_policy=sub)
         method_walls[method.name] = round(time.monotonic() - method_started, 3)
@@ -300,7 +340,7 @@ def make_report(config: EvalConfig, out: Path, tasks: list[dict[str, Any]], task
         records = store.read_records(run_dir) if store.shard_files(run_dir) else []
         rows[method.name] = [episode_row(r) for r in records]
         meta[method.name] = {"policy": method.policy, "sub_policy": method.sub_policy, "direct": method.direct,
-                             "run_dir": f"{RUNS}/{method.name}"}
+                             "one_shot": method.one_shot, "run_dir": f"{RUNS}/{method.name}"}
         if method.direct:
             meta[method.name]["max_context_chars"] = method.max_context_chars
     header = {
@@ -313,6 +353,13 @@ def make_report(config: EvalConfig, out: Path, tasks: list[dict[str, Any]], task
     return build_report(tasks, rows, methods=[m.name for m in config.methods], pairs=method_pairs(config),
                         bootstrap=config.bootstrap.model_dump(), samples=config.samples, header=header,
                         method_meta=meta)
+
+
+def write_examples(out: Path, method: str, examples: Mapping[str, Example]) -> None:
+    """OUT/one_shot/METHOD.json: each family's worked example and the trajectory it came from
+    (the records hold the loop's conversation, which does not show it)."""
+    write_text_atomic(out / ONE_SHOT / f"{method}.json",
+                      json.dumps({f: dataclasses.asdict(e) for f, e in examples.items()}, indent=2) + "\n")
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:

@@ -15,6 +15,8 @@ configs, and a window given smaller than that is refused.
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -222,7 +224,19 @@ def longest_request(stage: PipelineStage, where: str) -> int | None:
         return None
     if role == "sub_policy":
         return rounded(sub_call_tokens(rlm))
-    return rounded(max(root_tokens(rlm), 0 if sub_policy else sub_call_tokens(rlm)))
+    root = root_tokens(rlm) + example_tokens(config, holder)
+    return rounded(max(root, 0 if sub_policy else sub_call_tokens(rlm)))
+
+
+def example_tokens(config: EvalConfig | GenerateConfig, holder: str) -> int:
+    """What a one-shot method's worked example adds to its root system prompt (its longest)."""
+    from rlm_train.eval.one_shot import EXAMPLE_CHARS
+    from rlm_train.rlm.window import CHARS_PER_TOKEN
+
+    if not isinstance(config, EvalConfig):
+        return 0
+    method = next((m for m in config.methods if f"methods.{m.name}" == holder), None)
+    return math.ceil(EXAMPLE_CHARS / CHARS_PER_TOKEN) if method is not None and method.one_shot else 0
 
 
 @dataclass

@@ -4,7 +4,8 @@ It stands in for a perfect sub-model, so tests can show that a task family is so
 by the scripted teacher's programs (any failure is then the program's, not the
 sub-model's). It never sees a task's answer; it reads what the prompt contains:
 
-- instance texts (oolong/pairs): their label, from the corpus lookup (one per line);
+- instance texts (oolong/pairs): their label, from the corpus lookup (one per line,
+  `N. label` where the question was numbered `N.`);
 - "What is the <relation> of <entity>?" over passages (multihop): the entity named by a
   planted fact of that relation about that subject, else NONE;
 - "magic number for <key>" (niah): the values of the matching needles in the prompt;
@@ -16,16 +17,52 @@ from __future__ import annotations
 import ast
 import re
 import textwrap
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
+from rlm_train.errors import UserError
 from rlm_train.models.base import CallablePolicy
 from rlm_train.tasks import corpora, multihop
 from rlm_train.tasks.codeqa import called_names, defaults
 
 _NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):\]]|\[\d+\]|[-*•])\s*")
+_NUMBER = re.compile(r"^\s*(\d+)\s*[.):]\s")
 _INSTANCE = re.compile(r"Instance:\s*(.+?)\s*$")
 _HOP = re.compile(r"What is (the [a-z ]+? of) (.+?)\?")
 _NEEDLE_Q = re.compile(r"magic numbers? for ([\w-]+)", re.IGNORECASE)
 _CODE = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
+
+
+# The families whose sub-prompts `answer_prompt` knows how to look up.
+ORACLE_FAMILIES = ("niah", "oolong", "pairs", "multihop", "codeqa")
+
+
+def oracle_refusal(task: Mapping[str, Any]) -> str | None:
+    """Why the oracle cannot stand in for a sub-model on this task, or None. It is a
+    gold-label lookup over the task suite's own corpora, so it only answers tasks that
+    `rlm-train tasks make` built from the corpus installed here (their `meta.corpus`)."""
+    family = task.get("family")
+    if family not in ORACLE_FAMILIES:
+        return f"family {family!r} is not one the oracle knows ({', '.join(ORACLE_FAMILIES)})"
+    from rlm_train.tasks.registry import get_family
+
+    made_with = (task.get("meta") or {}).get("corpus")
+    here = get_family(family).corpus_version()
+    if made_with != here:
+        return (f"its meta.corpus is {made_with!r}, not {here!r}: only tasks `rlm-train tasks make` built "
+                "from the corpus installed here carry the gold labels the oracle looks up")
+    return None
+
+
+def refuse_oracle_tasks(who: str, tasks: Iterable[Mapping[str, Any]], task_file: str | Path) -> None:
+    """UserError naming the task file and the first task the oracle cannot answer (`who`:
+    what asked for the oracle, e.g. "method 'tuned' sub_policy"); before anything runs."""
+    for task in tasks:
+        why = oracle_refusal(task)
+        if why:
+            raise UserError(f"{who} is the oracle (gold-label lookup), which cannot answer task {task.get('id')!r} "
+                            f"of {task_file}: {why}")
 
 
 class OraclePolicy(CallablePolicy):
@@ -56,7 +93,9 @@ def answer_prompt(prompt: str) -> str:
 
 
 def classify_lines(prompt: str) -> list[str]:
-    """Labels for every line of the prompt that holds a known instance text, in order."""
+    """Labels for every line of the prompt that holds a known instance text, in order. A
+    numbered line ("3. <question>") is answered "3. <label>" (numbered batches, parsed by
+    number); any other line (the teacher's one question a prompt) gets a bare label."""
     lookup = corpora.label_lookup()
     out = []
     for line in prompt.splitlines():
@@ -64,7 +103,8 @@ def classify_lines(prompt: str) -> list[str]:
         text = m.group(1) if m else _NUMBERING.sub("", line).strip()
         label = lookup.get(text)
         if label:
-            out.append(label)
+            number = _NUMBER.match(line)
+            out.append(f"{number.group(1)}. {label}" if number else label)
     return out
 
 

@@ -1,7 +1,12 @@
 """Policy specs: the strings `--policy` / `--sub-policy` take, turned into policies.
 
     scripted                  the programmatic teacher (no model, any machine)
-    oracle                    answers from the task's reference (tests, upper bounds)
+    scripted:most-frequent-kind  the most-frequent-kind floor: the teacher, but on oolong always the
+                              program of the kind most frequent in training (a count of one label)
+    oracle                    a gold-label lookup answering sub-calls (tests, upper bounds; only tasks
+                              that `rlm-train tasks make` built)
+    constant                  `rlm-train eval`'s constant-answer floor (fit on training tasks): one
+                              fixed answer per family and answer form, reads no context
     openai:MODEL              an OpenAI-compatible server (vLLM); needs --base-url, repeatable
     hf:MODEL[+adapter:PATH]   in-process transformers, optionally with a PEFT adapter; MODEL is a
                               model directory, a Hub id in the Hugging Face cache (Qwen/Qwen3-8B)
@@ -24,7 +29,7 @@ from rlm_train.models.base import Policy
 
 VALID_FORMS = ("scripted | oracle | openai:MODEL (with --base-url http://HOST:PORT/v1, repeatable) "
                "| hf:MODEL[+adapter:PATH] (MODEL: a model directory, a cached Hub id such as Qwen/Qwen3-8B, "
-               "or gemma3-270m)")
+               "or gemma3-270m) | constant (an eval method only) | scripted:most-frequent-kind (an oolong floor)")
 
 
 def _scripted() -> type:
@@ -39,6 +44,12 @@ def _oracle() -> type:
     return OraclePolicy
 
 
+def _constant() -> type:
+    from rlm_train.policies.baselines import ConstantPolicy
+
+    return ConstantPolicy
+
+
 def _openai() -> type:
     from rlm_train.models.openai_client import OpenAIPolicy
 
@@ -51,8 +62,11 @@ def _hf() -> type:
     return HFPolicy
 
 
+# `scripted:NAME` variants (policies.scripted.VARIANTS), named here so parsing stays light.
+SCRIPTED_VARIANTS = ("most-frequent-kind",)
+
 # kind -> the backend class, imported when first built (plain imports, so tools see them).
-_BACKENDS = {"scripted": _scripted, "oracle": _oracle, "openai": _openai, "hf": _hf}
+_BACKENDS = {"scripted": _scripted, "oracle": _oracle, "constant": _constant, "openai": _openai, "hf": _hf}
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -60,8 +74,13 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     an hf: model (`path`) is any model spec `resolve_model` takes, a Hub id included."""
     s = (spec or "").strip()
     kind, sep, rest = s.partition(":")
-    if s in ("scripted", "oracle"):
+    if s in ("scripted", "oracle", "constant"):
         return s, {}
+    if kind == "scripted" and sep:
+        if rest.strip() not in SCRIPTED_VARIANTS:
+            raise UserError(f"policy spec {spec!r}: unknown scripted variant {rest.strip()!r}; "
+                            f"known: {', '.join(SCRIPTED_VARIANTS)}")
+        return "scripted", {"variant": rest.strip()}
     if kind == "openai" and sep:
         if not rest.strip():
             raise UserError(f"policy spec {spec!r} names no model: use openai:MODEL, e.g. openai:Qwen/Qwen3-8B")

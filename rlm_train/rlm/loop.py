@@ -62,8 +62,9 @@ class RLMConfig(StrictModel):
                              why="each level of rlm_query holds REPL sandboxes of its own, and one process "
                                  "holds at most 256")
     """Recursion depth for rlm_query: the root is depth 0; at max_depth rlm_query degrades to llm_query."""
-    max_subcalls: int | None = Field(1000, ge=0)
-    """Sub-calls (llm_query + rlm_query) allowed across the whole call tree; None = unlimited."""
+    max_subcalls: int | None = Field(5000, ge=0)
+    """Sub-calls (llm_query + rlm_query) allowed across the whole call tree; None = unlimited. A
+    program that asks one question a record makes a call per record (a 32k-token oolong holds ~1,300)."""
     max_tokens: int | None = Field(None, ge=1)
     """Prompt + completion tokens allowed across the whole call tree; None = unlimited."""
     max_wall_s: float | None = bounded(900.0, gt=0, le=604_800, why="a week; null means no limit")

@@ -2,7 +2,8 @@
 RLM-Qwen3-8B training set: keep episodes that answered correctly in more than one turn,
 repair FINAL / FINAL_VAR misuse by rule, split each episode into one sample per root turn
 (history so far as input, that turn as the only trained output), drop over-long turns,
-dedupe, and split train/validation by task.
+dedupe, and split train/validation by task. With `sub_calls.enabled`, the kept episodes'
+sub-calls become samples too (rollouts/subcall_samples.py), tagged `kind`, in the same split.
 
 The RL prompt set never holds a task SFT trains on (GRPO on a task the model was taught to
 solve learns little): tasks of this run's SFT samples and of `sft_data` are left out. With
@@ -30,6 +31,7 @@ from rlm_train.config import StrictModel
 from rlm_train.records import CELL_RESULTS_NOTE, Outcome, TaskRecord, TrajectoryRecord, TurnRecord
 from rlm_train.rlm.parsing import CODE_FENCE_RE, FinalCall, find_final
 from rlm_train.rollouts.datasets import message_feature, write_datasets
+from rlm_train.rollouts.subcall_samples import ROOT_TURN, SUB_CALL, SubCallCounts, SubCallSamples
 
 
 class FilterConfig(StrictModel):
@@ -85,6 +87,9 @@ class FilterConfig(StrictModel):
     """The Hub dataset repo, org/name or name (default: the output directory's name, under your account)."""
     hub_private_repo: bool = False
     """Create the Hub dataset repo private."""
+    sub_calls: SubCallSamples = Field(default_factory=SubCallSamples)
+    """Sub-call samples beside the root turns (sub_calls.enabled, .max_per_episode, .max_samples):
+    one adapter then learns the root's programs and the sub-model's replies (rollouts/subcall_samples.py)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -191,6 +196,8 @@ class Sample:
     trajectory_id: str | None
     policy: str | None
     repairs: list[str] = field(default_factory=list)
+    kind: str = ROOT_TURN  # or SUB_CALL: [user: sub-call prompt, assistant: the sub-policy's reply]
+    sub_policy: str | None = None  # the episode's sub-policy (who answered its sub-calls)
 
     def row(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -217,7 +224,7 @@ def turn_samples(traj: TrajectoryRecord, config: FilterConfig, dropped: Counter[
             messages=history + [{"role": "assistant", "content": output}],
             task_id=traj["task_id"], family=traj.get("family"), sample=traj.get("sample"), turn=i,
             num_turns=len(turns), score=traj.get("score"), trajectory_id=traj.get("id"),
-            policy=traj.get("policy"), repairs=repairs,
+            policy=traj.get("policy"), repairs=repairs, sub_policy=traj.get("sub_policy"),
         ))
     return out
 
@@ -303,6 +310,7 @@ def select(config: FilterConfig) -> dict[str, Any]:
     from rlm_train.rollouts import store
     from rlm_train.rollouts.generate import load_scorer
     from rlm_train.rollouts.rl_prompts import prompt_rows, sft_task_ids
+    from rlm_train.rollouts.subcall_samples import no_subcall_samples, select_subcall_samples, subcall_samples
 
     if not config.trajectories:
         raise UserError("no trajectories: pass --trajectories DIR (the --out of `rlm-train generate`)")
@@ -337,6 +345,8 @@ def select(config: FilterConfig) -> dict[str, Any]:
     dropped_episodes: Counter[str] = Counter()
     dropped_turns: Counter[str] = Counter()
     samples: list[Sample] = []
+    sub_samples: list[Sample] = []
+    sub_counts = SubCallCounts()
     kept = 0
     for traj in [] if config.rl_only else records:
         reason = trajectory_drop_reason(traj, config)
@@ -345,8 +355,15 @@ def select(config: FilterConfig) -> dict[str, Any]:
             continue
         kept += 1
         samples += turn_samples(traj, config, dropped_turns)
+        if config.sub_calls.enabled:
+            sub_samples += subcall_samples(traj, config, sub_counts)
     if config.dedupe:
         samples = dedupe(samples, dropped_turns)
+    if config.sub_calls.enabled and not config.rl_only:
+        sub_samples = select_subcall_samples(sub_samples, config, sub_counts)
+        if kept and not sub_samples:  # asked for, and none to give: refuse before anything is written
+            raise UserError(no_subcall_samples(config.trajectories, kept, sub_counts))
+        samples += sub_samples
 
     validation = split_tasks([str(r.get("task_id")) for r in records], config.validation_fraction, config.split_seed)
     dropped_rl: Counter[str] = Counter()
@@ -366,7 +383,7 @@ def select(config: FilterConfig) -> dict[str, Any]:
         warning = (f"no SFT sample kept (episodes dropped: {', '.join(f'{k} {n}' for k, n in dropped_episodes.most_common())}"
                    "); only the RL prompt set has rows")
     return {"warning": warning, "records": records, "read": read, "tasks": tasks, "bad_task_lines": bad_task_lines,
-            "scored_here": scored_here, "kept": kept, "samples": samples, "validation": validation,
+            "scored_here": scored_here, "kept": kept, "samples": samples, "sub_calls": sub_counts, "validation": validation,
             "dropped_episodes": dropped_episodes, "dropped_turns": dropped_turns, "rl_rows": rl_rows,
             "dropped_rl": dropped_rl, "sft_tasks": sft_tasks, "from_train_split": from_train_split}
 
@@ -421,7 +438,8 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
     sft_sets = [str(Path(p).resolve()) for p in config.sft_data] + ([] if config.rl_only else [str((out / "sft").resolve())])
 
     repairs = Counter(name for s in samples for name in s.repairs)
-    n_samples = len(samples)
+    n_samples = sum(1 for s in samples if s.kind == ROOT_TURN)
+    sub_counts: SubCallCounts = chosen["sub_calls"]
     tasks = chosen["tasks"]
     report = {
         "inputs": {"sources": list(config.trajectories), "files": read.files, "trajectories": len(chosen["records"]),
@@ -432,6 +450,10 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
         "repairs": {**dict(sorted(repairs.items())),
                     "samples_repaired": sum(1 for s in samples if s.repairs),
                     "fraction_repaired": round(sum(1 for s in samples if s.repairs) / n_samples, 4) if n_samples else 0.0},
+        "sub_calls": {"enabled": config.sub_calls.enabled, "samples": len(samples) - n_samples,
+                      "recorded": sub_counts.recorded, "dropped": dict(sorted(sub_counts.dropped.items())),
+                      "sub_policies": dict(sorted(sub_counts.sub_policies.items())),
+                      "sft": {split: sum(r["kind"] == SUB_CALL for r in rows) for split, rows in sft.items()}},
         "sft": {split: {"samples": len(rows), "tasks": len({r["task_id"] for r in rows})} for split, rows in sft.items()},
         "rl": {"train": len(rl["train"]), "validation": len(rl["validation"]),
                "dropped": dict(sorted(chosen["dropped_rl"].items())),
@@ -457,5 +479,5 @@ def _sft_features():
         "messages": message_feature(), "task_id": Value("string"), "family": Value("string"),
         "sample": Value("int64"), "turn": Value("int64"), "num_turns": Value("int64"),
         "score": Value("float64"), "trajectory_id": Value("string"), "policy": Value("string"),
-        "repairs": [Value("string")],
+        "repairs": [Value("string")], "kind": Value("string"), "sub_policy": Value("string"),
     })

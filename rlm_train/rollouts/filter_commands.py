@@ -58,6 +58,7 @@ def selection_notes(config: FilterConfig) -> list[Note]:
     """What a real run would keep (it reads every trajectory): a run that keeps nothing is
     refused here too. Only the command's own dry run looks; a pipeline's plan does not."""
     from rlm_train.rollouts.filter import select
+    from rlm_train.rollouts.subcall_samples import SUB_CALL
 
     chosen = select(config)
     if config.rl_only and not chosen["rl_rows"]:
@@ -66,7 +67,8 @@ def selection_notes(config: FilterConfig) -> list[Note]:
     dropped_rl = ", ".join(f"{k} {n}" for k, n in chosen["dropped_rl"].most_common()) or "none"
     notes = info(f"would keep {len(chosen['rl_rows'])} RL prompts (tasks dropped: {dropped_rl})" if config.rl_only
                  else f"would keep {chosen['kept']} of {len(chosen['records'])} episodes (dropped: {dropped}): "
-                      f"{len(chosen['samples'])} SFT samples, {len(chosen['rl_rows'])} RL prompts")
+                      f"{len(chosen['samples'])} SFT samples ({sum(s.kind == SUB_CALL for s in chosen['samples'])} "
+                      f"of them sub-calls), {len(chosen['rl_rows'])} RL prompts")
     if config.rl_only and chosen["from_train_split"]:
         notes.append(Note(NoteKind.WARNING, f"warning: {chosen['from_train_split']} RL tasks come from the train corpus "
                                             "split, which SFT's tasks draw from; make RL tasks with `rl:` counts in the "
@@ -119,12 +121,20 @@ def format_report(report: dict[str, Any]) -> str:
             if name not in ("samples_repaired", "fraction_repaired"):
                 lines.append(f"{'repaired: ' + name:<34}{n:>9}")
         lines.append(f"{'samples repaired':<34}{repairs['samples_repaired']:>9}  ({repairs['fraction_repaired']:.1%})")
+        sub_calls = report.get("sub_calls") or {}
+        if sub_calls.get("enabled"):
+            for reason, n in sub_calls["dropped"].items():
+                lines.append(f"{'sub-call: ' + reason:<34}{n:>9}")
+            answered = ", ".join(sub_calls["sub_policies"]) or "-"
+            lines.append(f"{'SFT samples (one per sub-call)':<34}{sub_calls['samples']:>9}  "
+                         f"(of {sub_calls['recorded']} recorded; replies by sub_policy {answered})")
     for reason, n in rl.get("dropped", {}).items():
         lines.append(f"{'RL task: ' + reason:<34}{n:>9}")
     lines.append("")
     if not rl_only:
-        lines.append(f"SFT train {sft['train']['samples']} samples / {sft['train']['tasks']} tasks, "
-                     f"validation {sft['validation']['samples']} samples / {sft['validation']['tasks']} tasks -> "
+        sub_calls = (report.get("sub_calls") or {}).get("sft") or {}
+        lines.append(f"SFT train {_split_counts(sft['train'], sub_calls.get('train', 0))}, validation "
+                     f"{_split_counts(sft['validation'], sub_calls.get('validation', 0))} -> "
                      f"{report['outputs']['sft']}")
     lines.append(f"RL prompts train {rl['train']}, validation {rl['validation']} -> {report['outputs']['rl']}"
                  + ("" if rl["task_files"] else "  (no task file found: pass --tasks to build the RL set)"))
@@ -134,6 +144,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"note: {rl['from_train_split']} RL tasks come from the train corpus split, whose documents and "
                      "keys SFT's tasks show too; make RL tasks with `rl:` counts in the suite recipe (rl.jsonl)")
     return "\n".join(lines)
+
+
+def _split_counts(split: dict[str, Any], sub_calls: int) -> str:
+    kinds = f" ({split['samples'] - sub_calls} root turns, {sub_calls} sub-calls)" if sub_calls else ""
+    return f"{split['samples']} samples{kinds} / {split['tasks']} tasks"
 
 
 STAGE = Stage(name="filter", config=FilterConfig, add_arguments=add_arguments, config_from_args=config_from_args,

@@ -280,6 +280,11 @@ def run_generate(config: GenerateConfig, policy=None, sub_policy=None) -> dict[s
     assert config.tasks and config.out  # for the type checker: check_config refused None
     task_file = Path(config.tasks)
     tasks, problems = load_tasks(task_file, config.skip_bad_lines)
+    for field in ("policy", "sub_policy"):
+        if getattr(config, field) == "oracle":  # a gold-label lookup: only tasks of the suite's own corpora
+            from rlm_train.policies.oracle import refuse_oracle_tasks
+
+            refuse_oracle_tasks(f"the {field}", tasks, task_file)
     mine = shard_pairs(tasks, config.samples, config.shard_index, config.num_shards)  # this shard's (task, sample)
     if policy is None:
         policy, sub_policy = build_policies(config)

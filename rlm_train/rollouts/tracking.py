@@ -179,7 +179,7 @@ def eval_scalars(report: Mapping[str, Any]) -> dict[str, float | int | None]:
         for family, ci in score["by_family"].items():
             out[f"eval/{name}/{family}/score"] = ci["mean"]
         out[f"eval/{name}/episodes"] = m["episodes"]
-        out[f"eval/{name}/errors"] = m["outcomes"].get("error", 0)
+        out[f"eval/{name}/errors"] = m.get("errors", 0)  # episodes with no scored answer, scored 0
         for key, value in m["cost"].items():
             out[f"eval/{name}/cost/{key}"] = value
         out[f"eval/{name}/episodes_per_s"] = rates.get(name)

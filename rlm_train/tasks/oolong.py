@@ -97,51 +97,79 @@ def describe(records: list[Record]) -> str:
     )
 
 
-# Question wordings by kind and split: held-out tasks ask in words no training task uses.
-# Every wording keeps its anchors ('label' in quotes, "user N", the two dates as written
-# in the records, "most"/"least"), so a program can read the question whatever its words.
+# Question wordings by kind and split: held-out tasks ask in words AND sentence structures
+# no training task uses (the condition before the question, the answer slot last, passive
+# voice, dates in reverse order, "records"/"entries"/"lines"), so a model must map a new
+# sentence to the right program. Every wording keeps the anchors the answer needs: the
+# 'label' in quotes, "user N", the two dates as the records write them, "most"/"least".
 QUESTIONS = {
     "count": {
         "train": ("How many instances have the label '{label}'?",
                   "Count the instances whose label is '{label}'.",
                   "What is the number of instances labelled '{label}'?",
                   "'{label}': how many instances carry this label?",
-                  "Tell me how many records are labelled '{label}'."),
-        "heldout": ("How many of the records are about '{label}'?",
-                    "Give the total of '{label}' instances in the data."),
+                  "Tell me how many records are labelled '{label}'.",
+                  "How many of the records are about '{label}'?",
+                  "Give the total of '{label}' instances in the data."),
+        "heldout": ("Among all the entries, the label '{label}' is given to how many?",
+                    "If you count every line labelled '{label}', what number do you get?",
+                    "Records tagged with the label '{label}' number how many in total?"),
     },
     "extreme": {
         "train": ("Which label is the {word} common among all instances?",
                   "What is the {word} frequent label over all instances?",
                   "Which label occurs the {word} often across all instances?",
-                  "Name the {word} frequent label in the data."),
-        "heldout": ("Across the whole dataset, which label shows up the {word}?",),
+                  "Name the {word} frequent label in the data.",
+                  "Across the whole dataset, which label shows up the {word}?",
+                  "Over all instances, which label is the {word} common?"),
+        "heldout": ("Counting every entry, the {word} common label is which one?",
+                    "The label that appears {word} often over all the lines: which is it?",
+                    "If every record is labelled, which label will have been used the {word}?",
+                    "Which one, among all labels, is {word} frequently given to the entries?"),
     },
     "user_count": {
         "train": ("How many instances from user {user} have the label '{label}'?",
                   "Count the '{label}' instances posted by user {user}.",
                   "User {user} posted how many '{label}' instances?",
-                  "Among the records of user {user}, count those labelled '{label}'."),
-        "heldout": ("For user {user}, how many records carry the label '{label}'?",),
+                  "Among the records of user {user}, count those labelled '{label}'.",
+                  "For user {user}, how many records carry the label '{label}'?",
+                  "What is the number of instances from user {user} labelled '{label}'?"),
+        "heldout": ("If only the entries of user {user} are kept, how many have the label '{label}'?",
+                    "The label '{label}' was given to how many records written by user {user}?",
+                    "How many '{label}' lines did user {user} write?"),
     },
     "user_most_common": {
         "train": ("Which label is the most common among the instances from user {user}?",
                   "What label does user {user} use most often?",
                   "Which label appears most often in the records of user {user}?",
-                  "For user {user}, name the most frequent label."),
-        "heldout": ("Of all records by user {user}, which label appears the most?",),
+                  "For user {user}, name the most frequent label.",
+                  "Of all records by user {user}, which label appears the most?",
+                  "What is the most common label among the instances of user {user}?"),
+        "heldout": ("If only the entries of user {user} are kept, the most frequent label is which?",
+                    "The lines written by user {user} are most often given which label?",
+                    "Looking at user {user} alone, which one of the labels comes up most?"),
     },
     "range_count": {
         "train": ("How many instances dated from {lo} to {hi} (inclusive) have the label '{label}'?",
                   "Count the '{label}' instances with dates from {lo} to {hi}, both included.",
-                  "'{label}' instances dated between {lo} and {hi} inclusive: how many?"),
-        "heldout": ("Between {lo} and {hi} (both days included), how many records are labelled '{label}'?",),
+                  "'{label}' instances dated between {lo} and {hi} inclusive: how many?",
+                  "What is the number of '{label}' instances dated from {lo} to {hi} (inclusive)?",
+                  "How many instances labelled '{label}' are dated from {lo} through {hi}, both included?"),
+        "heldout": ("Between {lo} and {hi} (both days included), how many records are labelled '{label}'?",
+                    "The label '{label}' was given to how many entries dated no earlier than {lo} and no later than {hi}?",
+                    "Up to and including {hi}, and starting on {lo}, how many lines carry the label '{label}'?",
+                    "If only the records dated {lo} to {hi} (inclusive) are kept, how many of them have the label '{label}'?"),
     },
     "range_most": {
         "train": ("Which label is the most common among instances dated from {lo} to {hi} (inclusive)?",
                   "From {lo} to {hi}, both included, what is the most common label?",
-                  "What label is most frequent among records dated {lo} through {hi} (inclusive)?"),
-        "heldout": ("Between {lo} and {hi} (both days included), which label appears the most?",),
+                  "What label is most frequent among records dated {lo} through {hi} (inclusive)?",
+                  "Name the most frequent label among instances dated from {lo} to {hi}, both included.",
+                  "Among the instances dated between {lo} and {hi} inclusive, which label appears most often?"),
+        "heldout": ("Between {lo} and {hi} (both days included), which label appears the most?",
+                    "The entries dated no earlier than {lo} and no later than {hi} are most often given which label?",
+                    "Up to and including {hi}, and starting on {lo}, which label is given to the most lines?",
+                    "If only the records dated {lo} to {hi} (inclusive) are kept, the most common label is which?"),
     },
 }
 

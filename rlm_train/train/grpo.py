@@ -10,6 +10,7 @@ being trained; REPL output is masked out of the loss. The pieces, one module eac
     grpo_rollout    the episode recorder and TRL's rollout_func
     grpo_episodes   how an episode counts (ok / over-long / infrastructure), the rollout log
     grpo_setup      stop tokens, the template check, LoRA dropout, resuming
+    grpo_curve      the reward curve: rewards.csv and reward.png in output_dir, one row per step
     grpo_weight_sync  ordered, checked weight pushes to a vLLM server from several ranks
     rewards         task scorer, format and over-long rewards
     runtime         what SFT and GRPO runs share (resources, output dir, metrics, saving)
@@ -26,8 +27,9 @@ from typing import Any, Callable
 # load_context only for tests/test_pipeline_data.py, which imports it from here (not ours to edit).
 from rlm_train.rollouts.rl_prompts import load_context, load_prompt_set, sft_overlap  # noqa: F401
 from rlm_train.train import trl_compat
-from rlm_train.train.common import leaves_process_group, lora_config, main_print
+from rlm_train.train.common import is_main_process, leaves_process_group, lora_config, main_print
 from rlm_train.train.grpo_backends import BatchingGenerator, default_backend_factory, one_backend
+from rlm_train.train.grpo_curve import write_reward_curve
 from rlm_train.train.grpo_config import GRPOConfig, check_config, completion_token_cap, ddp_timeout_s
 from rlm_train.train.grpo_episodes import RolloutLog
 from rlm_train.train.grpo_rollout import GeneratorPolicy, make_rollout_func, sub_policy_factory
@@ -360,11 +362,13 @@ def run_grpo(cfg: GRPOConfig, source: str = "config", *, scorer: Callable | None
         run = train_until_stopped(trainer, stop, weights, on_trainer,
                                   resume_from_checkpoint=str(resume_from) if resume_from else None)
     log.flush()
+    curve = write_reward_curve(out) if is_main_process() else []
     history = [h for h in trainer.state.log_history if "reward" in h]
     summary = {"output_dir": str(out), "global_step": trainer.state.global_step,
                "train_loss": run.result.training_loss if run.result else None, "rewards": [h["reward"] for h in history],
                "resumed_from": str(resume_from) if resume_from else None,
-               "stopped_by": stop.signal_name, "exit_code": stop.exit_code, "wall_s": run.wall_s}
+               "stopped_by": stop.signal_name, "exit_code": stop.exit_code, "wall_s": run.wall_s,
+               "reward_curve": [str(out / name) for name in curve]}
     if stop.signal_name:  # checkpointed, its weights exported as partial; merged/ is the finished run's to write
         main_print(f"[grpo] stopped by {stop.signal_name} at step {trainer.state.global_step}; "
                    "run the same command again to resume")

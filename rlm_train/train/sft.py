@@ -68,6 +68,7 @@ from rlm_train.train.sft_data import (  # noqa: F401  (re-exported: tests and ot
     dense_mask_problem,
     find_validation,
     longest_packed_row,
+    read_sample_kinds,
     read_sft_dataset,
     read_validation,
     tokenize_sample,
@@ -107,7 +108,8 @@ class SFTConfig(TrainingRunConfig):
 
 def make_trainer_class(cfg: SFTConfig | None = None, has_validation: bool = True):
     """SFTTrainer whose loss takes logits only where the loss is (built lazily: importing TRL is slow),
-    whose token accuracy counts every process's tokens, and whose evaluation adds held-out RLM episodes."""
+    whose token accuracy and entropy count every process's tokens, and whose evaluation adds held-out RLM
+    episodes."""
     from trl import SFTTrainer
 
     class RLMSFTTrainer(SFTTrainer):
@@ -118,17 +120,22 @@ def make_trainer_class(cfg: SFTConfig | None = None, has_validation: bool = True
             trl_compat.declare_loss_scaled(self)
             self.tokens_seen = 0
             self.trained_tokens_seen = 0
-            self.accuracy_counts = {"train": [0, 0], "eval": [0, 0]}
+            # Per mode: correct argmax count, trained tokens, summed entropy (TRL's two token metrics).
+            self.token_metric_sums = {"train": [0.0, 0.0, 0.0], "eval": [0.0, 0.0, 0.0]}
+
+        # The loss; `rlm-train bench train` swaps in losses.full_logits_loss (the standard path) to compare.
+        loss_path: Callable[..., tuple[Any, dict]] = staticmethod(completion_loss)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, info = completion_loss(model, inputs, num_items_in_batch)
+            loss, info = self.loss_path(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # num_items_in_batch counts every rank's tokens and DDP/FSDP averages gradients: undo the average.
                 loss = loss * self.accelerator.num_processes
             mode = "train" if model.training else "eval"
-            counts = self.accuracy_counts[mode]
-            counts[0] += info["correct"]
-            counts[1] += info["trained"]
+            sums = self.token_metric_sums[mode]
+            sums[0] += info["correct"]
+            sums[1] += info["trained"]
+            sums[2] += info["entropy"]
             if mode == "train":
                 self.tokens_seen += info["tokens"]
                 self.trained_tokens_seen += info["trained"]
@@ -137,12 +144,14 @@ def make_trainer_class(cfg: SFTConfig | None = None, has_validation: bool = True
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             # Every process logs together (the Trainer gathers the loss here too): sum the counts over them.
             mode = "train" if self.model is not None and self.model.training else "eval"
-            correct, trained = (sum_over_processes(c) for c in self.accuracy_counts[mode])
-            self.accuracy_counts[mode] = [0, 0]
+            correct, trained, entropy = (sum_over_processes(c) for c in self.token_metric_sums[mode])
+            self.token_metric_sums[mode] = [0.0, 0.0, 0.0]
             metrics = trl_compat.metrics(self, mode)
             metrics.pop("mean_token_accuracy", None)
-            if trained:
+            metrics.pop("entropy", None)
+            if trained:  # as TRL defines them: means over the trained tokens
                 metrics["mean_token_accuracy"] = [correct / trained]
+                metrics["entropy"] = [entropy / trained]
             super().log(logs, start_time)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -352,9 +361,10 @@ def run_sft(cfg: SFTConfig, source: str = "config", quiet: bool = False,
     check_dataset_not_empty(cfg)
     samples = read_sft_dataset(cfg.dataset)  # before the model: bad data fails in seconds
     tokenizer = load_tokenizer(model_path, chat_template=cfg.chat_template)
-    train_ds, stats = build_train_dataset(tokenizer, samples, cfg.training.max_length)
-    main_print(f"[sft] {stats['samples']} samples ({stats['dropped_too_long']} dropped as too long), "
-               f"{stats['tokens']} tokens, {stats['trained_tokens']} trained")
+    train_ds, stats = build_train_dataset(tokenizer, samples, cfg.training.max_length, read_sample_kinds(cfg.dataset))
+    by_kind = ", ".join(f"{n} {kind}" for kind, n in stats.get("samples_by_kind", {}).items())
+    main_print(f"[sft] {stats['samples']} samples{f' ({by_kind})' if by_kind else ''} "
+               f"({stats['dropped_too_long']} dropped as too long), {stats['tokens']} tokens, {stats['trained_tokens']} trained")
     row = longest_packed_row([len(x) for x in train_ds["input_ids"]], cfg.training.batch_size)
     if (why := dense_mask_problem(cfg.attn_implementation, row, cfg.training.batch_size)) is not None:
         raise UserError(f"{source}: {why}")

@@ -39,6 +39,17 @@ def read_sft_dataset(path: str | os.PathLike, split: str = "train") -> list[list
     return [list(m) for m in rows]
 
 
+def read_sample_kinds(path: str | os.PathLike) -> list[str] | None:
+    """The train split's `kind` column (root_turn / sub_call, from `rlm-train filter`), row for row
+    with `read_sft_dataset`; None when the data has no such column."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        ds = load_train_split(path)
+        return [str(k) for k in ds["kind"]] if "kind" in ds.column_names else None
+    kinds = [record.get("kind") for _, record in iter_jsonl(path, check=_has_messages)]
+    return None if any(k is None for k in kinds) else [str(k) for k in kinds]
+
+
 class EmptySplit(UserError):
     """A dataset split with no samples (filter kept nothing, or held out no task for validation)."""
 
@@ -146,24 +157,31 @@ def tokenize_sample(tokenizer: Any, messages: list[dict]) -> tuple[list[int], li
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
 
 
-def build_train_dataset(tokenizer: Any, samples: list[list[dict]], max_length: int) -> tuple[Any, dict]:
-    """Tokenized `datasets.Dataset` (input_ids, labels) and stats; over-long samples are dropped."""
+def build_train_dataset(tokenizer: Any, samples: list[list[dict]], max_length: int,
+                        kinds: list[str] | None = None) -> tuple[Any, dict]:
+    """Tokenized `datasets.Dataset` (input_ids, labels) and stats; over-long samples are dropped.
+    With each sample's `kinds`, the stats count the samples kept of each kind."""
+    from collections import Counter
+
     from datasets import Dataset
 
-    ids, labels, dropped = [], [], 0
-    for messages in samples:
+    ids, labels, dropped, kept_kinds = [], [], 0, Counter[str]()
+    for i, messages in enumerate(samples):
         x, y = tokenize_sample(tokenizer, messages)
         if len(x) > max_length:
             dropped += 1
             continue
         ids.append(x)
         labels.append(y)
+        if kinds is not None:
+            kept_kinds[kinds[i]] += 1
     if not ids:
         raise UserError(f"all {len(samples)} samples are longer than training.max_length={max_length}; raise it")
     stats = {
         "samples": len(ids), "dropped_too_long": dropped,
         "tokens": sum(map(len, ids)), "trained_tokens": sum(sum(t != -100 for t in y) for y in labels),
         "max_len": max(map(len, ids)),
+        **({"samples_by_kind": dict(sorted(kept_kinds.items()))} if kinds is not None else {}),
     }
     return Dataset.from_dict({"input_ids": ids, "labels": labels}), stats
 

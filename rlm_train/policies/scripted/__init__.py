@@ -14,15 +14,28 @@ import random
 import re
 
 from rlm_train.models.base import CallablePolicy, CallContext, Message, Role
-from rlm_train.policies.scripted.registry import register_strategy, strategy_for
+from rlm_train.policies.scripted import oolong
+from rlm_train.policies.scripted.registry import Strategy, register_strategy, strategy_for
 from rlm_train.policies.scripted.view import EpisodeView, repl_block
 
 _WORD_RE = re.compile(r"[A-Za-z0-9']+")
 
 
+# Variants of the teacher (`scripted:NAME` specs): family -> the strategy used instead.
+# most-frequent-kind: the most-frequent-kind floor, which on oolong always writes the
+# program of the kind most frequent in training (a count of one label), whatever is asked.
+VARIANTS: dict[str, dict[str, Strategy]] = {"most-frequent-kind": {"oolong": oolong.most_frequent_kind_turn}}
+
+
 class ScriptedTeacher(CallablePolicy):
-    def __init__(self):
-        super().__init__(self._answer, name="scripted")
+    """The teacher (`scripted`); `variant="most-frequent-kind"` (`scripted:most-frequent-kind`)
+    is the most-frequent-kind floor, an eval baseline, not a teacher (see VARIANTS)."""
+
+    def __init__(self, variant: str | None = None):
+        if variant is not None and variant not in VARIANTS:
+            raise ValueError(f"unknown scripted teacher variant {variant!r}; known: {', '.join(VARIANTS)}")
+        super().__init__(self._answer, name=f"scripted:{variant}" if variant else "scripted")
+        self._overrides = VARIANTS[variant] if variant else {}
 
     def _answer(self, messages: list[Message], call: CallContext) -> str:
         if call.role == Role.SUB:
@@ -41,7 +54,7 @@ class ScriptedTeacher(CallablePolicy):
             hints=hints,
         )
         family = hints.get("family") if call.depth == 0 else None
-        return strategy_for(family)(view)
+        return self._overrides.get(family or "", strategy_for(family))(view)
 
 
 def extractive_answer(prompt: str) -> str:
