@@ -65,10 +65,11 @@ def selection_notes(config: FilterConfig) -> list[Note]:
         raise UserError(chosen["warning"])  # as run_filter would
     dropped = ", ".join(f"{k} {n}" for k, n in chosen["dropped_episodes"].most_common()) or "none"
     dropped_rl = ", ".join(f"{k} {n}" for k, n in chosen["dropped_rl"].most_common()) or "none"
+    sub_calls = sum(s.kind == SUB_CALL for s in chosen["samples"])
+    of_them = f" ({sub_calls} of them sub-calls)" if config.sub_calls.enabled else ""
     notes = info(f"would keep {len(chosen['rl_rows'])} RL prompts (tasks dropped: {dropped_rl})" if config.rl_only
                  else f"would keep {chosen['kept']} of {len(chosen['records'])} episodes (dropped: {dropped}): "
-                      f"{len(chosen['samples'])} SFT samples ({sum(s.kind == SUB_CALL for s in chosen['samples'])} "
-                      f"of them sub-calls), {len(chosen['rl_rows'])} RL prompts")
+                      f"{len(chosen['samples'])} SFT samples{of_them}, {len(chosen['rl_rows'])} RL prompts")
     if config.rl_only and chosen["from_train_split"]:
         notes.append(Note(NoteKind.WARNING, f"warning: {chosen['from_train_split']} RL tasks come from the train corpus "
                                             "split, which SFT's tasks draw from; make RL tasks with `rl:` counts in the "
