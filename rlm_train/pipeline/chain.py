@@ -203,14 +203,16 @@ def check_chain(pipeline: Pipeline, plans: dict[str, Plan]) -> list[Link]:
 def longest_request(stage: PipelineStage, where: str) -> int | None:
     """The longest request (prompt + max tokens, rounded up to 256) that the policy `where`
     (an `openai_uses` name) of a generate or eval stage sends its server, from the stage's RLM
-    config (rlm/window.py): a root policy its longest conversation, and its longest sub-call
-    when it answers the sub-calls too (no sub_policy); a sub-policy its longest sub-call; a
-    direct method its one prompt."""
+    config (rlm/window.py): a root policy its longest conversation (a one-shot method's worked
+    example included), and its longest sub-call when it answers the sub-calls too (no
+    sub_policy); a sub-policy its longest sub-call; a direct method its one prompt."""
     from rlm_train.eval.config import method_rlm
-    from rlm_train.rlm.window import direct_tokens, root_tokens, rounded, sub_call_tokens
+    from rlm_train.eval.one_shot import EXAMPLE_CHARS
+    from rlm_train.rlm.window import CHARS_PER_TOKEN, direct_tokens, root_tokens, rounded, sub_call_tokens
 
     holder, role = where.rsplit(".", 1) if "." in where else ("", where)
     config = stage.config
+    example = 0
     if isinstance(config, EvalConfig):
         method = next((m for m in config.methods if f"methods.{m.name}" == holder), None)
         if method is None:
@@ -218,25 +220,15 @@ def longest_request(stage: PipelineStage, where: str) -> int | None:
         rlm, sub_policy = method_rlm(config.rlm, method), method.sub_policy
         if method.direct:
             return rounded(direct_tokens(rlm, method.max_context_chars))
+        if method.one_shot:
+            example = math.ceil(EXAMPLE_CHARS / CHARS_PER_TOKEN)
     elif isinstance(config, GenerateConfig):
         rlm, sub_policy = config.rlm, config.sub_policy
     else:
         return None
     if role == "sub_policy":
         return rounded(sub_call_tokens(rlm))
-    root = root_tokens(rlm) + example_tokens(config, holder)
-    return rounded(max(root, 0 if sub_policy else sub_call_tokens(rlm)))
-
-
-def example_tokens(config: EvalConfig | GenerateConfig, holder: str) -> int:
-    """What a one-shot method's worked example adds to its root system prompt (its longest)."""
-    from rlm_train.eval.one_shot import EXAMPLE_CHARS
-    from rlm_train.rlm.window import CHARS_PER_TOKEN
-
-    if not isinstance(config, EvalConfig):
-        return 0
-    method = next((m for m in config.methods if f"methods.{m.name}" == holder), None)
-    return math.ceil(EXAMPLE_CHARS / CHARS_PER_TOKEN) if method is not None and method.one_shot else 0
+    return rounded(max(root_tokens(rlm) + example, 0 if sub_policy else sub_call_tokens(rlm)))
 
 
 @dataclass
